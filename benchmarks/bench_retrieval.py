@@ -1,0 +1,126 @@
+"""Stage 1: the full merged candidate set (~1000) beside exact numpy scoring + argpartition.
+
+Groups ``candidates-100k`` and ``candidates-1M`` hold, on the same catalog and user vectors:
+- ``recsvc``: every source (ANN, co-occurrence, popular, fresh), merged, de-duplicated, filtered;
+- ``ann_only``: the hnswlib query alone (k = 900, the ANN share with over-fetch);
+- ``numpy_exact``: exact scores over all items + ``argpartition`` for the top 1000 (the baseline).
+ANN recall@500 against brute force and the index build/load time go in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import NOW_MS, QUICK, coherent_users, demo_config, timed_load
+
+SIZES = [20_000] if QUICK else [100_000, 1_000_000]
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=_label)
+def world(request):
+    from recsvc.engine import Engine, FeedbackEventIn
+
+    n = request.param
+    cfg = demo_config(n).with_overrides({"state": {"dir": "/tmp/recsvc-bench-state-unused"}})
+    catalog, ann, seconds, built = timed_load(cfg)
+    from recsvc.state.store import MemoryStateStore
+
+    engine = Engine(cfg, catalog, ann, store=MemoryStateStore(), clock=lambda: NOW_MS)
+    # Some history so co-occurrence has something to say.
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(200)]
+    events = [FeedbackEventIn(f"e{i}", users[i % 200], catalog.item_ids[int(rng.integers(5000))], "click")
+              for i in range(4000)]
+    for start in range(0, len(events), 1000):
+        engine.feedback(events[start:start + 1000])
+    queries = coherent_users(catalog, 64)
+    emb = catalog.embeddings[: catalog.n_rows]
+    k = 900
+    recalls = []
+    for q in queries[:20]:
+        rows, _ = ann.query(q, k)
+        exact = np.argpartition(-(emb @ q), 500)[:500]
+        recalls.append(np.intersect1d(rows[:500], exact).size / 500)
+    return {"n": n, "engine": engine, "queries": queries, "emb": emb, "ann": ann, "k": k,
+            "recall500": float(np.mean(recalls)), "index_seconds": seconds, "index_built": built}
+
+
+def _info(benchmark, w):
+    benchmark.extra_info.update({
+        "items": w["n"], "recall@500": round(w["recall500"], 4), "ef": w["engine"].retriever.ann_ef,
+        ("index_build_s" if w["index_built"] else "index_load_s"): round(w["index_seconds"], 1),
+    })
+
+
+def test_candidates_recsvc(benchmark, world):
+    eng = world["engine"]
+    benchmark.group = f"candidates-{_label(world['n'])}"
+    from recsvc.engine import RecommendQuery
+
+    it = itertools.cycle(range(len(world["queries"])))
+    users = [f"u{i}" for i in range(200)]
+
+    def run():
+        i = next(it)
+        user = users[i % len(users)]
+        history = eng.state.history(user)
+        recent, weights = eng._recent(history, eng.cfg)
+        flt = eng._row_filter(RecommendQuery(user_id=user), history, eng.cfg)
+        return eng.retriever.candidates(world["queries"][i], recent, weights, flt, NOW_MS, n_min=10)
+
+    c = benchmark(run)
+    assert 900 <= len(c) <= 1100
+    _info(benchmark, world)
+
+
+def test_candidates_ann_only(benchmark, world):
+    benchmark.group = f"candidates-{_label(world['n'])}"
+    it = itertools.cycle(world["queries"])
+    benchmark(lambda: world["ann"].query(next(it), world["k"]))
+    _info(benchmark, world)
+
+
+def test_candidates_numpy_exact(benchmark, world):
+    benchmark.group = f"candidates-{_label(world['n'])}"
+    emb = world["emb"]
+    it = itertools.cycle(world["queries"])
+
+    def run():
+        scores = emb @ next(it)
+        top = np.argpartition(-scores, 1000)[:1000]
+        return top[np.argsort(-scores[top])]
+
+    benchmark(run)
+    _info(benchmark, world)
+
+
+@pytest.mark.skipif(QUICK, reason="full mode only: builds an index over uniform random vectors")
+def test_ann_uniform_random_worst_case(benchmark):
+    """For honesty: uniform random vectors, the worst case for any graph index."""
+    from recsvc.config import IndexConfig
+    from recsvc.retrieval.ann import AnnIndex
+
+    rng = np.random.default_rng(0)
+    n, d = 100_000, 64
+    emb = rng.standard_normal((n, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ann = AnnIndex.build(emb, np.arange(n, dtype=np.int32), IndexConfig(), progress=True)
+    ef = ann.tune_for(900)
+    qs = [emb[i] + 0.5 * rng.standard_normal(d).astype(np.float32) for i in range(20)]
+    qs = [(q / np.linalg.norm(q)).astype(np.float32) for q in qs]
+    recalls = []
+    for q in qs:
+        rows, _ = ann.query(q, 900)
+        exact = np.argpartition(-(emb @ q), 500)[:500]
+        recalls.append(np.intersect1d(rows[:500], exact).size / 500)
+    benchmark.group = "candidates-uniform-100k"
+    it = itertools.cycle(qs)
+    benchmark(lambda: ann.query(next(it), 900))
+    benchmark.extra_info.update({"items": n, "recall@500": round(float(np.mean(recalls)), 4), "ef": ef})

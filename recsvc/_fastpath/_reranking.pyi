@@ -1,0 +1,44 @@
+"""Type stubs for the compiled re-ranking kernels (``_reranking.pyx``).
+
+Call them through ``recsvc.reranking``. Candidates are indices 0..m-1; a
+negative category is never limited; ``max_per_category <= 0`` disables the
+quota; ``counts`` (C,) holds items per category already in the slate and is
+updated in place. Both return the number of indices written to ``out``.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+_F32 = npt.NDArray[np.float32]
+_I32 = npt.NDArray[np.int32]
+_U8 = npt.NDArray[np.uint8]
+
+def select_with_quotas(
+    order: _I32,
+    categories: _I32,
+    max_per_category: int,
+    k: int,
+    counts: _I32,
+    out: _I32,
+) -> int:
+    """Walk ``order`` (best first), keeping candidates whose category is under quota, until k."""
+
+def mmr_select(
+    scores: _F32,
+    emb: _F32,
+    emb_rows: _I32,
+    lam: float,
+    k: int,
+    categories: _I32,
+    max_per_category: int,
+    counts: _I32,
+    max_sim: _F32,
+    emb_t: _F32,
+    vec: _F32,
+    taken: _U8,
+    out: _I32,
+) -> int:
+    """Greedy MMR under quotas: argmax (1 - lam) * scores[i] - lam * max_sim[i], ties to the
+    lowest index. Candidate i's embedding is ``emb[emb_rows[i]]``, normalised inside.
+    ``max_sim`` (m,) is the cosine similarity to the slate so far (-inf: nothing yet),
+    updated in place; emb_t (d, m), vec (d,), taken (m,) are scratch."""

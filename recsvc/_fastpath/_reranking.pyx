@@ -1,0 +1,321 @@
+# Re-ranking selection kernels: greedy selection under per-category quotas, and
+# maximal marginal relevance (MMR) with the same quotas.
+#
+# recsvc.reranking prepares the candidate pool (filters, boosts, reserved slots),
+# allocates outputs and scratch, and fills the remainder when quotas cannot fill
+# the slate; these kernels only select.
+#
+# Conventions shared with the twin (twins/reranking.py):
+#   * candidates are indices 0..m-1 into the pool arrays;
+#   * a negative category is "uncategorised" and never limited by a quota;
+#     ``max_per_category <= 0`` turns quotas off;
+#   * ``counts`` comes in holding what is already in the slate per category
+#     (e.g. pinned items) and goes out updated;
+#   * MMR picks argmax (1 - lam) * score[i] - lam * max_sim[i], ties to the
+#     lowest index; ``max_sim`` is the max cosine similarity to anything already
+#     in the slate, -inf meaning "nothing yet" (the penalty is then 0). The
+#     kernel reads each candidate's embedding as ``emb[emb_rows[i]]`` (so the
+#     caller need not copy them out of the catalog) and normalises it.
+#
+# Return value: the number of items written to ``out`` (>= 0), or a negative
+# status (the ``def`` wrapper raises).
+
+from libc.math cimport INFINITY
+
+from recsvc._fastpath._typedefs cimport float32_t, int32_t, intp_t, uint8_t
+
+
+# The similarity update in C: GCC/Clang vector extensions, compiled twice on
+# x86-64 Linux (baseline and x86-64-v3: AVX2 + FMA, picked at load time), as in
+# _ranking.pyx.
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #include <math.h>
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+    #define RECSVC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+    #else
+    #define RECSVC_CLONES
+    #endif
+
+    #if defined(__GNUC__) || defined(__clang__)
+    typedef float recsvc_v8 __attribute__((vector_size(32)));
+    typedef float recsvc_v8u __attribute__((vector_size(32), aligned(4), may_alias));
+    #define RECSVC_LD(p) (*(const recsvc_v8u *)(p))
+    #define RECSVC_ST(p, v) (*(recsvc_v8u *)(p) = (v))
+    #define RECSVC_SIMD 1
+    #else
+    #define RECSVC_SIMD 0
+    #endif
+
+    /* a . b */
+    RECSVC_CLONES
+    static float recsvc_dot(const float *restrict a, const float *restrict b, ptrdiff_t n)
+    {
+        float s = 0.0f;
+        ptrdiff_t t = 0;
+    #if RECSVC_SIMD
+        recsvc_v8 acc0 = {0}, acc1 = {0};
+        for (; t + 16 <= n; t += 16) {
+            acc0 += RECSVC_LD(a + t) * RECSVC_LD(b + t);
+            acc1 += RECSVC_LD(a + t + 8) * RECSVC_LD(b + t + 8);
+        }
+        for (; t + 8 <= n; t += 8)
+            acc0 += RECSVC_LD(a + t) * RECSVC_LD(b + t);
+        acc0 += acc1;
+        s = ((acc0[0] + acc0[1]) + (acc0[2] + acc0[3])) + ((acc0[4] + acc0[5]) + (acc0[6] + acc0[7]));
+    #endif
+        for (; t < n; t++)
+            s += a[t] * b[t];
+        return s;
+    }
+
+    /* ET (d, m) = the rows emb[rows[i]] scaled to unit norm (zero rows stay
+       zero), transposed. The caller has checked every rows[i] is in range. Blocks of 16 candidates: the 16 source rows stay in
+       L1 while each ET row receives one full cache line per block. */
+    static void recsvc_unit_transpose(const float *restrict emb, ptrdiff_t d,
+                                      const int *restrict rows, ptrdiff_t m,
+                                      float *restrict ET)
+    {
+        ptrdiff_t i0, b, nb, t;
+        const float *src[16];
+        float inv[16];
+        for (i0 = 0; i0 < m; i0 += 16) {
+            nb = m - i0 < 16 ? m - i0 : 16;
+    #if defined(__GNUC__) || defined(__clang__)
+            /* catalog rows are random: start fetching the next block now */
+            for (b = 0; b < 16 && i0 + 16 + b < m; b++)
+                for (t = 0; t < d; t += 16)
+                    __builtin_prefetch(emb + (ptrdiff_t)rows[i0 + 16 + b] * d + t, 0, 1);
+    #endif
+            for (b = 0; b < nb; b++) {
+                float ss;
+                src[b] = emb + (ptrdiff_t)rows[i0 + b] * d;
+                ss = recsvc_dot(src[b], src[b], d);
+                inv[b] = ss > 0.0f ? (float)(1.0 / sqrt((double)ss)) : 0.0f;
+            }
+            for (t = 0; t < d; t++) {
+                float *dst = ET + t * m + i0;
+                for (b = 0; b < nb; b++)
+                    dst[b] = src[b][t] * inv[b];
+            }
+        }
+    }
+
+    /* max_sim[i] = max(max_sim[i], sum_t e[t] * ET[t, i]) for the m candidates;
+       ET is the (d, m) transpose of the candidates' embeddings. Candidates go
+       in blocks of 32 whose partial sums stay in registers over all d. */
+    RECSVC_CLONES
+    static void recsvc_update_max_sim(const float *restrict ET, ptrdiff_t d, ptrdiff_t m,
+                                      const float *restrict e, float *restrict max_sim)
+    {
+        ptrdiff_t i = 0, t, q;
+    #if RECSVC_SIMD
+        float tmp[32];
+        for (; i + 32 <= m; i += 32) {
+            recsvc_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (t = 0; t < d; t++) {
+                const float *col = ET + t * m + i;
+                float et = e[t];
+                a0 += et * RECSVC_LD(col);
+                a1 += et * RECSVC_LD(col + 8);
+                a2 += et * RECSVC_LD(col + 16);
+                a3 += et * RECSVC_LD(col + 24);
+            }
+            RECSVC_ST(tmp, a0);
+            RECSVC_ST(tmp + 8, a1);
+            RECSVC_ST(tmp + 16, a2);
+            RECSVC_ST(tmp + 24, a3);
+            for (q = 0; q < 32; q++)
+                max_sim[i + q] = tmp[q] > max_sim[i + q] ? tmp[q] : max_sim[i + q];
+        }
+        for (; i + 8 <= m; i += 8) {
+            recsvc_v8 a0 = {0};
+            for (t = 0; t < d; t++)
+                a0 += e[t] * RECSVC_LD(ET + t * m + i);
+            RECSVC_ST(tmp, a0);
+            for (q = 0; q < 8; q++)
+                max_sim[i + q] = tmp[q] > max_sim[i + q] ? tmp[q] : max_sim[i + q];
+        }
+    #endif
+        for (; i < m; i++) {
+            float s = 0.0f;
+            for (t = 0; t < d; t++)
+                s += e[t] * ET[t * m + i];
+            max_sim[i] = s > max_sim[i] ? s : max_sim[i];
+        }
+    }
+    """
+    float32_t recsvc_dot(const float32_t* a, const float32_t* b, intp_t n) noexcept nogil
+    void recsvc_unit_transpose(const float32_t* emb, intp_t d, const int32_t* rows, intp_t m,
+                               float32_t* ET) noexcept nogil
+    void recsvc_update_max_sim(const float32_t* ET, intp_t d, intp_t m, const float32_t* e,
+                               float32_t* max_sim) noexcept nogil
+
+
+cdef enum Status:
+    BAD_SHAPE = -1        # arrays disagree on m, d, k or C
+    BAD_INDEX = -2        # an order entry outside [0, m), or an embedding row outside [0, R)
+
+
+# Quota bookkeeping on raw pointers (a memoryview argument to an inline
+# function would be reference-counted on every call).
+cdef inline bint _at_quota(int32_t c, int32_t max_per_category, const int32_t* counts, intp_t C) noexcept nogil:
+    return max_per_category > 0 and c >= 0 and c < C and counts[c] >= max_per_category
+
+
+cdef inline void _count(int32_t c, int32_t* counts, intp_t C) noexcept nogil:
+    if c >= 0 and c < C:
+        counts[c] += 1
+
+
+# --------------------------------------------------------------------------
+# Greedy selection with quotas
+
+cdef intp_t _select_with_quotas(
+    const int32_t[::1] order,            # IN  (L,) candidate indices, best first
+    const int32_t[::1] categories,       # IN  (m,) category per candidate
+    int32_t max_per_category,            # IN  <= 0: no quota
+    intp_t k,                            # IN  items wanted
+    int32_t[::1] counts,                 # IN/OUT (C,) items per category already in the slate
+    int32_t[::1] out,                    # OUT (>= k,) chosen candidate indices, in slate order
+) noexcept nogil:
+    cdef intp_t m = categories.shape[0], C = counts.shape[0], j, count = 0
+    cdef int32_t idx, c
+    cdef int32_t* cnt = &counts[0] if C > 0 else NULL
+    if k > out.shape[0] or k < 0:
+        return BAD_SHAPE
+    for j in range(order.shape[0]):
+        if count >= k:
+            break
+        idx = order[j]
+        if idx < 0 or idx >= m:
+            return BAD_INDEX
+        c = categories[idx]
+        if _at_quota(c, max_per_category, cnt, C):
+            continue
+        _count(c, cnt, C)
+        out[count] = idx
+        count += 1
+    return count
+
+
+def select_with_quotas(
+    const int32_t[::1] order,
+    const int32_t[::1] categories,
+    int32_t max_per_category,
+    intp_t k,
+    int32_t[::1] counts,
+    int32_t[::1] out,
+):
+    """Walk ``order`` and keep each candidate whose category is under quota,
+    until ``k`` are kept; returns how many were written to ``out``."""
+    cdef intp_t count
+    with nogil:
+        count = _select_with_quotas(order, categories, max_per_category, k, counts, out)
+    return _check(count)
+
+
+# --------------------------------------------------------------------------
+# MMR with quotas
+
+cdef intp_t _mmr_select(
+    const float32_t[::1] scores,         # IN  (m,) relevance
+    const float32_t[:, ::1] emb,         # IN  (R, d) embeddings; normalised here, zero rows stay zero
+    const int32_t[::1] emb_rows,         # IN  (m,) row of emb holding each candidate's embedding
+    double lam,                          # IN  0: pure relevance, 1: pure diversity
+    intp_t k,                            # IN  items wanted
+    const int32_t[::1] categories,       # IN  (m,)
+    int32_t max_per_category,            # IN  <= 0: no quota
+    int32_t[::1] counts,                 # IN/OUT (C,) items per category already in the slate
+    float32_t[::1] max_sim,              # IN/OUT (m,) max cosine similarity to the slate; -inf: none yet
+    float32_t[:, ::1] emb_t,             # SCRATCH (d, m) unit-norm candidate embeddings, transposed
+    float32_t[::1] vec,                  # SCRATCH (d,)
+    uint8_t[::1] taken,                  # SCRATCH (m,)
+    int32_t[::1] out,                    # OUT (>= k,) chosen candidate indices, in slate order
+) noexcept nogil:
+    cdef intp_t m = scores.shape[0], R = emb.shape[0], d = emb.shape[1], C = counts.shape[0]
+    cdef intp_t i, t, step, best, count = 0
+    cdef int32_t r
+    cdef int32_t* cnt = &counts[0] if C > 0 else NULL
+    cdef double val, best_val, pen
+    if (emb_rows.shape[0] != m or categories.shape[0] != m or max_sim.shape[0] != m
+            or taken.shape[0] != m or emb_t.shape[0] != d or emb_t.shape[1] != m
+            or vec.shape[0] != d or k > out.shape[0] or k < 0):
+        return BAD_SHAPE
+    if k == 0 or m == 0:
+        return 0
+
+    for i in range(m):
+        r = emb_rows[i]
+        if r < 0 or r >= R:
+            return BAD_INDEX
+        taken[i] = 0
+    # Gather, normalise and transpose once, so that each similarity update is
+    # a register-blocked pass over contiguous memory (recsvc_update_max_sim).
+    if d > 0:
+        recsvc_unit_transpose(&emb[0, 0], d, &emb_rows[0], m, &emb_t[0, 0])
+
+    for step in range(k):
+        best = -1
+        best_val = -INFINITY
+        for i in range(m):
+            if taken[i] or _at_quota(categories[i], max_per_category, cnt, C):
+                continue
+            pen = max_sim[i] if max_sim[i] != -INFINITY else 0.0
+            val = (1.0 - lam) * scores[i] - lam * pen
+            if best < 0 or val > best_val:
+                best = i
+                best_val = val
+        if best < 0:
+            break
+        out[count] = <int32_t> best
+        count += 1
+        taken[best] = 1
+        _count(categories[best], cnt, C)
+        if step + 1 == k:
+            break
+        # max_sim = max(max_sim, unit_emb @ unit_emb[best]): O(m * d) per chosen item.
+        if d > 0:
+            for t in range(d):
+                vec[t] = emb_t[t, best]
+            recsvc_update_max_sim(&emb_t[0, 0], d, m, &vec[0], &max_sim[0])
+        else:
+            for i in range(m):
+                if max_sim[i] < 0:
+                    max_sim[i] = 0
+    return count
+
+
+def mmr_select(
+    const float32_t[::1] scores,
+    const float32_t[:, ::1] emb,
+    const int32_t[::1] emb_rows,
+    double lam,
+    intp_t k,
+    const int32_t[::1] categories,
+    int32_t max_per_category,
+    int32_t[::1] counts,
+    float32_t[::1] max_sim,
+    float32_t[:, ::1] emb_t,
+    float32_t[::1] vec,
+    uint8_t[::1] taken,
+    int32_t[::1] out,
+):
+    """Greedy MMR under quotas over candidates whose embeddings are
+    ``emb[emb_rows]`` (normalised inside); returns how many were written to ``out``."""
+    cdef intp_t count
+    with nogil:
+        count = _mmr_select(
+            scores, emb, emb_rows, lam, k, categories, max_per_category, counts,
+            max_sim, emb_t, vec, taken, out,
+        )
+    return _check(count)
+
+
+cdef intp_t _check(intp_t count) except -100:
+    if count == BAD_SHAPE:
+        raise ValueError("re-ranking kernel: array shapes disagree (call it through recsvc.reranking)")
+    if count == BAD_INDEX:
+        raise IndexError("re-ranking kernel: an index is outside the candidate pool or the embeddings")
+    return count

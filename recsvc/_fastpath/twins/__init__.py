@@ -1,0 +1,1 @@
+"""Plain-numpy twins of the compiled kernels, one module per kernel module."""

@@ -1,0 +1,396 @@
+"""The item catalog: item ids <-> rows, embeddings, categories, maturity, timestamps.
+
+A catalog directory holds::
+
+    embeddings.npy   float32[N, d], row i is the embedding of line i of items.jsonl
+    items.jsonl      one JSON object per line: {"item_id": str, "category": str,
+                     "maturity": int, "created_at_ms": int, "popularity": float,
+                     "attributes": {str: str}}  (all but item_id optional)
+    catalog.json     {"format_version": 1, "dim": d, "count": N, "version": str}
+    index.bin        the persisted HNSW index (labels = rows), optional
+    index.json       the index's parameters and the catalog version it was built for
+
+Rows are stable for the life of a process: a deleted item's row stays dead (its
+index slot is reused by hnswlib's ``replace_deleted``), and a new item always gets
+a new row. ``save`` compacts dead rows away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from recsvc.config import DemoCatalogConfig
+
+FORMAT_VERSION = 1
+DAY_MS = 86_400_000
+#: The demo catalog's creation times end here (fixed so the demo is deterministic).
+DEMO_ANCHOR_MS = 1_795_910_400_000  # 2026-11-29T00:00:00Z
+
+
+class CatalogError(ValueError):
+    """A catalog file or item is invalid."""
+
+
+@dataclass
+class ItemRecord:
+    """One item as it arrives from a file or an UpsertItems call."""
+
+    item_id: str
+    embedding: np.ndarray
+    category: str = ""
+    maturity: int = 0
+    created_at_ms: int = 0
+    popularity: float = 0.0
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Catalog:
+    """Column arrays over rows; thread-safe for one writer and many readers.
+
+    Readers take the arrays as they are (numpy arrays are replaced, never
+    resized in place, when the catalog grows), so a request never sees a
+    half-grown array.
+    """
+
+    def __init__(self, dim: int, normalize: bool = True, capacity: int = 1024) -> None:
+        if dim <= 0:
+            raise CatalogError(f"embedding dimension must be positive, got {dim}")
+        self.dim = dim
+        self.normalize = normalize
+        self.version = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self.item_ids: list[str] = []
+        self.row_of: dict[str, int] = {}
+        self.category_names: list[str] = []
+        self.category_code: dict[str, int] = {}
+        self.attributes: list[dict[str, str]] = []
+        self._allocate(max(capacity, 16))
+        self.n_rows = 0
+        self.n_alive = 0
+
+    # -- storage --------------------------------------------------------------
+    def _allocate(self, capacity: int) -> None:
+        self.embeddings = np.zeros((capacity, self.dim), np.float32)
+        self.categories = np.zeros(capacity, np.int32)
+        self.maturity = np.zeros(capacity, np.int32)
+        self.created_at_ms = np.zeros(capacity, np.int64)
+        self.base_popularity = np.zeros(capacity, np.float32)
+        self.alive = np.zeros(capacity, bool)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, int(self.capacity * 1.5) + 16)
+        for name in ("embeddings", "categories", "maturity", "created_at_ms", "base_popularity", "alive"):
+            old = getattr(self, name)
+            new = np.zeros((new_cap,) + old.shape[1:], old.dtype)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+
+    def category_of(self, name: str) -> int:
+        code = self.category_code.get(name)
+        if code is None:
+            code = len(self.category_names)
+            self.category_names.append(name)
+            self.category_code[name] = code
+        return code
+
+    @property
+    def n_categories(self) -> int:
+        return len(self.category_names)
+
+    # -- mutation ---------------------------------------------------------------
+    def prepare_embeddings(self, emb: np.ndarray) -> np.ndarray:
+        """float32, C-contiguous, checked, unit-norm when the catalog normalises."""
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise CatalogError(
+                f"embeddings must have shape (n, {self.dim}), got {tuple(emb.shape)}"
+            )
+        if not np.isfinite(emb).all():
+            raise CatalogError("embeddings contain NaN or infinite values")
+        if self.normalize:
+            norms = np.linalg.norm(emb, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise CatalogError("an embedding is all zeros; cosine similarity needs a direction")
+            emb = emb / norms
+        return emb
+
+    def upsert(self, items: list[ItemRecord]) -> tuple[np.ndarray, int, int]:
+        """Insert or replace items. Returns (rows, inserted, updated)."""
+        if not items:
+            return np.empty(0, np.int32), 0, 0
+        seen: set[str] = set()
+        for it in items:
+            if not it.item_id:
+                raise CatalogError("item_id must not be empty")
+            if it.item_id in seen:
+                raise CatalogError(f"item_id {it.item_id!r} appears twice in one batch")
+            seen.add(it.item_id)
+            if it.maturity < 0:
+                raise CatalogError(f"item {it.item_id!r}: maturity must be >= 0, got {it.maturity}")
+            size = np.asarray(it.embedding).size
+            if size != self.dim:
+                raise CatalogError(
+                    f"item {it.item_id!r}: embedding has {size} values, "
+                    f"the catalog's dimension is {self.dim}"
+                )
+        emb = self.prepare_embeddings(
+            np.stack([np.asarray(it.embedding, np.float32).reshape(-1) for it in items])
+        )
+        with self._lock:
+            rows = np.empty(len(items), np.int32)
+            inserted = updated = 0
+            n_new = sum(1 for it in items if it.item_id not in self.row_of)
+            self._grow(self.n_rows + n_new)
+            for i, it in enumerate(items):
+                row = self.row_of.get(it.item_id)
+                if row is None:
+                    row = self.n_rows
+                    self.n_rows += 1
+                    self.item_ids.append(it.item_id)
+                    self.attributes.append(dict(it.attributes))
+                    self.row_of[it.item_id] = row
+                    self.n_alive += 1
+                    inserted += 1
+                else:
+                    self.attributes[row] = dict(it.attributes)
+                    updated += 1
+                rows[i] = row
+                self.categories[row] = self.category_of(it.category)
+                self.maturity[row] = it.maturity
+                self.created_at_ms[row] = it.created_at_ms
+                self.base_popularity[row] = it.popularity
+            self.embeddings[rows] = emb
+            self.alive[rows] = True
+            return rows, inserted, updated
+
+    def delete(self, item_ids: Iterable[str]) -> tuple[np.ndarray, list[str]]:
+        """Mark items dead. Returns (rows deleted, ids not found)."""
+        rows, missing = [], []
+        with self._lock:
+            for item_id in item_ids:
+                row = self.row_of.pop(item_id, None)
+                if row is None:
+                    missing.append(item_id)
+                    continue
+                self.alive[row] = False
+                self.n_alive -= 1
+                rows.append(row)
+        return np.asarray(rows, np.int32), missing
+
+    # -- bulk construction ----------------------------------------------------------
+    @classmethod
+    def from_arrays(
+        cls,
+        item_ids: list[str],
+        embeddings: np.ndarray,
+        categories: list[str],
+        maturity: np.ndarray,
+        created_at_ms: np.ndarray,
+        popularity: np.ndarray | None = None,
+        attributes: list[dict[str, str]] | None = None,
+        normalize: bool = True,
+    ) -> "Catalog":
+        n = len(item_ids)
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[0] != n:
+            raise CatalogError(
+                f"embeddings must have one row per item: {n} items, shape {embeddings.shape}"
+            )
+        if len(set(item_ids)) != n:
+            raise CatalogError("item ids must be unique")
+        if any(not i for i in item_ids):
+            raise CatalogError("item ids must not be empty")
+        cat = cls(embeddings.shape[1], normalize=normalize, capacity=n)
+        cat.embeddings[:n] = cat.prepare_embeddings(embeddings)
+        cat.item_ids = list(item_ids)
+        cat.row_of = {item_id: i for i, item_id in enumerate(item_ids)}
+        names, codes = np.unique(np.asarray(categories, dtype=object).astype(str), return_inverse=True)
+        cat.category_names = [str(x) for x in names]
+        cat.category_code = {name: i for i, name in enumerate(cat.category_names)}
+        cat.categories[:n] = codes.astype(np.int32)
+        cat.maturity[:n] = np.asarray(maturity, np.int32)
+        cat.created_at_ms[:n] = np.asarray(created_at_ms, np.int64)
+        if popularity is not None:
+            cat.base_popularity[:n] = np.asarray(popularity, np.float32)
+        cat.attributes = [dict(a) for a in attributes] if attributes is not None else [{} for _ in range(n)]
+        cat.alive[:n] = True
+        cat.n_rows = cat.n_alive = n
+        return cat
+
+    # -- persistence ------------------------------------------------------------
+    def alive_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.alive[: self.n_rows]).astype(np.int32)
+
+    def save(self, directory: str | Path, compact: bool = True) -> np.ndarray:
+        """Write the catalog to ``directory`` (atomically per file).
+
+        ``compact=True`` writes live items only (rows renumbered: new row i is
+        old row ``out[i]``; an index beside it must be rebuilt).
+        ``compact=False`` keeps every row, dead ones as tombstones
+        (``"deleted": true``), so rows and a saved index stay valid.
+        """
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        rows = self.alive_rows() if compact else np.arange(self.n_rows, dtype=np.int32)
+        _atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, self.embeddings[rows]))
+
+        def write_items(fh):
+            for r in rows:
+                rec = {
+                    "item_id": self.item_ids[r],
+                    "category": self.category_names[self.categories[r]],
+                    "maturity": int(self.maturity[r]),
+                    "created_at_ms": int(self.created_at_ms[r]),
+                    "popularity": float(self.base_popularity[r]),
+                }
+                if self.attributes[r]:
+                    rec["attributes"] = self.attributes[r]
+                if not self.alive[r]:
+                    rec["deleted"] = True
+                fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+
+        _atomic_write(d / "items.jsonl", write_items)
+        meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
+                "version": self.version, "normalized": self.normalize}
+        _atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+        _fsync_dir(d)
+        return rows
+
+    @classmethod
+    def load(cls, directory: str | Path, normalize: bool = True) -> "Catalog":
+        d = Path(directory)
+        emb_path, items_path = d / "embeddings.npy", d / "items.jsonl"
+        for p in (emb_path, items_path):
+            if not p.exists():
+                raise CatalogError(f"catalog directory {d} has no {p.name}")
+        emb = np.load(emb_path, mmap_mode="r")
+        if emb.dtype != np.float32:
+            raise CatalogError(f"{emb_path}: embeddings must be float32, got {emb.dtype}")
+        ids, cats, mats, created, pops, attrs, dead = [], [], [], [], [], [], []
+        with items_path.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    ids.append(str(rec["item_id"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CatalogError(f"{items_path}:{lineno}: bad item record ({exc})") from None
+                cats.append(str(rec.get("category", "")))
+                mats.append(int(rec.get("maturity", 0)))
+                created.append(int(rec.get("created_at_ms", 0)))
+                pops.append(float(rec.get("popularity", 0.0)))
+                attrs.append({str(k): str(v) for k, v in (rec.get("attributes") or {}).items()})
+                if rec.get("deleted"):
+                    dead.append(len(ids) - 1)
+        if len(ids) != emb.shape[0]:
+            raise CatalogError(
+                f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows"
+            )
+        # Tombstoned rows keep their place; their ids may have been reused by
+        # a later row, so they get a private id that no caller can send.
+        for row in dead:
+            ids[row] = f"\x00deleted:{row}"
+        cat = cls.from_arrays(ids, np.asarray(emb), cats, np.asarray(mats), np.asarray(created),
+                              np.asarray(pops), attrs, normalize=normalize)
+        for row in dead:
+            cat.alive[row] = False
+            del cat.row_of[ids[row]]
+        cat.n_alive -= len(dead)
+        meta_path = d / "catalog.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            cat.version = str(meta.get("version", cat.version))
+        return cat
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# -- the demo catalog -----------------------------------------------------------
+def demo_catalog(cfg: DemoCatalogConfig, progress: bool = False) -> Catalog:
+    """A deterministic synthetic catalog shaped like real item embeddings.
+
+    Each category has a centre; each item also belongs to one or two latent
+    topics shared across categories (a thriller that is also a comedy), plus
+    item-specific noise, so neighbours cluster by category *and* topic rather
+    than being uniform noise. Popularity is Zipf-like (exponent 1.1) over a
+    random permutation; category sizes are skewed; creation times are spread
+    over the year before ``DEMO_ANCHOR_MS`` (denser recently); ~10% of items are
+    rated 13 and ~4% rated 18.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    n, d, c, t = cfg.n_items, cfg.dim, cfg.n_categories, cfg.n_topics
+    centres = rng.standard_normal((c, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    topics = rng.standard_normal((t, d)).astype(np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    # Skewed category sizes (some categories are much larger than others).
+    cat_p = 1.0 / np.arange(1, c + 1) ** 0.7
+    cat_p /= cat_p.sum()
+    category = rng.choice(c, size=n, p=cat_p).astype(np.int32)
+    # Per-category topic preferences: each category leans on a few topics.
+    topic_pref = rng.dirichlet(np.full(t, 0.3), size=c)
+    emb = np.empty((n, d), np.float32)
+    chunk = 20_000
+    it: Iterator[int] = iter(range(0, n, chunk))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=(n + chunk - 1) // chunk, desc="demo catalog", unit="chunk")
+    for start in it:
+        stop = min(n, start + chunk)
+        cats = category[start:stop]
+        m = stop - start
+        u = rng.random(m)[:, None]
+        cdf = np.cumsum(topic_pref[cats], axis=1)
+        t1 = np.minimum((u > cdf).sum(axis=1), t - 1)
+        t2 = rng.integers(0, t, size=m)
+        w2 = (rng.random(m) < 0.35).astype(np.float32) * 0.5
+        # Sub-clusters: a second, finer level of structure inside each category.
+        noise = rng.standard_normal((m, d)).astype(np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        block = centres[cats] + 0.8 * topics[t1] + w2[:, None] * topics[t2] + 0.55 * noise
+        emb[start:stop] = block
+    ranks = rng.permutation(n) + 1
+    popularity = (1e5 / ranks ** 1.1).astype(np.float32)
+    # Creation times: one year, denser towards the anchor (a growing catalog).
+    age_days = 365.0 * rng.random(n) ** 1.5
+    created = (DEMO_ANCHOR_MS - age_days * DAY_MS).astype(np.int64)
+    u = rng.random(n)
+    maturity = np.where(u < 0.04, 18, np.where(u < 0.14, 13, 0)).astype(np.int32)
+    width = len(str(n - 1))
+    ids = [f"item-{i:0{width}d}" for i in range(n)]
+    names = [f"cat-{k:02d}" for k in range(c)]
+    cats_str = [names[k] for k in category]
+    cat = Catalog.from_arrays(ids, emb, cats_str, maturity, created, popularity)
+    cat.version = f"demo-{n}x{d}-c{c}-t{t}-s{cfg.seed}"
+    return cat

@@ -1,0 +1,297 @@
+"""The one typed home of recsvc's configuration.
+
+Every setting has a documented default; a TOML file overrides any subset of
+them. Unknown keys and bad values are errors that name the key, e.g.::
+
+    recsvc.toml: retrieval.shares.ann: Input should be greater than or equal to 0
+
+The README's configuration reference is generated from the field descriptions
+below (``recsvc config --defaults`` prints the defaults as TOML).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address to listen on ('0.0.0.0' for all interfaces).")
+    port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free ephemeral port.")
+    max_workers: int = Field(8, ge=1, le=256, description="gRPC worker threads (requests run in parallel).")
+    grace_period_s: float = Field(5.0, ge=0, description="On shutdown, in-flight calls get this long to finish.")
+    max_batch: int = Field(10_000, ge=1, description="Most events or items accepted in one Feedback/Upsert call.")
+
+
+class DemoCatalogConfig(_Section):
+    n_items: int = Field(100_000, ge=10, description="Items in the synthetic demo catalog.")
+    dim: int = Field(64, ge=2, le=4096, description="Embedding dimension of the demo catalog.")
+    n_categories: int = Field(24, ge=1, le=1000, description="Categories in the demo catalog.")
+    n_topics: int = Field(12, ge=1, description="Latent topics shared across categories.")
+    seed: int = Field(20261129, description="Seed: the same settings always give the same catalog.")
+
+
+class CatalogConfig(_Section):
+    path: Path | None = Field(
+        None, description="Catalog directory (embeddings.npy + items.jsonl). None: the demo catalog."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/recsvc"), description="Where the demo catalog and its index are cached."
+    )
+    demo: DemoCatalogConfig = DemoCatalogConfig()
+
+
+class IndexConfig(_Section):
+    space: Literal["ip", "cosine"] = Field(
+        "cosine", description="Similarity of the HNSW index: inner product or cosine."
+    )
+    m: int = Field(16, ge=4, le=128, description="HNSW graph degree (M).")
+    ef_construction: int = Field(200, ge=10, description="HNSW build-time beam width.")
+    ef_search_factor: float = Field(
+        1.25, ge=1.0, description="ef at query time = max(ef_search_min, factor * k)."
+    )
+    ef_search_min: int = Field(64, ge=1, description="Lower bound of ef at query time.")
+    build_threads: int = Field(0, ge=0, description="Threads for index builds; 0 = all cores.")
+    grow_factor: float = Field(1.5, gt=1.0, description="Capacity multiplier when the live index is full.")
+
+
+class RetrievalConfig(_Section):
+    n_candidates: int = Field(1000, ge=1, le=100_000, description="Candidates handed to ranking.")
+    shares: dict[Literal["ann", "cooccurrence", "popular", "fresh"], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: {"ann": 600, "cooccurrence": 200, "popular": 100, "fresh": 100},
+        description="Per-source candidate quotas; unused share flows to the other sources.",
+    )
+    overfetch: float = Field(
+        1.5, ge=1.0, description="ANN fetches k * overfetch so filters never starve the result."
+    )
+    fresh_window_days: float = Field(30.0, gt=0, description="Items younger than this are 'fresh'.")
+    popularity_half_life_days: float = Field(
+        7.0, gt=0, description="Half-life of the exponentially decayed popularity counts."
+    )
+    cooccurrence_window: int = Field(
+        20, ge=1, description="A user's last N interactions co-occur with each new one."
+    )
+    cooccurrence_neighbors: int = Field(50, ge=1, description="Top neighbours kept per item.")
+    history_size: int = Field(200, ge=1, description="Recent interactions kept per user.")
+    exclude_consumed: bool = Field(
+        True, description="Never recommend items already in the user's history."
+    )
+    history_half_life: float = Field(
+        10.0, gt=0, description="Recency weight half-life (in interactions) for the derived user embedding."
+    )
+
+
+class RankingConfig(_Section):
+    model_path: Path | None = Field(
+        None, description="Ranker weights file (JSON). None: the default weights shipped with recsvc."
+    )
+    freshness_half_life_days: float = Field(
+        14.0, gt=0, description="Age decay used by the freshness feature."
+    )
+
+
+class ExplorationConfig(_Section):
+    policy: Literal["greedy", "thompson", "ucb1", "epsilon_greedy"] = Field(
+        "thompson", description="Exploration policy (per experiment variant overridable)."
+    )
+    epsilon: float = Field(0.05, ge=0.0, le=1.0, description="Exploration rate of epsilon_greedy.")
+    ucb_c: float = Field(1.0, ge=0.0, description="Exploration constant of ucb1.")
+    top_m: int = Field(50, ge=1, description="Thompson/UCB/epsilon explore among the ranker's top M.")
+    propensity_draws: int = Field(
+        128, ge=1, description="Monte-Carlo rounds per request for Thompson propensities (cost ~ M x rounds Beta draws)."
+    )
+    prior_strength: float = Field(
+        100.0, gt=0,
+        description="Thompson/UCB prior: Beta with the ranker's click probability as mean and this many pseudo-observations.",
+    )
+    prior_alpha: float = Field(1.0, gt=0, description="Item-level Beta prior alpha (the bandit_mean feature).")
+    prior_beta: float = Field(20.0, gt=0, description="Item-level Beta prior beta (a prior CTR of ~5%).")
+    discount: float = Field(
+        1.0, gt=0.0, le=1.0, description="Multiplies old bandit evidence per update (1 = no decay)."
+    )
+    min_propensity: float = Field(
+        1e-4, gt=0, le=1, description="Floor on reported propensities (keeps IPS weights finite)."
+    )
+    seed: int | None = Field(None, description="Seed of the per-worker generators (None: entropy).")
+
+
+class RerankingConfig(_Section):
+    max_per_category: int = Field(3, ge=0, description="Most items of one category in a slate; 0 = no quota.")
+    mmr_lambda: float = Field(
+        0.0, ge=0.0, le=1.0, description="MMR diversity weight: 0 off, 1 pure diversity."
+    )
+    freshness_boost: float = Field(0.0, ge=0.0, description="Added score * freshness (0..1).")
+    long_tail_boost: float = Field(0.0, ge=0.0, description="Added score * (1 - popularity percentile).")
+    max_maturity: int = Field(
+        18, ge=0, description="Service-wide ceiling: items rated above this are never served."
+    )
+    pinned: dict[str, int] = Field(
+        default_factory=dict, description="item_id -> fixed 0-based position, when eligible."
+    )
+    sponsored_items: list[str] = Field(default_factory=list, description="Sponsored item ids.")
+    sponsored_positions: list[int] = Field(
+        default_factory=list, description="0-based positions reserved for sponsored items."
+    )
+
+
+class BudgetConfig(_Section):
+    total_ms: float = Field(200.0, gt=0, description="Budget of one Recommend call.")
+    candidates_ms: float = Field(50.0, gt=0, description="Budget of candidate generation.")
+    ranking_ms: float = Field(100.0, gt=0, description="Budget of ranking.")
+    reranking_ms: float = Field(20.0, gt=0, description="Budget of re-ranking.")
+
+
+class RecommendConfig(_Section):
+    default_n: int = Field(10, ge=1, description="Slate size when a request says n = 0.")
+    max_n: int = Field(500, ge=1, description="Largest slate a request may ask for.")
+
+
+class StateConfig(_Section):
+    dir: Path = Field(Path(".recsvc/state"), description="Where the event log and snapshots live.")
+    fsync: Literal["batch", "none"] = Field(
+        "batch", description="'batch': fsync the log before every Feedback ack; 'none': leave it to the OS."
+    )
+    snapshot_every_events: int = Field(
+        100_000, ge=1, description="Snapshot after this many new events (and on shutdown)."
+    )
+    dedupe_window: int = Field(
+        1_000_000, ge=1, description="Event ids remembered for idempotency (most recent)."
+    )
+    served_log_size: int = Field(
+        200_000, ge=1, description="Served slates kept for attribution (most recent)."
+    )
+    attribution_window_s: float = Field(
+        1800.0, gt=0, description="An impression with no click within this window counts as a failure."
+    )
+    max_event_age_days: float = Field(
+        30.0, gt=0, description="Events older than this (or more than 1 h in the future) are rejected."
+    )
+
+
+class ExperimentsConfig(_Section):
+    file: Path | None = Field(None, description="Experiment definitions (TOML). None: no experiments.")
+
+
+class Config(_Section):
+    """The whole configuration; ``Config()`` is the documented default."""
+
+    server: ServerConfig = ServerConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    index: IndexConfig = IndexConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    ranking: RankingConfig = RankingConfig()
+    exploration: ExplorationConfig = ExplorationConfig()
+    reranking: RerankingConfig = RerankingConfig()
+    budgets: BudgetConfig = BudgetConfig()
+    recommend: RecommendConfig = RecommendConfig()
+    state: StateConfig = StateConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Config":
+        if self.recommend.default_n > self.recommend.max_n:
+            raise ValueError("recommend.default_n must not exceed recommend.max_n")
+        if sum(self.retrieval.shares.values()) <= 0:
+            raise ValueError("retrieval.shares must give at least one source a positive share")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> "Config":
+        """A copy with nested overrides applied (validated like a file)."""
+        merged = _deep_merge(self.model_dump(mode="python"), overrides)
+        return _validate(merged, source)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("shares", "pinned"):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{source}: {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (or nothing: the defaults) and apply ``overrides`` on top."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return _validate(data, source)
+
+
+def defaults_as_toml() -> str:
+    """The default configuration as commented TOML (for docs and `recsvc config`)."""
+    lines: list[str] = ["# recsvc configuration: every key with its default."]
+
+    def emit(model: type[BaseModel], instance: BaseModel, prefix: str) -> None:
+        scalars, sections = [], []
+        for name, field in model.model_fields.items():
+            value = getattr(instance, name)
+            if isinstance(value, BaseModel):
+                sections.append((name, type(value), value))
+            else:
+                scalars.append((name, field, value))
+        if scalars:
+            lines.append("")
+            lines.append(f"[{prefix}]")
+            for name, field, value in scalars:
+                if field.description:
+                    lines.append(f"# {field.description}")
+                lines.append(f"{'# ' if value is None else ''}{name} = {_toml_value(value)}")
+        for name, sub_model, value in sections:
+            emit(sub_model, value, f"{prefix}.{name}" if prefix else name)
+
+    emit(Config, Config(), "")
+    return "\n".join(line for line in lines if line != "[]") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""  # unset'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return f'"{value}"'

@@ -1,0 +1,334 @@
+"""Per-(experiment, variant) aggregates, fed by the engine and persisted by the state layer.
+
+The engine calls :meth:`ExperimentAggregates.record_served` for every served
+slate and :meth:`ExperimentAggregates.record_event` for every feedback event it
+attributes (through the request id) to the arms of the request that served it.
+Both take the request's ``arms`` (``Assignment.arms``); a request in several
+layered experiments counts in each.
+
+Kept per arm:
+
+* distinct users — an exact ``dict`` (user id → row of per-user sums; about
+  150 bytes per user, fine up to a few million users per arm);
+* per-user slates, impressions, clicks, conversions and value (for Welch's
+  test, the user-level variance of CTR and the per-user means);
+* totals, plus running sums of squares and cross products of the per-user
+  sums, so the mean and variance of per-user metrics are known at every point
+  in time without keeping history per user;
+* exposure counts per catalog row (coverage, exposure concentration);
+* sums and counts of per-slate intra-list diversity and novelty;
+* a daily series: the cumulative totals as of the end of each UTC day
+  (``now_ms // 86_400_000``) that saw an update, for plots and sequential tests.
+  The series follows processing order: an update stamped earlier than the
+  latest day seen (a late event) is counted in the latest day.
+
+``value`` is summed for every event type (usually only conversions carry one).
+Impressions are the impression events callers report; ``slates`` and
+``items_served`` count what the engine served.
+
+Thread-safe: one lock guards every method, and each record call takes a few
+microseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["ArmData", "EVENT_TYPES", "ExperimentAggregates", "TOTAL_FIELDS", "DAY_MS"]
+
+EVENT_TYPES = ("impression", "click", "conversion")
+DAY_MS = 86_400_000
+_FORMAT_VERSION = 1
+
+#: Cumulative fields kept per arm (totals and each day of the daily series).
+TOTAL_FIELDS = (
+    "users",
+    "slates",
+    "items_served",
+    "impressions",
+    "clicks",
+    "conversions",
+    "value",
+    "value_sq",  # Σ_u value_u²
+    "clicks_sq",  # Σ_u clicks_u²
+    "impressions_sq",  # Σ_u impressions_u²
+    "clicks_x_impressions",  # Σ_u clicks_u · impressions_u
+    "conversions_sq",  # Σ_u conversions_u²
+    "conversions_x_impressions",  # Σ_u conversions_u · impressions_u
+    "diversity_sum",
+    "diversity_n",
+    "novelty_sum",
+    "novelty_n",
+)
+(
+    _USERS, _SLATES, _ITEMS, _IMPR, _CLICKS, _CONV, _VALUE, _VALUE_SQ, _CLICKS_SQ, _IMPR_SQ, _CLICKS_X_IMPR,
+    _CONV_SQ, _CONV_X_IMPR, _DIV_SUM, _DIV_N, _NOV_SUM, _NOV_N,
+) = range(len(TOTAL_FIELDS))
+PER_USER_FIELDS = ("slates", "impressions", "clicks", "conversions", "value")
+_U_SLATES, _U_IMPRESSIONS, _U_CLICKS, _U_CONVERSIONS, _U_VALUE = range(5)
+
+
+@dataclass(frozen=True)
+class ArmData:
+    """A consistent copy of one arm's aggregates (what the report reads)."""
+
+    experiment: str
+    variant: str
+    totals: dict[str, float]
+    per_user: dict[str, np.ndarray]  # PER_USER_FIELDS → float64[users]
+    exposure: np.ndarray  # int64 counts of the rows served at least once
+    days: np.ndarray  # int64 UTC day numbers, ascending
+    daily: dict[str, np.ndarray]  # TOTAL_FIELDS → float64[len(days)], cumulative
+
+
+class _Arm:
+    __slots__ = ("users", "totals", "exposure", "daily", "last_day")
+
+    def __init__(self) -> None:
+        # user id -> [slates, impressions, clicks, conversions, value]; plain lists because
+        # scalar updates on them cost a tenth of numpy's, at similar memory per user.
+        self.users: dict[str, list] = {}
+        self.totals = [0.0] * len(TOTAL_FIELDS)  # a list: scalar updates are 10x cheaper than numpy's
+        self.exposure: dict[int, int] = {}  # catalog row -> times served
+        self.daily: dict[int, list[float]] = {}
+        self.last_day: int | None = None
+
+    def roll(self, now_ms: int) -> None:
+        day = now_ms // DAY_MS
+        if self.last_day is None:
+            self.last_day = day
+        elif day > self.last_day:
+            self.daily[self.last_day] = list(self.totals)
+            self.last_day = day
+
+    def user(self, user_id: str) -> list:
+        row = self.users.get(user_id)
+        if row is None:
+            row = self.users[user_id] = [0, 0, 0, 0, 0.0]
+            self.totals[_USERS] += 1
+        return row
+
+    def series(self) -> tuple[np.ndarray, np.ndarray]:
+        days = sorted(self.daily)
+        rows = [self.daily[d] for d in days]
+        if self.last_day is not None:
+            days.append(self.last_day)
+            rows.append(self.totals)
+        matrix = np.array(rows, dtype=np.float64).reshape(len(days), len(TOTAL_FIELDS))
+        return np.array(days, dtype=np.int64), matrix
+
+
+class ExperimentAggregates:
+    """Per-(experiment, variant) counters; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._arms: dict[tuple[str, str], _Arm] = {}
+
+    # ------------------------------------------------------------------ recording
+
+    def record_served(
+        self,
+        arms: Sequence[tuple[str, str]],
+        user_id: str,
+        item_rows,
+        now_ms: int,
+        diversity: float | None = None,
+        novelty: float | None = None,
+    ) -> None:
+        """Count one served slate: catalog ``item_rows`` (int array), its intra-list
+        ``diversity`` and mean self-information ``novelty`` (both optional, precomputed)."""
+        if not arms:
+            return
+        rows = np.asarray(item_rows)
+        if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+            raise ValueError(f"item_rows must be a 1-D integer array, got shape {rows.shape} dtype {rows.dtype}")
+        row_list = rows.tolist()
+        if row_list and min(row_list) < 0:
+            raise ValueError("item_rows must be non-negative catalog rows")
+        diversity = _optional_finite(diversity, "diversity")
+        novelty = _optional_finite(novelty, "novelty")
+        arm_keys = _check_arms(arms)
+        with self._lock:
+            for key in arm_keys:
+                arm = self._arm(key)
+                arm.roll(now_ms)
+                arm.user(user_id)[_U_SLATES] += 1
+                t = arm.totals
+                t[_SLATES] += 1
+                t[_ITEMS] += len(row_list)
+                exposure = arm.exposure
+                for r in row_list:
+                    exposure[r] = exposure.get(r, 0) + 1
+                if diversity is not None:
+                    t[_DIV_SUM] += diversity
+                    t[_DIV_N] += 1
+                if novelty is not None:
+                    t[_NOV_SUM] += novelty
+                    t[_NOV_N] += 1
+
+    def record_event(
+        self,
+        arms: Sequence[tuple[str, str]],
+        user_id: str,
+        event_type: str,
+        value: float,
+        now_ms: int,
+    ) -> None:
+        """Count one attributed feedback event: ``"impression"``, ``"click"`` or ``"conversion"``."""
+        if event_type not in EVENT_TYPES:
+            raise ValueError(f"event_type must be one of {', '.join(EVENT_TYPES)}; got {event_type!r}")
+        value = _optional_finite(value, "value") or 0.0
+        if not arms:
+            return
+        arm_keys = _check_arms(arms)
+        with self._lock:
+            for key in arm_keys:
+                arm = self._arm(key)
+                arm.roll(now_ms)
+                pu, t = arm.user(user_id), arm.totals
+                _, n, c, k, v = pu
+                if event_type == "impression":
+                    pu[_U_IMPRESSIONS] = n + 1
+                    t[_IMPR] += 1
+                    t[_IMPR_SQ] += 2 * n + 1
+                    t[_CLICKS_X_IMPR] += c
+                    t[_CONV_X_IMPR] += k
+                elif event_type == "click":
+                    pu[_U_CLICKS] = c + 1
+                    t[_CLICKS] += 1
+                    t[_CLICKS_SQ] += 2 * c + 1
+                    t[_CLICKS_X_IMPR] += n
+                else:
+                    pu[_U_CONVERSIONS] = k + 1
+                    t[_CONV] += 1
+                    t[_CONV_SQ] += 2 * k + 1
+                    t[_CONV_X_IMPR] += n
+                if value:
+                    pu[_U_VALUE] = v + value
+                    t[_VALUE] += value
+                    t[_VALUE_SQ] += value * (2 * v + value)
+
+    # ------------------------------------------------------------------ reading
+
+    def arms(self) -> list[tuple[str, str]]:
+        """Every (experiment, variant) with data, in first-seen order."""
+        with self._lock:
+            return list(self._arms)
+
+    def variants(self, experiment: str) -> list[str]:
+        with self._lock:
+            return [v for e, v in self._arms if e == experiment]
+
+    def arm_data(self, experiment: str, variant: str) -> ArmData:
+        """A copy of one arm (all zeros when it has no data yet)."""
+        with self._lock:
+            arm = self._arms.get((experiment, variant)) or _Arm()
+            matrix_u = np.array(list(arm.users.values()), dtype=np.float64).reshape(-1, len(PER_USER_FIELDS))
+            exposure = np.fromiter(arm.exposure.values(), dtype=np.int64, count=len(arm.exposure))
+            days, matrix = arm.series()
+            totals = dict(zip(TOTAL_FIELDS, arm.totals))
+        per_user = {name: matrix_u[:, i].copy() for i, name in enumerate(PER_USER_FIELDS)}
+        daily = {name: matrix[:, i] for i, name in enumerate(TOTAL_FIELDS)}
+        return ArmData(experiment, variant, totals, per_user, exposure, days, daily)
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe snapshot (lists of numbers and strings only)."""
+        with self._lock:
+            arms = []
+            for (exp, var), arm in self._arms.items():
+                rows_u = list(arm.users.values())
+                exposed = sorted(arm.exposure)
+                days, matrix = arm.series()
+                arms.append(
+                    {
+                        "experiment": exp,
+                        "variant": var,
+                        "users": list(arm.users),  # dict order = row order
+                        "per_user": {name: [r[i] for r in rows_u] for i, name in enumerate(PER_USER_FIELDS)},
+                        "totals": dict(zip(TOTAL_FIELDS, arm.totals)),
+                        "exposure": {"rows": exposed, "counts": [arm.exposure[r] for r in exposed]},
+                        "daily": {
+                            "days": days.tolist(),
+                            **{name: matrix[:, i].tolist() for i, name in enumerate(TOTAL_FIELDS)},
+                        },
+                    }
+                )
+        return {"version": _FORMAT_VERSION, "arms": arms}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentAggregates":
+        """Restore a :meth:`to_dict` snapshot."""
+        if data.get("version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"experiment aggregates snapshot: unsupported version {data.get('version')!r} "
+                f"(expected {_FORMAT_VERSION})"
+            )
+        out = cls()
+        for i, a in enumerate(data.get("arms", [])):
+            where = f"experiment aggregates snapshot: arms[{i}]"
+            try:
+                arm = _Arm()
+                users = [str(u) for u in a["users"]]
+                columns_u = []
+                for name in PER_USER_FIELDS:
+                    col = a["per_user"][name]
+                    if len(col) != len(users):
+                        raise ValueError(f"per_user.{name} has {len(col)} values for {len(users)} users")
+                    columns_u.append([float(x) for x in col] if name == "value" else [int(x) for x in col])
+                arm.users = {u: list(r) for u, r in zip(users, zip(*columns_u))}
+                if len(arm.users) != len(users):
+                    raise ValueError("duplicate user ids")
+                arm.totals = [float(a["totals"][name]) for name in TOTAL_FIELDS]
+                rows, counts = a["exposure"]["rows"], a["exposure"]["counts"]
+                if len(rows) != len(counts):
+                    raise ValueError("exposure rows and counts differ in length")
+                arm.exposure = {int(r): int(k) for r, k in zip(rows, counts)}
+                days = [int(d) for d in a["daily"]["days"]]
+                columns = np.array([a["daily"][name] for name in TOTAL_FIELDS], dtype=np.float64)
+                if columns.shape != (len(TOTAL_FIELDS), len(days)):
+                    raise ValueError("daily series columns differ in length from days")
+                if days:
+                    arm.last_day = days[-1]
+                    arm.daily = {d: columns[:, k].tolist() for k, d in enumerate(days[:-1])}
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ValueError(f"{where}: malformed ({exc})") from None
+            out._arms[(str(a["experiment"]), str(a["variant"]))] = arm
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _arm(self, key: tuple[str, str]) -> _Arm:
+        arm = self._arms.get(key)
+        if arm is None:
+            arm = self._arms[key] = _Arm()
+        return arm
+
+
+def _check_arms(arms: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+    out = []
+    for arm in arms:
+        if type(arm) is tuple and len(arm) == 2 and type(arm[0]) is str and type(arm[1]) is str:
+            out.append(arm)  # the common case, checked cheaply
+            continue
+        if not (isinstance(arm, (tuple, list)) and len(arm) == 2 and all(isinstance(x, str) for x in arm)):
+            raise ValueError(f"arms must be (experiment, variant) string pairs, got {arm!r}")
+        out.append((arm[0], arm[1]))
+    return out
+
+
+def _optional_finite(x: float | None, name: str) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x}")
+    return x
+

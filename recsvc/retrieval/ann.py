@@ -1,0 +1,247 @@
+"""Approximate nearest neighbours over item embeddings (hnswlib).
+
+Labels in the index are catalog rows. hnswlib's ``knn_query`` is thread-safe
+with other queries and releases the GIL, but not with ``add_items`` /
+``mark_deleted``: a readers-writer lock lets any number of queries run together
+and gives live catalog changes short exclusive sections (one batch at a time).
+
+``ef`` follows the requested ``k``: hnswlib searches with ``max(ef, k)``. ``ef``
+itself is set once (``tune_for(k)``) to ``max(ef_search_min, ef_search_factor *
+k)`` for the usual ANN fetch size k; a request that asks for more searches with
+a beam of at least its own k. (A ``set_ef`` per request would race between
+threads: ef is global to the index.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import hnswlib
+import numpy as np
+
+from recsvc.config import IndexConfig
+
+INDEX_FILE = "index.bin"
+INDEX_META = "index.json"
+
+
+class ReadWriteLock:
+    """Many readers or one writer; writers do not starve (new readers wait)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class AnnIndex:
+    """An hnswlib index whose labels are catalog rows."""
+
+    def __init__(self, dim: int, cfg: IndexConfig, index: hnswlib.Index | None = None) -> None:
+        self.dim = dim
+        self.cfg = cfg
+        self._index = index
+        self._lock = ReadWriteLock()
+        self.catalog_version = ""
+        # Which rows are live in the index; deleted slots that new rows may reuse.
+        self._in_index = np.zeros(0, bool)
+        self._deleted_slots = 0
+        self._live_count = 0
+
+    def _track(self, rows: np.ndarray, deleted_slots: int = 0) -> None:
+        self._in_index = np.zeros(int(rows.max()) + 1 if rows.size else 0, bool)
+        self._in_index[rows] = True
+        self._live_count = int(self._in_index.sum())
+        self._deleted_slots = deleted_slots
+
+    # -- construction ------------------------------------------------------------
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space=self.cfg.space, dim=self.dim)
+        index.init_index(
+            max_elements=max(capacity, 16),
+            M=self.cfg.m,
+            ef_construction=self.cfg.ef_construction,
+            random_seed=100,
+            allow_replace_deleted=True,
+        )
+        index.set_ef(self.cfg.ef_search_min)
+        return index
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        rows: np.ndarray,
+        cfg: IndexConfig,
+        progress: bool = False,
+        chunk: int = 10_000,
+    ) -> "AnnIndex":
+        """Build an index over ``embeddings[rows]`` (labels = rows)."""
+        dim = int(embeddings.shape[1])
+        ann = cls(dim, cfg)
+        n = int(rows.size)
+        ann._index = ann._new_index(int(n * 1.1) + 16)
+        threads = cfg.build_threads or -1
+        starts = range(0, n, chunk)
+        if progress and n > chunk:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="HNSW index", unit="chunk", total=(n + chunk - 1) // chunk)
+        for start in starts:
+            sel = rows[start : start + chunk]
+            ann._index.add_items(embeddings[sel], sel.astype(np.int64), num_threads=threads)
+        ann._track(rows.astype(np.int64))
+        return ann
+
+    def save(self, directory: str | Path, catalog_version: str) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / (INDEX_FILE + ".tmp")
+        with self._lock.read():
+            self._index.save_index(str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, d / INDEX_FILE)
+        meta = {
+            "space": self.cfg.space, "dim": self.dim, "m": self.cfg.m,
+            "ef_construction": self.cfg.ef_construction, "catalog_version": catalog_version,
+            "count": self._live_count,
+        }
+        (d / INDEX_META).write_text(json.dumps(meta, indent=2))
+        self.catalog_version = catalog_version
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, dim: int, cfg: IndexConfig, catalog_version: str,
+        alive: np.ndarray | None = None,
+    ) -> "AnnIndex | None":
+        """Load a persisted index, or None when it is missing or stale."""
+        d = Path(directory)
+        meta_path, path = d / INDEX_META, d / INDEX_FILE
+        if not (meta_path.exists() and path.exists()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        wanted = {"space": cfg.space, "dim": dim, "m": cfg.m, "catalog_version": catalog_version}
+        if any(meta.get(k) != v for k, v in wanted.items()):
+            return None
+        ann = cls(dim, cfg)
+        index = hnswlib.Index(space=cfg.space, dim=dim)
+        index.load_index(str(path), allow_replace_deleted=True)
+        index.set_ef(cfg.ef_search_min)
+        ann._index = index
+        ann.catalog_version = catalog_version
+        labels = np.asarray(index.get_ids_list(), np.int64)
+        # Labels of rows the catalog holds dead are (or become) deleted slots.
+        if alive is not None:
+            live = labels[(labels < alive.size) & alive[np.minimum(labels, alive.size - 1)]]
+            for row in np.setdiff1d(labels, live):
+                try:
+                    index.mark_deleted(int(row))
+                except RuntimeError:
+                    pass  # saved already marked
+        else:
+            live = labels
+        ann._track(live, deleted_slots=int(labels.size - live.size))
+        return ann
+
+    def tune_for(self, k: int) -> int:
+        """Set the search beam for the usual fetch size ``k``; returns ef."""
+        ef = max(self.cfg.ef_search_min, int(np.ceil(self.cfg.ef_search_factor * k)))
+        with self._lock.write():
+            self._index.set_ef(ef)
+        return ef
+
+    # -- queries ---------------------------------------------------------------
+    @property
+    def live_count(self) -> int:
+        return self._live_count
+
+    def query(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by similarity (descending); similarity = 1 - distance."""
+        with self._lock.read():
+            k = min(k, self._live_count)
+            if k <= 0:
+                return np.empty(0, np.int32), np.empty(0, np.float32)
+            labels, dist = self._index.knn_query(vector, k=k, num_threads=1)
+        return labels[0].astype(np.int32), (1.0 - dist[0]).astype(np.float32)
+
+    # -- live changes --------------------------------------------------------------
+    def _ensure_rows(self, max_row: int) -> None:
+        if max_row >= self._in_index.size:
+            grown = np.zeros(max(max_row + 1, int(self._in_index.size * 1.5) + 16), bool)
+            grown[: self._in_index.size] = self._in_index
+            self._in_index = grown
+
+    def upsert(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        """Add or replace vectors (labels = rows), growing the index when full.
+
+        A row already in the index is updated in place; a new row takes the
+        slot of a deleted one when there is any (``replace_deleted``), so
+        churn does not grow the index.
+        """
+        if rows.size == 0:
+            return
+        rows = rows.astype(np.int64)
+        with self._lock.write():
+            idx = self._index
+            self._ensure_rows(int(rows.max()))
+            known = self._in_index[rows]
+            n_new = int((~known).sum())
+            free = idx.get_max_elements() - idx.element_count + self._deleted_slots
+            if free < n_new:
+                idx.resize_index(int(max(idx.get_max_elements() * self.cfg.grow_factor,
+                                         idx.element_count + n_new + 16)))
+            if known.any():
+                idx.add_items(vectors[known], rows[known], num_threads=1)
+            if n_new:
+                idx.add_items(vectors[~known], rows[~known], num_threads=1, replace_deleted=True)
+                self._deleted_slots = max(0, self._deleted_slots - n_new)
+                self._in_index[rows[~known]] = True
+                self._live_count += n_new
+
+    def delete(self, rows: np.ndarray) -> None:
+        with self._lock.write():
+            for row in rows.astype(np.int64):
+                if row < self._in_index.size and self._in_index[row]:
+                    self._index.mark_deleted(int(row))
+                    self._in_index[row] = False
+                    self._deleted_slots += 1
+                    self._live_count -= 1

@@ -1,0 +1,260 @@
+"""Candidate sources and their merge (stage 1 of the funnel).
+
+Sources, each returning rows ranked best-first with a score:
+
+- ``ann``: HNSW nearest neighbours of the user embedding (over-fetched so that
+  filters never starve it; an allowed-categories filter that leaves few items
+  is answered exactly over those categories instead).
+- ``cooccurrence``: neighbours of the user's recent items, recency-weighted.
+- ``popular``: the maintained top list of decayed popularity.
+- ``fresh``: items created within the fresh window, newest first.
+
+The merge takes up to each source's share (from config) of *eligible* rows,
+lets unused share flow to the sources that have more, de-duplicates, and keeps
+for every row the bitmask of sources that proposed it and each source's score.
+When the catalog holds at least ``n_min`` eligible items, the result holds at
+least ``n_min`` rows (a popularity scan over the whole catalog is the last
+resort).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsvc.catalog import Catalog
+from recsvc.config import RetrievalConfig
+from recsvc.retrieval.ann import AnnIndex
+from recsvc.retrieval.candidates import SOURCE_BIT, SOURCE_NAMES, Candidates
+from recsvc.state.online import OnlineState
+
+DAY_MS = 86_400_000.0
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A request's filters, resolved to catalog codes."""
+
+    allowed_categories: np.ndarray | None  # bool[C] or None for "all"
+    blocked_categories: np.ndarray | None  # bool[C] or None
+    max_maturity: int
+    exclude_rows: np.ndarray  # int32, sorted
+
+    def eligible(self, catalog: Catalog, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``rows`` may be served."""
+        ok = catalog.alive[rows] & (catalog.maturity[rows] <= self.max_maturity)
+        cats = catalog.categories[rows]
+        if self.allowed_categories is not None:
+            ok &= self.allowed_categories[cats]
+        if self.blocked_categories is not None:
+            ok &= ~self.blocked_categories[cats]
+        excl = self.exclude_rows
+        if excl.size:
+            # exclude_rows is sorted: a binary search beats np.isin's setup cost
+            at = np.minimum(np.searchsorted(excl, rows), excl.size - 1)
+            ok &= excl[at] != rows
+        return ok
+
+
+class Retriever:
+    """Runs every source for one request and merges them into ``Candidates``."""
+
+    def __init__(self, catalog: Catalog, ann: AnnIndex, state: OnlineState, cfg: RetrievalConfig) -> None:
+        self.catalog = catalog
+        self.ann = ann
+        self.state = state
+        self.cfg = cfg
+        self._fresh_version = -1
+        self._fresh_rows = np.empty(0, np.int32)
+        self._fresh_created = np.empty(0, np.int64)
+        self._cat_version = -1
+        self._rows_by_category: list[np.ndarray] = []
+        self.catalog_changes = 0  # bumped by the engine on upsert/delete
+        total = sum(cfg.shares.values()) or 1
+        ann_k = cfg.n_candidates * cfg.shares.get("ann", 0) / total * cfg.overfetch
+        self.ann_ef = ann.tune_for(int(math.ceil(ann_k)))
+
+    # -- derived indexes, rebuilt lazily after catalog changes -----------------------
+    def _fresh_index(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._fresh_version != self.catalog_changes:
+            cat = self.catalog
+            rows = cat.alive_rows()
+            created = cat.created_at_ms[rows]
+            order = np.argsort(-created, kind="stable")
+            # newest first; the negated times ascend, ready for searchsorted
+            self._fresh_rows, self._fresh_created = rows[order], -created[order]
+            self._fresh_version = self.catalog_changes
+        return self._fresh_rows, self._fresh_created
+
+    def _category_rows(self) -> list[np.ndarray]:
+        if self._cat_version != self.catalog_changes:
+            cat = self.catalog
+            rows = cat.alive_rows()
+            codes = cat.categories[rows]
+            order = np.argsort(codes, kind="stable")
+            bounds = np.searchsorted(codes[order], np.arange(cat.n_categories + 1))
+            self._rows_by_category = [rows[order[bounds[c]:bounds[c + 1]]] for c in range(cat.n_categories)]
+            self._cat_version = self.catalog_changes
+        return self._rows_by_category
+
+    # -- sources -----------------------------------------------------------------
+    def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+        if want <= 0:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        if flt.allowed_categories is not None:
+            by_cat = self._category_rows()
+            codes = np.flatnonzero(flt.allowed_categories[: len(by_cat)])
+            pool = sum(by_cat[c].size for c in codes)
+            if pool <= max(20 * want, 20_000):
+                # Few allowed items: exact scores over them beat a starved ANN.
+                rows = np.concatenate([by_cat[c] for c in codes]) if codes.size else _EMPTY_ROWS
+                rows = rows[flt.eligible(self.catalog, rows)]
+                sims = self.catalog.embeddings[rows] @ user_vec
+                if rows.size > want:
+                    top = np.argpartition(-sims, want - 1)[:want]
+                    rows, sims = rows[top], sims[top]
+                order = np.argsort(-sims, kind="stable")
+                return rows[order], sims[order].astype(np.float32)
+        k = int(math.ceil(want * self.cfg.overfetch))
+        while True:
+            rows, sims = self.ann.query(user_vec, k)
+            keep = flt.eligible(self.catalog, rows)
+            if keep.sum() >= want or rows.size < k or k >= 8 * want:
+                return rows[keep], sims[keep]
+            k *= 2
+
+    def cooccurrence_source(self, recent_rows: list[int], weights: list[float], want: int,
+                            flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+        if want <= 0 or not recent_rows:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        rows, vals = self.state.cooccurrence_scores(recent_rows, weights)
+        if rows.size == 0:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        keep = flt.eligible(self.catalog, rows)
+        rows, vals = rows[keep], vals[keep]
+        order = np.argsort(-vals, kind="stable")[: max(want * 2, want)]
+        return rows[order], vals[order]
+
+    def popular_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.state.top_popular
+        if want <= 0 or rows.size == 0:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        rows = rows[flt.eligible(self.catalog, rows)]
+        scale = self.state.popularity_scale(now_ms)
+        return rows, np.log1p(self.state.popularity_acc[rows] * scale).astype(np.float32)
+
+    def fresh_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        if want <= 0:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        rows, neg_created = self._fresh_index()
+        window_ms = self.cfg.fresh_window_days * DAY_MS
+        # newest first: the fresh items are a prefix (after any created "in the future")
+        # (int64 keys: a float key would make numpy convert the whole array)
+        n_fresh = int(np.searchsorted(neg_created, np.int64(-(now_ms - int(window_ms))), side="right"))
+        n_future = int(np.searchsorted(neg_created, np.int64(-now_ms), side="left"))
+        rows, neg_created = rows[n_future:n_fresh], neg_created[n_future:n_fresh]
+        out_rows, out_scores, start, have = [], [], 0, 0
+        need = want * 2
+        while start < rows.size and have < need:
+            sl = slice(start, start + max(need * 2, 256))
+            keep = flt.eligible(self.catalog, rows[sl])
+            out_rows.append(rows[sl][keep])
+            have += out_rows[-1].size
+            age_days = (now_ms + neg_created[sl][keep]) / DAY_MS
+            out_scores.append((1.0 - age_days / self.cfg.fresh_window_days).astype(np.float32))
+            start = sl.stop
+        if not out_rows:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        return np.concatenate(out_rows), np.concatenate(out_scores)
+
+    # -- the merge ------------------------------------------------------------------
+    def candidates(
+        self,
+        user_vec: np.ndarray | None,
+        recent_rows: list[int],
+        recent_weights: list[float],
+        flt: RowFilter,
+        now_ms: int,
+        n_min: int,
+        shares: dict[str, int] | None = None,
+        n_candidates: int | None = None,
+    ) -> Candidates:
+        shares = dict(shares or self.cfg.shares)
+        total = n_candidates or self.cfg.n_candidates
+        total = max(total, n_min)
+        # Scale shares to the total; a source that cannot run (no user vector,
+        # no history) gives its share away in the merge.
+        share_sum = sum(shares.values()) or 1
+        want = {s: int(round(total * shares.get(s, 0) / share_sum)) for s in SOURCE_NAMES}
+        if user_vec is None:
+            want["ann"] = 0
+        if not recent_rows:
+            want["cooccurrence"] = 0
+        ranked: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            "ann": self.ann_source(user_vec, want["ann"], flt) if user_vec is not None else (_EMPTY_ROWS, _EMPTY_SCORES),
+            "cooccurrence": self.cooccurrence_source(recent_rows, recent_weights, want["cooccurrence"], flt),
+            "popular": self.popular_source(max(want["popular"], 1), flt, now_ms),
+            "fresh": self.fresh_source(max(want["fresh"], 1), flt, now_ms),
+        }
+        return self._merge(ranked, want, total, n_min, flt, now_ms)
+
+    def _merge(self, ranked, want, total, n_min, flt, now_ms) -> Candidates:
+        taken = {s: min(want[s], ranked[s][0].size) for s in SOURCE_NAMES}
+        # Unused share flows to sources that have more to give.
+        spare = total - sum(taken.values())
+        for s in ("ann", "cooccurrence", "popular", "fresh"):
+            if spare <= 0:
+                break
+            extra = min(spare, ranked[s][0].size - taken[s])
+            if extra > 0:
+                taken[s] += extra
+                spare -= extra
+        parts_rows, parts_src, parts_score = [], [], []
+        for i, s in enumerate(SOURCE_NAMES):
+            rows, scores = ranked[s]
+            k = taken[s]
+            if k:
+                parts_rows.append(rows[:k])
+                parts_src.append(np.full(k, i, np.int8))
+                parts_score.append(scores[:k])
+        if parts_rows:
+            all_rows = np.concatenate(parts_rows)
+            all_src = np.concatenate(parts_src)
+            all_score = np.concatenate(parts_score).astype(np.float32)
+        else:
+            all_rows, all_src, all_score = _EMPTY_ROWS, np.empty(0, np.int8), _EMPTY_SCORES
+        uniq, inverse = np.unique(all_rows, return_inverse=True)
+        if uniq.size < n_min:
+            extra = self._fallback(uniq, n_min - uniq.size, flt, now_ms)
+            if extra.size:
+                all_rows = np.concatenate([all_rows, extra])
+                all_src = np.concatenate([all_src, np.full(extra.size, SOURCE_NAMES.index("popular"), np.int8)])
+                scale = self.state.popularity_scale(now_ms)
+                all_score = np.concatenate(
+                    [all_score, np.log1p(self.state.popularity_acc[extra] * scale).astype(np.float32)])
+                uniq, inverse = np.unique(all_rows, return_inverse=True)
+        sources = np.zeros(uniq.size, np.uint8)
+        np.bitwise_or.at(sources, inverse, (1 << all_src.astype(np.uint8)).astype(np.uint8))
+        scores = np.zeros((uniq.size, len(SOURCE_NAMES)), np.float32)
+        np.maximum.at(scores, (inverse, all_src.astype(np.intp)), all_score)
+        # Keep the first-proposed order stable-ish: best source score first.
+        return Candidates(uniq.astype(np.int32), sources, scores)
+
+    def _fallback(self, have: np.ndarray, need: int, flt: RowFilter, now_ms: int) -> np.ndarray:
+        """Most popular eligible rows not yet proposed: a whole-catalog scan."""
+        rows = self.catalog.alive_rows()
+        rows = rows[flt.eligible(self.catalog, rows)]
+        rows = np.setdiff1d(rows, have, assume_unique=True)
+        if rows.size <= need:
+            return rows
+        pop = self.state.popularity_acc[rows] + self.catalog.base_popularity[rows] * 1e-9
+        top = np.argpartition(-pop, need - 1)[:need]
+        return rows[top]
+
+
+_EMPTY_ROWS = np.empty(0, np.int32)
+_EMPTY_SCORES = np.empty(0, np.float32)
+
+SOURCE_BITS = SOURCE_BIT  # re-export for callers that build masks

@@ -1,0 +1,125 @@
+"""The server process: listen, report health, expose reflection, stop gracefully."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsvc.config import Config
+from recsvc.server.interceptors import ErrorMappingInterceptor
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+log = logging.getLogger("recsvc.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "recsvc.v1.Recommender"
+
+
+def add_to_server(server: grpc.Server, engine) -> None:
+    """Mount the Recommender service for ``engine`` on an existing server.
+
+    Add ``ErrorMappingInterceptor()`` to the server's interceptors so domain
+    errors become status codes (INVALID_ARGUMENT, NOT_FOUND, ...).
+    """
+    from recsvc.server.servicer import RecommenderServicer
+
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(engine), server)
+
+
+def build_server(cfg: Config) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server with health (NOT_SERVING until the engine is mounted) and reflection."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="recsvc"),
+        interceptors=[ErrorMappingInterceptor()],
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    if port == 0:
+        raise OSError(f"could not listen on {cfg.server.host}:{cfg.server.port}")
+    return server, port, health_servicer
+
+
+_RPCS = ("Recommend", "Feedback", "UpsertItems", "DeleteItems", "GetExperimentReport", "ReloadRanker")
+
+
+class _Switch(pb_grpc.RecommenderServicer):
+    """Answers UNAVAILABLE while the engine loads, then delegates to it.
+
+    grpc binds handler methods at registration, so each method forwards at
+    call time to whatever ``target`` is then.
+    """
+
+    def __init__(self) -> None:
+        self.target: pb_grpc.RecommenderServicer | None = None
+
+
+def _forward(name: str):
+    def method(self, request, context):
+        target = self.target
+        if target is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "recsvc is loading its catalog; retry shortly")
+        return getattr(target, name)(request, context)
+
+    method.__name__ = name
+    return method
+
+
+for _name in _RPCS:
+    setattr(_Switch, _name, _forward(_name))
+
+
+def serve(
+    cfg: Config,
+    engine_factory: Callable[[Config], object] | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop_event``): listen first, load, then serve.
+
+    SIGHUP reloads the ranker weights.
+    """
+    from recsvc.engine import Engine
+    from recsvc.server.servicer import RecommenderServicer
+
+    server, port, health_servicer = build_server(cfg)
+    switch = _Switch()
+    pb_grpc.add_RecommenderServicer_to_server(switch, server)
+    server.start()
+    log.info("listening on %s:%d (loading)", cfg.server.host, port)
+    print(f"recsvc listening on {cfg.server.host}:{port}", flush=True)
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    engine = (engine_factory or (lambda c: Engine.from_config(c, progress=True)))(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda *_: engine.reload_ranker())
+    switch.target = RecommenderServicer(engine)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving")
+    print("recsvc serving", flush=True)
+    if on_ready:
+        on_ready(port)
+    try:
+        stop.wait()
+    finally:
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.stop(grace=cfg.server.grace_period_s).wait()
+        engine.close()
+        print("recsvc stopped", flush=True)

@@ -1,0 +1,258 @@
+"""Durable storage of the online state: an append-only event log plus snapshots.
+
+``StateStore`` is the interface the engine writes through; ``LocalStateStore``
+keeps files under a directory (the embedded default) and ``MemoryStateStore``
+keeps nothing (tests, throw-away runs). A shared store for many replicas
+(e.g. a log in Kafka and snapshots in object storage) is another implementation
+of the same four methods.
+
+Log format: segments ``log-<first lsn>.jsonl``; one record per line::
+
+    <crc32 of the JSON, 8 hex digits> <JSON object with "lsn" and "t">\n
+
+A record is durable once ``append(..., durable=True)`` returns (write + fsync
+when ``fsync = "batch"``). Replay stops at the first torn or corrupt line
+(a crash mid-write) and truncates it, so what was acknowledged is what replays.
+
+Snapshots: ``snapshots/snap-<lsn>/`` holds whatever the state serialises plus a
+``DONE`` marker written last; the newest complete one wins, older ones and log
+segments it covers are deleted after it is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+Record = dict[str, Any]
+
+
+class StateStore(Protocol):
+    def append(self, records: list[Record], durable: bool) -> int:
+        """Append records (assigning lsns); return the last lsn. Durable when asked."""
+
+    def replay(self, after_lsn: int) -> Iterator[Record]:
+        """Records with lsn > after_lsn, in order."""
+
+    def write_snapshot(self, lsn: int, write: Callable[[Path], None]) -> None:
+        """Persist a snapshot covering every record up to ``lsn``."""
+
+    def latest_snapshot(self) -> tuple[int, Path | None]:
+        """(lsn, directory) of the newest complete snapshot, or (0, None)."""
+
+    def close(self) -> None: ...
+
+
+class MemoryStateStore:
+    """No durability: records are counted and dropped."""
+
+    def __init__(self) -> None:
+        self.lsn = 0
+        self._lock = threading.Lock()
+
+    def append(self, records: list[Record], durable: bool) -> int:
+        with self._lock:
+            for rec in records:
+                self.lsn += 1
+                rec["lsn"] = self.lsn
+            return self.lsn
+
+    def replay(self, after_lsn: int) -> Iterator[Record]:
+        return iter(())
+
+    def write_snapshot(self, lsn: int, write: Callable[[Path], None]) -> None:
+        return None
+
+    def latest_snapshot(self) -> tuple[int, Path | None]:
+        return 0, None
+
+    def close(self) -> None:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(rec: Record) -> bytes:
+    body = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+def decode_line(line: bytes) -> Record | None:
+    """The record on a line, or None when the line is torn or corrupt."""
+    if not line.endswith(b"\n") or len(line) < 11 or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class LocalStateStore:
+    """Files under one directory: ``log-*.jsonl`` segments and ``snapshots/``."""
+
+    def __init__(self, directory: str | Path, fsync: bool = True) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "snapshots").mkdir(exist_ok=True)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._dirty = False
+        self.lsn = self._recover()
+        self._open_segment(self.lsn + 1)
+
+    # -- log ---------------------------------------------------------------------
+    def _segments(self) -> list[tuple[int, Path]]:
+        segs = []
+        for p in self.dir.glob("log-*.jsonl"):
+            try:
+                segs.append((int(p.stem.split("-", 1)[1]), p))
+            except ValueError:
+                continue
+        return sorted(segs)
+
+    def _recover(self) -> int:
+        """Find the last good lsn, truncating a torn tail of the last segment."""
+        snap_lsn, _ = self.latest_snapshot()
+        last = snap_lsn
+        for _, path in self._segments():
+            good_bytes = 0
+            with path.open("rb") as fh:
+                for line in fh:
+                    rec = decode_line(line)
+                    if rec is None:
+                        break
+                    good_bytes += len(line)
+                    last = max(last, int(rec["lsn"]))
+            if good_bytes < path.stat().st_size:
+                with path.open("r+b") as fh:
+                    fh.truncate(good_bytes)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        return last
+
+    def _open_segment(self, first_lsn: int) -> None:
+        path = self.dir / f"log-{first_lsn:012d}.jsonl"
+        self._fh = open(path, "ab", buffering=0)
+        self._segment_first = first_lsn
+        _fsync_dir(self.dir)
+
+    def append(self, records: list[Record], durable: bool) -> int:
+        with self._lock:
+            chunks = []
+            for rec in records:
+                self.lsn += 1
+                rec["lsn"] = self.lsn
+                chunks.append(encode_record(rec))
+            # One write() per call: the kernel has the bytes when it returns,
+            # so they survive a killed process even before fsync.
+            self._fh.write(b"".join(chunks))
+            if durable and self.fsync:
+                os.fdatasync(self._fh.fileno())
+                self._dirty = False
+            else:
+                self._dirty = True
+            return self.lsn
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._dirty:
+                os.fdatasync(self._fh.fileno())
+                self._dirty = False
+
+    def replay(self, after_lsn: int) -> Iterator[Record]:
+        for _, path in self._segments():
+            with path.open("rb") as fh:
+                for line in fh:
+                    rec = decode_line(line)
+                    if rec is None:
+                        break
+                    if int(rec["lsn"]) > after_lsn:
+                        yield rec
+
+    # -- snapshots -----------------------------------------------------------------
+    def latest_snapshot(self) -> tuple[int, Path | None]:
+        best: tuple[int, Path | None] = (0, None)
+        for p in (self.dir / "snapshots").glob("snap-*"):
+            if not (p / "DONE").exists():
+                continue
+            try:
+                lsn = int(p.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if lsn >= best[0]:
+                best = (lsn, p)
+        return best
+
+    def write_snapshot(self, lsn: int, write: Callable[[Path], None]) -> None:
+        """Write a snapshot for ``lsn``; then drop what it makes redundant.
+
+        The caller guarantees that no record with lsn <= ``lsn`` is still being
+        applied (it holds the ingest lock while serialising).
+        """
+        snaps = self.dir / "snapshots"
+        final = snaps / f"snap-{lsn:012d}"
+        tmp = snaps / f".tmp-snap-{lsn:012d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        for p in sorted(tmp.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir():
+                _fsync_dir(p)
+            else:
+                with p.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        done = tmp / "DONE"
+        done.write_text(json.dumps({"lsn": lsn}))
+        with done.open("rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(snaps)
+        # Rotate the log so whole segments become redundant, then prune.
+        with self._lock:
+            self._fh.close()
+            self._open_segment(self.lsn + 1)
+        for first, path in self._segments():
+            if path.name == self._fh.name.rsplit("/", 1)[-1]:
+                continue
+            last_in_segment = self._last_lsn_of(path)
+            if last_in_segment is not None and last_in_segment <= lsn:
+                path.unlink()
+            elif last_in_segment is None and first <= lsn:
+                path.unlink()
+        for p in snaps.glob("snap-*"):
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+        _fsync_dir(self.dir)
+
+    @staticmethod
+    def _last_lsn_of(path: Path) -> int | None:
+        last = None
+        with path.open("rb") as fh:
+            for line in fh:
+                rec = decode_line(line)
+                if rec is None:
+                    break
+                last = int(rec["lsn"])
+        return last
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dirty:
+                os.fdatasync(self._fh.fileno())
+            self._fh.close()

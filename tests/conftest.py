@@ -1,0 +1,79 @@
+"""Shared fixtures: small deterministic catalogs, configs, engines and a live server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.catalog import demo_catalog
+from recsvc.config import Config, DemoCatalogConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NOW_MS = 1_795_910_400_000  # the demo catalog's anchor, 2026-11-29
+
+
+class FakeClock:
+    """Injected time: tests move it explicitly."""
+
+    def __init__(self, now_ms: int = NOW_MS) -> None:
+        self.now_ms = now_ms
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+    def advance(self, ms: int) -> None:
+        self.now_ms += ms
+
+
+def small_config(tmp_path: Path, **overrides) -> Config:
+    base = {
+        "catalog": {"cache_dir": str(tmp_path / "cache"),
+                    "demo": {"n_items": 3000, "dim": 16, "n_categories": 20, "n_topics": 6, "seed": 7}},
+        "state": {"dir": str(tmp_path / "state")},
+        "retrieval": {"n_candidates": 300, "shares": {"ann": 180, "cooccurrence": 60, "popular": 30, "fresh": 30}},
+        "exploration": {"seed": 1234},
+        "index": {"ef_construction": 100},
+    }
+    cfg = Config()
+    return cfg.with_overrides(_merge(base, overrides))
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    return small_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def small_catalog():
+    return demo_catalog(DemoCatalogConfig(n_items=3000, dim=16, n_categories=20, n_topics=6, seed=7))
+
+
+@pytest.fixture
+def engine(cfg, clock):
+    from recsvc.engine import Engine
+
+    eng = Engine.from_config(cfg, clock=clock)
+    yield eng
+    eng.close(snapshot=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,66 @@
+import pytest
+
+from recsvc.config import Config, ConfigError, defaults_as_toml, load_config
+
+
+def test_defaults_are_documented_and_valid():
+    cfg = Config()
+    assert cfg.recommend.default_n == 10
+    assert cfg.retrieval.shares == {"ann": 600, "cooccurrence": 200, "popular": 100, "fresh": 100}
+    text = defaults_as_toml()
+    for section in ("[server]", "[catalog]", "[catalog.demo]", "[retrieval]", "[exploration]", "[state]"):
+        assert section in text
+    # every field carries a description
+    for section in Config.model_fields.values():
+        model = section.annotation
+        for name, field in model.model_fields.items():
+            if not hasattr(field.annotation, "model_fields"):
+                assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_defaults_toml_round_trips(tmp_path):
+    text = defaults_as_toml()
+    # unset optionals are written commented out, so the file loads as the defaults
+    p = tmp_path / "d.toml"
+    p.write_text(text)
+    assert load_config(p) == Config()
+
+
+def test_file_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[server]\nport = 6000\n[retrieval.shares]\nann = 10\npopular = 5\n')
+    cfg = load_config(p)
+    assert cfg.server.port == 6000
+    assert cfg.retrieval.shares == {"ann": 10, "popular": 5}
+    assert cfg.server.host == "127.0.0.1"
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[server]\nprot = 1\n")
+    with pytest.raises(ConfigError, match=r"server\.prot: unknown key"):
+        load_config(p)
+
+
+def test_bad_value_names_the_key(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[exploration]\npolicy = "random"\n')
+    with pytest.raises(ConfigError, match=r"exploration\.policy"):
+        load_config(p)
+    p.write_text("[retrieval.shares]\nann = -1\n")
+    with pytest.raises(ConfigError, match=r"retrieval\.shares\.ann"):
+        load_config(p)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    p = tmp_path / "bad.toml"
+    p.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+
+
+def test_cross_field_check():
+    with pytest.raises(ConfigError, match="default_n"):
+        Config().with_overrides({"recommend": {"default_n": 50, "max_n": 20}})

@@ -1,0 +1,133 @@
+"""Candidate generation: sources, merge, shares, filters, and ANN recall."""
+
+import numpy as np
+import pytest
+
+from recsvc.catalog import DAY_MS
+from recsvc.config import Config, IndexConfig
+from recsvc.engine import FeedbackEventIn, RecommendQuery, load_catalog_and_index
+from recsvc.retrieval.candidates import SOURCE_NAMES
+from recsvc.retrieval.sources import RowFilter
+
+
+def no_filter(engine, **kw):
+    return engine._row_filter(RecommendQuery(user_id="t", **kw), [], engine.cfg)
+
+
+def test_merge_dedupes_and_records_every_source(engine, clock):
+    cat = engine.catalog
+    user = cat.embeddings[3]
+    c = engine.retriever.candidates(user, [], [], no_filter(engine), clock(), n_min=10)
+    assert len(c) >= 250
+    assert np.unique(c.rows).size == len(c)  # no duplicates
+    # a row proposed by two sources carries both bits and both scores
+    multi = np.flatnonzero(np.unpackbits(c.sources[:, None], axis=1).sum(axis=1) > 1)
+    assert multi.size > 0
+    for i in multi[:20]:
+        names = c.source_names(i)
+        for s, name in enumerate(SOURCE_NAMES):
+            assert (c.source_scores[i, s] != 0) == (name in names) or c.source_scores[i, s] == 0
+
+
+def test_shares_are_respected(engine, clock):
+    cat = engine.catalog
+    c = engine.retriever.candidates(cat.embeddings[3], [], [], no_filter(engine), clock(), n_min=10,
+                                    shares={"ann": 100, "popular": 100, "fresh": 100, "cooccurrence": 0},
+                                    n_candidates=300)
+    counts = {name: int(((c.sources >> s) & 1).sum()) for s, name in enumerate(SOURCE_NAMES)}
+    assert counts["ann"] >= 100 and counts["popular"] >= 100 and counts["fresh"] >= 90
+    assert counts["cooccurrence"] == 0
+
+
+def test_unused_share_flows_to_other_sources(engine, clock):
+    # no embedding, no history: ann and co-occurrence cannot run
+    c = engine.retriever.candidates(None, [], [], no_filter(engine), clock(), n_min=10)
+    assert len(c) >= engine.cfg.retrieval.n_candidates * 0.9
+    assert not (c.sources & 0b011).any()
+
+
+def test_popular_list_is_maintained_incrementally(engine, clock):
+    cat = engine.catalog
+    tail = int(np.argmin(engine.state.popularity_acc[: cat.n_rows]))
+    item = cat.item_ids[tail]
+    assert tail not in engine.state.top_popular[:10]
+    pop = engine.state.popularity_acc[: cat.n_rows]
+    tenth = np.sort(pop)[::-1][9]
+    clicks = int(tenth / 2 ** ((clock() - engine.state.pop_t0_ms) / engine.state.half_life_ms)) + 5
+    for start in range(0, clicks, 1000):
+        engine.feedback([FeedbackEventIn(f"p{i}", f"u{i}", item, "click")
+                         for i in range(start, min(clicks, start + 1000))])
+    top = engine.state.top_popular
+    assert tail in top[:10]
+    # the maintained list equals a from-scratch sort of the whole catalog
+    exact = np.argsort(-engine.state.popularity_acc[: cat.n_rows], kind="stable")[: top.size]
+    np.testing.assert_array_equal(np.sort(top[:100]), np.sort(exact[:100]))
+
+
+def test_popularity_decays_with_half_life(engine, clock):
+    row = 5
+    before = engine.state.popularity(clock())[row]
+    clock.advance(int(engine.cfg.retrieval.popularity_half_life_days * DAY_MS))
+    after = engine.state.popularity(clock())[row]
+    assert after == pytest.approx(before / 2, rel=1e-9)
+
+
+def test_fresh_source_only_returns_items_in_window(engine, clock):
+    flt = no_filter(engine)
+    rows, scores = engine.retriever.fresh_source(50, flt, clock())
+    age = (clock() - engine.catalog.created_at_ms[rows]) / DAY_MS
+    assert rows.size >= 50 and (age <= engine.cfg.retrieval.fresh_window_days).all() and (age >= 0).all()
+    assert np.all(np.diff(engine.catalog.created_at_ms[rows]) <= 0)  # newest first
+
+
+def test_restrictive_filter_does_not_starve_ann(engine, clock):
+    cat = engine.catalog
+    # the smallest category, with a user vector pointing elsewhere
+    sizes = np.bincount(cat.categories[: cat.n_rows])
+    smallest = cat.category_names[int(np.argmin(sizes))]
+    flt = engine._row_filter(RecommendQuery(user_id="t", allowed_categories=[smallest]), [], engine.cfg)
+    rows, sims = engine.retriever.ann_source(cat.embeddings[0], 20, flt)
+    assert rows.size == min(20, int(sizes.min()))
+    assert all(cat.category_names[cat.categories[r]] == smallest for r in rows)
+    assert np.all(np.diff(sims) <= 1e-6)
+
+
+def test_n_items_whenever_the_catalog_holds_them(engine, clock):
+    cat = engine.catalog
+    name = cat.category_names[3]
+    eligible = int(((cat.categories[: cat.n_rows] == 3) & (cat.maturity[: cat.n_rows] <= 18)).sum())
+    rec = engine.recommend(RecommendQuery(user_id="z", n=min(eligible, 400), allowed_categories=[name]))
+    assert len(rec.items) == min(eligible, 400)
+    rec = engine.recommend(RecommendQuery(user_id="z", n=eligible + 50, allowed_categories=[name]))
+    assert len(rec.items) == eligible  # all there is
+
+
+@pytest.mark.slow
+def test_ann_recall_on_the_100k_demo_catalog():
+    """recall@k of the ANN source vs exact brute force, default settings, 100k x 64."""
+    cfg = Config()
+    from recsvc.retrieval.sources import Retriever
+    from recsvc.state.online import OnlineState
+
+    catalog, ann = load_catalog_and_index(cfg)  # cached under ~/.cache/recsvc after the first build
+    Retriever(catalog, ann, OnlineState(cfg, catalog.capacity), cfg.retrieval)  # sets ef as serving does
+    emb = catalog.embeddings[: catalog.n_rows]
+    cats = catalog.categories[: catalog.n_rows]
+    rng = np.random.default_rng(11)
+    # Realistic user vectors: the mean of 8 items a user liked, from one or two
+    # categories (benchmarks/README.md also reports incoherent and uniform queries).
+    queries = []
+    for _ in range(30):
+        liked_cats = rng.choice(catalog.n_categories, size=rng.integers(1, 3), replace=False)
+        pool = np.flatnonzero(np.isin(cats, liked_cats))
+        q = emb[rng.choice(pool, size=8, replace=False)].mean(axis=0)
+        queries.append(q / np.linalg.norm(q))
+    k = int(np.ceil(cfg.retrieval.shares["ann"] * cfg.retrieval.overfetch))
+    recalls = {500: [], k: []}
+    for q in queries:
+        rows, _ = ann.query(q.astype(np.float32), k)
+        exact = np.argsort(-(emb @ q))[:k]
+        for kk in recalls:
+            recalls[kk].append(np.intersect1d(rows[:kk], exact[:kk]).size / kk)
+    assert np.mean(recalls[500]) >= 0.95, recalls
+    assert np.mean(recalls[k]) >= 0.95

@@ -1,0 +1,232 @@
+"""Beta / Thompson-sampling kernels: statistics, seeding, parity with the numpy twins,
+and the validation done by their public wrappers in recsvc.exploration."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from recsvc import exploration
+from recsvc._fastpath import _sampling
+from recsvc._fastpath.twins import sampling as twin
+
+IMPLS = pytest.mark.parametrize("impl", [_sampling, twin], ids=["compiled", "twin"])
+
+
+def posterior_like(m, seed=0):
+    """alpha/beta shaped like real bandit state: prior (1, 20) plus counts."""
+    rs = np.random.default_rng(seed)
+    shows = rs.integers(0, 400, m)
+    clicks = rs.binomial(shows, rs.uniform(0.01, 0.2, m))
+    return 1.0 + clicks, 20.0 + shows - clicks
+
+
+# --------------------------------------------------------------------------
+# Statistics
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (0.5, 0.5),  # both <= 1: Johnk's algorithm
+        (0.2, 3.0),  # shape < 1 gamma branch
+        (1.0, 1.0),  # uniform
+        (1.0, 20.0),  # the service's prior
+        (2.0, 5.0),
+        (50.0, 500.0),
+        (1e4, 3e4),  # large counts
+    ],
+)
+def test_beta_moments_match_theory(a, b):
+    n = 20_000
+    draws = exploration.sample_beta_batch(np.full(n, a), np.full(n, b), np.random.default_rng(1234))
+    mean, var, _, kurt = (float(x) for x in stats.beta.stats(a, b, moments="mvsk"))
+    # 5 standard errors: mean ~ N(mean, var/n); var(s^2) ~ var^2 (2/(n-1) + kurt/n).
+    assert abs(draws.mean() - mean) < 5 * math.sqrt(var / n)
+    assert abs(draws.var(ddof=1) - var) < 5 * var * math.sqrt(2 / (n - 1) + kurt / n)
+    assert draws.min() >= 0.0 and draws.max() <= 1.0
+
+
+def test_same_seed_gives_same_draws_and_the_stream_advances():
+    a, b = posterior_like(1000)
+    first = exploration.sample_beta_batch(a, b, np.random.default_rng(42))
+    again = exploration.sample_beta_batch(a, b, np.random.default_rng(42))
+    np.testing.assert_array_equal(first, again)
+    rng = np.random.default_rng(42)
+    exploration.sample_beta_batch(a, b, rng)
+    assert not np.array_equal(exploration.sample_beta_batch(a, b, rng), first)
+
+
+def test_draws_are_bit_identical_to_numpy_generator_beta():
+    rs = np.random.default_rng(3)
+    a = rs.uniform(0.05, 60.0, 2000)  # mixes every branch of numpy's random_beta
+    b = rs.uniform(0.05, 600.0, 2000)
+    ours = exploration.sample_beta_batch(a, b, np.random.default_rng(9))
+    np.testing.assert_array_equal(ours, np.random.default_rng(9).beta(a, b))
+    scalar = np.random.default_rng(9)
+    np.testing.assert_array_equal(ours[:200], [scalar.beta(x, y) for x, y in zip(a[:200], b[:200])])
+
+
+def test_kernel_leaves_generator_where_numpy_would():
+    a, b = posterior_like(300)
+    ours, ref = np.random.default_rng(5), np.random.default_rng(5)
+    exploration.sample_beta_batch(a, b, ours)
+    ref.beta(a, b)
+    assert ours.random() == ref.random()
+
+
+# --------------------------------------------------------------------------
+# Parity with the twins
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_thompson_scores_parity(weighted):
+    a, b = posterior_like(100)
+    w = np.random.default_rng(1).uniform(0, 1, 100) if weighted else None
+    got, want = np.empty(100), np.empty(100)
+    _sampling.thompson_scores(np.random.default_rng(8), a, b, w, got)
+    twin.thompson_scores(np.random.default_rng(8), a, b, w, want)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sample_beta_batch_parity():
+    a, b = posterior_like(500)
+    got, want = np.empty(500), np.empty(500)
+    _sampling.sample_beta_batch(np.random.default_rng(8), a, b, got)
+    twin.sample_beta_batch(np.random.default_rng(8), a, b, want)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 20, 99, 100, 150])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_thompson_topk_propensities_parity(k, weighted):
+    m = 100
+    a, b = posterior_like(m, seed=k)
+    w = np.exp(-np.random.default_rng(2).uniform(0, 2, m)) if weighted else None
+    got, want = np.empty(m), np.empty(m)
+    _sampling.thompson_topk_propensities(np.random.default_rng(11), a, b, w, k, 64, got)
+    twin.thompson_topk_propensities(np.random.default_rng(11), a, b, w, k, 64, want)
+    np.testing.assert_array_equal(got, want)
+    assert got.sum() == pytest.approx(min(k, m))
+    assert got.min() >= 0.0 and got.max() <= 1.0
+
+
+@IMPLS
+def test_one_propensity_round_is_the_top_k_of_one_thompson_round(impl):
+    # Ties included: zero weights make many scores exactly 0, broken to the lower index.
+    m, k = 40, 12
+    a, b = posterior_like(m)
+    w = np.where(np.arange(m) % 3 == 0, 0.0, 1.0)
+    for seed in range(20):
+        scores = np.empty(m)
+        impl.thompson_scores(np.random.default_rng(seed), a, b, w, scores)
+        prop = np.empty(m)
+        impl.thompson_topk_propensities(np.random.default_rng(seed), a, b, w, k, 1, prop)
+        expected = np.zeros(m)
+        expected[exploration.top_k_indices(scores, k)] = 1.0
+        np.testing.assert_array_equal(prop, expected)
+
+
+@IMPLS
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf])
+def test_kernels_refuse_bad_parameters_instead_of_hanging(impl, bad):
+    a, b = posterior_like(5)
+    b[2] = bad
+    msg = r"Beta parameters must be positive and finite; got alpha\[2\]=.*, beta\[2\]="
+    out = np.empty(5)
+    with pytest.raises(ValueError, match=msg):
+        impl.sample_beta_batch(np.random.default_rng(0), a, b, out)
+    with pytest.raises(ValueError, match=msg):
+        impl.thompson_scores(np.random.default_rng(0), a, b, None, out)
+    for k in (0, 2, 5):  # also when k makes drawing unnecessary
+        with pytest.raises(ValueError, match=msg):
+            impl.thompson_topk_propensities(np.random.default_rng(0), a, b, None, k, 10, out)
+
+
+def test_kernel_rejects_a_non_generator():
+    out = np.empty(2)
+    with pytest.raises(TypeError, match="expected a numpy.random.Generator, got PCG64"):
+        _sampling.sample_beta_batch(np.random.PCG64(0), np.ones(2), np.ones(2), out)
+
+
+# --------------------------------------------------------------------------
+# Public wrappers: validation
+
+
+def test_sample_beta_batch_accepts_lists_and_fills_out():
+    out = np.empty(3)
+    res = exploration.sample_beta_batch([1, 2, 3], [4.0, 5.0, 6.0], np.random.default_rng(0), out=out)
+    assert res is out and res.dtype == np.float64
+    np.testing.assert_array_equal(out, np.random.default_rng(0).beta([1, 2, 3], [4, 5, 6]))
+
+
+def test_sample_beta_batch_empty():
+    assert exploration.sample_beta_batch([], [], np.random.default_rng(0)).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "alpha, beta, exc, msg",
+    [
+        (np.ones((2, 2)), np.ones((2, 2)), ValueError, r"alpha must be 1-D, got shape \(2, 2\)"),
+        (np.ones(3), np.ones(2), ValueError, r"beta has length 2, expected 3"),
+        ([1.0, -0.5], [1.0, 1.0], ValueError, r"alpha must be positive and finite, got alpha\[1\]=-0.5"),
+        ([1.0, 1.0], [np.nan, 1.0], ValueError, r"beta must be positive and finite, got beta\[0\]=nan"),
+        ([1.0, np.inf], [1.0, 1.0], ValueError, r"alpha must be positive and finite, got alpha\[1\]=inf"),
+        ([1.0, 0.0], [1.0, 1.0], ValueError, r"alpha\[1\]=0.0"),
+        (["a", "b"], [1.0, 1.0], TypeError, r"alpha must be a numeric array, got dtype <U1"),
+    ],
+)
+def test_sample_beta_batch_validation(alpha, beta, exc, msg):
+    with pytest.raises(exc, match=msg):
+        exploration.sample_beta_batch(alpha, beta, np.random.default_rng(0))
+
+
+def test_sample_beta_batch_rejects_legacy_random_state():
+    with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator .*got RandomState"):
+        exploration.sample_beta_batch([1.0], [1.0], np.random.RandomState(0))
+
+
+@pytest.mark.parametrize(
+    "out, msg",
+    [
+        (np.empty(3, dtype=np.float32), "out must be a 1-D float64 numpy array"),
+        (np.empty(4), "out has length 4, expected 3"),
+        (np.empty(6)[::2], "out must be C-contiguous and writeable"),
+        ([0.0, 0.0, 0.0], "out must be a 1-D float64 numpy array"),
+    ],
+)
+def test_sample_beta_batch_out_validation(out, msg):
+    with pytest.raises(ValueError, match=msg):
+        exploration.sample_beta_batch(np.ones(3), np.ones(3), np.random.default_rng(0), out=out)
+
+
+def test_thompson_topk_propensities_public_wrapper():
+    a, b = posterior_like(50)
+    p = exploration.thompson_topk_propensities(a, b, 7, np.random.default_rng(0), n_draws=200)
+    assert p.shape == (50,) and p.sum() == pytest.approx(7.0)
+    # posterior means order the propensities, roughly: the best mean is likelier than the worst
+    mean = a / (a + b)
+    assert p[np.argmax(mean)] > p[np.argmin(mean)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        ({"k": -1}, ValueError, "k must be >= 0, got -1"),
+        ({"k": 2.5}, TypeError, "k must be an integer, got float"),
+        ({"n_draws": 0}, ValueError, "n_draws must be >= 1, got 0"),
+        ({"base_scores": [1.0, -1.0, 1.0]}, ValueError, r"base_scores must be >= 0 and finite, got base_scores\[1\]=-1.0"),
+        ({"base_scores": [1.0, 1.0]}, ValueError, "base_scores has length 2, expected 3"),
+    ],
+)
+def test_thompson_topk_propensities_validation(kwargs, exc, msg):
+    args = {"k": 1, "n_draws": 10} | kwargs
+    with pytest.raises(exc, match=msg):
+        exploration.thompson_topk_propensities(np.ones(3), np.ones(3), rng=np.random.default_rng(0), **args)
+
+
+def test_thompson_topk_propensities_refuses_out_aliasing_an_input():
+    a = np.ones(4)
+    with pytest.raises(ValueError, match="out must not share memory"):
+        exploration.thompson_topk_propensities(a, np.ones(4), 2, np.random.default_rng(0), out=a)

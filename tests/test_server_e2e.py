@@ -1,0 +1,149 @@
+"""The real server on an ephemeral port, called through the generated stubs."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+from conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from recsvc.server import serve
+
+    tmp = tmp_path_factory.mktemp("srv")
+    cfg = small_config(tmp, server={"port": 0})
+    stop = threading.Event()
+    ready: dict = {}
+    started = threading.Event()
+
+    def on_ready(port):
+        ready["port"] = port
+        started.set()
+
+    t = threading.Thread(target=serve, args=(cfg,), kwargs={"on_ready": on_ready, "stop_event": stop}, daemon=True)
+    t.start()
+    assert started.wait(120), "server did not become ready"
+    channel = grpc.insecure_channel(f"127.0.0.1:{ready['port']}")
+    yield channel
+    channel.close()
+    stop.set()
+    t.join(30)
+
+
+@pytest.fixture
+def stub(server):
+    return pb_grpc.RecommenderStub(server)
+
+
+def test_health_is_serving(server):
+    h = health_pb2_grpc.HealthStub(server)
+    assert h.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    assert h.Check(health_pb2.HealthCheckRequest(service="recsvc.v1.Recommender")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(server):
+    r = reflection_pb2_grpc.ServerReflectionStub(server)
+    responses = r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for resp in responses for s in resp.list_services_response.service}
+    assert "recsvc.v1.Recommender" in names and "grpc.health.v1.Health" in names
+
+
+def test_recommend_feedback_round_trip(stub):
+    resp = stub.Recommend(pb.RecommendRequest(user_id="alice", n=7, context={"device": "mobile"}), timeout=10)
+    assert len(resp.items) == 7 and resp.request_id
+    assert resp.timings.total_us > 0
+    assert [i.position for i in resp.items] == list(range(7))
+    assert all(0 < i.propensity <= 1 for i in resp.items)
+    it = resp.items[0]
+    fb = stub.Feedback(pb.FeedbackRequest(events=[
+        pb.FeedbackEvent(event_id="e1", request_id=resp.request_id, user_id="alice", item_id=it.item_id,
+                         type=pb.IMPRESSION, timestamp_ms=int(time.time() * 1000)),
+        pb.FeedbackEvent(event_id="e2", request_id=resp.request_id, user_id="alice", item_id=it.item_id,
+                         type=pb.CLICK),
+        pb.FeedbackEvent(event_id="e3", user_id="alice", item_id="ghost", type=pb.CLICK),
+    ]), timeout=10)
+    assert (fb.accepted, fb.duplicates) == (2, 0)
+    assert len(fb.rejected) == 1 and fb.rejected[0].index == 2 and "unknown item_id" in fb.rejected[0].reason
+    again = stub.Feedback(pb.FeedbackRequest(events=[
+        pb.FeedbackEvent(event_id="e2", request_id=resp.request_id, user_id="alice", item_id=it.item_id,
+                         type=pb.CLICK)]), timeout=10)
+    assert (again.accepted, again.duplicates) == (0, 1)
+
+
+def test_upsert_and_delete_items(stub):
+    v = np.random.default_rng(5).standard_normal(16).astype(np.float32)
+    up = stub.UpsertItems(pb.UpsertItemsRequest(items=[
+        pb.Item(item_id="live-1", embedding=v.tolist(), category="fresh-cat", attributes={"lang": "en"})]), timeout=10)
+    assert (up.inserted, up.updated) == (1, 0)
+    resp = stub.Recommend(pb.RecommendRequest(user_id="bob", n=5, user_embedding=v.tolist()), timeout=10)
+    assert "live-1" in [i.item_id for i in resp.items]
+    d = stub.DeleteItems(pb.DeleteItemsRequest(item_ids=["live-1", "never-was"]), timeout=10)
+    assert d.deleted == 1 and list(d.not_found) == ["never-was"]
+    resp = stub.Recommend(pb.RecommendRequest(user_id="bob", n=20, user_embedding=v.tolist()), timeout=10)
+    assert "live-1" not in [i.item_id for i in resp.items]
+
+
+@pytest.mark.parametrize("request_, fragment", [
+    (pb.RecommendRequest(user_id="", n=5), "user_id is required"),
+    (pb.RecommendRequest(user_id="u", n=-2), "n must be >= 0"),
+    (pb.RecommendRequest(user_id="u", user_embedding=[1.0, 2.0, 3.0]), "user_embedding has 3 values"),
+])
+def test_recommend_bad_input_is_invalid_argument(stub, request_, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(request_, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details()
+
+
+def test_feedback_unknown_event_type_is_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Feedback(pb.FeedbackRequest(events=[
+            pb.FeedbackEvent(event_id="t1", user_id="u", item_id="item-0001", type=pb.EVENT_TYPE_UNSPECIFIED)]),
+            timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown event type" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Feedback(pb.FeedbackRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_upsert_bad_dimension_is_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id="x", embedding=[1.0])]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dimension is 16" in err.value.details()
+
+
+def test_unknown_experiment_is_not_found(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetExperimentReport(pb.GetExperimentReportRequest(experiment="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_requests(stub):
+    errors = []
+
+    def worker(k):
+        try:
+            for j in range(10):
+                r = stub.Recommend(pb.RecommendRequest(user_id=f"c{k}-{j}", n=10), timeout=10)
+                assert len(r.items) == 10
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
