@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+
+# One thread-pool level: gRPC workers parallelise across requests, so BLAS
+# must not fan out inside one (set before numpy is first imported).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 import time
 import uuid
 from pathlib import Path

@@ -516,6 +516,7 @@ class Engine:
             bandit_beta=e.prior_beta + self.state.failures[rows],
             source_scores=cands.source_scores,
             context=dict(context),
+            sources=cands.sources,
         )
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Single-threaded BLAS, as the server runs (set before numpy is imported).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import socket
 import threading
 from pathlib import Path
