@@ -101,6 +101,40 @@ def decode_line(line: bytes) -> Record | None:
         return None
 
 
+def read_state_dir(directory: str | Path) -> tuple[int, Path | None, Iterator[Record]]:
+    """Read-only view of a state directory (safe while a server writes to it).
+
+    Returns (snapshot lsn, snapshot directory or None, records after it). Unlike
+    opening a ``LocalStateStore`` it creates and truncates nothing; a torn last
+    line simply ends the iteration.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no state directory at {d}")
+    best: tuple[int, Path | None] = (0, None)
+    for p in (d / "snapshots").glob("snap-*"):
+        if (p / "DONE").exists():
+            try:
+                lsn = int(p.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if lsn >= best[0]:
+                best = (lsn, p)
+    snap_lsn = best[0]
+
+    def records() -> Iterator[Record]:
+        for path in sorted(d.glob("log-*.jsonl")):
+            with path.open("rb") as fh:
+                for line in fh:
+                    rec = decode_line(line)
+                    if rec is None:
+                        break
+                    if int(rec["lsn"]) > snap_lsn:
+                        yield rec
+
+    return snap_lsn, best[1], records()
+
+
 class LocalStateStore:
     """Files under one directory: ``log-*.jsonl`` segments and ``snapshots/``."""
 
