@@ -147,3 +147,59 @@ def test_concurrent_requests(stub):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_health_is_not_serving_while_loading(tmp_path):
+    """Listen first, load second: NOT_SERVING and UNAVAILABLE until the engine is ready."""
+    from recsvc.engine import Engine
+    from recsvc.server import serve
+
+    cfg = small_config(tmp_path, server={"port": 0})
+    release, stop = threading.Event(), threading.Event()
+    ports: list[int] = []
+
+    def slow_factory(c):
+        release.wait(60)
+        return Engine.from_config(c)
+
+    import recsvc.server.app as app
+
+    real_build = app.build_server
+
+    def spy_build(c):
+        server, port, health_servicer = real_build(c)
+        ports.append(port)
+        return server, port, health_servicer
+
+    app.build_server = spy_build
+    try:
+        t = threading.Thread(target=serve, args=(cfg,), kwargs={"engine_factory": slow_factory, "stop_event": stop},
+                             daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not ports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
+        h = health_pb2_grpc.HealthStub(channel)
+        assert h.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id="u"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            status = h.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert len(pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id="u", n=3),
+                                                              timeout=10).items) == 3
+        channel.close()
+    finally:
+        app.build_server = real_build
+        release.set()
+        stop.set()
+        t.join(30)

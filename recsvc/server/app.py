@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.config import Config
+from recsvc.errors import Unavailable
 from recsvc.server.interceptors import ErrorMappingInterceptor
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -71,7 +72,7 @@ def _forward(name: str):
     def method(self, request, context):
         target = self.target
         if target is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "recsvc is loading its catalog; retry shortly")
+            raise Unavailable("recsvc is loading its catalog; retry shortly")
         return getattr(target, name)(request, context)
 
     method.__name__ = name

@@ -45,10 +45,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 return inner(request, context)
             except (InvalidArgument, NotFound, Unavailable, FailedPrecondition) as exc:
                 context.abort(status_for(exc), str(exc))
-            except Exception as exc:  # noqa: BLE001 - the last line of defence
-                # context.abort raises an Exception subclass of its own; let it through.
-                if type(exc).__name__ == "_AbortError" or isinstance(exc, grpc.RpcError):
-                    raise
+            except Exception:  # noqa: BLE001 - the last line of defence
+                # (handlers never call context.abort themselves: they raise domain errors)
                 log.exception("unhandled error in %s", method)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
