@@ -20,7 +20,12 @@ from recsvc import exploration
 from recsvc._fastpath import _sampling
 from recsvc._fastpath.twins import sampling as twin
 
-M, K, DRAWS = 100, 20, exploration.DEFAULT_PROPENSITY_DRAWS
+from recsvc.config import Config
+
+# The served configuration: Thompson over the ranker's top M with this many
+# Monte-Carlo rounds for the propensities of a 20-item slate.
+_E = Config().exploration
+M, K, DRAWS = _E.top_m, 20, _E.propensity_draws
 
 
 def posterior_like(n, seed=0):
@@ -102,10 +107,12 @@ def test_propensities_numpy_twin(benchmark, slate_state, rng):
 
 
 @pytest.mark.benchmark(group="thompson-propensities")
-def test_propensities_compiled_32_draws(benchmark, slate_state, rng):
-    a, b, w = slate_state
-    out = np.empty(M)
-    benchmark(_sampling.thompson_topk_propensities, rng, a, b, w, K, 32, out)
+def test_propensities_compiled_m100_256_draws(benchmark, rng):
+    """The more accurate setting (M=100, 256 rounds), for comparison."""
+    a, b, _ = posterior_like(100, seed=1)
+    w = np.exp(-np.random.default_rng(2).uniform(0.0, 2.0, 100))
+    out = np.empty(100)
+    benchmark(_sampling.thompson_topk_propensities, rng, a, b, w, K, 256, out)
 
 
 # --------------------------------------------------------------------------
@@ -117,5 +124,8 @@ def test_propensities_compiled_32_draws(benchmark, slate_state, rng):
 def test_policy_explore(benchmark, name, state_1000, rng):
     a, b, pulls = state_1000
     scores = np.random.default_rng(3).normal(size=a.shape[0]).astype(np.float32)
-    policy = exploration.make_policy(name)
+    params = {"thompson": {"top_m": M, "n_propensity_draws": DRAWS, "temperature": None},
+              "epsilon_greedy": {"epsilon": _E.epsilon, "top_m": M},
+              "ucb1": {"c": _E.ucb_c, "top_m": M, "temperature": None}}.get(name, {})
+    policy = exploration.make_policy(name, **params)
     benchmark(policy.explore, scores, a, b, pulls, float(pulls.sum()), K, rng)
