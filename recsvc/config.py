@@ -59,7 +59,7 @@ class IndexConfig(_Section):
     m: int = Field(16, ge=4, le=128, description="HNSW graph degree (M).")
     ef_construction: int = Field(200, ge=10, description="HNSW build-time beam width.")
     ef_search_factor: float = Field(
-        1.25, ge=1.0, description="ef at query time = max(ef_search_min, factor * k)."
+        1.0, ge=1.0, description="ef at query time = max(ef_search_min, factor * k) for the usual ANN fetch size k."
     )
     ef_search_min: int = Field(64, ge=1, description="Lower bound of ef at query time.")
     build_threads: int = Field(0, ge=0, description="Threads for index builds; 0 = all cores.")

@@ -138,10 +138,15 @@ class Retriever:
         return rows[order], vals[order]
 
     def popular_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.state.top_popular
-        if want <= 0 or rows.size == 0:
+        top = self.state.top_popular
+        if want <= 0 or top.size == 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        rows = rows[flt.eligible(self.catalog, rows)]
+        # Filter a prefix twice the share (the rest of the list only when the
+        # filters are strict): the list is sorted, so the prefix is the answer.
+        take = max(2 * want, 64)
+        rows = top[:take][flt.eligible(self.catalog, top[:take])]
+        if rows.size < want and top.size > take:
+            rows = top[flt.eligible(self.catalog, top)]
         scale = self.state.popularity_scale(now_ms)
         return rows, np.log1p(self.state.popularity_acc[rows] * scale).astype(np.float32)
 
@@ -188,10 +193,18 @@ class Retriever:
         # no history) gives its share away in the merge.
         share_sum = sum(shares.values()) or 1
         want = {s: int(round(total * shares.get(s, 0) / share_sum)) for s in SOURCE_NAMES}
+        lost = 0
         if user_vec is None:
-            want["ann"] = 0
+            lost, want["ann"] = lost + want["ann"], 0
         if not recent_rows:
-            want["cooccurrence"] = 0
+            lost, want["cooccurrence"] = lost + want["cooccurrence"], 0
+        if lost:
+            # popular and fresh always run: they take the share of the others,
+            # in proportion to their own shares
+            base = want["popular"] + want["fresh"]
+            extra_pop = lost // 2 if base == 0 else int(round(lost * want["popular"] / base))
+            want["popular"] += extra_pop
+            want["fresh"] += lost - extra_pop
         ranked: dict[str, tuple[np.ndarray, np.ndarray]] = {
             "ann": self.ann_source(user_vec, want["ann"], flt) if user_vec is not None else (_EMPTY_ROWS, _EMPTY_SCORES),
             "cooccurrence": self.cooccurrence_source(recent_rows, recent_weights, want["cooccurrence"], flt),
