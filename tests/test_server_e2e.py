@@ -33,6 +33,7 @@ def server(tmp_path_factory):
     t.start()
     assert started.wait(120), "server did not become ready"
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['port']}")
+    channel.recsvc_target = f"127.0.0.1:{ready['port']}"
     yield channel
     channel.close()
     stop.set()
@@ -203,3 +204,48 @@ def test_health_is_not_serving_while_loading(tmp_path):
         release.set()
         stop.set()
         t.join(30)
+
+
+def test_cli_clients_against_the_live_server(server, capsys):
+    from recsvc.cli import main
+
+    target = server.recsvc_target
+    assert main(["recommend", "carol", "-n", "3", "--target", target]) == 0
+    out = capsys.readouterr().out
+    assert "request_id" in out and out.count("item-") == 3
+    assert main(["recommend", "carol", "-n", "2", "--json", "--target", target]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    item = data["items"][0]["item_id"]
+    assert main(["feedback", "carol", item, "--type", "click", "--request-id", data["request_id"],
+                 "--target", target]) == 0
+    assert "accepted 1" in capsys.readouterr().out
+    assert main(["feedback", "carol", "no-such-item", "--target", target]) == 1
+    err = capsys.readouterr()
+    assert "INVALID_ARGUMENT" in err.err and "unknown item_id" in err.err
+
+
+def test_mount_on_your_own_server(tmp_path, clock):
+    """add_to_server: recsvc beside a team's own services on their own grpc.Server."""
+    from concurrent import futures
+
+    import recsvc.server
+    from recsvc.engine import Engine
+
+    engine = Engine.from_config(small_config(tmp_path), clock=clock)
+    own = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                      interceptors=[recsvc.server.ErrorMappingInterceptor()])
+    recsvc.server.add_to_server(own, engine)
+    port = own.add_insecure_port("127.0.0.1:0")
+    own.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            assert len(stub.Recommend(pb.RecommendRequest(user_id="m", n=4), timeout=10).items) == 4
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Recommend(pb.RecommendRequest(user_id=""), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        own.stop(0)
+        engine.close(snapshot=False)
