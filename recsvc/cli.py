@@ -140,6 +140,12 @@ def cmd_experiment_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ope(args: argparse.Namespace) -> int:
+    if args.state_dir is not None:
+        from recsvc.evaluation.service_log import evaluate_service_log
+
+        report = evaluate_service_log(args.state_dir, args.target_ranker, args.temperature)
+        print(json.dumps(report, indent=2, default=float))
+        return 0
     from recsvc.evaluation.datasets import format_obd_report, validate_on_obd
 
     report = validate_on_obd(Path(args.data))
@@ -210,9 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metric", default="ctr", choices=["ctr", "conversion_rate", "value_per_user"])
     r.set_defaults(fn=cmd_experiment_report)
 
-    s = sub.add_parser("ope", help="off-policy estimates (IPS, SNIPS, DR) on the Open Bandit sample")
-    s.add_argument("--data", default="../shared/data/obd-men", help="directory with random/ and bts/")
+    s = sub.add_parser("ope", help="off-policy estimates: the Open Bandit sample, or the service's own log")
+    s.add_argument("--data", default="../shared/data/obd-men",
+                   help="OBD directory with random/ and bts/ (validation: random policy's CTR from the bts log)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--state-dir", type=Path, help="evaluate on this service state directory's served log instead")
+    s.add_argument("--target-ranker", type=Path, help="with --state-dir: weights file of the policy to evaluate")
+    s.add_argument("--temperature", type=float, default=0.1, help="soft top-k temperature of the target")
     s.set_defaults(fn=cmd_ope)
     return p
 

@@ -430,56 +430,14 @@ def served_examples(state_dir: str | Path) -> TrainingExamples:
 
     Every served item that got an impression is one example: label 1 when a
     click or conversion on it came back for that slate, 0 otherwise
-    ("impressions without a click are negatives"); its features are the ones
-    logged when it was served, its propensity the one served with it. Reads
-    the newest snapshot and the log after it, without writing anything, so it
-    is safe while the server runs.
+    ("impressions without a click are negatives"), with the features logged
+    when it was served and the propensity served with it
+    (see :func:`recsvc.state.served_log.read_served_impressions`).
     """
-    import base64
-    import json
+    from recsvc.state.served_log import read_served_impressions
 
-    from recsvc.state.store import read_state_dir
-
-    _, snap_dir, records = read_state_dir(state_dir)
-    served: dict[str, dict[str, Any]] = {}
-    if snap_dir is not None and (snap_dir / "online.json").exists():
-        with (snap_dir / "online.json").open(encoding="utf-8") as fh:
-            for rec in json.load(fh).get("served", []):
-                served[rec["r"]] = rec
-    for rec in records:
-        if rec["t"] == "served":
-            served[rec["r"]] = dict(rec, o={})
-        elif rec["t"] == "fb":
-            for ev in rec["e"]:
-                slate = served.get(ev.get("req") or "")
-                if slate is None:
-                    continue
-                outcome = slate.setdefault("o", {})
-                key = str(ev["row"])
-                outcome[key] = max(int(outcome.get(key, 0)), 1 if int(ev["type"]) == 1 else 2)
-    feats, labels, props, names = [], [], [], None
-    for slate in served.values():
-        outcome = slate.get("o") or {}
-        if not outcome or not slate.get("f"):
-            continue
-        fn = list(slate.get("fn") or [])
-        if names is None:
-            names = fn
-        elif fn != names:
-            continue  # served by a build with other features: skip rather than misalign
-        block = np.frombuffer(base64.b64decode(slate["f"]), np.float32).reshape(len(slate["rows"]), len(fn))
-        for i, row in enumerate(slate["rows"]):
-            state = int(outcome.get(str(row), 0))
-            if state:
-                feats.append(block[i])
-                labels.append(1.0 if state == 2 else 0.0)
-                props.append(float(slate["p"][i]))
-    if not feats:
-        raise ValueError(
-            f"{state_dir}: no served item with feedback to learn from; serve traffic and send "
-            "impressions and clicks with their request_id first")
-    return examples_from_log(np.stack(feats), np.asarray(labels), np.asarray(props),
-                             feature_names=names or list(FEATURE_NAMES))
+    imp = read_served_impressions(state_dir)
+    return examples_from_log(imp.features, imp.clicked, imp.propensity, feature_names=imp.feature_names)
 
 
 def train_from_state_dir(

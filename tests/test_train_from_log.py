@@ -62,3 +62,27 @@ def test_train_ranker_without_feedback_explains_what_is_missing(tmp_path, clock)
 
     with pytest.raises(ValueError, match="no served item with feedback"):
         train_from_state_dir(cfg.state.dir)
+
+
+def test_ope_on_the_service_log(tmp_path, clock, capsys):
+    """The logging policy evaluated off-policy gives back its own CTR; a target ranker gets an estimate."""
+    from recsvc.evaluation.service_log import evaluate_service_log, soft_topk_policy
+
+    cfg = small_config(tmp_path)
+    engine = Engine.from_config(cfg, clock=clock)
+    _traffic(engine)
+    engine.close(snapshot=False)
+    report = evaluate_service_log(cfg.state.dir)
+    assert report["impressions"] == 60 * 8
+    assert report["logging_policy_ips"]["value"] == pytest.approx(report["logged_ctr"]["value"])
+    out = tmp_path / "r.json"
+    assert main(["train-ranker", "--state-dir", str(cfg.state.dir), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["ope", "--state-dir", str(cfg.state.dir), "--target-ranker", str(out)]) == 0
+    target = json.loads(capsys.readouterr().out)["target"]
+    assert 0.0 <= target["snips"]["value"] <= 1.0
+    assert target["ips"]["ci_low"] <= target["ips"]["value"] <= target["ips"]["ci_high"]
+    # soft top-k: probabilities in (0, 1], summing to at most k per slate
+    pi = soft_topk_policy(np.array([3.0, 1.0, 0.0, 5.0]), np.array([0, 0, 1, 1]), 1.0)
+    assert ((pi > 0) & (pi <= 1)).all()
+    assert pi[0] > pi[1] and pi[3] > pi[2]
