@@ -73,7 +73,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         req.filter.max_maturity = args.max_maturity
     resp = stub.Recommend(req, timeout=args.timeout)
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), indent=2))
     else:
         print(f"request_id {resp.request_id}  variant {resp.variant or '-'}  "
               f"total {resp.timings.total_us} us{'  (degraded)' if resp.degraded else ''}")

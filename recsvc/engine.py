@@ -289,7 +289,16 @@ class Engine:
         return pct
 
     # -- Recommend --------------------------------------------------------------------
-    def recommend(self, q: RecommendQuery) -> Recommendation:
+    def warm_up(self) -> None:
+        """Run the pipeline once (unlogged) so the first real request pays no set-up
+        (lazy indexes, imports, kernel first calls)."""
+        user = "\x00warm-up"
+        rec = self.recommend(RecommendQuery(user_id=user, n=self.cfg.recommend.default_n), _record=False)
+        if rec.items:
+            vec = self.catalog.embeddings[self.catalog.row_of[rec.items[0].item_id]]
+            self.recommend(RecommendQuery(user_id=user, user_embedding=vec.tolist()), _record=False)
+
+    def recommend(self, q: RecommendQuery, _record: bool = True) -> Recommendation:
         if self._closed:
             raise Unavailable("the engine is shutting down")
         t_start = time.perf_counter_ns()
@@ -410,9 +419,10 @@ class Engine:
             feat_names = list(FEATURE_NAMES)
         served = ServedSlate(request_id, user_id, assignment.variant, [list(a) for a in assignment.arms],
                              rows_out, props_out, now, feat_b64, feat_names)
-        self.state.remember_served(served)
-        self._record_served_aggregates(served)
-        self.store.append([served.to_record()], durable=False)
+        if _record:
+            self.state.remember_served(served)
+            self._record_served_aggregates(served)
+            self.store.append([served.to_record()], durable=False)
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)

@@ -190,3 +190,9 @@ def test_demo_catalog_is_cached_not_rebuilt(tmp_path, clock, monkeypatch):
     monkeypatch.setattr(ann_mod.AnnIndex, "build", classmethod(lambda *a, **k: built.append(1)))
     Engine.from_config(cfg, clock=clock).close(snapshot=False)
     assert built == []
+
+
+def test_warm_up_logs_nothing(engine):
+    lsn = engine.store.lsn
+    engine.warm_up()
+    assert engine.store.lsn == lsn and not engine.state.served

@@ -107,6 +107,7 @@ def serve(
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     engine = (engine_factory or (lambda c: Engine.from_config(c, progress=True)))(cfg)
+    engine.warm_up()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda *_: engine.reload_ranker())
     switch.target = RecommenderServicer(engine)
