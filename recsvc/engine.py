@@ -741,9 +741,9 @@ class Engine:
         lsn = max(lsn, getattr(self.store, "lsn", lsn))
 
         def write(directory: Path) -> None:
-            with self.state.lock:
-                self.state.applied_lsn = lsn
-                self.state.write(directory)
+            # Ingest is paused (we hold the ingest lock); recommend keeps serving.
+            self.state.applied_lsn = lsn
+            self.state.write(directory)
             (directory / "experiments.json").write_text(json.dumps(self.aggregates.to_dict()))
             if self.retriever.catalog_changes:
                 self.catalog.save(directory / "catalog", compact=False)

@@ -196,3 +196,44 @@ def test_warm_up_logs_nothing(engine):
     lsn = engine.store.lsn
     engine.warm_up()
     assert engine.store.lsn == lsn and not engine.state.served
+
+
+def test_concurrent_recommend_feedback_and_snapshots(tmp_path, clock):
+    """Requests keep flowing while feedback is ingested and snapshots are written."""
+    import threading
+    import time
+
+    cfg = small_config(tmp_path, state={"snapshot_every_events": 50})
+    eng = Engine.from_config(cfg, clock=clock)
+    errors, served = [], []
+
+    def requester(k):
+        try:
+            for j in range(40):
+                rec = eng.recommend(RecommendQuery(user_id=f"c{k}-{j % 5}", n=5))
+                served.append((f"c{k}-{j % 5}", rec))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def feeder():
+        try:
+            j = 0
+            while j < 200 and (any(t.is_alive() for t in threads[:3]) or j < 20):
+                batch = [FeedbackEventIn(f"f{j}-{rec.request_id}", user, rec.items[0].item_id, "click",
+                                         request_id=rec.request_id) for user, rec in list(served[-5:])]
+                if not batch:
+                    time.sleep(0.001)
+                    continue
+                j += 1
+                assert eng.feedback(batch).accepted == len(batch)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=requester, args=(k,)) for k in range(3)] + [threading.Thread(target=feeder)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert eng.store.latest_snapshot()[0] > 0, "no snapshot was written during the run"
+    eng.close(snapshot=False)

@@ -309,6 +309,11 @@ class OnlineState:
 
     # -- snapshots -------------------------------------------------------------------
     def write(self, directory: Path) -> None:
+        """Serialise into ``directory``. The caller pauses ingestion (the only
+        writer); served slates keep arriving from requests, so they are copied
+        under the lock first."""
+        with self.lock:
+            served = list(self.served.values())
         np.savez(directory / "online.npz", popularity_acc=self.popularity_acc,
                  successes=self.successes, failures=self.failures, item_events=self.item_events,
                  top_popular=self.top_popular)
@@ -319,7 +324,7 @@ class OnlineState:
             "cooc": {str(k): {str(a): b for a, b in v.items()} for k, v in self.cooc.items()},
             "histories": {u: list(map(list, h)) for u, h in self.histories.items()},
             "served": [dict(s.to_record(), o={str(k): v for k, v in s.outcome.items()})
-                       for s in self.served.values()],
+                       for s in served],
             "seen_events": list(self.seen_events),
         }
         with (directory / "online.json").open("w", encoding="utf-8") as fh:
