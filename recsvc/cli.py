@@ -217,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metric", default="ctr", choices=["ctr", "conversion_rate", "value_per_user"])
     r.set_defaults(fn=cmd_experiment_report)
 
+    from recsvc.evaluation import replay, simulator
+
+    s = sub.add_parser("evaluate", help="replay evaluation on MovieLens (or any interactions dataset)")
+    replay.add_arguments(s)
+    s.set_defaults(fn=replay.run)
+
+    s = sub.add_parser("simulate", help="closed-loop simulation: feedback loops, exploration, A/B variants")
+    simulator.add_arguments(s)
+    s.set_defaults(fn=simulator.run)
+
     s = sub.add_parser("ope", help="off-policy estimates: the Open Bandit sample, or the service's own log")
     s.add_argument("--data", default="../shared/data/obd-men",
                    help="OBD directory with random/ and bts/ (validation: random policy's CTR from the bts log)")

@@ -4,6 +4,9 @@
 - :mod:`recsvc.evaluation.ope` — IPS, SNIPS, DM and DR estimates of a target policy from a bandit log.
 - :mod:`recsvc.evaluation.datasets` — the interactions format, MovieLens and Open Bandit Dataset loaders,
   temporal splits, and the OBD validation of the estimators.
+- :mod:`recsvc.evaluation.service_log` — off-policy estimates from the service's own served-slate log.
+- :mod:`recsvc.evaluation.replay` — ``recsvc evaluate``: replay a dataset's test users through the Engine.
+- :mod:`recsvc.evaluation.simulator` — ``recsvc simulate``: synthetic users in a closed loop with the Engine.
 """
 
 from recsvc.evaluation.datasets import (

@@ -1,0 +1,907 @@
+"""Replay evaluation: the serving pipeline, in process, on a logged interactions data set.
+
+``recsvc evaluate`` (the lead registers :func:`add_arguments` / :func:`run`) answers "what would each
+pipeline configuration have recommended to these users, and how good is it?" on MovieLens or any data
+set in the interactions format (:mod:`recsvc.evaluation.datasets`)::
+
+    recsvc evaluate --data ../shared/data/movielens-small --k 10 --json replay.json --plot replay.png
+
+What happens, in order (every choice below is deliberate; the numbers it reports depend on them):
+
+1. **Data.** Events with ``value >= --threshold`` (default 4 stars) are positives (implicit feedback).
+   Each user's *whole* timeline (all ratings) is split by time with
+   :func:`~recsvc.evaluation.datasets.temporal_split_per_user` (``--test-fraction``, default the last
+   20%); a user's relevant items are their test *positives*. ``--max-users N`` keeps a random sample
+   of N users (``--seed``) before anything else, so the catalog, the factorization and the popularity
+   come from their data alone: a quick slice, not a subsample of the full-data numbers.
+2. **Catalog** from the train split only. Items with at least one train positive are the catalog;
+   items never liked in train (unseen, or only rated below the threshold) are **dropped**: no
+   pipeline can recommend them, but they stay in the users' relevant sets, so recall and NDCG count
+   them as misses for every pipeline alike. Embeddings are the item factors of an implicit-feedback
+   ALS (:func:`implicit_als`, Hu, Koren & Volinsky 2008) of the binarised train user x item matrix,
+   48 dimensions by default, numpy only; the catalog stores them unit-normalised (cosine index).
+   Category = the item's **first listed genre** (``"(none)"`` when it has none). Creation time = its
+   first train interaction (any rating). Maturity 0 for all.
+3. **Online state** from the train split: every train positive is replayed through
+   :meth:`Engine.feedback <recsvc.engine.Engine.feedback>` as an organic click (no request id), in
+   time order, in batches of at most ``server.max_batch`` events, with an injected clock that follows
+   the event times (each batch is sent "at" its last event). That builds popularity, co-occurrence and
+   each user's history exactly as live traffic would. Two settings are changed for it, both
+   documented in the report: ``state.max_event_age_days`` is raised to cover the data set's time span
+   (so a batch's oldest events are accepted) and ``retrieval.popularity_half_life_days`` is set to
+   ~270 years, i.e. popularity = plain train counts. A per-user temporal split has no single "now"
+   (one user's test period may be another's distant past), so a 7-day decay measured from the end of
+   the data would keep only the last weeks' few users.
+4. **Replay.** With the clock 1 s after the last train event, every user with at least one test
+   positive asks for ``--k`` items: ``RecommendQuery(user_id, n=k, exclude_item_ids=<every item the
+   user rated in train>)``. The engine's own ``exclude_consumed`` already drops the history (train
+   positives); the explicit list also drops items the user rated below the threshold (they have been
+   seen). The user vector is the engine's recency-weighted mean of the history's embeddings
+   (``--user-vector history``, what the service does live) or the user's ALS factor passed as
+   ``user_embedding`` (``--user-vector factors``). Budgets are effectively unlimited so that no
+   request is degraded by a busy machine: the numbers are about the pipeline, not the CPU.
+5. **Pipelines** (config overrides of one base config whose category quota is off), see
+   :data:`PIPELINES`: ``popularity`` (the popular source only, ranked by a one-feature ranker on
+   ``log_popularity``: a pure most-popular baseline), ``ann`` (the ANN source only + the default
+   ranker), ``full`` (all sources + the default ranker), ``full_thompson`` (``full`` with Thompson
+   sampling; the replayed clicks carry no request id, so the bandit posteriors are the priors and
+   this measures the cost of exploration noise), ``full_diversity`` (``full`` + MMR lambda 0.3 + at
+   most 3 items per category). All are greedy unless named otherwise, so the numbers are
+   deterministic (``--seed`` fixes Thompson's draws and the user sample).
+6. **Metrics** (:mod:`recsvc.evaluation.metrics`): NDCG, MAP, precision, recall, hit rate, MRR at k;
+   intra-list diversity over genre indicator vectors (all listed genres, so it is independent of
+   the embedding under test); catalog coverage and Gini of exposure over the catalog; novelty with
+   ``p(i) = (train users who liked i + 1) / (train users + 1)``; serendipity against each user's
+   popularity-baseline list. Accuracy metrics are also split by user activity (terciles of the
+   number of train positives).
+
+Output: a text table, ``--json``, ``--plot`` (PNG; matplotlib is imported only then) and a tqdm
+progress bar on stderr (``--no-progress`` turns it off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsvc.evaluation.datasets import (
+    Interactions,
+    ItemTable,
+    load_interactions,
+    load_movielens,
+    temporal_split_per_user,
+)
+from recsvc.evaluation.metrics import (
+    RelevantSets,
+    catalog_coverage,
+    gini_of_exposure,
+    hit_rate_at_k,
+    intra_list_diversity,
+    map_at_k,
+    mean_metric,
+    mrr,
+    ndcg_at_k,
+    novelty,
+    precision_at_k,
+    recall_at_k,
+    relevance_matrix,
+    serendipity,
+    split_by_group,
+)
+
+__all__ = [
+    "DEFAULT_DATA",
+    "PIPELINES",
+    "Pipeline",
+    "ReplayClock",
+    "ReplaySetup",
+    "add_arguments",
+    "build_catalog",
+    "evaluate",
+    "format_table",
+    "implicit_als",
+    "load_dataset",
+    "plot_report",
+    "prepare",
+    "run",
+]
+
+#: ``--data`` default, relative to the current directory (the project root).
+DEFAULT_DATA = Path("../shared/data/movielens-small")
+MS = 1000
+DAY_MS = 86_400_000
+NO_CATEGORY = "(none)"
+#: Popularity half-life for the replay: ~270 years, i.e. no decay (see the module docstring).
+NO_DECAY_HALF_LIFE_DAYS = 100_000.0
+
+ACCURACY_METRICS = ("ndcg", "map", "precision", "recall", "hit_rate", "mrr")
+BEYOND_METRICS = ("diversity", "coverage", "novelty", "serendipity", "gini")
+METRIC_NAMES = ACCURACY_METRICS + BEYOND_METRICS
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A named configuration of the serving pipeline: overrides of the replay's base config."""
+
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: Rank with the one-feature popularity ranker instead of ``ranking.model_path``.
+    popularity_ranker: bool = False
+
+
+#: The pipelines ``recsvc evaluate`` compares, in report order. ``popularity`` is always run: it is
+#: the serendipity baseline of the others.
+PIPELINES: tuple[Pipeline, ...] = (
+    Pipeline(
+        "popularity",
+        "most popular unseen items (popular source only, ranked by train popularity), greedy",
+        {"retrieval": {"shares": {"popular": 1}}, "exploration": {"policy": "greedy"}},
+        popularity_ranker=True,
+    ),
+    Pipeline(
+        "ann",
+        "ANN source only + default ranker, greedy",
+        {"retrieval": {"shares": {"ann": 1}}, "exploration": {"policy": "greedy"}},
+    ),
+    Pipeline(
+        "full",
+        "all sources (ann/cooccurrence/popular/fresh) + default ranker, greedy",
+        {"exploration": {"policy": "greedy"}},
+    ),
+    Pipeline(
+        "full_thompson",
+        "full pipeline with Thompson sampling (priors only: replayed clicks carry no request id)",
+        {"exploration": {"policy": "thompson"}},
+    ),
+    Pipeline(
+        "full_diversity",
+        "full pipeline, greedy, + MMR (lambda 0.3) + at most 3 items per category",
+        {"exploration": {"policy": "greedy"}, "reranking": {"mmr_lambda": 0.3, "max_per_category": 3}},
+    ),
+)
+PIPELINE_NAMES = tuple(p.name for p in PIPELINES)
+
+
+def _popularity_ranker_file(directory: Path) -> Path:
+    """A logistic ranker on ``log_popularity`` alone (a monotone function of popularity)."""
+    from recsvc.ranking import Ranker
+
+    ranker = Ranker(
+        "logistic",
+        [(np.array([[0.25]], np.float32), [0.0])],
+        feature_names=("log_popularity",),
+        version="replay-popularity-1",
+        description="most-popular baseline for replay evaluation: score = sigmoid(0.25 * log_popularity)",
+    )
+    path = directory / "popularity_ranker.json"
+    ranker.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Factorization
+# --------------------------------------------------------------------------------------------------
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, conf: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.lexsort((cols, rows))
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return indptr, cols[order], conf[order]
+
+
+def _als_side(current: np.ndarray, fixed: np.ndarray, indptr: np.ndarray, other: np.ndarray,
+              conf: np.ndarray, reg: float, cg_steps: int) -> np.ndarray:
+    """One half-step of implicit ALS by conjugate gradient (Takacs et al. 2011), all rows at once.
+
+    Row ``u`` solves ``(F^T F + reg I + sum_{i in N(u)} c_ui f_i f_i^T) x_u = sum_{i in N(u)} (1 + c_ui) f_i``
+    (``F`` = the fixed factors, ``c`` = confidence above 1), warm-started from ``current``. Per-row sums
+    over the non-zeros are ``np.add.reduceat`` over the CSR segments, on ``[f, nnz]`` arrays (contiguous
+    along the reduced axis, where reduceat is fast).
+    """
+    n, f = current.shape
+    gram = fixed.T @ fixed + reg * np.eye(f)
+    counts = np.diff(indptr)
+    nonempty = np.flatnonzero(counts)
+    starts = indptr[:-1][nonempty]
+    owner = np.repeat(np.arange(n), counts)
+    fo_t = np.ascontiguousarray(fixed[other].T)  # [f, nnz]
+
+    def segment_sum(values_t: np.ndarray) -> np.ndarray:  # [f, nnz] -> [n, f]
+        out = np.zeros((n, f))
+        if starts.size:
+            out[nonempty] = np.add.reduceat(values_t, starts, axis=1).T
+        return out
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        q = conf * np.einsum("fn,fn->n", np.ascontiguousarray(v[owner].T), fo_t)
+        return v @ gram + segment_sum(fo_t * q)
+
+    x = current.copy()
+    r = segment_sum(fo_t * (1.0 + conf)) - matvec(x)
+    p = r.copy()
+    rs = np.einsum("nf,nf->n", r, r)
+    for _ in range(cg_steps):
+        if not rs.any():
+            break
+        ap = matvec(p)
+        denom = np.einsum("nf,nf->n", p, ap)
+        step = np.divide(rs, denom, out=np.zeros_like(rs), where=denom > 0)
+        x += step[:, None] * p
+        r -= step[:, None] * ap
+        rs_new = np.einsum("nf,nf->n", r, r)
+        p = r + np.divide(rs_new, rs, out=np.zeros_like(rs), where=rs > 0)[:, None] * p
+        rs = rs_new
+    return x
+
+
+def implicit_als(
+    user_index: Any,
+    item_index: Any,
+    shape: tuple[int, int],
+    *,
+    weights: Any = None,
+    factors: int = 48,
+    alpha: float = 5.0,
+    regularization: float = 1.0,
+    iterations: int = 15,
+    cg_steps: int = 3,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Implicit-feedback matrix factorization (Hu, Koren & Volinsky 2008), numpy only.
+
+    The observed ``(user_index[j], item_index[j])`` pairs have preference 1 and confidence
+    ``1 + alpha * weights[j]`` (weights default to 1: a binarised matrix); every other cell has
+    preference 0 and confidence 1. Minimises ``sum c_ui (p_ui - x_u . y_i)^2 + regularization *
+    (|X|^2 + |Y|^2)`` by alternating least squares, each half-step solved by ``cg_steps`` steps of
+    conjugate gradient warm-started from the previous factors (cost ``O(nnz f + (U + I) f^2)``).
+    Repeated pairs add their weights. Returns ``(user_factors float32[U, f], item_factors
+    float32[I, f])``; rows with no observations come out zero.
+    """
+    users = np.asarray(user_index, np.int64).ravel()
+    items = np.asarray(item_index, np.int64).ravel()
+    n_users, n_items = (int(s) for s in shape)
+    if users.shape != items.shape:
+        raise ValueError(f"user_index and item_index must have the same length, got {users.size} and {items.size}")
+    if users.size and (users.min() < 0 or users.max() >= n_users or items.min() < 0 or items.max() >= n_items):
+        raise ValueError(f"indices must lie inside shape {shape}")
+    w = np.ones(users.size) if weights is None else np.asarray(weights, np.float64).ravel()
+    if w.shape != users.shape or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite, non-negative and one per observation")
+    if factors < 1 or iterations < 1 or cg_steps < 1:
+        raise ValueError("factors, iterations and cg_steps must be positive")
+    if alpha <= 0 or regularization <= 0:
+        raise ValueError("alpha and regularization must be positive")
+    if users.size:  # merge repeated pairs
+        keys, inverse = np.unique(users * n_items + items, return_inverse=True)
+        w = np.bincount(inverse, weights=w)
+        users, items = np.divmod(keys, n_items)
+    conf = alpha * w
+    u_ptr, u_items, u_conf = _csr(users, items, conf, n_users)
+    i_ptr, i_users, i_conf = _csr(items, users, conf, n_items)
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / math.sqrt(factors)
+    x = rng.normal(0.0, 0.1 * scale, (n_users, factors))
+    y = rng.normal(0.0, 0.1 * scale, (n_items, factors))
+    for _ in range(iterations):
+        x = _als_side(x, y, u_ptr, u_items, u_conf, regularization, cg_steps)
+        y = _als_side(y, x, i_ptr, i_users, i_conf, regularization, cg_steps)
+    x[np.diff(u_ptr) == 0] = 0.0
+    y[np.diff(i_ptr) == 0] = 0.0
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and catalog
+# --------------------------------------------------------------------------------------------------
+
+
+def load_dataset(path: str | Path) -> Interactions:
+    """MovieLens (a directory with ``ratings.csv`` + ``movies.csv``), a directory in the interactions
+    format (``interactions.csv`` [+ ``items.csv``]), or an ``interactions.csv``-style file."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "ratings.csv").is_file() and (p / "movies.csv").is_file():
+            return load_movielens(p)
+        if (p / "interactions.csv").is_file():
+            items = p / "items.csv"
+            return load_interactions(p / "interactions.csv", items if items.is_file() else None)
+        raise FileNotFoundError(
+            f"{p}: expected MovieLens (ratings.csv + movies.csv) or interactions.csv [+ items.csv]")
+    if p.is_file():
+        return load_interactions(p)
+    raise FileNotFoundError(f"{p}: no such data set (pass --data DIR; see recsvc.evaluation.datasets)")
+
+
+def sample_users(data: Interactions, max_users: int, seed: int) -> Interactions:
+    """Only the events of ``max_users`` users drawn at random (all of them when there are fewer)."""
+    users = np.unique(data.user_id)
+    if max_users <= 0 or users.size <= max_users:
+        return data
+    keep = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
+    return data.take(np.isin(data.user_id, keep))
+
+
+def build_catalog(
+    train_positive: Interactions,
+    train_all: Interactions,
+    *,
+    factors: int = 48,
+    alpha: float = 5.0,
+    regularization: float = 1.0,
+    iterations: int = 15,
+    seed: int = 0,
+) -> tuple[Any, np.ndarray, dict[int, np.ndarray], dict[str, Any]]:
+    """The catalog of the items with a train positive, embedded by :func:`implicit_als`.
+
+    Returns ``(catalog, item_ids int64[N] (data set id of each row), user_factors {user id: float32[f]},
+    info)``. See the module docstring for categories, creation times and dropped items.
+    """
+    from recsvc.catalog import Catalog
+
+    if len(train_positive) == 0:
+        raise ValueError("the train split has no positive interactions; lower --threshold")
+    user_ids, u_idx = np.unique(train_positive.user_id, return_inverse=True)
+    item_ids, i_idx = np.unique(train_positive.item_id, return_inverse=True)
+    t0 = time.perf_counter()
+    xu, yi = implicit_als(u_idx, i_idx, (user_ids.size, item_ids.size), factors=factors, alpha=alpha,
+                          regularization=regularization, iterations=iterations, seed=seed)
+    als_s = time.perf_counter() - t0
+    # A zero row cannot be normalised (cannot happen for items with a positive, but be safe).
+    norms = np.linalg.norm(yi, axis=1)
+    if (norms == 0).any():
+        yi[norms == 0] = np.random.default_rng(seed).normal(0.0, 1e-3, (int((norms == 0).sum()), factors))
+    # Creation time: first train interaction of any rating.
+    order = np.lexsort((train_all.timestamp, train_all.item_id))
+    ids_sorted, ts_sorted = train_all.item_id[order], train_all.timestamp[order]
+    first_idx = np.searchsorted(ids_sorted, item_ids)
+    created_ms = ts_sorted[np.minimum(first_idx, ids_sorted.size - 1)].astype(np.int64) * MS
+    categories = _first_genres(item_ids, train_positive.items)
+    titles = _titles(item_ids, train_positive.items)
+    catalog = Catalog.from_arrays(
+        [str(int(i)) for i in item_ids], yi, categories, np.zeros(item_ids.size, np.int32), created_ms,
+        attributes=[{"title": t} if t else {} for t in titles], normalize=True,
+    )
+    catalog.version = f"replay-{item_ids.size}x{factors}-s{seed}"
+    info = {
+        "method": "implicit ALS (conjugate gradient), binarised train matrix",
+        "factors": factors, "alpha": alpha, "regularization": regularization, "iterations": iterations,
+        "seconds": round(als_s, 2), "users": int(user_ids.size), "items": int(item_ids.size),
+    }
+    return catalog, item_ids, {int(u): xu[k] for k, u in enumerate(user_ids)}, info
+
+
+def _first_genres(item_ids: np.ndarray, table: ItemTable | None) -> list[str]:
+    if table is None or len(table) == 0:
+        return [NO_CATEGORY] * item_ids.size
+    pos = np.minimum(np.searchsorted(table.item_id, item_ids), len(table) - 1)
+    known = table.item_id[pos] == item_ids
+    return [(table.categories[p][0] if ok and table.categories[p] else NO_CATEGORY)
+            for p, ok in zip(pos.tolist(), known.tolist())]
+
+
+def _titles(item_ids: np.ndarray, table: ItemTable | None) -> list[str]:
+    if table is None or len(table) == 0:
+        return [""] * item_ids.size
+    pos = np.minimum(np.searchsorted(table.item_id, item_ids), len(table) - 1)
+    return [table.title[p] if table.item_id[p] == i else "" for p, i in zip(pos.tolist(), item_ids.tolist())]
+
+
+def _genre_vectors(item_ids: np.ndarray, table: ItemTable | None) -> np.ndarray:
+    """float32[N, G + 1]: every listed genre of each catalog item; the last column marks "no genre"."""
+    if table is None or len(table) == 0:
+        return np.ones((item_ids.size, 1), np.float32)
+    ind, _ = table.category_indicators()
+    pos = np.minimum(np.searchsorted(table.item_id, item_ids), len(table) - 1)
+    out = np.zeros((item_ids.size, ind.shape[1] + 1), np.float32)
+    known = table.item_id[pos] == item_ids
+    out[known, :-1] = ind[pos[known]]
+    out[out.sum(axis=1) == 0, -1] = 1.0
+    return out
+
+
+class ReplayClock:
+    """The injected engine clock of a replay: set explicitly, never read from the wall."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = int(now_ms)
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup: split, catalog, index, base config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplaySetup:
+    """Everything a replay needs, built once and shared by every pipeline."""
+
+    train: Interactions
+    train_positive: Interactions
+    test_positive: Interactions
+    catalog: Any
+    ann: Any
+    item_ids: np.ndarray  # data set item id of each catalog row
+    user_factors: dict[int, np.ndarray]
+    base_config: Any
+    eval_users: np.ndarray  # int64, users with at least one test positive
+    span_days: float
+    train_end_ms: int
+    info: dict[str, Any]
+
+
+def prepare(
+    data: Interactions,
+    *,
+    threshold: float = 4.0,
+    test_fraction: float = 0.2,
+    max_users: int = 0,
+    factors: int = 48,
+    als_alpha: float = 5.0,
+    als_regularization: float = 1.0,
+    als_iterations: int = 15,
+    seed: int = 0,
+    base_overrides: dict[str, Any] | None = None,
+) -> ReplaySetup:
+    """Split, build the catalog and its HNSW index, and the replay's base config."""
+    from recsvc.config import Config
+    from recsvc.retrieval.ann import AnnIndex
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    data = sample_users(data, max_users, seed)
+    train, test = temporal_split_per_user(data, test_fraction=test_fraction)
+    train_pos = train.implicit(threshold)
+    test_pos = test.implicit(threshold)
+    catalog, item_ids, user_factors, fact_info = build_catalog(
+        train_pos, train, factors=factors, alpha=als_alpha, regularization=als_regularization,
+        iterations=als_iterations, seed=seed)
+    span_days = float(data.timestamp.max() - data.timestamp.min()) * MS / DAY_MS if len(data) else 0.0
+    base = {
+        "index": {"space": "cosine", "build_threads": 1, "ef_construction": 100},
+        "exploration": {"policy": "greedy", "seed": seed},
+        "reranking": {"max_per_category": 0},
+        "retrieval": {"popularity_half_life_days": NO_DECAY_HALF_LIFE_DAYS},
+        "state": {"max_event_age_days": math.ceil(span_days) + 2, "fsync": "none"},
+        # Unlimited budgets: no request is degraded because the machine is busy.
+        "budgets": {"total_ms": 1e9, "candidates_ms": 1e9, "ranking_ms": 1e9, "reranking_ms": 1e9},
+    }
+    cfg = Config().with_overrides(_deep_merge(base, base_overrides or {}), source="replay base config")
+    ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index)
+    eval_users = np.unique(test_pos.user_id)
+    train_end_ms = int(train.timestamp.max()) * MS if len(train) else 0
+    n_test_pos = len(test_pos)
+    in_catalog = int(np.isin(test_pos.item_id, item_ids).sum())
+    info = {
+        "users": int(np.unique(data.user_id).size),
+        "events": len(data),
+        "train_events": len(train),
+        "train_positives": len(train_pos),
+        "test_events": len(test),
+        "test_positives": n_test_pos,
+        "test_positives_in_catalog": in_catalog,
+        "catalog_items": int(item_ids.size),
+        "items_in_data": int(np.unique(data.item_id).size),
+        "factorization": fact_info,
+    }
+    return ReplaySetup(train, train_pos, test_pos, catalog, ann, item_ids, user_factors, cfg, eval_users,
+                       span_days, train_end_ms, info)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "shares" else v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine: train replay and recommendations
+# --------------------------------------------------------------------------------------------------
+
+
+def replay_train(engine: Any, clock: ReplayClock, train_positive: Interactions,
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Send every train positive to ``engine.feedback`` as an organic click, in time order.
+
+    Batches hold at most ``server.max_batch`` events and are sent with the clock at their last event.
+    Raises ``RuntimeError`` if the engine rejects any event (the replay would be silently wrong).
+    """
+    from recsvc.engine import FeedbackEventIn
+
+    order = np.lexsort((train_positive.item_id, train_positive.user_id, train_positive.timestamp))
+    users = train_positive.user_id[order]
+    items = train_positive.item_id[order]
+    ts_ms = train_positive.timestamp[order].astype(np.int64) * MS
+    batch = engine.cfg.server.max_batch
+    accepted = 0
+    for start in range(0, order.size, batch):
+        stop = min(order.size, start + batch)
+        clock.now_ms = int(ts_ms[stop - 1])
+        events = [FeedbackEventIn(f"train-{j}", str(int(users[j])), str(int(items[j])), "click",
+                                  timestamp_ms=int(ts_ms[j])) for j in range(start, stop)]
+        result = engine.feedback(events)
+        if result.rejected:
+            r = result.rejected[0]
+            raise RuntimeError(f"the engine rejected {len(result.rejected)} replayed train event(s), "
+                               f"e.g. {r.event_id}: {r.reason}")
+        accepted += result.accepted
+        if progress:
+            progress(stop - start)
+    return accepted
+
+
+def _engine(setup: ReplaySetup, cfg: Any) -> tuple[Any, ReplayClock]:
+    from recsvc.engine import Engine
+    from recsvc.state.store import MemoryStateStore
+
+    first = int(setup.train_positive.timestamp.min()) * MS if len(setup.train_positive) else setup.train_end_ms
+    clock = ReplayClock(first)
+    engine = Engine(cfg, setup.catalog, setup.ann, store=MemoryStateStore(), clock=clock)
+    return engine, clock
+
+
+def recommend_all(engine: Any, clock: ReplayClock, setup: ReplaySetup, users: np.ndarray, k: int,
+                  user_vector: str = "history", progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """``int64[U, k]`` catalog rows recommended to each user (``-1`` pads short lists)."""
+    from recsvc.engine import RecommendQuery
+
+    clock.now_ms = setup.train_end_ms + 1000
+    row_of = setup.catalog.row_of
+    # Every item each user rated in train (any rating), as catalog item ids.
+    order = np.argsort(setup.train.user_id, kind="stable")
+    tu, ti = setup.train.user_id[order], setup.train.item_id[order]
+    bounds = np.searchsorted(tu, users), np.searchsorted(tu, users, side="right")
+    out = np.full((users.size, k), -1, np.int64)
+    for n, u in enumerate(users.tolist()):
+        seen = [s for s in (str(int(i)) for i in ti[bounds[0][n]:bounds[1][n]]) if s in row_of]
+        emb = None
+        if user_vector == "factors":
+            f = setup.user_factors.get(int(u))
+            emb = f.tolist() if f is not None and np.any(f) else None
+        rec = engine.recommend(RecommendQuery(user_id=str(u), n=k, exclude_item_ids=seen, user_embedding=emb))
+        rows = [row_of[it.item_id] for it in rec.items[:k]]
+        out[n, : len(rows)] = rows
+        if progress:
+            progress(1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def _relevant_sets(setup: ReplaySetup, users: np.ndarray) -> RelevantSets:
+    """Test positives per user as catalog rows; items outside the catalog get ids past its end."""
+    n_rows = setup.catalog.n_rows
+    tp = setup.test_positive
+    row_of = setup.catalog.row_of
+    missing: dict[int, int] = {}
+    uidx = np.searchsorted(users, tp.user_id)
+    ok = (uidx < users.size) & (users[np.minimum(uidx, users.size - 1)] == tp.user_id)
+    ids = []
+    for item in tp.item_id[ok].tolist():
+        row = row_of.get(str(item))
+        ids.append(row if row is not None else n_rows + missing.setdefault(item, len(missing)))
+    return RelevantSets.from_pairs(uidx[ok], np.asarray(ids, np.int64), n_users=users.size)
+
+
+def activity_groups(setup: ReplaySetup, users: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:
+    """Each user's activity tercile by train positives: ``light`` / ``medium`` / ``heavy``."""
+    counts = np.zeros(users.size, np.int64)
+    u, c = np.unique(setup.train_positive.user_id, return_counts=True)
+    pos = np.searchsorted(u, users)
+    hit = (pos < u.size) & (u[np.minimum(pos, u.size - 1)] == users)
+    counts[hit] = c[pos[hit]]
+    lo, hi = (np.floor(np.quantile(counts, [1 / 3, 2 / 3])).astype(int).tolist() if counts.size else (0, 0))
+    labels = np.where(counts <= lo, "light", np.where(counts <= hi, "medium", "heavy"))
+    desc = {"light": f"<= {lo:g} train positives", "medium": f"{lo:g} < n <= {hi:g}", "heavy": f"> {hi:g}"}
+    return labels, desc
+
+
+def compute_metrics(rec: np.ndarray, sets: RelevantSets, n_items: int, genre_vectors: np.ndarray,
+                    item_p: np.ndarray, baseline: np.ndarray, k: int, groups: np.ndarray | None = None,
+                    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean metrics over users (accuracy over users with a relevant item) and per-group means."""
+    hits = relevance_matrix(rec, sets)
+    n_rel = sets.n_relevant
+    per_user = {
+        "ndcg": ndcg_at_k(hits, n_rel, k), "map": map_at_k(hits, n_rel, k),
+        "precision": precision_at_k(hits, n_rel, k), "recall": recall_at_k(hits, n_rel, k),
+        "hit_rate": hit_rate_at_k(hits, n_rel, k), "mrr": mrr(hits, n_rel, k),
+    }
+    out = {name: mean_metric(v) for name, v in per_user.items()}
+    out["diversity"] = mean_metric(intra_list_diversity(rec, genre_vectors))
+    out["coverage"] = catalog_coverage(rec, n_items)
+    out["novelty"] = mean_metric(novelty(rec, item_p))
+    out["serendipity"] = mean_metric(serendipity(rec, hits, baseline, n_relevant=n_rel, k=k))
+    out["gini"] = gini_of_exposure(rec, n_items)
+    by_group: dict[str, dict[str, float]] = {}
+    if groups is not None:
+        for name in ("ndcg", "recall", "hit_rate"):
+            by_group[name] = {str(g): v for g, v in split_by_group(per_user[name], groups).items()}
+    return out, by_group
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    setup: ReplaySetup,
+    pipelines: Sequence[Pipeline] = PIPELINES,
+    *,
+    k: int = 10,
+    user_vector: str = "history",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every pipeline over every evaluation user; returns the JSON-ready report."""
+    if k < 1:
+        raise ValueError(f"--k must be positive, got {k}")
+    if user_vector not in ("history", "factors"):
+        raise ValueError(f"user_vector must be 'history' or 'factors', got {user_vector!r}")
+    pipelines = list(pipelines)
+    if not pipelines or pipelines[0].name != "popularity":
+        pipelines = [p for p in PIPELINES if p.name == "popularity"] + [p for p in pipelines if p.name != "popularity"]
+    users = setup.eval_users
+    if users.size == 0:
+        raise ValueError("no user has a positive test interaction; lower --threshold or use more data")
+    n_items = setup.catalog.n_rows
+    sets = _relevant_sets(setup, users)
+    groups, group_desc = activity_groups(setup, users)
+    genre_vectors = _genre_vectors(setup.item_ids, setup.train_positive.items)
+    liked_by = np.bincount(np.searchsorted(setup.item_ids, setup.train_positive.item_id), minlength=n_items)
+    n_train_users = int(np.unique(setup.train.user_id).size)
+    item_p = (liked_by + 1.0) / (n_train_users + 1.0)
+
+    bar = _progress_bar(progress, total=len(pipelines) * (len(setup.train_positive) + users.size),
+                        desc="replay")
+    report: dict[str, Any] = {"pipelines": {}}
+    baseline = None
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="recsvc-replay-") as tmp:
+            pop_ranker = _popularity_ranker_file(Path(tmp))
+            for pipe in pipelines:
+                overrides = pipe.overrides
+                if pipe.popularity_ranker:
+                    overrides = _deep_merge(overrides, {"ranking": {"model_path": str(pop_ranker)}})
+                cfg = setup.base_config.with_overrides(overrides, source=f"pipeline {pipe.name}")
+                if bar is not None:
+                    bar.set_postfix_str(pipe.name)
+                t0 = time.perf_counter()
+                engine, clock = _engine(setup, cfg)
+                replay_train(engine, clock, setup.train_positive, bar.update if bar is not None else None)
+                t1 = time.perf_counter()
+                rec = recommend_all(engine, clock, setup, users, k, user_vector,
+                                    bar.update if bar is not None else None)
+                t2 = time.perf_counter()
+                engine.close(snapshot=False)
+                if baseline is None:
+                    baseline = rec
+                metrics, by_group = compute_metrics(rec, sets, n_items, genre_vectors, item_p, baseline, k, groups)
+                report["pipelines"][pipe.name] = {
+                    "description": pipe.description,
+                    "overrides": overrides if not pipe.popularity_ranker else
+                    _deep_merge(pipe.overrides, {"ranking": {"model_path": "<log_popularity ranker>"}}),
+                    "metrics": metrics,
+                    "by_activity": by_group,
+                    "seconds": {"train_replay": round(t1 - t0, 2), "recommend": round(t2 - t1, 2),
+                                "per_request_ms": round(1000 * (t2 - t1) / max(users.size, 1), 3)},
+                }
+    finally:
+        if bar is not None:
+            bar.close()
+    report.update({
+        "k": k,
+        "user_vector": user_vector,
+        "users_evaluated": int(users.size),
+        "users_by_activity": {g: int((groups == g).sum()) for g in ("light", "medium", "heavy")},
+        "activity_groups": group_desc,
+        "data": setup.info,
+        "replay_settings": {
+            "state.max_event_age_days": setup.base_config.state.max_event_age_days,
+            "retrieval.popularity_half_life_days": setup.base_config.retrieval.popularity_half_life_days,
+            "reranking.max_per_category (base)": setup.base_config.reranking.max_per_category,
+            "recommend clock": "1 s after the last train event",
+            "excluded": "every item the user rated in train",
+            "budgets": "unlimited (no degraded responses)",
+        },
+        "seconds": round(time.perf_counter() - started, 2),
+    })
+    return report
+
+
+def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ev", unit_scale=True, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+_HEADERS = {"ndcg": "NDCG", "map": "MAP", "precision": "Prec", "recall": "Recall", "hit_rate": "HitRate",
+            "mrr": "MRR", "diversity": "ILD", "coverage": "Cover", "novelty": "Novelty",
+            "serendipity": "Serend", "gini": "Gini"}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width text table (metrics @k; novelty in bits)."""
+    k = report["k"]
+    names = list(report["pipelines"])
+    width = max(14, *(len(n) for n in names)) + 2
+    lines = [f"replay @{k} over {report['users_evaluated']} users, "
+             f"{report['data']['catalog_items']} catalog items (user vector: {report['user_vector']})"]
+    head = "pipeline".ljust(width) + "".join(f"{_HEADERS[m]:>9}" for m in METRIC_NAMES)
+    lines += [head, "-" * len(head)]
+    for name in names:
+        m = report["pipelines"][name]["metrics"]
+        cells = "".join(f"{m[x]:>9.2f}" if x == "novelty" else f"{m[x]:>9.4f}" for x in METRIC_NAMES)
+        lines.append(name.ljust(width) + cells)
+    groups = [g for g in ("light", "medium", "heavy") if report["users_by_activity"].get(g)]
+    if groups:
+        lines.append("")
+        lines.append(f"NDCG@{k} by user activity (train positives): " + ", ".join(
+            f"{g} {report['activity_groups'][g]} ({report['users_by_activity'][g]} users)" for g in groups))
+        lines.append("pipeline".ljust(width) + "".join(f"{g:>9}" for g in groups))
+        for name in names:
+            bg = report["pipelines"][name]["by_activity"].get("ndcg", {})
+            lines.append(name.ljust(width) + "".join(f"{bg.get(g, float('nan')):>9.4f}" for g in groups))
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars per pipeline: accuracy metrics, beyond-accuracy metrics, novelty (bits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["pipelines"])
+    k = report["k"]
+    panels = [("accuracy @%d" % k, ACCURACY_METRICS), ("beyond accuracy", ("diversity", "coverage",
+                                                                          "serendipity", "gini")),
+              ("novelty (bits)", ("novelty",))]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [6, 4, 1.6]})
+    colors = plt.get_cmap("tab10").colors
+    for ax, (title, metrics) in zip(axes, panels):
+        x = np.arange(len(metrics))
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            vals = [report["pipelines"][name]["metrics"][m] for m in metrics]
+            ax.bar(x + (j - (len(names) - 1) / 2) * width, vals, width, label=name, color=colors[j % 10])
+        ax.set_xticks(x, [_HEADERS[m] for m in metrics])
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"recsvc replay: {report['users_evaluated']} users, {report['data']['catalog_items']} items")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _pipeline_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in PIPELINE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown pipeline(s) {unknown or text!r}; choose from {', '.join(PIPELINE_NAMES)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``recsvc evaluate``."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="MovieLens directory (ratings.csv + movies.csv), a directory with interactions.csv "
+                             "[+ items.csv], or an interactions CSV (default: %(default)s, relative to the "
+                             "current directory)")
+    parser.add_argument("--k", type=int, default=10, help="list length and metric cut-off (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=4.0,
+                        help="value >= threshold is a positive (default: %(default)s stars)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="latest share of each user's events held out (default: %(default)s)")
+    parser.add_argument("--max-users", type=int, default=0,
+                        help="quick slice: keep N random users (catalog and model from their data only); 0 = all")
+    parser.add_argument("--pipelines", type=_pipeline_list, default=list(PIPELINE_NAMES),
+                        help=f"comma-separated subset of {','.join(PIPELINE_NAMES)} (popularity always runs)")
+    parser.add_argument("--user-vector", choices=("history", "factors"), default="history",
+                        help="user embedding: the engine's history mean (default) or the user's ALS factor")
+    parser.add_argument("--dim", type=int, default=48, help="embedding dimension (ALS factors)")
+    parser.add_argument("--als-alpha", type=float, default=5.0, help="ALS confidence: 1 + alpha per positive")
+    parser.add_argument("--als-reg", type=float, default=1.0, help="ALS L2 regularization")
+    parser.add_argument("--als-iters", type=int, default=15, help="ALS iterations")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the ALS init, user sampling and Thompson")
+    parser.add_argument("--json", type=Path, help="write the report as JSON")
+    parser.add_argument("--plot", type=Path, help="write a PNG bar chart of the metrics")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``recsvc evaluate``: prints the table; writes ``--json`` / ``--plot`` when given."""
+    data_path = Path(args.data)
+    if not data_path.exists():
+        print(f"error: no data at {data_path.resolve()} (pass --data)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_dataset(data_path)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    setup = prepare(data, threshold=args.threshold, test_fraction=args.test_fraction, max_users=args.max_users,
+                    factors=args.dim, als_alpha=args.als_alpha, als_regularization=args.als_reg,
+                    als_iterations=args.als_iters, seed=args.seed)
+    chosen = [p for p in PIPELINES if p.name in set(args.pipelines)]
+    report = evaluate(setup, chosen, k=args.k, user_vector=args.user_vector, progress=not args.no_progress)
+    report["data"]["path"] = str(data_path)
+    report["seconds_total"] = round(time.perf_counter() - t0, 2)
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf (a metric defined for nobody) become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def main(argv: Iterable[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience
+    parser = argparse.ArgumentParser(prog="recsvc evaluate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv) if argv is not None else None))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

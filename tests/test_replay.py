@@ -1,0 +1,156 @@
+"""Replay evaluation: the factorization, a synthetic data set, and MovieLens end to end through the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.evaluation import replay
+from recsvc.evaluation.datasets import Interactions, ItemTable
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MOVIELENS = SHARED_DATA / "movielens-small"
+
+
+# -- the factorization ---------------------------------------------------------------------------
+
+
+def block_matrix() -> np.ndarray:
+    """12 users x 10 items: users 0-5 like items 0-4, users 6-11 like items 5-9 (a few cells missing)."""
+    m = np.zeros((12, 10))
+    m[:6, :5] = 1
+    m[6:, 5:] = 1
+    m[0, 0] = m[7, 9] = m[3, 2] = 0
+    return m
+
+
+def cosine(a: np.ndarray) -> np.ndarray:
+    u = a / np.linalg.norm(a, axis=1, keepdims=True)
+    return u @ u.T
+
+
+def test_als_recovers_the_block_structure():
+    users, items = np.nonzero(block_matrix())
+    # more factors than the rank (2) and enough regularisation that the spare ones stay unused
+    x, y = replay.implicit_als(users, items, (12, 10), factors=4, alpha=10, regularization=3.0, iterations=15)
+    assert x.shape == (12, 4) and y.shape == (10, 4) and x.dtype == y.dtype == np.float32
+    sim = cosine(y)
+    same = np.zeros((10, 10), bool)
+    same[:5, :5] = same[5:, 5:] = True
+    off_diagonal = ~np.eye(10, dtype=bool)
+    assert sim[same & off_diagonal].min() > 0.95
+    assert np.abs(sim[~same]).max() < 0.05
+    # the scores reproduce the matrix and fill in the held-out cells of each block
+    scores = x @ y.T
+    assert scores[0, 0] > 0.8 and scores[7, 9] > 0.8 and scores[3, 2] > 0.8
+    assert np.abs(scores[:6, 5:]).max() < 0.05 and np.abs(scores[6:, :5]).max() < 0.05
+
+
+def test_als_is_deterministic_and_leaves_empty_rows_zero():
+    users, items = np.nonzero(block_matrix())
+    a = replay.implicit_als(users, items, (13, 11), factors=3, seed=5)
+    b = replay.implicit_als(users, items, (13, 11), factors=3, seed=5)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not a[0][12].any() and not a[1][10].any()  # user 12 and item 10 have no observations
+
+
+def test_als_rejects_bad_input():
+    with pytest.raises(ValueError, match="inside shape"):
+        replay.implicit_als([0, 5], [0, 1], (3, 3))
+    with pytest.raises(ValueError, match="same length"):
+        replay.implicit_als([0, 1], [0], (3, 3))
+    with pytest.raises(ValueError, match="weights must be finite"):
+        replay.implicit_als([0, 1], [0, 1], (3, 3), weights=[1.0, -1.0])
+
+
+# -- a synthetic data set in the interactions format ------------------------------------------------
+
+
+def synthetic_interactions(n_users: int = 40, n_items: int = 60, seed: int = 3) -> Interactions:
+    """Two taste groups over two genres, 15 positive-ish ratings per user, increasing timestamps."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        group = u % 2
+        liked = rng.choice(np.arange(group * 30, group * 30 + 30), size=12, replace=False)
+        other = rng.choice(np.arange((1 - group) * 30, (1 - group) * 30 + 30), size=3, replace=False)
+        t = 1_500_000_000 + u * 10
+        for j, item in enumerate(liked.tolist() + other.tolist()):
+            rows.append((u + 1, item + 100, 5.0 if j < 12 else 2.0, t + int(rng.integers(0, 10_000))))
+    u, i, v, t = (np.array(c) for c in zip(*rows))
+    ids = np.arange(100, 100 + n_items, dtype=np.int64)
+    table = ItemTable(ids, tuple(f"item {k}" for k in ids),
+                      tuple(("Comedy", "Drama") if k < 130 else ("Horror",) for k in ids))
+    return Interactions(u, i, v, t, table)
+
+
+def test_replay_on_a_synthetic_data_set():
+    setup = replay.prepare(synthetic_interactions(), factors=8, als_iterations=10)
+    assert setup.info["catalog_items"] == setup.catalog.n_rows <= 60
+    assert set(setup.catalog.category_names) <= {"Comedy", "Horror"}  # first listed genre
+    chosen = [p for p in replay.PIPELINES if p.name in ("ann", "full_diversity")]
+    report = replay.evaluate(setup, chosen, k=5, progress=False)
+    assert list(report["pipelines"]) == ["popularity", "ann", "full_diversity"]  # popularity always runs
+    for name, pipe in report["pipelines"].items():
+        m = pipe["metrics"]
+        for metric in replay.METRIC_NAMES:
+            if metric != "novelty":
+                assert 0.0 <= m[metric] <= 1.0, (name, metric, m[metric])
+        assert m["novelty"] > 0
+    # taste groups are easy to tell apart: the ANN pipeline beats "most popular"
+    assert report["pipelines"]["ann"]["metrics"]["ndcg"] > report["pipelines"]["popularity"]["metrics"]["ndcg"]
+    assert report["pipelines"]["popularity"]["metrics"]["serendipity"] == 0.0
+
+
+def test_load_dataset_reads_the_interactions_layout(tmp_path):
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,value,timestamp\n1,10,5,100\n1,11,3,200\n2,10,4,150\n")
+    (tmp_path / "items.csv").write_text("item_id,title,categories\n10,A,Drama|Comedy\n11,B,\n")
+    data = replay.load_dataset(tmp_path)
+    assert len(data) == 3 and data.items is not None and data.items.categories[0] == ("Drama", "Comedy")
+    with pytest.raises(FileNotFoundError, match="expected MovieLens"):
+        replay.load_dataset(tmp_path / "..")
+
+
+def test_pipeline_flag_rejects_unknown_names():
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.k == 10 and args.data == Path("../shared/data/movielens-small")
+    assert args.pipelines == list(replay.PIPELINE_NAMES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pipelines", "ann,magic"])
+
+
+# -- MovieLens, end to end through the command's entry point ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def movielens_run(tmp_path_factory):
+    if not (MOVIELENS / "ratings.csv").is_file():
+        pytest.skip(f"MovieLens small not found at {MOVIELENS} (expected ../shared/data next to the repo)")
+    out = tmp_path_factory.mktemp("replay")
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    args = parser.parse_args(["--data", str(MOVIELENS), "--max-users", "50", "--als-iters", "8",
+                              "--json", str(out / "r.json"), "--plot", str(out / "r.png"), "--no-progress"])
+    assert replay.run(args) == 0
+    return out
+
+
+def test_movielens_slice_end_to_end(movielens_run, capsys):
+    report = json.loads((movielens_run / "r.json").read_text())
+    assert list(report["pipelines"]) == list(replay.PIPELINE_NAMES)
+    assert 0 < report["users_evaluated"] <= 50
+    for name, pipe in report["pipelines"].items():
+        for metric, value in pipe["metrics"].items():
+            if metric != "novelty":
+                assert value is not None and 0.0 <= value <= 1.0, (name, metric, value)
+    m = {name: pipe["metrics"] for name, pipe in report["pipelines"].items()}
+    assert m["popularity"]["coverage"] < m["ann"]["coverage"]
+    assert m["popularity"]["gini"] > m["ann"]["gini"]
+    assert m["full_diversity"]["diversity"] > m["full"]["diversity"]
+    assert (movielens_run / "r.png").read_bytes().startswith(b"\x89PNG")

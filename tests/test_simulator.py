@@ -1,0 +1,156 @@
+"""Closed-loop simulator: reproducibility, the greedy popularity loop, regret, and the gRPC mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsvc.config import Config
+from recsvc.evaluation import simulator as sim
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "simulate_experiments.toml"
+GREEDY_ONLY = {"experiment": [{"name": "only", "salt": "only-1", "variant": [
+    {"name": "greedy", "weight": 1, "overrides": {"exploration": {"policy": "greedy"}}}]}]}
+SMALL = dict(items=600, users=50, rounds=12)
+
+
+def as_json(report: dict) -> str:
+    return json.dumps(sim._finite(report), sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def ab_report():
+    return sim.simulate_in_process(sim.SimulationSettings(items=500, users=40, rounds=6, seed=3))
+
+
+def test_same_seed_same_report_and_another_seed_differs(ab_report):
+    again = sim.simulate_in_process(sim.SimulationSettings(items=500, users=40, rounds=6, seed=3))
+    assert as_json(again) == as_json(ab_report)
+    other = sim.simulate_in_process(sim.SimulationSettings(items=500, users=40, rounds=6, seed=4))
+    assert as_json(other) != as_json(ab_report)
+
+
+def test_ab_report_covers_every_variant(ab_report):
+    variants = ab_report["variants"]
+    assert list(variants) == ["greedy", "thompson", "epsilon_greedy", "greedy_long_tail"]
+    assert sum(v["users"] for v in variants.values()) == 40
+    for v in variants.values():
+        pr, t = v["per_round"], v["totals"]
+        assert len(pr["ctr"]) == 6 and t["slates"] == 6 * v["users"]
+        assert 0.0 <= t["ctr"] <= 1.0 and 0.0 < t["coverage"] <= 1.0 and 0.0 <= t["gini_all_rounds"] <= 1.0
+    assert "sim_policy" in ab_report["experiment_report"]["text"]
+
+
+def test_regret_is_non_negative_and_cumulative_regret_never_decreases(ab_report):
+    for v in ab_report["variants"].values():
+        pr = v["per_round"]
+        assert min(pr["regret_per_slate"]) >= 0.0
+        cum = np.asarray(pr["cumulative_regret_per_user"])
+        assert (np.diff(cum) >= 0).all() and cum[-1] > 0
+        # regret = oracle - served, both in expected clicks per slate
+        np.testing.assert_allclose(np.asarray(pr["oracle_clicks_per_slate"]) - pr["expected_clicks_per_slate"],
+                                   pr["regret_per_slate"], atol=1e-9)
+
+
+def test_greedy_exposure_concentrates_over_rounds():
+    """The popularity feedback loop: under greedy serving the same items take ever more of the slots."""
+    report = sim.simulate_in_process(sim.SimulationSettings(**SMALL, seed=0), experiments=GREEDY_ONLY)
+    pr = report["variants"]["greedy"]["per_round"]
+    gini = np.asarray(pr["gini"])
+    assert gini[-3:].mean() > gini[:3].mean() + 0.02
+    assert pr["top_share"][-1] > pr["top_share"][0]
+
+
+def test_population_ctr_and_oracle():
+    s = sim.SimulationSettings(items=50, users=3, slate=4, eta=1.0)
+    emb = np.random.default_rng(0).standard_normal((50, 8))
+    pop = sim.UserPopulation(emb, s, np.random.default_rng(1))
+    assert pop.ctr.shape == (3, 50) and ((pop.ctr > 0) & (pop.ctr < 1)).all()
+    np.testing.assert_allclose(pop.exam, [1, 1 / 2, 1 / 3, 1 / 4])
+    best = np.sort(pop.ctr[0])[::-1][:4]
+    assert pop.oracle_value(0, 4) == pytest.approx(float(pop.exam @ best))
+    pop.consumed[0, np.argmax(pop.ctr[0])] = True  # a consumed item is worth nothing
+    assert pop.oracle_value(0, 4) < float(pop.exam @ best)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="impressions must be 'examined' or 'shown'"):
+        sim.SimulationSettings(impressions="all")
+    with pytest.raises(ValueError, match=r"slate \(20\) cannot exceed items \(10\)"):
+        sim.SimulationSettings(items=10, slate=20)
+
+
+def test_default_experiment_matches_the_example_file():
+    with EXAMPLE.open("rb") as fh:
+        assert tomllib.load(fh) == sim.DEFAULT_EXPERIMENTS
+
+
+def test_cli_writes_json_and_png(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    sim.add_arguments(parser)
+    args = parser.parse_args(["--items", "300", "--users", "12", "--rounds", "3", "--no-progress",
+                              "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+    assert sim.run(args) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["settings"]["rounds"] == 3 and data["variants"]
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+    assert "cum.regret/u" in capsys.readouterr().out
+
+
+# -- gRPC mode -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    from recsvc.server import serve
+
+    tmp = tmp_path_factory.mktemp("simsrv")
+    settings = sim.SimulationSettings(items=400, users=10, rounds=3, seed=1)
+    cfg = Config().with_overrides({
+        "server": {"port": 0, "grace_period_s": 0.5},
+        "catalog": {"cache_dir": str(tmp / "cache"), "demo": {
+            "n_items": settings.items, "dim": settings.dim, "n_categories": settings.categories,
+            "n_topics": settings.topics, "seed": settings.catalog_seed}},
+        "index": {"build_threads": 1, "ef_construction": 50},
+        "retrieval": {"n_candidates": 200, "shares": {"ann": 120, "cooccurrence": 40, "popular": 20, "fresh": 20}},
+        "state": {"dir": str(tmp / "state"), "fsync": "none"},
+        "experiments": {"file": str(EXAMPLE)},
+    })
+    stop, started, ready = threading.Event(), threading.Event(), {}
+
+    def on_ready(port):
+        ready["port"] = port
+        started.set()
+
+    t = threading.Thread(target=serve, args=(cfg,), kwargs={"on_ready": on_ready, "stop_event": stop}, daemon=True)
+    t.start()
+    assert started.wait(60), "server did not become ready"
+    yield settings, f"127.0.0.1:{ready['port']}"
+    stop.set()
+    t.join(30)
+
+
+def test_grpc_mode_smoke(live_server):
+    settings, address = live_server
+    report = sim.simulate_grpc(settings, address)
+    variants = report["variants"]
+    assert set(variants) <= {"greedy", "thompson", "epsilon_greedy", "greedy_long_tail"}
+    assert sum(v["users"] for v in variants.values()) == settings.users
+    assert sum(v["totals"]["slates"] for v in variants.values()) == settings.users * settings.rounds
+    assert all(min(v["per_round"]["regret_per_slate"]) >= 0 for v in variants.values())
+    # a second run against the same server starts from fresh users and event ids
+    again = sim.simulate_grpc(settings, address)
+    assert sum(v["totals"]["slates"] for v in again["variants"].values()) == settings.users * settings.rounds
+
+
+def test_grpc_mode_reports_a_catalog_mismatch(live_server):
+    settings, address = live_server
+    other = sim.SimulationSettings(items=400, users=2, rounds=1, catalog_seed=8)
+    with pytest.raises(ValueError, match="not in the simulator's catalog"):
+        sim.simulate_grpc(other, address)
