@@ -132,9 +132,20 @@ class Retriever:
         rows, vals = self.state.cooccurrence_scores(recent_rows, weights)
         if rows.size == 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        keep = flt.eligible(self.catalog, rows)
-        rows, vals = rows[keep], vals[keep]
-        order = np.argsort(-vals, kind="stable")[: max(want * 2, want)]
+        # Best 2 x want first (linear), filter those; the rest only if filters bite.
+        take = 2 * want
+        if rows.size > take:
+            top = np.argpartition(-vals, take - 1)[:take]
+            keep = flt.eligible(self.catalog, rows[top])
+            if keep.sum() >= want:
+                rows, vals = rows[top][keep], vals[top][keep]
+            else:
+                keep = flt.eligible(self.catalog, rows)
+                rows, vals = rows[keep], vals[keep]
+        else:
+            keep = flt.eligible(self.catalog, rows)
+            rows, vals = rows[keep], vals[keep]
+        order = np.argsort(-vals, kind="stable")[:take]
         return rows[order], vals[order]
 
     def popular_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
