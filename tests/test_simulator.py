@@ -154,3 +154,15 @@ def test_grpc_mode_reports_a_catalog_mismatch(live_server):
     other = sim.SimulationSettings(items=400, users=2, rounds=1, catalog_seed=8)
     with pytest.raises(ValueError, match="not in the simulator's catalog"):
         sim.simulate_grpc(other, address)
+
+
+def test_ranker_study_trains_on_the_log_and_serves_each_ranker():
+    from recsvc.evaluation.simulator import SimulationSettings, ranker_study
+
+    settings = SimulationSettings(users=30, rounds=3, items=400, dim=8, seed=2)
+    rep = ranker_study(settings, log_rounds=4, log_epsilon=0.3)
+    assert set(rep["variants"]) == {"default", "trained_naive", "trained_ips"}
+    assert rep["training"]["trained_ips"] and rep["training"]["trained_naive"]
+    for v in rep["variants"].values():
+        assert v["totals"]["slates"] == 30 * 3
+        assert v["totals"]["regret_per_slate"] >= 0

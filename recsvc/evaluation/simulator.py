@@ -641,6 +641,74 @@ def simulate_in_process(
     return report
 
 
+def ranker_study(settings: SimulationSettings, *, log_rounds: int = 20, log_epsilon: float = 0.3,
+                 config_path: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Do rankers trained on the service's own log counter the feedback loop?
+
+    1. Logging: an engine serves the users with epsilon-greedy exploration
+       (``log_epsilon``) for ``log_rounds`` rounds; every served item carries its
+       propensity and every examined item an impression.
+    2. Training: two rankers from that served-slate log — plain logistic
+       regression and the inverse-propensity-weighted fit (``recsvc.training``).
+    3. Serving: a fresh engine per ranker (default weights, naive, IPS) serves the
+       same users greedily for ``settings.rounds`` rounds.
+    """
+    import dataclasses
+    import tempfile
+
+    from recsvc.state.served_log import impressions_from_state
+    from recsvc.training import train_ranker
+
+    cfg = base_config(settings, config_path)
+    catalog = build_world(settings)
+    n_eval = len(("default", "trained_naive", "trained_ips"))
+    bar = _bar(progress, (log_rounds + n_eval * settings.rounds) * settings.users)
+    tick = bar.update if bar is not None else None
+    try:
+        logger = EngineTarget(cfg.with_overrides({"exploration": {"policy": "epsilon_greedy",
+                                                                   "epsilon": log_epsilon}}), catalog)
+        try:
+            log_settings = dataclasses.replace(settings, rounds=log_rounds)
+            log_report = simulate(logger, catalog, log_settings, label=lambda _v: "logging", run_tag="log",
+                                  progress=tick)
+            imp = impressions_from_state(logger.engine.state)
+        finally:
+            logger.close()
+        trained: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            paths: dict[str, str | None] = {"default": None}
+            for name, ipw in (("trained_naive", False), ("trained_ips", True)):
+                ranker, metrics = train_ranker(imp.features, imp.clicked, imp.propensity, ipw=ipw,
+                                               feature_names=imp.feature_names, seed=settings.seed)
+                path = Path(tmp) / f"{name}.json"
+                ranker.save(path)
+                paths[name] = str(path)
+                trained[name] = {k: metrics[k] for k in metrics if isinstance(metrics[k], (int, float))}
+            variants: dict[str, Any] = {}
+            for name, path in paths.items():
+                overrides: dict[str, Any] = {"exploration": {"policy": "greedy"}}
+                if path is not None:
+                    overrides["ranking"] = {"model_path": path}
+                target = EngineTarget(cfg.with_overrides(overrides), catalog)
+                try:
+                    rep = simulate(target, catalog, settings, label=lambda _v, _n=name: _n, run_tag=name,
+                                   progress=tick)
+                finally:
+                    target.close()
+                variants.update(rep["variants"])
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "settings": asdict(settings), "n_items": catalog.n_rows, "variants": variants,
+        "mode": (f"ranker study: {log_rounds} logging rounds with epsilon-greedy ({log_epsilon}), "
+                 f"{len(imp)} logged impressions ({int(imp.clicked.sum())} clicks); then greedy serving "
+                 "with each ranker on its own engine"),
+        "logging": log_report["variants"].get("logging", {}).get("totals", {}),
+        "training": trained,
+    }
+
+
 def simulate_grpc(settings: SimulationSettings, target_address: str, *, catalog_dir: Path | None = None,
                   timeout: float = 10.0, progress: bool = False) -> dict[str, Any]:
     """Against a live server: the server's experiments and clock; users and event ids carry a random
@@ -791,6 +859,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG of CTR, regret, Gini and coverage over rounds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ranker-study", action="store_true",
+                        help="log under epsilon-greedy, train naive and IPS-weighted rankers from the log, then "
+                             "serve each greedily (does IPS training counter the feedback loop?)")
+    parser.add_argument("--log-rounds", type=int, default=20, help="with --ranker-study: logging rounds")
+    parser.add_argument("--log-epsilon", type=float, default=0.3, help="with --ranker-study: logging epsilon")
 
 
 def settings_from_args(args: argparse.Namespace) -> SimulationSettings:
@@ -810,7 +883,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    if args.target:
+    if args.ranker_study:
+        report = ranker_study(settings, log_rounds=args.log_rounds, log_epsilon=args.log_epsilon,
+                              config_path=args.config, progress=not args.no_progress)
+    elif args.target:
         if args.isolated or args.experiments or args.config:
             print("note: --isolated/--experiments/--config apply in process only; the server's own config "
                   "and experiments decide over gRPC", file=sys.stderr)

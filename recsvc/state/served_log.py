@@ -10,7 +10,7 @@ import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -60,10 +60,23 @@ def read_served_impressions(state_dir: str | Path) -> ServedImpressions:
                 outcome = slate.setdefault("o", {})
                 key = str(ev["row"])
                 outcome[key] = max(int(outcome.get(key, 0)), 1 if int(ev["type"]) == 1 else 2)
+    return impressions_from_records(served.values(), source=str(state_dir))
+
+
+def impressions_from_state(state: Any) -> ServedImpressions:
+    """The same rows from a live ``OnlineState``'s served slates (in-process users)."""
+    with state.lock:
+        slates = list(state.served.values())
+    records = [dict(s.to_record(), o={str(k): v for k, v in s.outcome.items()}) for s in slates]
+    return impressions_from_records(records, source="the engine's served slates")
+
+
+def impressions_from_records(served: Iterable[dict[str, Any]], source: str = "the log") -> ServedImpressions:
+    """One row per impressed item of served-slate records (keys r, rows, p, f, fn, o)."""
     feats, clicked, props, rows, slates, positions = [], [], [], [], [], []
     names: list[str] | None = None
     n_slates = 0
-    for slate in served.values():
+    for slate in served:
         outcome = slate.get("o") or {}
         if not outcome or not slate.get("f"):
             continue
@@ -87,7 +100,7 @@ def read_served_impressions(state_dir: str | Path) -> ServedImpressions:
         n_slates += took
     if not feats:
         raise ValueError(
-            f"{state_dir}: no served item with feedback; serve traffic and send impressions and "
+            f"{source}: no served item with feedback; serve traffic and send impressions and "
             "clicks with their request_id first")
     return ServedImpressions(np.stack(feats), np.asarray(clicked), np.asarray(props),
                              np.asarray(rows, np.int64), np.asarray(slates, np.int64),
