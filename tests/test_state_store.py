@@ -60,3 +60,60 @@ def test_incomplete_snapshot_is_ignored(tmp_path):
     store = LocalStateStore(tmp_path)
     (tmp_path / "snapshots" / "snap-000000000009").mkdir()
     assert store.latest_snapshot() == (0, None)
+
+
+def test_one_writer_per_directory(tmp_path):
+    from recsvc.state.store import StateDirectoryInUse
+
+    store = LocalStateStore(tmp_path)
+    with pytest.raises(StateDirectoryInUse, match="in use by another process or engine"):
+        LocalStateStore(tmp_path)
+    store.close()
+    LocalStateStore(tmp_path).close()  # released on close
+
+
+def test_damage_before_the_newest_segment_refuses_to_start(tmp_path):
+    from recsvc.state.store import LogCorrupted
+
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "a"}], durable=True)
+    store.write_snapshot(1, lambda d: None)  # rotates to a new segment
+    store.append([{"t": "b"}], durable=True)
+    store.close()
+    # forge an older segment with a bad record followed by a newer one
+    segs = sorted(tmp_path.glob("log-*.jsonl"))
+    older = tmp_path / "log-000000000000.jsonl"
+    older.write_bytes(b'00000000 {"t":"x","lsn":0}\n')
+    with pytest.raises(LogCorrupted, match="not the newest"):
+        LocalStateStore(tmp_path)
+    assert segs  # the real segments are untouched
+
+
+def test_failed_write_rolls_back_and_reuses_the_lsns(tmp_path, monkeypatch):
+    import os
+
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "a"}], durable=True)
+    size = sorted(tmp_path.glob("log-*.jsonl"))[-1].stat().st_size
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.append([{"t": "b"}, {"t": "c"}], durable=True)
+    monkeypatch.undo()
+    assert store.lsn == 1
+    assert sorted(tmp_path.glob("log-*.jsonl"))[-1].stat().st_size == size
+    assert store.append([{"t": "d"}], durable=True) == 2
+    store.close()
+    assert [r["t"] for r in LocalStateStore(tmp_path).replay(0)] == ["a", "d"]
+
+
+def test_snapshot_at_an_unchanged_lsn_keeps_the_existing_one(tmp_path):
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "a"}], durable=True)
+    store.write_snapshot(1, lambda d: (d / "x").write_text("first"))
+    store.write_snapshot(1, lambda d: (d / "x").write_text("second"))
+    assert (store.latest_snapshot()[1] / "x").read_text() == "first"
+    store.close()

@@ -21,6 +21,7 @@ segments it covers are deleted after it is durable.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +31,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 Record = dict[str, Any]
+
+
+class StateDirectoryInUse(RuntimeError):
+    """Another engine holds the state directory."""
+
+
+class LogCorrupted(RuntimeError):
+    """The event log is damaged somewhere other than a torn last record."""
 
 
 class StateStore(Protocol):
@@ -145,8 +154,22 @@ class LocalStateStore:
         self.fsync = fsync
         self._lock = threading.Lock()
         self._dirty = False
+        self._lock_fd = self._take_directory_lock()
         self.lsn = self._recover()
         self._open_segment(self.lsn + 1)
+
+    def _take_directory_lock(self) -> int:
+        """One writer per state directory: two would interleave lsns and prune
+        each other's segments. (Readers, e.g. ``train-ranker``, take no lock.)"""
+        fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateDirectoryInUse(
+                f"state directory {self.dir} is in use by another process or engine; give each "
+                "engine its own state.dir") from None
+        return fd
 
     # -- log ---------------------------------------------------------------------
     def _segments(self) -> list[tuple[int, Path]]:
@@ -159,10 +182,16 @@ class LocalStateStore:
         return sorted(segs)
 
     def _recover(self) -> int:
-        """Find the last good lsn, truncating a torn tail of the last segment."""
+        """Find the last good lsn, truncating a torn tail of the last segment.
+
+        Only the newest segment can end in a torn record (a crash mid-write); a
+        bad record anywhere else means the log is damaged, and starting would
+        silently drop acknowledged events, so it refuses.
+        """
         snap_lsn, _ = self.latest_snapshot()
         last = snap_lsn
-        for _, path in self._segments():
+        segments = self._segments()
+        for i, (_, path) in enumerate(segments):
             good_bytes = 0
             with path.open("rb") as fh:
                 for line in fh:
@@ -172,6 +201,10 @@ class LocalStateStore:
                     good_bytes += len(line)
                     last = max(last, int(rec["lsn"]))
             if good_bytes < path.stat().st_size:
+                if i != len(segments) - 1:
+                    raise LogCorrupted(
+                        f"{path}: damaged record at byte {good_bytes} in a segment that is not the newest; "
+                        "refusing to start (restore the file or move it aside knowingly)")
                 with path.open("r+b") as fh:
                     fh.truncate(good_bytes)
                     fh.flush()
@@ -191,14 +224,29 @@ class LocalStateStore:
                 self.lsn += 1
                 rec["lsn"] = self.lsn
                 chunks.append(encode_record(rec))
-            # One write() per call: the kernel has the bytes when it returns,
-            # so they survive a killed process even before fsync.
-            self._fh.write(b"".join(chunks))
-            if durable and self.fsync:
-                os.fdatasync(self._fh.fileno())
-                self._dirty = False
-            else:
-                self._dirty = True
+            data = b"".join(chunks)
+            start = self._fh.tell()
+            try:
+                # The kernel has the bytes once write() returns, so they survive a
+                # killed process even before fsync; write() may be partial (disk full).
+                view = memoryview(data)
+                while view:
+                    view = view[self._fh.write(view):]
+                if durable and self.fsync:
+                    os.fdatasync(self._fh.fileno())
+                    self._dirty = False
+                else:
+                    self._dirty = True
+            except OSError:
+                # Roll back: nothing of this batch stays in the log, and the lsns
+                # are handed out again.
+                self.lsn -= len(records)
+                try:
+                    self._fh.truncate(start)
+                    self._fh.seek(start)
+                except OSError:
+                    pass
+                raise
             return self.lsn
 
     def sync(self) -> None:
@@ -239,6 +287,8 @@ class LocalStateStore:
         """
         snaps = self.dir / "snapshots"
         final = snaps / f"snap-{lsn:012d}"
+        if (final / "DONE").exists():
+            return  # nothing new since the last snapshot; never replace a good one in place
         tmp = snaps / f".tmp-snap-{lsn:012d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -287,6 +337,9 @@ class LocalStateStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._fh.closed:
+                return
             if self._dirty:
                 os.fdatasync(self._fh.fileno())
             self._fh.close()
+            os.close(self._lock_fd)  # releases the directory lock
