@@ -17,6 +17,7 @@ a new row. ``save`` compacts dead rows away.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -107,6 +108,12 @@ class Catalog:
             new[: old.shape[0]] = old
             setattr(self, name, new)
 
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(embeddings, categories, maturity, created_at_ms) of one generation of
+        the arrays: never a mix of before and after a concurrent growth."""
+        with self._lock:
+            return self.embeddings, self.categories, self.maturity, self.created_at_ms
+
     def category_of(self, name: str) -> int:
         code = self.category_code.get(name)
         if code is None:
@@ -130,10 +137,14 @@ class Catalog:
         if not np.isfinite(emb).all():
             raise CatalogError("embeddings contain NaN or infinite values")
         if self.normalize:
-            norms = np.linalg.norm(emb, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise CatalogError("an embedding is all zeros; cosine similarity needs a direction")
-            emb = emb / norms
+            # float64 norms: float32 would overflow to inf (or underflow to 0)
+            # for very large (small) values and silently zero the vector
+            wide = emb.astype(np.float64)
+            norms = np.linalg.norm(wide, axis=1, keepdims=True)
+            if (norms == 0).any() or not np.isfinite(norms).all():
+                raise CatalogError("an embedding is all zeros (or its norm is not finite); "
+                                   "cosine similarity needs a direction")
+            emb = np.ascontiguousarray(wide / norms, dtype=np.float32)
         return emb
 
     def upsert(self, items: list[ItemRecord]) -> tuple[np.ndarray, int, int]:
@@ -320,9 +331,18 @@ class Catalog:
             del cat.row_of[ids[row]]
         cat.n_alive -= len(dead)
         meta_path = d / "catalog.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            cat.version = str(meta.get("version", cat.version))
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if "version" in meta:
+            cat.version = str(meta["version"])
+        else:
+            # No catalog.json: a version from the content, so that an index
+            # saved beside the catalog is recognised on the next start.
+            h = hashlib.blake2b(digest_size=12)
+            for p in (emb_path, items_path):
+                with p.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            cat.version = "content-" + h.hexdigest()
         return cat
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from recsvc.catalog import Catalog, CatalogError, ItemRecord, demo_catalog
 from recsvc.config import Config
-from recsvc.errors import InvalidArgument, NotFound, Unavailable
+from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
 from recsvc.retrieval.sources import Retriever, RowFilter
@@ -140,6 +140,7 @@ class Engine:
         store: StateStore | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         experiments: Any = None,
+        catalog_diverged: bool = False,
     ) -> None:
         from recsvc import experiments as experiments_mod
 
@@ -160,6 +161,13 @@ class Engine:
         self._seed_seq = np.random.SeedSequence(cfg.exploration.seed)
         self._seed_lock = threading.Lock()
         self._events_since_snapshot = 0
+        # True once the live catalog differs from the base catalog files: every
+        # snapshot must then carry the catalog (the base would lose the changes).
+        self.catalog_diverged = catalog_diverged
+        # Served slates enter the state, the aggregates and the log together, so
+        # a snapshot never sees one without the other (no double count on replay).
+        self._served_lock = threading.Lock()
+        self._snapshot_thread: threading.Thread | None = None
         self._stage_ewma_us = {"candidates": 2000.0, "ranking": 500.0, "reranking": 500.0}
         self._pop_pct: tuple[float, np.ndarray] | None = None
         self._closed = False
@@ -174,8 +182,20 @@ class Engine:
 
         state_dir = Path(cfg.state.dir).expanduser()
         store = LocalStateStore(state_dir, fsync=cfg.state.fsync == "batch")
+        try:
+            return cls._from_store(cfg, store, progress, clock)
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def _from_store(cls, cfg: Config, store: LocalStateStore, progress: bool,
+                    clock: Callable[[], int]) -> "Engine":
+        from recsvc.experiments import ExperimentSet
+
         snap_lsn, snap_dir = store.latest_snapshot()
-        if snap_dir is not None and (snap_dir / "catalog" / "items.jsonl").exists():
+        diverged = snap_dir is not None and (snap_dir / "catalog" / "items.jsonl").exists()
+        if diverged:
             # The catalog as it was at the last snapshot, live changes included.
             catalog = Catalog.load(snap_dir / "catalog", normalize=cfg.index.space == "cosine")
             ann = AnnIndex.load(snap_dir / "catalog", catalog.dim, cfg.index, catalog.version,
@@ -187,7 +207,8 @@ class Engine:
             catalog, ann = load_catalog_and_index(cfg, progress=progress)
         experiments = (ExperimentSet.load(cfg.experiments.file, cfg)
                        if cfg.experiments.file is not None else None)
-        return cls(cfg, catalog, ann, store=store, clock=clock, experiments=experiments)
+        return cls(cfg, catalog, ann, store=store, clock=clock, experiments=experiments,
+                   catalog_diverged=diverged)
 
     def _recover(self) -> None:
         """Seed popularity; load the last snapshot; replay the log after it."""
@@ -205,7 +226,12 @@ class Engine:
         replayed = 0
         touched: set[int] = set()
         for rec in self.store.replay(snap_lsn):
-            self._apply_record(rec, touched)
+            try:
+                self._apply_record(rec, touched)
+            except (InvalidArgument, CatalogError, KeyError, ValueError) as exc:
+                # A record that cannot apply must not keep the service down; it
+                # was validated before it was logged, so this is worth a loud log.
+                log.error("skipping log record lsn %s (%s): %s", rec.get("lsn"), rec.get("t"), exc)
             self.state.applied_lsn = int(rec["lsn"])
             replayed += 1
         if touched:
@@ -213,6 +239,12 @@ class Engine:
         if replayed:
             log.info("replayed %d log records after snapshot lsn %d", replayed, snap_lsn)
         self._events_since_snapshot = replayed
+        referenced = [self.state.top_popular, np.fromiter(self.state.cooc.keys(), np.int64, len(self.state.cooc))]
+        highest = max((int(a.max()) for a in referenced if a.size), default=-1)
+        if highest >= self.catalog.n_rows:
+            raise RuntimeError(
+                f"the online state refers to catalog row {highest} but the catalog has {self.catalog.n_rows} "
+                "rows: the state directory belongs to another catalog; point state.dir elsewhere")
 
     def _apply_record(self, rec: dict[str, Any], touched: set[int]) -> None:
         t = rec["t"]
@@ -224,7 +256,7 @@ class Engine:
         elif t == "served":
             slate = ServedSlate.from_record(rec)
             self.state.remember_served(slate)
-            self._record_served_aggregates(slate)
+            self._record_served_aggregates(slate, rec.get("div"), rec.get("nov"))
         elif t == "upsert":
             self._apply_upsert([_item_from_record(x) for x in rec["items"]])
         elif t == "delete":
@@ -245,7 +277,10 @@ class Engine:
         key = str(path) if path is not None else ""
         ranker = self._rankers.get(key)
         if ranker is None:
-            ranker = Ranker.load(path) if path is not None else Ranker.default()
+            try:
+                ranker = Ranker.load(path) if path is not None else Ranker.default()
+            except (OSError, ValueError) as exc:
+                raise FailedPrecondition(f"ranker weights {key or '(default)'} cannot be loaded: {exc}") from None
             self._rankers[key] = ranker
         return ranker
 
@@ -255,7 +290,11 @@ class Engine:
 
         fresh = {}
         for key in list(self._rankers) or [""]:
-            fresh[key] = Ranker.load(Path(key)) if key else Ranker.default()
+            try:
+                fresh[key] = Ranker.load(Path(key)) if key else Ranker.default()
+            except (OSError, ValueError) as exc:
+                # all or nothing: keep serving with the weights already loaded
+                raise FailedPrecondition(f"reload refused, {key or '(default)'}: {exc}") from None
         self._rankers = fresh
         return sorted(fresh)
 
@@ -303,8 +342,8 @@ class Engine:
             raise Unavailable("the engine is shutting down")
         t_start = time.perf_counter_ns()
         now = self.clock()
-        user_id = (q.user_id or "").strip()
-        if not user_id:
+        user_id = q.user_id or ""
+        if not user_id.strip():
             raise InvalidArgument("user_id is required")
         if q.n < 0:
             raise InvalidArgument(f"n must be >= 0 (0 means the default {self.cfg.recommend.default_n}), got {q.n}")
@@ -327,7 +366,8 @@ class Engine:
         # -- stage 1: retrieval
         t0 = time.perf_counter_ns()
         n_cand = cfg.retrieval.n_candidates
-        if deadline_ns - t0 < 2 * self._stage_ewma_us["candidates"] * 1e3:
+        b = cfg.budgets
+        if min(deadline_ns - t0, b.candidates_ms * 1e6) < 2 * self._stage_ewma_us["candidates"] * 1e3:
             n_cand, degraded = max(n, min(n_cand, 200)), True
         recent_rows, recent_w = self._recent(history, cfg)
         cands = self.retriever.candidates(user_vec, recent_rows, recent_w, flt, now, n_min=n,
@@ -342,7 +382,8 @@ class Engine:
         left = deadline_ns - t1
         if len(cands) == 0:
             scores = np.empty(0, np.float32)
-        elif left < 2 * (self._stage_ewma_us["ranking"] + self._stage_ewma_us["reranking"]) * 1e3:
+        elif (left < 2 * (self._stage_ewma_us["ranking"] + self._stage_ewma_us["reranking"]) * 1e3
+              or b.ranking_ms * 1e6 < 2 * self._stage_ewma_us["ranking"] * 1e3):
             scores = _retrieval_order_scores(cands)
             degraded = True
         else:
@@ -367,7 +408,8 @@ class Engine:
 
         # -- stage 3: re-ranking
         rules = cfg.reranking
-        if deadline_ns - t3 < 2 * self._stage_ewma_us["reranking"] * 1e3 and rules.mmr_lambda > 0:
+        if (min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3
+                and rules.mmr_lambda > 0):
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
             degraded = True
         slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
@@ -420,9 +462,15 @@ class Engine:
         served = ServedSlate(request_id, user_id, assignment.variant, [list(a) for a in assignment.arms],
                              rows_out, props_out, now, feat_b64, feat_names)
         if _record:
-            self.state.remember_served(served)
-            self._record_served_aggregates(served)
-            self.store.append([served.to_record()], durable=False)
+            div, nov = self._slate_diversity_novelty(served.rows) if served.arms else (None, None)
+            record = served.to_record()
+            record["div"], record["nov"] = div, nov
+            with self._served_lock:
+                self.state.remember_served(served)
+                self._record_served_aggregates(served, div, nov)
+                self.store.append([record], durable=False)
+                self._events_since_snapshot += 1
+            self._maybe_snapshot()
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -483,6 +531,10 @@ class Engine:
                 code = cat.category_code.get(name)
                 if code is not None:
                     allowed[code] = True
+            if not allowed.any():
+                raise InvalidArgument(
+                    f"filter.allowed_categories: none of {list(q.allowed_categories)[:5]} is a category of "
+                    f"this catalog (it has {cat.n_categories}, e.g. {cat.category_names[:3]})")
         blocked = None
         if q.blocked_categories:
             blocked = np.zeros(n_cat, bool)
@@ -493,7 +545,8 @@ class Engine:
         max_mat = cfg.reranking.max_maturity
         if q.max_maturity > 0:
             max_mat = min(max_mat, q.max_maturity)
-        excl = [cat.row_of[i] for i in q.exclude_item_ids if i in cat.row_of]
+        row_of = cat.row_of
+        excl = [r for r in (row_of.get(i) for i in q.exclude_item_ids) if r is not None]
         if cfg.retrieval.exclude_consumed:
             excl.extend(r for r, _ in history)
         return RowFilter(allowed, blocked, max_mat, np.unique(np.asarray(excl, np.int32)))
@@ -533,17 +586,23 @@ class Engine:
         from recsvc.reranking import rerank
 
         cat = self.catalog
-        pct = (self._popularity_percentile(now_ms) if rules.long_tail_boost > 0
-               else _zeros_f32(cat.capacity))
+        embeddings, categories, maturity, created = cat.columns()  # one consistent set of arrays
+        size = categories.shape[0]
+        if rules.long_tail_boost > 0:
+            pct = self._popularity_percentile(now_ms)
+            if pct.size != size:
+                pct = np.resize(pct, size) if pct.size > size else np.pad(pct, (0, size - pct.size))
+        else:
+            pct = _zeros_f32(size)
 
         def eligible(row: int) -> bool:
             return bool(flt.eligible(cat, np.asarray([row], np.int32))[0])
 
         return rerank(
-            rows.astype(np.int32), scores.astype(np.float32), n, rules, embeddings=cat.embeddings, categories=cat.categories, maturity=cat.maturity,
-            created_at_ms=cat.created_at_ms, now_ms=now_ms, popularity_percentile=pct,
-            row_of=cat.row_of.get, eligible=eligible, max_maturity=flt.max_maturity,
-            freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+            rows.astype(np.int32), scores.astype(np.float32), n, rules, embeddings=embeddings,
+            categories=categories, maturity=maturity, created_at_ms=created, now_ms=now_ms,
+            popularity_percentile=pct, row_of=cat.row_of.get, eligible=eligible,
+            max_maturity=flt.max_maturity, freshness_half_life_days=cfg.ranking.freshness_half_life_days,
         )
 
     # -- Feedback ---------------------------------------------------------------------
@@ -600,16 +659,43 @@ class Engine:
                                  "item": ev.item_id})
             if accepted:
                 # Durable before the ack and before the state changes.
-                lsn = self.store.append([{"t": "fb", "e": accepted}], durable=True)
+                try:
+                    lsn = self.store.append([{"t": "fb", "e": accepted}], durable=True)
+                except OSError as exc:
+                    log.error("could not write the event log: %s", exc)
+                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                      "nothing in this batch was recorded, retry later") from None
                 for ev in accepted:
                     self.state.apply_event(ev)
                     self._record_experiment_event(ev)
                 self.state.refresh_popular(np.fromiter((e["row"] for e in accepted), np.int32, len(accepted)))
                 self.state.applied_lsn = lsn
                 self._events_since_snapshot += len(accepted)
-                if self._events_since_snapshot >= st.snapshot_every_events:
-                    self._snapshot_locked()
+        self._maybe_snapshot()
         return FeedbackResult(len(accepted), duplicates, rejected)
+
+    def _maybe_snapshot(self) -> None:
+        """Start a background snapshot once enough log records accumulated.
+
+        Snapshots run off the request path (a Feedback call never waits for one,
+        and a failing one is logged, not returned to a caller)."""
+        if self._events_since_snapshot < self.cfg.state.snapshot_every_events or self._closed:
+            return
+        if isinstance(self.store, MemoryStateStore):
+            self._events_since_snapshot = 0
+            return
+        with self._seed_lock:
+            if self._snapshot_thread is not None and self._snapshot_thread.is_alive():
+                return
+            self._snapshot_thread = threading.Thread(target=self._background_snapshot,
+                                                     name="recsvc-snapshot", daemon=True)
+            self._snapshot_thread.start()
+
+    def _background_snapshot(self) -> None:
+        try:
+            self.snapshot()
+        except Exception:  # the log still holds everything; try again after more events
+            log.exception("background snapshot failed")
 
     def _record_experiment_event(self, ev: dict[str, Any]) -> None:
         slate = self.state.attributed_slate(ev)
@@ -618,10 +704,10 @@ class Engine:
         self.aggregates.record_event([tuple(a) for a in slate.arms], ev["u"],
                                      EVENT_TYPE_NAMES[int(ev["type"])], float(ev["value"]), int(ev["ts"]))
 
-    def _record_served_aggregates(self, slate: ServedSlate) -> None:
-        if not slate.arms:
-            return
-        rows = np.asarray(slate.rows, np.int64)
+    def _slate_diversity_novelty(self, rows_list: list[int]) -> tuple[float | None, float | None]:
+        """Intra-list diversity (1 - mean pairwise cosine) and novelty (mean -log2 p) of a slate,
+        computed once when served and logged with it, so a replay reports the same numbers."""
+        rows = np.asarray(rows_list, np.int64)
         diversity = novelty = None
         if rows.size > 1:
             e = self.catalog.embeddings[rows]
@@ -632,6 +718,12 @@ class Engine:
             pop = self.state.popularity_acc[rows]
             total = float(self.state.popularity_acc.sum()) or 1.0
             novelty = float(np.mean(-np.log2(np.maximum(pop / total, 1e-12))))
+        return diversity, novelty
+
+    def _record_served_aggregates(self, slate: ServedSlate, diversity: float | None,
+                                  novelty: float | None) -> None:
+        if not slate.arms:
+            return
         self.aggregates.record_served([tuple(a) for a in slate.arms], slate.user_id, slate.rows,
                                       slate.served_at_ms, diversity=diversity, novelty=novelty)
 
@@ -643,26 +735,43 @@ class Engine:
             raise InvalidArgument("items must not be empty")
         if len(items) > self.cfg.server.max_batch:
             raise InvalidArgument(f"at most {self.cfg.server.max_batch} items per call, got {len(items)}")
-        records = []
+        # Everything the catalog would refuse is refused here, before the log:
+        # a logged record must always apply (on replay too).
+        records, seen = [], set()
         for i, it in enumerate(items):
+            where = f"items[{i}] ({it.item_id!r})"
             if not it.item_id:
                 raise InvalidArgument(f"items[{i}].item_id is required")
-            emb = np.asarray(it.embedding, np.float32).reshape(-1)
+            if it.item_id.startswith("\x00"):
+                raise InvalidArgument(f"{where}: item ids must not start with a NUL character")
+            if it.item_id in seen:
+                raise InvalidArgument(f"{where}: the id appears twice in one call")
+            seen.add(it.item_id)
+            emb = np.asarray(it.embedding, np.float64).reshape(-1)
             if emb.size != self.catalog.dim:
                 raise InvalidArgument(
-                    f"items[{i}] ({it.item_id!r}): embedding has {emb.size} values; "
-                    f"the catalog's dimension is {self.catalog.dim}")
-            if not np.isfinite(emb).all() or not emb.any():
-                raise InvalidArgument(f"items[{i}] ({it.item_id!r}): embedding must be finite and non-zero")
-            if it.maturity < 0:
-                raise InvalidArgument(f"items[{i}] ({it.item_id!r}): maturity must be >= 0")
-            records.append(ItemRecord(it.item_id, emb, it.category, int(it.maturity),
+                    f"{where}: embedding has {emb.size} values; the catalog's dimension is {self.catalog.dim}")
+            norm = float(np.linalg.norm(emb)) if np.isfinite(emb).all() else math.nan
+            if not math.isfinite(norm) or norm == 0.0 or np.abs(emb).max() > _FLOAT32_MAX:
+                raise InvalidArgument(f"{where}: embedding must be finite, non-zero and within float32 range")
+            if self.catalog.normalize:
+                emb = emb / norm  # in float64, so huge or tiny values keep their direction
+            if not 0 <= it.maturity <= _INT32_MAX:
+                raise InvalidArgument(f"{where}: maturity must be between 0 and {_INT32_MAX}")
+            records.append(ItemRecord(it.item_id, emb.astype(np.float32), it.category, int(it.maturity),
                                       int(it.created_at_ms) or self.clock(), 0.0, dict(it.attributes)))
         with self._ingest_lock:
-            self.store.append([{"t": "upsert", "items": [_item_to_record(r) for r in records]}], durable=True)
+            try:
+                self.store.append([{"t": "upsert", "items": [_item_to_record(r) for r in records]}],
+                                  durable=True)
+            except OSError as exc:
+                raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                  "nothing was changed, retry later") from None
             return self._apply_upsert(records)
 
     def _apply_upsert(self, records: list[ItemRecord]) -> tuple[int, int]:
+        # State arrays grow first: a request must never see a row they lack.
+        self.state.ensure_capacity(self.catalog.n_rows + len(records) + 16)
         try:
             rows, inserted, updated = self.catalog.upsert(records)
         except CatalogError as exc:
@@ -670,6 +779,7 @@ class Engine:
         self.state.ensure_capacity(self.catalog.capacity)
         self.ann.upsert(self.catalog.embeddings[rows], rows)
         self.retriever.catalog_changes += 1
+        self.catalog_diverged = True
         return inserted, updated
 
     def delete_items(self, item_ids: Sequence[str]) -> tuple[int, list[str]]:
@@ -680,7 +790,11 @@ class Engine:
         with self._ingest_lock:
             known = [i for i in item_ids if i in self.catalog.row_of]
             if known:
-                self.store.append([{"t": "delete", "ids": known}], durable=True)
+                try:
+                    self.store.append([{"t": "delete", "ids": known}], durable=True)
+                except OSError as exc:
+                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                      "nothing was changed, retry later") from None
             deleted = self._apply_delete(known)
         missing = [i for i in item_ids if i not in set(known)]
         return deleted, missing
@@ -691,6 +805,7 @@ class Engine:
             self.ann.delete(rows)
             self.state.drop_items(rows)
             self.retriever.catalog_changes += 1
+            self.catalog_diverged = True
         return int(rows.size)
 
     # -- experiments -------------------------------------------------------------------
@@ -730,27 +845,31 @@ class Engine:
             return self._snapshot_locked()
 
     def _snapshot_locked(self) -> int:
+        """Write a snapshot; the caller holds the ingest lock (no feedback or catalog change runs)."""
         import json
 
-        lsn = self.state.applied_lsn
         if isinstance(self.store, MemoryStateStore):
             self._events_since_snapshot = 0
-            return lsn
-        if hasattr(self.store, "sync"):
-            self.store.sync()  # served records before lsn are on disk too
-        lsn = max(lsn, getattr(self.store, "lsn", lsn))
+            return self.state.applied_lsn
+        # A consistent cut: no served slate is half-recorded while we read the
+        # lsn, the served slates and the experiment aggregates.
+        with self._served_lock:
+            self.store.sync()  # served records up to lsn are on disk too
+            lsn = self.store.lsn
+            with self.state.lock:
+                served = list(self.state.served.values())
+            aggregates = self.aggregates.to_dict()
+            self._events_since_snapshot = 0
 
         def write(directory: Path) -> None:
-            # Ingest is paused (we hold the ingest lock); recommend keeps serving.
             self.state.applied_lsn = lsn
-            self.state.write(directory)
-            (directory / "experiments.json").write_text(json.dumps(self.aggregates.to_dict()))
-            if self.retriever.catalog_changes:
+            self.state.write(directory, served=served)
+            (directory / "experiments.json").write_text(json.dumps(aggregates))
+            if self.catalog_diverged:
                 self.catalog.save(directory / "catalog", compact=False)
                 self.ann.save(directory / "catalog", self.catalog.version)
 
         self.store.write_snapshot(lsn, write)
-        self._events_since_snapshot = 0
         return lsn
 
     def close(self, snapshot: bool = True) -> None:
@@ -769,6 +888,8 @@ class Engine:
         return self.catalog.item_ids[row]
 
 
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ZEROS: dict[int, np.ndarray] = {}
 
 

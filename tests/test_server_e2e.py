@@ -249,3 +249,13 @@ def test_mount_on_your_own_server(tmp_path, clock):
     finally:
         own.stop(0)
         engine.close(snapshot=False)
+
+
+def test_invalid_utf8_is_invalid_argument(server):
+    """A request that does not parse used to come back as INTERNAL."""
+    raw = server.unary_unary("/recsvc.v1.Recommender/Recommend",
+                             request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\x0a\x02\xff\xfe", timeout=10)  # field 1 (user_id) = invalid UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in err.value.details()

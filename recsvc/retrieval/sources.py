@@ -46,10 +46,14 @@ class RowFilter:
         """Boolean mask: which of ``rows`` may be served."""
         ok = catalog.alive[rows] & (catalog.maturity[rows] <= self.max_maturity)
         cats = catalog.categories[rows]
+        # A category created after the request began (a concurrent upsert) is
+        # beyond the masks: not allowed, not blocked.
         if self.allowed_categories is not None:
-            ok &= self.allowed_categories[cats]
+            mask = self.allowed_categories
+            ok &= (cats < mask.size) & mask[np.minimum(cats, mask.size - 1)]
         if self.blocked_categories is not None:
-            ok &= ~self.blocked_categories[cats]
+            mask = self.blocked_categories
+            ok &= ~((cats < mask.size) & mask[np.minimum(cats, mask.size - 1)])
         excl = self.exclude_rows
         if excl.size:
             # exclude_rows is sorted: a binary search beats np.isin's setup cost
@@ -66,11 +70,8 @@ class Retriever:
         self.ann = ann
         self.state = state
         self.cfg = cfg
-        self._fresh_version = -1
-        self._fresh_rows = np.empty(0, np.int32)
-        self._fresh_created = np.empty(0, np.int64)
-        self._cat_version = -1
-        self._rows_by_category: list[np.ndarray] = []
+        self._fresh: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0, np.int32), np.empty(0, np.int64))
+        self._by_category: tuple[int, list[np.ndarray]] = (-1, [])
         self.catalog_changes = 0  # bumped by the engine on upsert/delete
         total = sum(cfg.shares.values()) or 1
         ann_k = cfg.n_candidates * cfg.shares.get("ann", 0) / total * cfg.overfetch
@@ -78,26 +79,29 @@ class Retriever:
 
     # -- derived indexes, rebuilt lazily after catalog changes -----------------------
     def _fresh_index(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._fresh_version != self.catalog_changes:
+        cached = self._fresh
+        if cached[0] != self.catalog_changes:
+            version = self.catalog_changes
             cat = self.catalog
             rows = cat.alive_rows()
             created = cat.created_at_ms[rows]
             order = np.argsort(-created, kind="stable")
             # newest first; the negated times ascend, ready for searchsorted
-            self._fresh_rows, self._fresh_created = rows[order], -created[order]
-            self._fresh_version = self.catalog_changes
-        return self._fresh_rows, self._fresh_created
+            cached = self._fresh = (version, rows[order], -created[order])  # one atomic swap
+        return cached[1], cached[2]
 
     def _category_rows(self) -> list[np.ndarray]:
-        if self._cat_version != self.catalog_changes:
+        cached = self._by_category
+        if cached[0] != self.catalog_changes:
+            version = self.catalog_changes
             cat = self.catalog
             rows = cat.alive_rows()
             codes = cat.categories[rows]
+            n_cat = cat.n_categories
             order = np.argsort(codes, kind="stable")
-            bounds = np.searchsorted(codes[order], np.arange(cat.n_categories + 1))
-            self._rows_by_category = [rows[order[bounds[c]:bounds[c + 1]]] for c in range(cat.n_categories)]
-            self._cat_version = self.catalog_changes
-        return self._rows_by_category
+            bounds = np.searchsorted(codes[order], np.arange(n_cat + 1))
+            cached = self._by_category = (version, [rows[order[bounds[c]:bounds[c + 1]]] for c in range(n_cat)])
+        return cached[1]
 
     # -- sources -----------------------------------------------------------------
     def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:

@@ -109,7 +109,13 @@ def serve(
     engine = (engine_factory or (lambda c: Engine.from_config(c, progress=True)))(cfg)
     engine.warm_up()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGHUP, lambda *_: engine.reload_ranker())
+        def reload(*_):
+            try:
+                log.info("SIGHUP: reloaded ranker weights %s", engine.reload_ranker())
+            except Exception as exc:  # a broken weights file must not stop the server
+                log.error("SIGHUP: ranker reload refused, still serving the previous weights: %s", exc)
+
+        signal.signal(signal.SIGHUP, reload)
     switch.target = RecommenderServicer(engine)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -30,6 +30,13 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class _Undecodable:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """Wraps unary-unary handlers so domain errors become statuses."""
 
@@ -39,8 +46,21 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         method = handler_call_details.method
+        deserialize = handler.request_deserializer
+
+        def tolerant_deserializer(data: bytes):
+            # grpc would answer INTERNAL for a request that does not parse
+            # (e.g. invalid UTF-8 in a string field); hand it to `guarded`.
+            try:
+                return deserialize(data) if deserialize is not None else data
+            except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+                return _Undecodable(str(exc) or type(exc).__name__)
 
         def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid {method.rsplit('/', 1)[-1]} message "
+                              f"(string fields must be UTF-8): {request.reason}")
             try:
                 return inner(request, context)
             except (InvalidArgument, NotFound, Unavailable, FailedPrecondition) as exc:
@@ -52,6 +72,6 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant_deserializer,
             response_serializer=handler.response_serializer,
         )

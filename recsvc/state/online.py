@@ -218,8 +218,9 @@ class OnlineState:
         table = self.cooc.get(row)
         if not table:
             return None
-        others = np.fromiter(table.keys(), np.int32, len(table))
-        counts = np.fromiter(table.values(), np.float64, len(table))
+        pairs = list(table.items())  # one pass: keys and values of the same dict state
+        others = np.fromiter((k for k, _ in pairs), np.int32, len(pairs))
+        counts = np.fromiter((c for _, c in pairs), np.float64, len(pairs))
         k = self.cfg.retrieval.cooccurrence_neighbors
         if others.size > k:
             top = np.argpartition(-counts, k - 1)[:k]
@@ -308,12 +309,13 @@ class OnlineState:
         self._refresh_top(touched)
 
     # -- snapshots -------------------------------------------------------------------
-    def write(self, directory: Path) -> None:
+    def write(self, directory: Path, served: list[ServedSlate] | None = None) -> None:
         """Serialise into ``directory``. The caller pauses ingestion (the only
         writer); served slates keep arriving from requests, so they are copied
-        under the lock first."""
-        with self.lock:
-            served = list(self.served.values())
+        under the lock first (or passed in, copied at the caller's cut)."""
+        if served is None:
+            with self.lock:
+                served = list(self.served.values())
         np.savez(directory / "online.npz", popularity_acc=self.popularity_acc,
                  successes=self.successes, failures=self.failures, item_events=self.item_events,
                  top_popular=self.top_popular)
