@@ -767,7 +767,10 @@ class Engine:
             except OSError as exc:
                 raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
                                   "nothing was changed, retry later") from None
-            return self._apply_upsert(records)
+            result = self._apply_upsert(records)
+            self._events_since_snapshot += 1
+        self._maybe_snapshot()
+        return result
 
     def _apply_upsert(self, records: list[ItemRecord]) -> tuple[int, int]:
         # State arrays grow first: a request must never see a row they lack.
@@ -796,6 +799,8 @@ class Engine:
                     raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
                                       "nothing was changed, retry later") from None
             deleted = self._apply_delete(known)
+            self._events_since_snapshot += bool(known)
+        self._maybe_snapshot()
         missing = [i for i in item_ids if i not in set(known)]
         return deleted, missing
 
