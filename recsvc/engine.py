@@ -70,6 +70,10 @@ class RecommendQuery:
     #: Time budget for this call in ms (0: the configured budget). The gRPC
     #: layer passes the caller's deadline here.
     budget_ms: float = 0.0
+    #: Per-request re-ranking rules (keys of ``RerankingConfig``: max_per_category,
+    #: mmr_lambda, freshness_boost, long_tail_boost, pinned, sponsored_items,
+    #: sponsored_positions), applied on top of the configured/variant rules.
+    rerank: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -407,7 +411,7 @@ class Engine:
         t3 = time.perf_counter_ns()
 
         # -- stage 3: re-ranking
-        rules = cfg.reranking
+        rules = self._request_rules(cfg, q.rerank)
         if (min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3
                 and rules.mmr_lambda > 0):
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
@@ -481,6 +485,22 @@ class Engine:
                    "exploration_us": (t3 - t2) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
         return Recommendation(request_id, items, assignment.variant, timings, degraded)
+
+    @staticmethod
+    def _request_rules(cfg: Config, overrides: Mapping[str, Any]):
+        if not overrides:
+            return cfg.reranking
+        from pydantic import ValidationError
+
+        unknown = set(overrides) - _REQUEST_RULES
+        if unknown:
+            raise InvalidArgument(f"rerank: unknown rule(s) {sorted(unknown)}; known: {sorted(_REQUEST_RULES)}")
+        try:
+            return type(cfg.reranking).model_validate({**cfg.reranking.model_dump(), **overrides})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise InvalidArgument(f"rerank.{key}: {err['msg']}") from None
 
     def _observe(self, stage: str, ns: int) -> None:
         old = self._stage_ewma_us[stage]
@@ -894,6 +914,8 @@ class Engine:
 
 
 _INT32_MAX = 2**31 - 1
+_REQUEST_RULES = frozenset({"max_per_category", "mmr_lambda", "freshness_boost", "long_tail_boost", "pinned",
+                            "sponsored_items", "sponsored_positions"})
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ZEROS: dict[int, np.ndarray] = {}
 

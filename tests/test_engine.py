@@ -237,3 +237,20 @@ def test_concurrent_recommend_feedback_and_snapshots(tmp_path, clock):
     assert not errors
     assert eng.store.latest_snapshot()[0] > 0, "no snapshot was written during the run"
     eng.close(snapshot=False)
+
+
+def test_per_request_rerank_rules(engine):
+    cat = engine.catalog
+    pin = cat.item_ids[123]
+    rec = engine.recommend(RecommendQuery(user_id="r", n=12, rerank={"max_per_category": 1, "pinned": {pin: 2}}))
+    assert rec.items[2].item_id == pin
+    cats = [i.category for i in rec.items]
+    assert len(set(cats)) == len(cats)  # quota of one per category
+    sponsored = cat.item_ids[77]
+    rec = engine.recommend(RecommendQuery(user_id="r", n=5, rerank={"sponsored_items": [sponsored],
+                                                                    "sponsored_positions": [0]}))
+    assert rec.items[0].item_id == sponsored and rec.items[0].sponsored
+    with pytest.raises(InvalidArgument, match="rerank.mmr_lambda"):
+        engine.recommend(RecommendQuery(user_id="r", rerank={"mmr_lambda": 3.0}))
+    with pytest.raises(InvalidArgument, match="unknown rule"):
+        engine.recommend(RecommendQuery(user_id="r", rerank={"shuffle": True}))

@@ -259,3 +259,14 @@ def test_invalid_utf8_is_invalid_argument(server):
         raw(b"\x0a\x02\xff\xfe", timeout=10)  # field 1 (user_id) = invalid UTF-8
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in err.value.details()
+
+
+def test_per_request_rerank_rules_over_grpc(stub):
+    resp = stub.Recommend(pb.RecommendRequest(user_id="rules", n=6, rerank=pb.RerankRules(
+        max_per_category=1, sponsored_item_ids=["item-0042"], sponsored_positions=[1])), timeout=10)
+    assert resp.items[1].item_id == "item-0042" and resp.items[1].sponsored
+    cats = [i.category for i in resp.items if not i.sponsored]
+    assert len(set(cats)) == len(cats)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(pb.RecommendRequest(user_id="rules", rerank=pb.RerankRules(mmr_lambda=2.0)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rerank.mmr_lambda" in err.value.details()

@@ -35,6 +35,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_maturity=f.max_maturity,
             debug=request.debug,
             budget_ms=budget_ms,
+            rerank=_rules(request.rerank) if request.HasField("rerank") else {},
         ))
         return pb.RecommendResponse(
             request_id=rec.request_id,
@@ -85,6 +86,20 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def ReloadRanker(self, request, context):
         return pb.ReloadRankerResponse(reloaded=self.engine.reload_ranker())
+
+
+def _rules(r: pb.RerankRules) -> dict:
+    """Only the fields the caller set (proto3 `optional` keeps presence)."""
+    out: dict = {}
+    for name in ("max_per_category", "mmr_lambda", "freshness_boost", "long_tail_boost"):
+        if r.HasField(name):
+            out[name] = getattr(r, name)
+    if r.pinned:
+        out["pinned"] = dict(r.pinned)
+    if r.sponsored_item_ids or r.sponsored_positions:
+        out["sponsored_items"] = list(r.sponsored_item_ids)
+        out["sponsored_positions"] = list(r.sponsored_positions)
+    return out
 
 
 def _type_name(value: int) -> str:
