@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import uuid
@@ -29,6 +30,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from recsvc.config import DemoCatalogConfig
+
+log = logging.getLogger("recsvc.catalog")
 
 FORMAT_VERSION = 1
 DAY_MS = 86_400_000
@@ -80,7 +83,8 @@ class Catalog:
         self.row_of: dict[str, int] = {}
         self.category_names: list[str] = []
         self.category_code: dict[str, int] = {}
-        self.attributes: list[dict[str, str]] = []
+        # sparse: row -> attributes, only for items that have any
+        self.attributes: dict[int, dict[str, str]] = {}
         self._allocate(max(capacity, 16))
         self.n_rows = 0
         self.n_alive = 0
@@ -180,13 +184,15 @@ class Catalog:
                     row = self.n_rows
                     self.n_rows += 1
                     self.item_ids.append(it.item_id)
-                    self.attributes.append(dict(it.attributes))
                     self.row_of[it.item_id] = row
                     self.n_alive += 1
                     inserted += 1
                 else:
-                    self.attributes[row] = dict(it.attributes)
                     updated += 1
+                if it.attributes:
+                    self.attributes[row] = dict(it.attributes)
+                else:
+                    self.attributes.pop(row, None)
                 rows[i] = row
                 self.categories[row] = self.category_of(it.category)
                 self.maturity[row] = it.maturity
@@ -220,7 +226,7 @@ class Catalog:
         maturity: np.ndarray,
         created_at_ms: np.ndarray,
         popularity: np.ndarray | None = None,
-        attributes: list[dict[str, str]] | None = None,
+        attributes: list[dict[str, str] | None] | None = None,
         normalize: bool = True,
     ) -> "Catalog":
         n = len(item_ids)
@@ -245,7 +251,8 @@ class Catalog:
         cat.created_at_ms[:n] = np.asarray(created_at_ms, np.int64)
         if popularity is not None:
             cat.base_popularity[:n] = np.asarray(popularity, np.float32)
-        cat.attributes = [dict(a) for a in attributes] if attributes is not None else [{} for _ in range(n)]
+        cat.attributes = ({i: dict(a) for i, a in enumerate(attributes) if a}
+                          if attributes is not None else {})
         cat.alive[:n] = True
         cat.n_rows = cat.n_alive = n
         return cat
@@ -276,7 +283,7 @@ class Catalog:
                     "created_at_ms": int(self.created_at_ms[r]),
                     "popularity": float(self.base_popularity[r]),
                 }
-                if self.attributes[r]:
+                if r in self.attributes:
                     rec["attributes"] = self.attributes[r]
                 if not self.alive[r]:
                     rec["deleted"] = True
@@ -290,7 +297,7 @@ class Catalog:
         return rows
 
     @classmethod
-    def load(cls, directory: str | Path, normalize: bool = True) -> "Catalog":
+    def load(cls, directory: str | Path, normalize: bool = True, progress: bool = False) -> "Catalog":
         d = Path(directory)
         emb_path, items_path = d / "embeddings.npy", d / "items.jsonl"
         for p in (emb_path, items_path):
@@ -299,23 +306,20 @@ class Catalog:
         emb = np.load(emb_path, mmap_mode="r")
         if emb.dtype != np.float32:
             raise CatalogError(f"{emb_path}: embeddings must be float32, got {emb.dtype}")
-        ids, cats, mats, created, pops, attrs, dead = [], [], [], [], [], [], []
-        with items_path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    ids.append(str(rec["item_id"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise CatalogError(f"{items_path}:{lineno}: bad item record ({exc})") from None
-                cats.append(str(rec.get("category", "")))
-                mats.append(int(rec.get("maturity", 0)))
-                created.append(int(rec.get("created_at_ms", 0)))
-                pops.append(float(rec.get("popularity", 0.0)))
-                attrs.append({str(k): str(v) for k, v in (rec.get("attributes") or {}).items()})
-                if rec.get("deleted"):
-                    dead.append(len(ids) - 1)
+        if progress and items_path.stat().st_size > 8 << 20:
+            log.info("reading %s (%.0f MB)", items_path, items_path.stat().st_size / 2**20)
+        recs = _read_jsonl(items_path)
+        try:
+            ids = [str(r["item_id"]) for r in recs]
+        except (KeyError, TypeError):
+            bad = next(i for i, r in enumerate(recs) if not isinstance(r, dict) or "item_id" not in r)
+            raise CatalogError(f"{items_path}: record {bad + 1} has no item_id") from None
+        cats = [str(r.get("category", "")) for r in recs]
+        mats = [int(r.get("maturity", 0)) for r in recs]
+        created = [int(r.get("created_at_ms", 0)) for r in recs]
+        pops = [float(r.get("popularity", 0.0)) for r in recs]
+        attrs = [{str(k): str(v) for k, v in a.items()} if (a := r.get("attributes")) else None for r in recs]
+        dead = [i for i, r in enumerate(recs) if r.get("deleted")]
         if len(ids) != emb.shape[0]:
             raise CatalogError(
                 f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows"
@@ -344,6 +348,23 @@ class Catalog:
                         h.update(block)
             cat.version = "content-" + h.hexdigest()
         return cat
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """All records of a JSON-lines file: one bulk parse (C speed), and on a
+    syntax error a line-by-line pass that names the bad line."""
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        return json.loads("[" + ",".join(lines) + "]")
+    except json.JSONDecodeError:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CatalogError(f"{path}:{lineno}: bad item record ({exc})") from None
+        raise CatalogError(f"{path}: not valid JSON lines") from None
 
 
 def _atomic_write(path: Path, write) -> None:

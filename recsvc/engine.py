@@ -963,14 +963,16 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
     if cfg.catalog.path is None:
         directory = demo_cache_dir(cfg)
         if (directory / "items.jsonl").exists() and (directory / "catalog.json").exists():
-            catalog = Catalog.load(directory, normalize=normalize)
+            catalog = Catalog.load(directory, normalize=normalize, progress=progress)
         else:
             catalog = demo_catalog(cfg.catalog.demo, progress=progress)
             catalog.normalize = normalize
             catalog.save(directory)
     else:
         directory = Path(cfg.catalog.path).expanduser()
-        catalog = Catalog.load(directory, normalize=normalize)
+        catalog = Catalog.load(directory, normalize=normalize, progress=progress)
+    if progress and not rebuild:
+        log.info("loading the HNSW index for %d items from %s", catalog.n_alive, directory)
     ann = None if rebuild else AnnIndex.load(directory, catalog.dim, cfg.index, catalog.version,
                                              alive=catalog.alive[: catalog.n_rows])
     if ann is None:
