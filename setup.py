@@ -41,7 +41,7 @@ def fastpath_extensions():
             Extension(
                 name,
                 [str(rel)],
-                include_dirs=[np.get_include()],
+                include_dirs=[np.get_include(), str(HERE / "recsvc" / "_fastpath")],  # _simd.h
                 # numpy's random C API (random_beta, bitgen_t) is a static lib.
                 library_dirs=[NPYRANDOM_LIB],
                 libraries=["npyrandom", "m"],
