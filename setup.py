@@ -32,6 +32,11 @@ NPYRANDOM_LIB = str(Path(np.get_include()).parent.parent / "random" / "lib")
 CFLAGS = ["-O0", "-g"] if DEBUG else ["-O3"]
 
 
+# _sampling reproduces numpy's Beta draws bit for bit: no fused multiply-add
+# contraction (it is on by default where FMA is baseline, e.g. arm64).
+EXTRA_CFLAGS = {"recsvc._fastpath._sampling": ["-ffp-contract=off"]}
+
+
 def fastpath_extensions():
     exts = []
     for pyx in sorted((HERE / "recsvc" / "_fastpath").glob("*.pyx")):
@@ -46,7 +51,7 @@ def fastpath_extensions():
                 library_dirs=[NPYRANDOM_LIB],
                 libraries=["npyrandom", "m"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                extra_compile_args=CFLAGS,
+                extra_compile_args=CFLAGS + EXTRA_CFLAGS.get(name, []),
             )
         )
     return cythonize(exts, compiler_directives=DIRECTIVES, quiet=True)

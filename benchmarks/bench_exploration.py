@@ -6,8 +6,10 @@
 Groups (each report shows the ratio within a group):
   beta-1000               1000 Beta draws: compiled kernel, its validating public wrapper,
                           numpy ``Generator.beta`` on the same arrays, a per-item Python loop.
-  thompson-propensities   M=100 candidates, k=20, the default 256 rounds: compiled vs numpy twin,
-                          plus the compiled kernel at 32 rounds (what fits a 300 us budget here).
+  thompson-propensities   the served defaults (M = top_m = 50 candidates, k=20, propensity_draws =
+                          128 rounds): compiled vs numpy twin, the compiled kernel on kappa=100
+                          posteriors (alpha = 100 p + s, beta = 100 (1 - p) + f), and the compiled
+                          kernel at M=100 with 256 rounds.
   policy-explore          ``policy.explore`` for n=1000 ranked candidates, k=20, each policy.
 
 Inputs look like real bandit state: alpha = 1 + clicks, beta = 20 + non-clicks.
@@ -104,6 +106,17 @@ def test_propensities_numpy_twin(benchmark, slate_state, rng):
     a, b, w = slate_state
     out = np.empty(M)
     benchmark(twin.thompson_topk_propensities, rng, a, b, w, K, DRAWS, out)
+
+
+@pytest.mark.benchmark(group="thompson-propensities")
+def test_propensities_compiled_kappa_prior(benchmark, rng):
+    """Posteriors of a kappa=100 prior around p in (0.01, 0.5): both shapes well above 1."""
+    rs = np.random.default_rng(4)
+    p = rs.uniform(0.01, 0.5, M)
+    a, b = 100.0 * p + rs.integers(0, 5, M), 100.0 * (1.0 - p) + rs.integers(0, 20, M)
+    w = np.exp(-np.random.default_rng(2).uniform(0.0, 2.0, M))
+    out = np.empty(M)
+    benchmark(_sampling.thompson_topk_propensities, rng, a, b, w, K, DRAWS, out)
 
 
 @pytest.mark.benchmark(group="thompson-propensities")

@@ -77,6 +77,98 @@ def test_kernel_leaves_generator_where_numpy_would():
 
 
 # --------------------------------------------------------------------------
+# Draw-for-draw identity with numpy on every branch of its random_beta. The
+# kernels redo numpy's Marsaglia-Tsang gamma (shape > 1) with its constants
+# computed once per item and call numpy for everything else; any difference in
+# the arithmetic or in the random numbers consumed shows up here.
+
+
+def _log_uniform(rs, lo, hi, n):
+    return np.exp(rs.uniform(np.log(lo), np.log(hi), n))
+
+
+def _kappa_posteriors(rs, n):
+    """The served shape: alpha = kappa p + s, beta = kappa (1 - p) + f, kappa = 100."""
+    p = rs.uniform(0.01, 0.5, n)
+    return 100 * p + rs.integers(0, 5, n), 100 * (1 - p) + rs.integers(0, 20, n)
+
+
+BETA_FAMILIES = {
+    # name: (alpha, beta) for n items
+    "both<=1 (Johnk)": lambda rs, n: (rs.uniform(1e-3, 1.0, n), rs.uniform(1e-3, 1.0, n)),
+    "a==1 or b==1": lambda rs, n: (
+        rs.choice([1.0, 0.5, 2.0, 1.0 + 2**-52, 1.0 - 2**-53], n),
+        rs.choice([1.0, 0.3, 7.0, 1.0 + 2**-52], n),
+    ),
+    "b<1<a": lambda rs, n: (rs.uniform(1.0, 50.0, n), rs.uniform(1e-3, 1.0, n)),
+    "a<1<b": lambda rs, n: (rs.uniform(1e-3, 1.0, n), rs.uniform(1.0, 50.0, n)),
+    "both>1": lambda rs, n: (_log_uniform(rs, 1.0, 1e5, n), _log_uniform(rs, 1.0, 1e5, n)),
+    "kappa=100 posteriors": _kappa_posteriors,
+    "just above 1": lambda rs, n: (1.0 + rs.uniform(0, 1e-6, n), 1.0 + rs.uniform(0, 1e-12, n)),
+    "huge": lambda rs, n: (_log_uniform(rs, 1e6, 1.7e308, n), _log_uniform(rs, 1e6, 1.7e308, n)),
+    "huge vs tiny": lambda rs, n: (_log_uniform(rs, 1e100, 1.7e308, n), _log_uniform(rs, 5e-324, 1.0, n)),
+    "tiny": lambda rs, n: (_log_uniform(rs, 5e-324, 1.0, n), _log_uniform(rs, 5e-324, 1.0, n)),
+    "tiny below 3e-103": lambda rs, n: (_log_uniform(rs, 5e-324, 3e-103, n), _log_uniform(rs, 5e-324, 3e-103, n)),
+}
+
+
+@pytest.mark.parametrize("family", list(BETA_FAMILIES))
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.MT19937, np.random.SFC64])
+def test_beta_draws_match_numpy_draw_for_draw(family, bit_generator):
+    a, b = (np.asarray(x, dtype=np.float64) for x in BETA_FAMILIES[family](np.random.default_rng(17), 20_000))
+    ours, ref = np.random.Generator(bit_generator(4)), np.random.Generator(bit_generator(4))
+    out = np.empty(a.shape[0])
+    _sampling.sample_beta_batch(ours, a, b, out)
+    np.testing.assert_array_equal(out, ref.beta(a, b))  # NaN (inf / inf for huge shapes) matches NaN
+    assert ours.integers(2**63) == ref.integers(2**63)  # and the same amount of the stream was used
+
+
+def test_thompson_scores_match_numpy_draw_for_draw():
+    a, b = _kappa_posteriors(np.random.default_rng(3), 5_000)
+    w = np.random.default_rng(4).uniform(0.0, 2.0, 5_000)
+    out = np.empty(5_000)
+    _sampling.thompson_scores(np.random.default_rng(6), a, b, w, out)
+    np.testing.assert_array_equal(out, np.random.default_rng(6).beta(a, b) * w)
+
+
+def _top_k_counts(theta, k):
+    """Brute force: per row, the k best by (score descending, index ascending)."""
+    top = np.argsort(-theta, axis=1, kind="stable")[:, :k]
+    return np.bincount(top.ravel(), minlength=theta.shape[1])
+
+
+def _propensity_case(case, m, rs):
+    if case == "kappa":
+        a, b = _kappa_posteriors(rs, m)
+        return a, b, rs.uniform(0.2, 1.0, m)
+    if case == "some ties":
+        a = np.where(rs.random(m) < 0.5, 1e-200, rs.uniform(0.5, 5.0, m))
+        b = np.where(rs.random(m) < 0.5, 1e-200, rs.uniform(0.5, 5.0, m))
+        return a, b, rs.choice([0.0, -0.0, 1.0, 0.5], m)
+    # "all ties": Beta(1e-200, 1e-200) draws are exactly 0 or 1, so every score is 0, 0.5 or 1
+    return np.full(m, 1e-200), np.full(m, 1e-200), rs.choice([0.0, -0.0, 1.0, 0.5], m)
+
+
+@pytest.mark.parametrize("case", ["kappa", "some ties", "all ties"])
+def test_propensities_are_the_exact_top_k_counts_of_numpys_draws(case):
+    # Many rounds, so the threshold carried from round to round is exercised,
+    # including exact ties at the k-th place (broken to the lower index);
+    # small m makes every kind of boundary frequent, m > 64 needs several words of marks.
+    rs = np.random.default_rng(12)
+    for trial in range(200):
+        m = int(rs.integers(2, 12)) if trial % 4 else int(rs.choice([50, 63, 64, 65, 130]))
+        k = int(rs.integers(1, m))
+        a, b, w = _propensity_case(case, m, rs)
+        n_draws = 40
+        got = np.empty(m)
+        ours, ref = np.random.default_rng(trial), np.random.default_rng(trial)
+        _sampling.thompson_topk_propensities(ours, a, b, w, k, n_draws, got)
+        want = _top_k_counts(ref.beta(a, b, size=(n_draws, m)) * w, k) / n_draws
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}: m={m}, k={k}")
+        assert ours.random() == ref.random()
+
+
+# --------------------------------------------------------------------------
 # Parity with the twins
 
 

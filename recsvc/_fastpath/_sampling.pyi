@@ -2,6 +2,8 @@
 
 Kernels do not check shapes or dtypes; call them through ``recsvc.exploration``.
 All arrays are 1-D, C-contiguous float64; outputs are caller-allocated.
+Every kernel draws exactly what ``gen.beta(alpha, beta)`` would draw, in the
+same order, and leaves ``gen`` where that call would.
 """
 
 import numpy as np

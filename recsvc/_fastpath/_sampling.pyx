@@ -3,27 +3,48 @@
 # Random draws use numpy's bit-generator C API (numpy's
 # random/_examples/cython/extending.pyx): the ``bitgen_t*`` comes from the
 # Generator's ``bit_generator.capsule`` and every draw happens under the
-# bit generator's lock, without the GIL, through numpy's own ``random_beta``.
-# A kernel therefore consumes the stream exactly like
-# ``Generator.beta(alpha, beta)`` does for the same parameters in the same
-# (row-major) order, so seeded results are bit-identical to numpy's.
+# bit generator's lock, without the GIL. A kernel consumes the stream exactly
+# like ``Generator.beta(alpha, beta)`` does for the same parameters in the
+# same (row-major) order, so seeded results are bit-identical to numpy's.
+#
+# How a draw stays identical to numpy's ``random_beta`` while being cheaper:
+# numpy draws Beta(a, b) by Johnk's algorithm when a <= 1 and b <= 1, and
+# otherwise as Ga / (Ga + Gb) with Ga ~ Gamma(a) drawn before Gb ~ Gamma(b).
+# ``random_standard_gamma(shape)`` uses Marsaglia-Tsang when shape > 1, which
+# recomputes b = shape - 1/3 and c = 1/sqrt(9 b) on every call. The kernels
+# below redo only that Marsaglia-Tsang loop (``_gamma_mt``), with the same
+# expressions in the same order, the same calls into numpy for the random
+# numbers (``random_standard_normal``, ``next_double``), and b, c computed
+# once per item (``_plan_beta``): once per Monte-Carlo run in
+# ``thompson_topk_propensities`` instead of once per round. Every other case
+# (Johnk and its tiny-shape shortcut; Gamma(shape <= 1)) calls numpy's own
+# ``random_beta`` / ``random_standard_gamma``. Identity needs the compiler to
+# evaluate those expressions as numpy's build does: no fast-math, and no FMA
+# contraction unless numpy's has it too (the default x86-64 target has no FMA).
+# tests/test_sampling.py compares with ``Generator.beta`` draw by draw over
+# every branch, on the machine at hand; a numpy that changes its algorithm
+# fails there as well.
 #
 # Kernels do not validate shapes (the public layer, recsvc.exploration, does);
 # they do refuse non-positive or non-finite Beta parameters, because numpy's
 # gamma rejection loop never terminates on NaN. They report that as a status
 # and the ``def`` wrapper raises once it holds the GIL again.
 
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, log, sqrt
 from numpy.random cimport bitgen_t
 
-from recsvc._fastpath._typedefs cimport float64_t, intp_t
+from recsvc._fastpath._typedefs cimport float64_t, intp_t, uint64_t
 
 import numpy as np
 
 
 cdef extern from "numpy/random/distributions.h":
     double random_beta(bitgen_t *bitgen_state, double a, double b) nogil
+    double random_standard_gamma(bitgen_t *bitgen_state, double shape) nogil
+    double random_standard_normal(bitgen_t *bitgen_state) nogil
+    double next_double(bitgen_t *bitgen_state) nogil   # static inline there
 
 
 cdef enum Status:
@@ -72,6 +93,71 @@ cdef void _raise_bad_parameter(intp_t i, double a, double b) except *:
 
 
 # --------------------------------------------------------------------------
+# One Beta draw, numpy's random_beta with the per-item work done up front
+
+cdef struct BetaPlan:
+    float64_t a, b           # the parameters
+    bint johnk               # a <= 1 and b <= 1: numpy's random_beta as is
+    bint a_mt, b_mt          # Gamma(a) / Gamma(b) by Marsaglia-Tsang (shape > 1)
+    float64_t a_b, a_c       # its b = a - 1/3 and c = 1/sqrt(9 b)
+    float64_t b_b, b_c       # the same for Gamma(b)
+
+
+cdef inline void _plan_beta(BetaPlan *p, float64_t a, float64_t b) noexcept nogil:
+    # The branch tests are numpy's: random_beta's (a <= 1 && b <= 1), then
+    # random_standard_gamma's shape == 1 / shape < 1 / else (shape > 1 here,
+    # the parameters being positive and finite).
+    p.a = a
+    p.b = b
+    p.johnk = a <= 1.0 and b <= 1.0
+    p.a_mt = a > 1.0
+    p.b_mt = b > 1.0
+    if p.a_mt:
+        p.a_b = a - 1.0 / 3.0
+        p.a_c = 1.0 / sqrt(9.0 * p.a_b)
+    if p.b_mt:
+        p.b_b = b - 1.0 / 3.0
+        p.b_c = 1.0 / sqrt(9.0 * p.b_b)
+
+
+cdef inline float64_t _gamma_mt(bitgen_t *rng, float64_t b, float64_t c) noexcept nogil:
+    """numpy's random_standard_gamma(shape) for shape > 1, given its b and c.
+
+    Same operations in the same order (the expressions are numpy's), so the
+    same random numbers give the same result bit for bit."""
+    cdef float64_t X, V, U
+    while True:
+        while True:
+            X = random_standard_normal(rng)
+            V = 1.0 + c * X
+            if not (V <= 0.0):
+                break
+        V = V * V * V
+        U = next_double(rng)
+        if U < 1.0 - 0.0331 * (X * X) * (X * X):
+            return b * V
+        # log(0.0) ok here
+        if log(U) < 0.5 * X * X + b * (1.0 - V + log(V)):
+            return b * V
+
+
+cdef inline float64_t _beta_draw(bitgen_t *rng, const BetaPlan *p) noexcept nogil:
+    """random_beta(rng, p.a, p.b), bit for bit and draw for draw."""
+    cdef float64_t ga, gb
+    if p.johnk:
+        return random_beta(rng, p.a, p.b)
+    if p.a_mt:
+        ga = _gamma_mt(rng, p.a_b, p.a_c)
+    else:
+        ga = random_standard_gamma(rng, p.a)
+    if p.b_mt:
+        gb = _gamma_mt(rng, p.b_b, p.b_c)
+    else:
+        gb = random_standard_gamma(rng, p.b)
+    return ga / (ga + gb)
+
+
+# --------------------------------------------------------------------------
 # Batched Beta draws
 
 cdef int _beta_fill(
@@ -81,10 +167,12 @@ cdef int _beta_fill(
     float64_t[::1] out,                  # OUT (n,)
 ) noexcept nogil:
     cdef intp_t i, n = alpha.shape[0]
+    cdef BetaPlan p
     if _first_bad_parameter(alpha, beta) >= 0:
         return BAD_PARAMETER
     for i in range(n):
-        out[i] = random_beta(rng, alpha[i], beta[i])
+        _plan_beta(&p, alpha[i], beta[i])
+        out[i] = _beta_draw(rng, &p)
     return OK
 
 
@@ -117,10 +205,12 @@ cdef int _thompson_scores(
 ) noexcept nogil:
     cdef intp_t i, m = alpha.shape[0]
     cdef bint weighted = base_scores is not None
+    cdef BetaPlan p
     if _first_bad_parameter(alpha, beta) >= 0:
         return BAD_PARAMETER
     for i in range(m):
-        out[i] = random_beta(rng, alpha[i], beta[i])
+        _plan_beta(&p, alpha[i], beta[i])
+        out[i] = _beta_draw(rng, &p)
         if weighted:
             out[i] *= base_scores[i]
     return OK
@@ -145,9 +235,33 @@ def thompson_scores(
         _raise_bad_parameter(i, alpha[i], beta[i])
 
 
-# A min-heap of the k best (score, index) pairs seen so far. "Better" means a
-# higher score, or an equal score and a lower index, the same tie rule as
-# recsvc.exploration.top_k_indices. The root is the worst member.
+# Top-k membership per round. "Better" means a higher score, or an equal score
+# and a lower index, the same tie rule as recsvc.exploration.top_k_indices;
+# it is a strict total order on (score, index) pairs.
+#
+# Each round first marks, in one branch-free pass, the candidates scoring
+# strictly above a threshold t (a bit per candidate): every one of them is
+# better than every unmarked one, whatever t is. With t the previous round's
+# k-th or (k+1)-th best score about k are marked, and only the few around the
+# boundary need a real selection: with n_above marked, the j = k - n_above
+# best unmarked ones join the top k, or the j = n_above - k worst marked ones
+# drop out (usually j <= 2). The first round's t = +inf marks none, so it
+# selects all k from the m candidates.
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define recsvc_ctz64(x) __builtin_ctzll(x)
+    #else
+    static int recsvc_ctz64(unsigned long long x) {
+        int n = 0;
+        while (!(x & 1)) { x >>= 1; n++; }
+        return n;
+    }
+    #endif
+    """
+    int _ctz64 "recsvc_ctz64" (uint64_t x) nogil   # x != 0
+
 
 cdef inline bint _worse(
     float64_t s1, intp_t i1, float64_t s2, intp_t i2
@@ -155,9 +269,17 @@ cdef inline bint _worse(
     return s1 < s2 or (s1 == s2 and i1 > i2)
 
 
+cdef inline bint _better_nobranch(
+    float64_t s1, intp_t i1, float64_t s2, intp_t i2
+) noexcept nogil:
+    # not _worse(s1, i1, s2, i2) for distinct pairs; | and & keep it branch-free
+    return (s1 > s2) | ((s1 == s2) & (i1 < i2))
+
+
 cdef inline void _sift_down(
     float64_t *hs, intp_t *hi, intp_t size, intp_t pos
 ) noexcept nogil:
+    # Min-heap on (score, index): the root is the worst member.
     cdef float64_t s = hs[pos]
     cdef intp_t idx = hi[pos]
     cdef intp_t child
@@ -177,6 +299,54 @@ cdef inline void _sift_down(
     hi[pos] = idx
 
 
+cdef void _select_best(
+    const float64_t *theta,              # IN  (m,) scores
+    intp_t m,                            # IN
+    const uint64_t *marks,               # IN  (ceil(m / 64),) bit i: theta[i] > t
+    bint worst,                          # IN  the j worst marked, else the j best unmarked
+    intp_t j,                            # IN  0 < j <= how many there are
+    float64_t *hs,                       # OUT (j,) their scores (negated if worst)
+    intp_t *hi,                          # OUT (j,) their indices (negated if worst)
+) noexcept nogil:
+    """The j best unmarked (or j worst marked) candidates, as a heap rooted
+    at the one nearest the boundary: hs[0], hi[0].
+
+    Selecting the worst is selecting the best of (-score, -index), a pair
+    order that reverses the original one exactly (negation is exact, and
+    -0.0 == 0.0), so the same min-heap serves both."""
+    cdef float64_t sg = -1.0 if worst else 1.0
+    cdef intp_t ig = -1 if worst else 1
+    cdef intp_t w, c, h, size = 0
+    cdef uint64_t word
+    cdef float64_t s
+    cdef bint swap
+    for w in range((m + 63) // 64):
+        word = marks[w] if worst else ~marks[w]
+        if (w + 1) * 64 > m:             # drop the bits past m
+            word &= ((<uint64_t> 1) << (m & 63)) - 1
+        while word:
+            c = w * 64 + _ctz64(word)    # the next candidate, in index order
+            word &= word - 1
+            s = sg * theta[c]
+            c = ig * c
+            if size < j:
+                hs[size] = s
+                hi[size] = c
+                size += 1
+                if size == j:
+                    for h in range(j // 2 - 1, -1, -1):
+                        _sift_down(hs, hi, j, h)
+            elif j == 1:
+                # The common case, kept free of unpredictable branches.
+                swap = _better_nobranch(s, c, hs[0], hi[0])
+                hs[0] = s if swap else hs[0]
+                hi[0] = c if swap else hi[0]
+            elif _worse(hs[0], hi[0], s, c):
+                hs[0] = s
+                hi[0] = c
+                _sift_down(hs, hi, j, 0)
+
+
 cdef int _thompson_topk_counts(
     bitgen_t *rng,
     const float64_t[::1] alpha,          # IN  (m,)
@@ -184,42 +354,57 @@ cdef int _thompson_topk_counts(
     const float64_t[::1] base_scores,    # IN  (m,) or None
     intp_t k,                            # IN  0 < k < m
     intp_t n_draws,                      # IN  > 0
+    BetaPlan *plans,                     # SCRATCH (m,)
     float64_t[::1] theta,                # SCRATCH (m,)
-    float64_t[::1] heap_scores,          # SCRATCH (k,)
-    intp_t[::1] heap_index,              # SCRATCH (k,)
-    float64_t[::1] out,                  # OUT (m,) membership counts
+    uint64_t[::1] marks,                 # SCRATCH (ceil(m / 64),)
+    float64_t[::1] heap_scores,          # SCRATCH (m,)
+    intp_t[::1] heap_index,              # SCRATCH (m,)
+    intp_t[::1] counts,                  # OUT (m,) top-k memberships
 ) noexcept nogil:
-    cdef intp_t r, i, j, m = alpha.shape[0]
+    cdef intp_t r, i, j, n_above, m = alpha.shape[0]
     cdef bint weighted = base_scores is not None
     cdef float64_t s
+    cdef float64_t t = INFINITY          # no threshold yet: nothing is above
+    cdef uint64_t up
+    cdef float64_t *th = &theta[0]
     cdef float64_t *hs = &heap_scores[0]
     cdef intp_t *hi = &heap_index[0]
 
     if _first_bad_parameter(alpha, beta) >= 0:
         return BAD_PARAMETER
     for i in range(m):
-        out[i] = 0.0
+        counts[i] = 0
+        _plan_beta(&plans[i], alpha[i], beta[i])
     for r in range(n_draws):
         # Same stream order as Generator.beta(alpha, beta, size=(n_draws, m)).
+        # Those above t are marked and counted in for now (this costs little
+        # next to the draws, whose latency it overlaps).
+        for i in range((m + 63) // 64):
+            marks[i] = 0
+        n_above = 0
         for i in range(m):
-            s = random_beta(rng, alpha[i], beta[i])
+            s = _beta_draw(rng, &plans[i])
             if weighted:
                 s = s * base_scores[i]
-            theta[i] = s
-        # Heapify the first k, then let each later candidate replace the
-        # worst member if it beats it: O(m log k) per round, no sort.
-        for i in range(k):
-            hs[i] = theta[i]
-            hi[i] = i
-        for j in range(k // 2 - 1, -1, -1):
-            _sift_down(hs, hi, k, j)
-        for i in range(k, m):
-            if _worse(hs[0], hi[0], theta[i], i):
-                hs[0] = theta[i]
-                hi[0] = i
-                _sift_down(hs, hi, k, 0)
-        for j in range(k):
-            out[hi[j]] += 1.0
+            th[i] = s
+            up = s > t
+            marks[i >> 6] |= up << (i & 63)
+            counts[i] += up
+            n_above += up
+        if n_above < k:
+            # The k - n_above best of the rest join.
+            j = k - n_above
+            _select_best(th, m, &marks[0], False, j, hs, hi)
+            for i in range(j):
+                counts[hi[i]] += 1
+            t = hs[0]                    # this round's k-th best score
+        elif n_above > k:
+            # The n_above - k worst of those above drop out.
+            j = n_above - k
+            _select_best(th, m, &marks[0], True, j, hs, hi)
+            for i in range(j):
+                counts[-hi[i]] -= 1
+            t = -hs[0]                   # this round's (k+1)-th best score
     return OK
 
 
@@ -254,16 +439,24 @@ def thompson_topk_propensities(
         out[:] = 0.0 if k <= 0 else 1.0
         return
     cdef float64_t[::1] theta = np.empty(m, dtype=np.float64)
-    cdef float64_t[::1] heap_scores = np.empty(k, dtype=np.float64)
-    cdef intp_t[::1] heap_index = np.empty(k, dtype=np.intp)
-    with bit_generator.lock, nogil:
-        status = _thompson_topk_counts(
-            rng, alpha, beta, base_scores, k, n_draws,
-            theta, heap_scores, heap_index, out,
-        )
-        if status == OK:
-            for i in range(m):
-                out[i] = out[i] / n_draws
+    cdef float64_t[::1] heap_scores = np.empty(m, dtype=np.float64)
+    cdef intp_t[::1] heap_index = np.empty(m, dtype=np.intp)
+    cdef intp_t[::1] counts = np.empty(m, dtype=np.intp)
+    cdef uint64_t[::1] marks = np.empty((m + 63) // 64, dtype=np.uint64)
+    cdef BetaPlan *plans = <BetaPlan *> PyMem_Malloc(m * sizeof(BetaPlan))
+    if plans == NULL:
+        raise MemoryError()
+    try:
+        with bit_generator.lock, nogil:
+            status = _thompson_topk_counts(
+                rng, alpha, beta, base_scores, k, n_draws,
+                plans, theta, marks, heap_scores, heap_index, counts,
+            )
+            if status == OK:
+                for i in range(m):
+                    out[i] = <float64_t> counts[i] / n_draws
+    finally:
+        PyMem_Free(plans)
     if status != OK:
         i = _first_bad_parameter(alpha, beta)
         _raise_bad_parameter(i, alpha[i], beta[i])

@@ -1,9 +1,12 @@
 """Plain-numpy twins of ``recsvc._fastpath._sampling``.
 
 Same signatures and the same use of the generator's stream, so a seeded
-Generator gives identical results (up to ties between continuous draws, which
-have probability zero): ``Generator.beta`` on arrays draws element by element in
-row-major order with numpy's ``random_beta``, exactly as the kernels do.
+Generator gives identical results: ``Generator.beta`` on arrays draws element by
+element in row-major order with numpy's ``random_beta``, and the kernels draw
+the same numbers in the same order (they redo numpy's Marsaglia-Tsang gamma
+with its per-item constants hoisted, bit for bit; see ``_sampling.pyx``).
+One difference: ``thompson_topk_propensities`` here breaks exact ties at the
+k-th place arbitrarily (``argpartition``), the kernel to the lower index.
 """
 
 from __future__ import annotations
