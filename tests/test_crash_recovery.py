@@ -60,11 +60,23 @@ def make_events(item_ids, n):
             for i in range(n)]
 
 
+@pytest.fixture
+def servers():
+    """Every server process a test starts is gone when it ends, pass or fail."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 @pytest.mark.slow
-def test_sigkill_mid_stream_loses_nothing_and_counts_once(tmp_path):
+def test_sigkill_mid_stream_loses_nothing_and_counts_once(tmp_path, servers):
     config_path = tmp_path / "recsvc.toml"
     config_path.write_text(CONFIG.format(tmp=tmp_path))
     proc, port = start_server(config_path)
+    servers.append(proc)
     item_ids = [f"item-{i:04d}" for i in range(50)]
     events = make_events(item_ids, 6000)
     batches = [events[i:i + 50] for i in range(0, len(events), 50)]
@@ -95,6 +107,7 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_once(tmp_path):
 
     # Restart and retry everything: acknowledged events are duplicates.
     proc, port = start_server(config_path)
+    servers.append(proc)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.RecommenderStub(channel)
     duplicates = accepted = 0
