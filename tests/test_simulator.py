@@ -21,7 +21,7 @@ SMALL = dict(items=600, users=50, rounds=12)
 
 
 def as_json(report: dict) -> str:
-    return json.dumps(sim._finite(report), sort_keys=True)
+    return json.dumps(sim.json_safe(report), sort_keys=True)
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from recsvc.evaluation._json import json_safe
 from recsvc.evaluation.datasets import (
     Interactions,
     ItemTable,
@@ -874,27 +875,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+        args.json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf (a metric defined for nobody) become null, numpy scalars plain numbers."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def main(argv: Iterable[str] | None = None) -> int:  # pragma: no cover - `python -m` convenience

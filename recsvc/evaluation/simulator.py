@@ -72,6 +72,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from recsvc.evaluation._json import json_safe
 from recsvc.evaluation.metrics import gini_of_exposure
 
 __all__ = [
@@ -806,20 +807,6 @@ def plot_report(report: dict[str, Any], path: str | Path, window: int = 3) -> Pa
     return out
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
@@ -903,7 +890,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"({elapsed:.1f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+        args.json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_report(report, args.plot)

@@ -110,6 +110,44 @@ def decode_line(line: bytes) -> Record | None:
         return None
 
 
+def _latest_snapshot(directory: Path) -> tuple[int, Path | None]:
+    """(lsn, directory) of the newest complete snapshot (one with its DONE marker), or (0, None)."""
+    best: tuple[int, Path | None] = (0, None)
+    for p in (directory / "snapshots").glob("snap-*"):
+        if not (p / "DONE").exists():
+            continue
+        try:
+            lsn = int(p.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if lsn >= best[0]:
+            best = (lsn, p)
+    return best
+
+
+def _segments(directory: Path) -> list[tuple[int, Path]]:
+    """Log segments as (first lsn, path), oldest first."""
+    segs = []
+    for p in directory.glob("log-*.jsonl"):
+        try:
+            segs.append((int(p.stem.split("-", 1)[1]), p))
+        except ValueError:
+            continue
+    return sorted(segs)
+
+
+def _records_after(directory: Path, after_lsn: int) -> Iterator[Record]:
+    """Records with lsn > after_lsn, in order; a torn line ends a segment."""
+    for _, path in _segments(directory):
+        with path.open("rb") as fh:
+            for line in fh:
+                rec = decode_line(line)
+                if rec is None:
+                    break
+                if int(rec["lsn"]) > after_lsn:
+                    yield rec
+
+
 def read_state_dir(directory: str | Path) -> tuple[int, Path | None, Iterator[Record]]:
     """Read-only view of a state directory (safe while a server writes to it).
 
@@ -120,28 +158,8 @@ def read_state_dir(directory: str | Path) -> tuple[int, Path | None, Iterator[Re
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"no state directory at {d}")
-    best: tuple[int, Path | None] = (0, None)
-    for p in (d / "snapshots").glob("snap-*"):
-        if (p / "DONE").exists():
-            try:
-                lsn = int(p.name.split("-", 1)[1])
-            except ValueError:
-                continue
-            if lsn >= best[0]:
-                best = (lsn, p)
-    snap_lsn = best[0]
-
-    def records() -> Iterator[Record]:
-        for path in sorted(d.glob("log-*.jsonl")):
-            with path.open("rb") as fh:
-                for line in fh:
-                    rec = decode_line(line)
-                    if rec is None:
-                        break
-                    if int(rec["lsn"]) > snap_lsn:
-                        yield rec
-
-    return snap_lsn, best[1], records()
+    snap_lsn, snap_dir = _latest_snapshot(d)
+    return snap_lsn, snap_dir, _records_after(d, snap_lsn)
 
 
 class LocalStateStore:
@@ -173,13 +191,7 @@ class LocalStateStore:
 
     # -- log ---------------------------------------------------------------------
     def _segments(self) -> list[tuple[int, Path]]:
-        segs = []
-        for p in self.dir.glob("log-*.jsonl"):
-            try:
-                segs.append((int(p.stem.split("-", 1)[1]), p))
-            except ValueError:
-                continue
-        return sorted(segs)
+        return _segments(self.dir)
 
     def _recover(self) -> int:
         """Find the last good lsn, truncating a torn tail of the last segment.
@@ -256,28 +268,11 @@ class LocalStateStore:
                 self._dirty = False
 
     def replay(self, after_lsn: int) -> Iterator[Record]:
-        for _, path in self._segments():
-            with path.open("rb") as fh:
-                for line in fh:
-                    rec = decode_line(line)
-                    if rec is None:
-                        break
-                    if int(rec["lsn"]) > after_lsn:
-                        yield rec
+        return _records_after(self.dir, after_lsn)
 
     # -- snapshots -----------------------------------------------------------------
     def latest_snapshot(self) -> tuple[int, Path | None]:
-        best: tuple[int, Path | None] = (0, None)
-        for p in (self.dir / "snapshots").glob("snap-*"):
-            if not (p / "DONE").exists():
-                continue
-            try:
-                lsn = int(p.name.split("-", 1)[1])
-            except ValueError:
-                continue
-            if lsn >= best[0]:
-                best = (lsn, p)
-        return best
+        return _latest_snapshot(self.dir)
 
     def write_snapshot(self, lsn: int, write: Callable[[Path], None]) -> None:
         """Write a snapshot for ``lsn``; then drop what it makes redundant.
