@@ -13,6 +13,7 @@ import pytest
 
 from recsvc.config import Config
 from recsvc.evaluation import simulator as sim
+from recsvc.evaluation._json import json_safe
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "simulate_experiments.toml"
 GREEDY_ONLY = {"experiment": [{"name": "only", "salt": "only-1", "variant": [
@@ -21,7 +22,7 @@ SMALL = dict(items=600, users=50, rounds=12)
 
 
 def as_json(report: dict) -> str:
-    return json.dumps(sim.json_safe(report), sort_keys=True)
+    return json.dumps(json_safe(report), sort_keys=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,3 +23,15 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def write_outputs(report: dict[str, Any], json_path: Path | None, plot_path: Path | None,
+                  plot: Callable[[dict[str, Any], Path], Any]) -> None:
+    """The ``--json`` and ``--plot`` outputs of ``recsvc evaluate`` and ``recsvc simulate``."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+        print(f"wrote {json_path}")
+    if plot_path:
+        plot(report, plot_path)
+        print(f"wrote {plot_path}")

@@ -62,7 +62,6 @@ progress bar on stderr (``--no-progress`` turns it off).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from recsvc.evaluation._json import json_safe
+from recsvc.evaluation._json import write_outputs
 from recsvc.evaluation.datasets import (
     Interactions,
     ItemTable,
@@ -873,13 +872,7 @@ def run(args: argparse.Namespace) -> int:
     report["data"]["path"] = str(data_path)
     report["seconds_total"] = round(time.perf_counter() - t0, 2)
     print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(report, args.json, args.plot, plot_report)
     return 0
 
 

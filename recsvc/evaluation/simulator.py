@@ -72,7 +72,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from recsvc.evaluation._json import json_safe
+from recsvc.evaluation._json import write_outputs
 from recsvc.evaluation.metrics import gini_of_exposure
 
 __all__ = [
@@ -888,13 +888,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(report["experiment_report"]["text"].rstrip())
     print(f"({elapsed:.1f} s)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(report, args.json, args.plot, plot_report)
     return 0
 
 
