@@ -16,7 +16,6 @@ the response is marked ``degraded``.
 from __future__ import annotations
 
 import base64
-import itertools
 import logging
 import math
 import threading
@@ -182,8 +181,6 @@ class Engine:
     def from_config(cls, cfg: Config, progress: bool = False,
                     clock: Callable[[], int] = wall_clock_ms) -> "Engine":
         """Load (or build once and cache) the catalog and index; recover state."""
-        from recsvc.experiments import ExperimentSet
-
         state_dir = Path(cfg.state.dir).expanduser()
         store = LocalStateStore(state_dir, fsync=cfg.state.fsync == "batch")
         try:
@@ -907,10 +904,6 @@ class Engine:
             except Exception:  # never lose the log because a snapshot failed
                 log.exception("snapshot on close failed; the log still holds every event")
         self.store.close()
-
-    # -- introspection ---------------------------------------------------------------------
-    def item_id_of(self, row: int) -> str:
-        return self.catalog.item_ids[row]
 
 
 _INT32_MAX = 2**31 - 1

@@ -27,7 +27,7 @@ import numpy as np
 from recsvc.catalog import Catalog
 from recsvc.config import RetrievalConfig
 from recsvc.retrieval.ann import AnnIndex
-from recsvc.retrieval.candidates import SOURCE_BIT, SOURCE_NAMES, Candidates
+from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
 from recsvc.state.online import OnlineState
 
 DAY_MS = 86_400_000.0
@@ -285,4 +285,3 @@ class Retriever:
 _EMPTY_ROWS = np.empty(0, np.int32)
 _EMPTY_SCORES = np.empty(0, np.float32)
 
-SOURCE_BITS = SOURCE_BIT  # re-export for callers that build masks

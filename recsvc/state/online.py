@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
