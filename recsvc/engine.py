@@ -964,7 +964,7 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
     else:
         directory = Path(cfg.catalog.path).expanduser()
         catalog = Catalog.load(directory, normalize=normalize, progress=progress)
-    if progress and not rebuild:
+    if progress and not rebuild and (directory / "index.bin").exists():
         log.info("loading the HNSW index for %d items from %s", catalog.n_alive, directory)
     ann = None if rebuild else AnnIndex.load(directory, catalog.dim, cfg.index, catalog.version,
                                              alive=catalog.alive[: catalog.n_rows])
