@@ -64,6 +64,9 @@ class IndexConfig(_Section):
     ef_search_min: int = Field(64, ge=1, description="Lower bound of ef at query time.")
     build_threads: int = Field(0, ge=0, description="Threads for index builds; 0 = all cores.")
     grow_factor: float = Field(1.5, gt=1.0, description="Capacity multiplier when the live index is full.")
+    huge_pages: bool = Field(
+        True, description="Back the index with transparent huge pages (Linux; best effort): fewer TLB misses per query."
+    )
 
 
 class RetrievalConfig(_Section):

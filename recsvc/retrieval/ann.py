@@ -15,6 +15,7 @@ threads: ef is global to the index.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -25,6 +26,9 @@ import hnswlib
 import numpy as np
 
 from recsvc.config import IndexConfig
+from recsvc.retrieval.hugepages import Advice, new_mappings_to_huge_pages
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.bin"
 INDEX_META = "index.json"
@@ -82,6 +86,7 @@ class AnnIndex:
         self._in_index = np.zeros(0, bool)
         self._deleted_slots = 0
         self._live_count = 0
+        self.huge_pages = Advice()  # what the last allocation got (see recsvc.retrieval.hugepages)
 
     def _track(self, rows: np.ndarray, deleted_slots: int = 0) -> None:
         self._in_index = np.zeros(int(rows.max()) + 1 if rows.size else 0, bool)
@@ -92,13 +97,15 @@ class AnnIndex:
     # -- construction ------------------------------------------------------------
     def _new_index(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space=self.cfg.space, dim=self.dim)
-        index.init_index(
-            max_elements=max(capacity, 16),
-            M=self.cfg.m,
-            ef_construction=self.cfg.ef_construction,
-            random_seed=100,
-            allow_replace_deleted=True,
-        )
+        # Nothing is faulted in yet: marking the allocation is enough.
+        with new_mappings_to_huge_pages(self.cfg.huge_pages) as self.huge_pages:
+            index.init_index(
+                max_elements=max(capacity, 16),
+                M=self.cfg.m,
+                ef_construction=self.cfg.ef_construction,
+                random_seed=100,
+                allow_replace_deleted=True,
+            )
         index.set_ef(self.cfg.ef_search_min)
         return index
 
@@ -164,7 +171,12 @@ class AnnIndex:
             return None
         ann = cls(dim, cfg)
         index = hnswlib.Index(space=cfg.space, dim=dim)
-        index.load_index(str(path), allow_replace_deleted=True)
+        # load_index reads the graph into fresh memory: collapse it into huge pages now.
+        with new_mappings_to_huge_pages(cfg.huge_pages, collapse=True) as ann.huge_pages:
+            index.load_index(str(path), allow_replace_deleted=True)
+        if ann.huge_pages.errors or ann.huge_pages.collapsed_bytes:
+            log.info("HNSW index: %d MiB in huge pages%s", ann.huge_pages.collapsed_bytes >> 20,
+                     f" ({', '.join(ann.huge_pages.errors)})" if ann.huge_pages.errors else "")
         index.set_ef(cfg.ef_search_min)
         ann._index = index
         ann.catalog_version = catalog_version
@@ -227,8 +239,9 @@ class AnnIndex:
             n_new = int((~known).sum())
             free = idx.get_max_elements() - idx.element_count + self._deleted_slots
             if free < n_new:
-                idx.resize_index(int(max(idx.get_max_elements() * self.cfg.grow_factor,
-                                         idx.element_count + n_new + 16)))
+                with new_mappings_to_huge_pages(self.cfg.huge_pages) as self.huge_pages:
+                    idx.resize_index(int(max(idx.get_max_elements() * self.cfg.grow_factor,
+                                             idx.element_count + n_new + 16)))
             if known.any():
                 idx.add_items(vectors[known], rows[known], num_threads=1)
             if n_new:
