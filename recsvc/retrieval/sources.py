@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsvc._fastpath import _retrieval
 from recsvc.catalog import Catalog
 from recsvc.config import RetrievalConfig
 from recsvc.retrieval.ann import AnnIndex
@@ -42,24 +43,26 @@ class RowFilter:
     max_maturity: int
     exclude_rows: np.ndarray  # int32, sorted
 
+    def kernel_args(self, catalog: Catalog) -> tuple:
+        """The filter as the compiled kernels take it (see ``_retrieval.pyx``)."""
+        # alive first: a concurrent catalog growth replaces it last, so the
+        # other columns read after it are at least as long.
+        alive = catalog.alive.view(np.uint8)
+        allowed, blocked = self.allowed_categories, self.blocked_categories
+        return (alive, catalog.maturity, catalog.categories, int(self.max_maturity),
+                _NO_MASK if allowed is None else allowed.view(np.uint8), allowed is not None,
+                _NO_MASK if blocked is None else blocked.view(np.uint8),
+                self.exclude_rows)
+
     def eligible(self, catalog: Catalog, rows: np.ndarray) -> np.ndarray:
-        """Boolean mask: which of ``rows`` may be served."""
-        ok = catalog.alive[rows] & (catalog.maturity[rows] <= self.max_maturity)
-        cats = catalog.categories[rows]
-        # A category created after the request began (a concurrent upsert) is
-        # beyond the masks: not allowed, not blocked.
-        if self.allowed_categories is not None:
-            mask = self.allowed_categories
-            ok &= (cats < mask.size) & mask[np.minimum(cats, mask.size - 1)]
-        if self.blocked_categories is not None:
-            mask = self.blocked_categories
-            ok &= ~((cats < mask.size) & mask[np.minimum(cats, mask.size - 1)])
-        excl = self.exclude_rows
-        if excl.size:
-            # exclude_rows is sorted: a binary search beats np.isin's setup cost
-            at = np.minimum(np.searchsorted(excl, rows), excl.size - 1)
-            ok &= excl[at] != rows
-        return ok
+        """Boolean mask: which of ``rows`` may be served.
+
+        A category created after the request began (a concurrent upsert) is
+        beyond the masks: not allowed, not blocked.
+        """
+        out = np.empty(rows.size, np.uint8)
+        _retrieval.eligible_mask(np.ascontiguousarray(rows, np.int32), *self.kernel_args(catalog), out)
+        return out.view(bool)
 
 
 class Retriever:
@@ -133,23 +136,19 @@ class Retriever:
                             flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0 or not recent_rows:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        rows, vals = self.state.cooccurrence_scores(recent_rows, weights)
-        if rows.size == 0:
+        lists, list_scores, list_weights = self.state.neighbour_lists(recent_rows, weights)
+        if not lists:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        # Best 2 x want first (linear), filter those; the rest only if filters bite.
+        size = sum(a.size for a in lists)
+        rows, vals = np.empty(size, np.int32), np.empty(size, np.float32)
+        n = _retrieval.aggregate_neighbours(lists, list_scores, np.asarray(list_weights, np.float64),
+                                            *flt.kernel_args(self.catalog), rows, vals)
+        rows, vals = rows[:n], vals[:n]
         take = 2 * want
-        if rows.size > take:
+        if n > take:
             top = np.argpartition(-vals, take - 1)[:take]
-            keep = flt.eligible(self.catalog, rows[top])
-            if keep.sum() >= want:
-                rows, vals = rows[top][keep], vals[top][keep]
-            else:
-                keep = flt.eligible(self.catalog, rows)
-                rows, vals = rows[keep], vals[keep]
-        else:
-            keep = flt.eligible(self.catalog, rows)
-            rows, vals = rows[keep], vals[keep]
-        order = np.argsort(-vals, kind="stable")[:take]
+            rows, vals = rows[top], vals[top]
+        order = np.argsort(-vals, kind="stable")
         return rows[order], vals[order]
 
     def popular_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,28 +246,16 @@ class Retriever:
                 parts_rows.append(rows[:k])
                 parts_src.append(np.full(k, i, np.int8))
                 parts_score.append(scores[:k])
-        if parts_rows:
-            all_rows = np.concatenate(parts_rows)
-            all_src = np.concatenate(parts_src)
-            all_score = np.concatenate(parts_score).astype(np.float32)
-        else:
-            all_rows, all_src, all_score = _EMPTY_ROWS, np.empty(0, np.int8), _EMPTY_SCORES
-        uniq, inverse = np.unique(all_rows, return_inverse=True)
-        if uniq.size < n_min:
-            extra = self._fallback(uniq, n_min - uniq.size, flt, now_ms)
+        cands = _merge_parts(parts_rows, parts_src, parts_score)
+        if len(cands) < n_min:
+            extra = self._fallback(cands.rows, n_min - len(cands), flt, now_ms)
             if extra.size:
-                all_rows = np.concatenate([all_rows, extra])
-                all_src = np.concatenate([all_src, np.full(extra.size, SOURCE_NAMES.index("popular"), np.int8)])
                 scale = self.state.popularity_scale(now_ms)
-                all_score = np.concatenate(
-                    [all_score, np.log1p(self.state.popularity_acc[extra] * scale).astype(np.float32)])
-                uniq, inverse = np.unique(all_rows, return_inverse=True)
-        sources = np.zeros(uniq.size, np.uint8)
-        np.bitwise_or.at(sources, inverse, (1 << all_src.astype(np.uint8)).astype(np.uint8))
-        scores = np.zeros((uniq.size, len(SOURCE_NAMES)), np.float32)
-        np.maximum.at(scores, (inverse, all_src.astype(np.intp)), all_score)
-        # Keep the first-proposed order stable-ish: best source score first.
-        return Candidates(uniq.astype(np.int32), sources, scores)
+                parts_rows.append(extra)
+                parts_src.append(np.full(extra.size, SOURCE_NAMES.index("popular"), np.int8))
+                parts_score.append(np.log1p(self.state.popularity_acc[extra] * scale).astype(np.float32))
+                cands = _merge_parts(parts_rows, parts_src, parts_score)
+        return cands
 
     def _fallback(self, have: np.ndarray, need: int, flt: RowFilter, now_ms: int) -> np.ndarray:
         """Most popular eligible rows not yet proposed: a whole-catalog scan."""
@@ -282,6 +269,22 @@ class Retriever:
         return rows[top]
 
 
+def _merge_parts(parts_rows: list[np.ndarray], parts_src: list[np.ndarray],
+                 parts_score: list[np.ndarray]) -> Candidates:
+    """De-duplicate the sources' rows (first seen first: ANN best first, then the others)."""
+    if not parts_rows:
+        return Candidates.empty()
+    rows = np.concatenate(parts_rows).astype(np.int32, copy=False)
+    src = np.concatenate(parts_src)
+    score = np.concatenate(parts_score).astype(np.float32, copy=False)
+    out_rows = np.empty(rows.size, np.int32)
+    out_src = np.empty(rows.size, np.uint8)
+    out_scores = np.zeros((rows.size, len(SOURCE_NAMES)), np.float32)
+    n = _retrieval.merge_sources(rows, src, score, out_rows, out_src, out_scores)
+    return Candidates(out_rows[:n], out_src[:n], out_scores[:n])
+
+
 _EMPTY_ROWS = np.empty(0, np.int32)
 _EMPTY_SCORES = np.empty(0, np.float32)
+_NO_MASK = np.empty(0, np.uint8)
 

@@ -230,23 +230,17 @@ class OnlineState:
         self._neigh_cache[row] = entry
         return entry
 
-    def cooccurrence_scores(self, recent_rows: list[int], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
-        """Neighbours of the user's recent items, cosine-normalised, recency-weighted.
-
-        Returns (rows, scores) with unique rows, unsorted.
-        """
-        parts_r, parts_s = [], []
+    def neighbour_lists(self, recent_rows: list[int], weights: list[float]
+                        ) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
+        """The recent items' neighbour arrays (rows, scores) with their recency weights (items with none skipped)."""
+        rows, scores, ws = [], [], []
         for row, w in zip(recent_rows, weights):
             entry = self._neighbours(row)
             if entry is not None:
-                parts_r.append(entry[0])
-                parts_s.append(entry[1] * w)
-        if not parts_r:
-            return np.empty(0, np.int32), np.empty(0, np.float32)
-        rows = np.concatenate(parts_r)
-        scores = np.concatenate(parts_s)
-        uniq, inv = np.unique(rows, return_inverse=True)
-        return uniq.astype(np.int32), np.bincount(inv, weights=scores).astype(np.float32)
+                rows.append(entry[0])
+                scores.append(entry[1])
+                ws.append(w)
+        return rows, scores, ws
 
     # -- served slates and dedupe --------------------------------------------------
     def remember_served(self, slate: ServedSlate) -> None:

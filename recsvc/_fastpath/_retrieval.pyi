@@ -1,0 +1,33 @@
+"""Type stubs for the compiled candidate-generation kernels (``_retrieval.pyx``).
+
+Call them through ``recsvc.retrieval.sources``. Filter arguments: ``alive``
+(uint8 view of the catalog's bool column), ``maturity`` and ``categories``
+(int32 columns), ``allowed`` / ``blocked`` (uint8 per category code; empty for
+none), ``exclude`` (sorted int32 rows). De-duplication keeps first-seen order.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+_F32 = npt.NDArray[np.float32]
+_F64 = npt.NDArray[np.float64]
+_I8 = npt.NDArray[np.int8]
+_I32 = npt.NDArray[np.int32]
+_U8 = npt.NDArray[np.uint8]
+
+def eligible_mask(
+    rows: _I32, alive: _U8, maturity: _I32, categories: _I32, max_maturity: int,
+    allowed: _U8, has_allowed: bool, blocked: _U8, exclude: _I32, out: _U8,
+) -> int:
+    """out[i] = whether rows[i] may be served; returns the count."""
+
+def aggregate_neighbours(
+    neighbour_rows: list[_I32], neighbour_scores: list[_F64], weights: _F64,
+    alive: _U8, maturity: _I32, categories: _I32, max_maturity: int,
+    allowed: _U8, has_allowed: bool, blocked: _U8, exclude: _I32,
+    out_rows: _I32, out_scores: _F32,
+) -> int:
+    """Sum weights[j] * neighbour_scores[j] per distinct eligible row; returns how many were written."""
+
+def merge_sources(rows: _I32, src: _I8, scores: _F32, out_rows: _I32, out_sources: _U8, out_scores: _F32) -> int:
+    """De-duplicate the concatenated sources: per row, the source bitmask and each source's score."""
