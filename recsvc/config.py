@@ -76,7 +76,8 @@ class RetrievalConfig(_Section):
         description="Per-source candidate quotas; unused share flows to the other sources.",
     )
     overfetch: float = Field(
-        1.5, ge=1.0, description="ANN fetches k * overfetch so filters never starve the result."
+        1.1, ge=1.0,
+        description="ANN margin: it fetches share * overfetch / (the filters' estimated pass rate) + excluded items.",
     )
     fresh_window_days: float = Field(30.0, gt=0, description="Items younger than this are 'fresh'.")
     popularity_half_life_days: float = Field(

@@ -92,6 +92,47 @@ def test_restrictive_filter_does_not_starve_ann(engine, clock):
     assert np.all(np.diff(sims) <= 1e-6)
 
 
+def test_ann_fetch_follows_the_filters(engine):
+    """The fetch size grows with the filters' estimated pass rate and with the excluded items."""
+    cat, r = engine.catalog, engine.retriever
+    margin = engine.cfg.retrieval.overfetch
+    base = r.ann_fetch(180, no_filter(engine))
+    mature = (cat.maturity[: cat.n_rows] <= engine.cfg.reranking.max_maturity).mean()
+    assert base == int(np.ceil(180 * margin / mature))
+    # blocking half the categories: the estimate is the real share of what passes
+    names = cat.category_names[::2]
+    flt = no_filter(engine, blocked_categories=names, max_maturity=13)
+    exact = flt.eligible(cat, np.arange(cat.n_rows, dtype=np.int32)).mean()
+    assert r.pass_rate(flt) == pytest.approx(exact, rel=0.1)
+    assert r.ann_fetch(180, flt) == pytest.approx(180 * margin / exact, rel=0.1)
+    # every excluded item may be one of the nearest: each adds one to the fetch
+    excl = [cat.item_ids[i] for i in range(25)]
+    assert r.ann_fetch(180, no_filter(engine, exclude_item_ids=excl)) == base + 25
+    # nothing passes: the estimate is floored (the retry loop covers the rest)
+    nothing = RowFilter(None, np.ones(cat.n_categories, bool), 18, np.empty(0, np.int32))
+    assert r.pass_rate(nothing) == 0.0 and r.ann_fetch(180, nothing) == int(np.ceil(180 * margin * 8))
+
+
+def test_blocked_categories_are_answered_in_one_ann_query(engine, monkeypatch):
+    cat, r = engine.catalog, engine.retriever
+    calls = []
+    query = r.ann.query
+    monkeypatch.setattr(r.ann, "query", lambda v, k: calls.append(k) or query(v, k))
+    blocked = [name for name in cat.category_names if name != cat.category_names[cat.categories[0]]][:12]
+    flt = no_filter(engine, blocked_categories=blocked)
+    rows, _ = r.ann_source(cat.embeddings[0], 150, flt)
+    assert rows.size >= 150 and len(calls) == 1
+    assert flt.eligible(cat, rows).all()
+    # Blocking the user's own category: embeddings cluster by category, so the
+    # nearest items fail far more often than the catalog-wide estimate says.
+    # The fetch is repeated, larger, and the share is still filled.
+    calls.clear()
+    flt = no_filter(engine, blocked_categories=[cat.category_names[cat.categories[0]]] + blocked[:8])
+    rows, _ = r.ann_source(cat.embeddings[0], 150, flt)
+    assert rows.size >= 150 and flt.eligible(cat, rows).all()
+    assert len(calls) >= 1 and calls == sorted(calls)
+
+
 def test_n_items_whenever_the_catalog_holds_them(engine, clock):
     cat = engine.catalog
     name = cat.category_names[3]
@@ -122,7 +163,7 @@ def test_ann_recall_on_the_100k_demo_catalog():
         pool = np.flatnonzero(np.isin(cats, liked_cats))
         q = emb[rng.choice(pool, size=8, replace=False)].mean(axis=0)
         queries.append(q / np.linalg.norm(q))
-    k = int(np.ceil(cfg.retrieval.shares["ann"] * cfg.retrieval.overfetch))
+    k = int(np.ceil(cfg.retrieval.shares["ann"] * cfg.retrieval.overfetch))  # the fetch without filters
     recalls = {500: [], k: []}
     for q in queries:
         rows, _ = ann.query(q.astype(np.float32), k)

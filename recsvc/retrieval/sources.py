@@ -2,9 +2,11 @@
 
 Sources, each returning rows ranked best-first with a score:
 
-- ``ann``: HNSW nearest neighbours of the user embedding (over-fetched so that
-  filters never starve it; an allowed-categories filter that leaves few items
-  is answered exactly over those categories instead).
+- ``ann``: HNSW nearest neighbours of the user embedding, over-fetched so that
+  filters never starve it: the fetch size follows the request's filters (their
+  estimated pass rate and the number of excluded items), and a fetch that still
+  falls short is repeated with twice the size. An allowed-categories filter that
+  leaves few items is answered exactly over those categories instead.
 - ``cooccurrence``: neighbours of the user's recent items, recency-weighted.
 - ``popular``: the maintained top list of decayed popularity.
 - ``fresh``: items created within the fresh window, newest first.
@@ -75,8 +77,12 @@ class Retriever:
         self.cfg = cfg
         self._fresh: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0, np.int32), np.empty(0, np.int64))
         self._by_category: tuple[int, list[np.ndarray]] = (-1, [])
+        self._filter_stats: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, _EMPTY_SCORES, _EMPTY_ROWS,
+                                                                              _EMPTY_SCORES)
         self.catalog_changes = 0  # bumped by the engine on upsert/delete
         total = sum(cfg.shares.values()) or 1
+        # ef for the usual fetch: the ANN share with the margin, before excludes
+        # (a larger fetch searches with a beam of its own size).
         ann_k = cfg.n_candidates * cfg.shares.get("ann", 0) / total * cfg.overfetch
         self.ann_ef = ann.tune_for(int(math.ceil(ann_k)))
 
@@ -106,6 +112,48 @@ class Retriever:
             cached = self._by_category = (version, [rows[order[bounds[c]:bounds[c + 1]]] for c in range(n_cat)])
         return cached[1]
 
+    def _filter_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Live items per category (as fractions), and the sorted distinct maturities with their cumulative fractions."""
+        cached = self._filter_stats
+        if cached[0] != self.catalog_changes:
+            version = self.catalog_changes
+            cat = self.catalog
+            rows = cat.alive_rows()
+            n = max(rows.size, 1)
+            per_cat = np.bincount(cat.categories[rows], minlength=max(cat.n_categories, 1)) / n
+            mat = cat.maturity[rows]
+            if mat.size and mat.max() <= 4096:  # the usual small scale: linear
+                counts = np.bincount(mat)
+                levels = np.flatnonzero(counts).astype(np.int32)
+                counts = counts[levels]
+            else:
+                levels, counts = np.unique(mat, return_counts=True)
+            cached = self._filter_stats = (version, per_cat, levels, np.cumsum(counts) / n)
+        return cached[1], cached[2], cached[3]
+
+    def pass_rate(self, flt: RowFilter) -> float:
+        """Estimated share of the live catalog the category and maturity filters let through.
+
+        Categories and maturity are taken as independent; the excluded items
+        are counted separately (``ann_fetch``).
+        """
+        per_cat, levels, cum = self._filter_statistics()
+        rate = 1.0
+        if flt.allowed_categories is not None:
+            m = flt.allowed_categories[: per_cat.size]
+            rate = float(per_cat[: m.size][m].sum())
+        if flt.blocked_categories is not None:
+            m = flt.blocked_categories[: per_cat.size]
+            rate -= float(per_cat[: m.size][m].sum())
+        at = int(np.searchsorted(levels, flt.max_maturity, side="right"))
+        rate *= float(cum[at - 1]) if at else 0.0
+        return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
+
+    def ann_fetch(self, want: int, flt: RowFilter) -> int:
+        """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually)."""
+        rate = max(self.pass_rate(flt), 1.0 / 8)  # stricter filters: the retry loop doubles up to 8x
+        return int(math.ceil(want * self.cfg.overfetch / rate)) + int(flt.exclude_rows.size)
+
     # -- sources -----------------------------------------------------------------
     def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0:
@@ -124,7 +172,7 @@ class Retriever:
                     rows, sims = rows[top], sims[top]
                 order = np.argsort(-sims, kind="stable")
                 return rows[order], sims[order].astype(np.float32)
-        k = int(math.ceil(want * self.cfg.overfetch))
+        k = self.ann_fetch(want, flt)
         while True:
             rows, sims = self.ann.query(user_vec, k)
             keep = flt.eligible(self.catalog, rows)
