@@ -97,13 +97,11 @@ def advise(lo: int, hi: int, collapse: bool, result: Advice) -> None:
     result.advised_bytes += end - start
     if not collapse:
         return
-    # In 64 MiB steps: a step that cannot be collapsed (a hole, memory pressure)
-    # fails alone, not the whole range.
-    step = 32 * HUGE
-    for at in range(start, end, step):
-        n = min(step, end - at)
-        if _LIBC.madvise(at, n, MADV_COLLAPSE) == 0:
-            result.collapsed_bytes += n
+    # One huge page at a time: a block that cannot be collapsed fails alone
+    # (e.g. the never-written tail of an index's spare capacity: EINVAL).
+    for at in range(start, end, HUGE):
+        if _LIBC.madvise(at, HUGE, MADV_COLLAPSE) == 0:
+            result.collapsed_bytes += HUGE
         else:
             err = f"MADV_COLLAPSE: errno {ctypes.get_errno()}"
             if err not in result.errors:
@@ -122,3 +120,4 @@ def new_mappings_to_huge_pages(enabled: bool = True, collapse: bool = False,
     yield result
     for lo, hi in sorted(anonymous_mappings(min_bytes) - before):
         advise(lo, hi, collapse, result)
+
