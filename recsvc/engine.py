@@ -798,7 +798,7 @@ class Engine:
             raise InvalidArgument(str(exc)) from None
         self.state.ensure_capacity(self.catalog.capacity)
         self.ann.upsert(self.catalog.embeddings[rows], rows)
-        self.retriever.catalog_changes += 1
+        self.retriever.catalog_changed(self.clock())
         self.catalog_diverged = True
         return inserted, updated
 
@@ -826,7 +826,7 @@ class Engine:
         if rows.size:
             self.ann.delete(rows)
             self.state.drop_items(rows)
-            self.retriever.catalog_changes += 1
+            self.retriever.catalog_changed(self.clock())
             self.catalog_diverged = True
         return int(rows.size)
 

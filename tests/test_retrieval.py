@@ -80,6 +80,39 @@ def test_fresh_source_only_returns_items_in_window(engine, clock):
     assert np.all(np.diff(engine.catalog.created_at_ms[rows]) <= 0)  # newest first
 
 
+def test_fresh_index_follows_catalog_changes_and_the_clock(engine, clock):
+    from recsvc.engine import ItemIn
+
+    r, cat = engine.retriever, engine.catalog
+    window_ms = int(engine.cfg.retrieval.fresh_window_days * DAY_MS)
+    # created 1 ms after the newest item: first in the fresh list once upserted
+    newest = int(cat.created_at_ms[: cat.n_rows].max())
+    start = clock()
+    r.fresh_source(10, no_filter(engine), start)  # the index is built
+    engine.upsert_items([ItemIn("brand-new", np.ones(cat.dim), cat.category_names[0], 0, newest + 1)])
+    row = cat.row_of["brand-new"]
+    # the writer rebuilt the index: no request pays for it
+    assert r._fresh[0] == r.catalog_changes
+    clock.now_ms = newest + 1
+    rows, scores = r.fresh_source(10, no_filter(engine), clock())
+    assert rows[0] == row and scores[0] == pytest.approx(1.0)
+    # time passes: it leaves the window; a change now rebuilds the index
+    # without it (its horizon is past the item)
+    clock.now_ms = newest + 1 + window_ms + 1
+    engine.upsert_items([ItemIn("later", np.ones(cat.dim), cat.category_names[0], 0, clock.now_ms)])
+    rows, _ = r.fresh_source(10, no_filter(engine), clock())
+    assert row not in rows and rows[0] == cat.row_of["later"]
+    assert r._fresh[1] > cat.created_at_ms[row]
+    # a clock set back before the index's horizon rebuilds it: the item is back
+    clock.now_ms = newest + 2
+    rows, _ = r.fresh_source(10, no_filter(engine), clock())
+    assert rows[0] == row
+    # a deleted item is never fresh again
+    engine.delete_items(["brand-new"])
+    rows, _ = r.fresh_source(10, no_filter(engine), clock())
+    assert row not in rows
+
+
 def test_restrictive_filter_does_not_starve_ann(engine, clock):
     cat = engine.catalog
     # the smallest category, with a user vector pointing elsewhere

@@ -75,29 +75,53 @@ class Retriever:
         self.ann = ann
         self.state = state
         self.cfg = cfg
-        self._fresh: tuple[int, np.ndarray, np.ndarray] = (-1, np.empty(0, np.int32), np.empty(0, np.int64))
+        self._fresh: tuple[int, int, np.ndarray, np.ndarray] = (-1, 0, np.empty(0, np.int32), np.empty(0, np.int64))
         self._by_category: tuple[int, list[np.ndarray]] = (-1, [])
         self._filter_stats: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, _EMPTY_SCORES, _EMPTY_ROWS,
                                                                               _EMPTY_SCORES)
-        self.catalog_changes = 0  # bumped by the engine on upsert/delete
+        self.catalog_changes = 0  # bumped by catalog_changed()
         total = sum(cfg.shares.values()) or 1
         # ef for the usual fetch: the ANN share with the margin, before excludes
         # (a larger fetch searches with a beam of its own size).
         ann_k = cfg.n_candidates * cfg.shares.get("ann", 0) / total * cfg.overfetch
         self.ann_ef = ann.tune_for(int(math.ceil(ann_k)))
 
-    # -- derived indexes, rebuilt lazily after catalog changes -----------------------
-    def _fresh_index(self) -> tuple[np.ndarray, np.ndarray]:
+    # -- derived indexes, rebuilt after catalog changes ---------------------------------
+    # The writer rebuilds them (catalog_changed), so requests do not pay; a
+    # request that finds one stale (it raced the writer, or the clock moved
+    # back) rebuilds it itself. Each is swapped in whole: readers never see a
+    # half-built one. At 1M items: fresh ~25 ms, the filter statistics ~5 ms,
+    # the per-category rows ~25 ms (only once a request has filtered by
+    # allowed categories).
+    def catalog_changed(self, now_ms: int) -> None:
+        """Called after an upsert or delete: invalidate and rebuild the derived indexes."""
+        self.catalog_changes += 1
+        self._fresh_index(now_ms)
+        self._filter_statistics()
+        if self._by_category[0] != -1:
+            self._category_rows()
+
+    def _fresh_index(self, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows created at or after ``now - window`` (or later), newest first, with their negated creation times.
+
+        Only items young enough at the rebuild are kept and sorted: as time
+        moves on items leave the window but none enter it (new items come with
+        a catalog change, which rebuilds). A clock that moves back before the
+        rebuild's horizon rebuilds too.
+        """
         cached = self._fresh
-        if cached[0] != self.catalog_changes:
+        horizon = now_ms - int(self.cfg.fresh_window_days * DAY_MS)
+        if cached[0] != self.catalog_changes or horizon < cached[1]:
             version = self.catalog_changes
             cat = self.catalog
-            rows = cat.alive_rows()
-            created = cat.created_at_ms[rows]
+            n = cat.n_rows
+            created = cat.created_at_ms[:n]
+            rows = np.flatnonzero((created >= horizon) & cat.alive[:n]).astype(np.int32)
+            created = created[rows]
             order = np.argsort(-created, kind="stable")
             # newest first; the negated times ascend, ready for searchsorted
-            cached = self._fresh = (version, rows[order], -created[order])  # one atomic swap
-        return cached[1], cached[2]
+            cached = self._fresh = (version, horizon, rows[order], -created[order])  # one atomic swap
+        return cached[2], cached[3]
 
     def _category_rows(self) -> list[np.ndarray]:
         cached = self._by_category
@@ -107,6 +131,8 @@ class Retriever:
             rows = cat.alive_rows()
             codes = cat.categories[rows]
             n_cat = cat.n_categories
+            if n_cat < 2 ** 15:
+                codes = codes.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort
             order = np.argsort(codes, kind="stable")
             bounds = np.searchsorted(codes[order], np.arange(n_cat + 1))
             cached = self._by_category = (version, [rows[order[bounds[c]:bounds[c + 1]]] for c in range(n_cat)])
@@ -118,17 +144,20 @@ class Retriever:
         if cached[0] != self.catalog_changes:
             version = self.catalog_changes
             cat = self.catalog
-            rows = cat.alive_rows()
-            n = max(rows.size, 1)
-            per_cat = np.bincount(cat.categories[rows], minlength=max(cat.n_categories, 1)) / n
-            mat = cat.maturity[rows]
+            n = cat.n_rows
+            live = cat.alive[:n]
+            cats, mat = cat.categories[:n], cat.maturity[:n]
+            if not live.all():
+                cats, mat = cats[live], mat[live]
+            total = max(cats.size, 1)
+            per_cat = np.bincount(cats, minlength=max(cat.n_categories, 1)) / total
             if mat.size and mat.max() <= 4096:  # the usual small scale: linear
                 counts = np.bincount(mat)
                 levels = np.flatnonzero(counts).astype(np.int32)
                 counts = counts[levels]
             else:
                 levels, counts = np.unique(mat, return_counts=True)
-            cached = self._filter_stats = (version, per_cat, levels, np.cumsum(counts) / n)
+            cached = self._filter_stats = (version, per_cat, levels, np.cumsum(counts) / total)
         return cached[1], cached[2], cached[3]
 
     def pass_rate(self, flt: RowFilter) -> float:
@@ -215,7 +244,7 @@ class Retriever:
     def fresh_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        rows, neg_created = self._fresh_index()
+        rows, neg_created = self._fresh_index(now_ms)
         window_ms = self.cfg.fresh_window_days * DAY_MS
         # newest first: the fresh items are a prefix (after any created "in the future")
         # (int64 keys: a float key would make numpy convert the whole array)
