@@ -127,6 +127,27 @@ def test_merge_sources_known_values() -> None:
     np.testing.assert_allclose(out_s[:n], [[-0.2, 0, 0.5, 0], [0.9, 0.3, 0, 0], [0, 0, 0, 0.7]])
 
 
+def test_strided_rows_that_share_their_low_bits_are_kept_apart() -> None:
+    # multiples of a power of two: a hash of the low bits would put them all in one slot
+    rows = (np.arange(3000, dtype=np.int32) * 4096) % (2 ** 31 - 1)
+    src = (np.arange(3000) % 4).astype(np.int8)
+    both = np.concatenate([rows, rows[::-1]])
+    out_r, out_src, out_s = np.empty(6000, np.int32), np.empty(6000, np.uint8), np.zeros((6000, 4), np.float32)
+    n = _retrieval.merge_sources(both, np.concatenate([src, src[::-1]]), np.ones(6000, np.float32),
+                                 out_r, out_src, out_s)
+    assert n == 3000 and out_r[:n].tolist() == rows.tolist()
+
+
+def test_eligible_mask_checks_its_buffer() -> None:
+    everyone = (np.ones(10, np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32), 0,
+                np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.empty(0, np.int32))
+    with pytest.raises(ValueError, match="room for 3"):
+        _retrieval.eligible_mask(np.arange(3, dtype=np.int32), *everyone, np.empty(2, np.uint8))
+    with pytest.raises(ValueError, match="cover every row"):
+        _retrieval.eligible_mask(np.arange(3, dtype=np.int32), np.ones(10, np.uint8), np.zeros(5, np.int32),
+                                 *everyone[2:], np.empty(3, np.uint8))
+
+
 def test_merge_sources_checks_its_buffers() -> None:
     rows, src, scores = np.arange(3, dtype=np.int32), np.zeros(3, np.int8), np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="room for 3"):
@@ -135,3 +156,7 @@ def test_merge_sources_checks_its_buffers() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         _retrieval.merge_sources(rows, src[:2], scores, np.empty(3, np.int32), np.empty(3, np.uint8),
                                  np.zeros((3, 4), np.float32))
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=r"src must be in \[0, 4\)"):
+            _retrieval.merge_sources(rows, np.array([0, bad, 1], np.int8), scores, np.empty(3, np.int32),
+                                     np.empty(3, np.uint8), np.zeros((3, 4), np.float32))

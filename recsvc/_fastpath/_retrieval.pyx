@@ -17,19 +17,26 @@
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from recsvc._fastpath._typedefs cimport float32_t, float64_t, int8_t, int32_t, intp_t, uint8_t, uint32_t
+from recsvc._fastpath._typedefs cimport float32_t, float64_t, int8_t, int32_t, intp_t, uint8_t, uint32_t, uint64_t
 
 
-cdef inline intp_t _table_size(intp_t n) noexcept nogil:
-    cdef intp_t size = 64
-    while size < 2 * n:
-        size <<= 1
-    return size
+cdef inline int _table_bits(intp_t n) noexcept nogil:
+    """log2 of the hash table size: a power of two, at least 2n and 64."""
+    cdef int bits = 6
+    while (<intp_t>1 << bits) < 2 * n:
+        bits += 1
+    return bits
 
 
-cdef inline intp_t _slot(int32_t* keys, intp_t mask, int32_t row) noexcept nogil:
-    """The slot of ``row``: where it is, or the empty slot where it goes."""
-    cdef intp_t h = <intp_t>((<uint32_t>row * 2654435761u) & <uint32_t>mask)
+cdef inline intp_t _slot(int32_t* keys, int bits, int32_t row) noexcept nogil:
+    """The slot of ``row``: where it is, or the empty slot where it goes.
+
+    Fibonacci hashing takes the product's high bits (its low bits would depend
+    only on the row's low bits: rows equal modulo the table size would all
+    collide). The table is at least twice the keys, so the probe ends.
+    """
+    cdef intp_t mask = (<intp_t>1 << bits) - 1
+    cdef intp_t h = <intp_t>((<uint64_t>(<uint32_t>row) * 11400714819323198485ULL) >> (64 - bits))
     while keys[h] != -1 and keys[h] != row:
         h = (h + 1) & mask
     return h
@@ -103,6 +110,8 @@ def eligible_mask(const int32_t[::1] rows, const uint8_t[::1] alive, const int32
     cdef RowFilter f = _row_filter(alive, maturity, categories, max_maturity, allowed, has_allowed,
                                    blocked, exclude)
     cdef intp_t i, n = rows.shape[0], count = 0
+    if out.shape[0] < n:
+        raise ValueError(f"out needs room for {n} rows")
     with nogil:
         for i in range(n):
             out[i] = _eligible(&f, rows[i])
@@ -123,7 +132,8 @@ def aggregate_neighbours(list neighbour_rows, list neighbour_scores, const float
     """
     cdef RowFilter f = _row_filter(alive, maturity, categories, max_maturity, allowed, has_allowed,
                                    blocked, exclude)
-    cdef intp_t j, i, h, mask, n_total = 0, n_out = 0
+    cdef intp_t j, i, h, size, n_total = 0, n_out = 0
+    cdef int bits
     cdef const int32_t[::1] nr
     cdef const float64_t[::1] ns
     cdef int32_t row
@@ -136,14 +146,15 @@ def aggregate_neighbours(list neighbour_rows, list neighbour_scores, const float
         n_total += len(neighbour_rows[j])
     if out_rows.shape[0] < n_total or out_scores.shape[0] < n_total:
         raise ValueError(f"outputs need room for {n_total} rows")
-    mask = _table_size(n_total) - 1
-    cdef int32_t* keys = <int32_t*>malloc((mask + 1) * sizeof(int32_t))
-    cdef int32_t* where = <int32_t*>malloc((mask + 1) * sizeof(int32_t))  # output index, -2 = ineligible
+    bits = _table_bits(n_total)
+    size = <intp_t>1 << bits
+    cdef int32_t* keys = <int32_t*>malloc(size * sizeof(int32_t))
+    cdef int32_t* where = <int32_t*>malloc(size * sizeof(int32_t))  # output index, -2 = ineligible
     if keys == NULL or where == NULL:
         free(keys)
         free(where)
         raise MemoryError()
-    memset(keys, 0xFF, (mask + 1) * sizeof(int32_t))
+    memset(keys, 0xFF, size * sizeof(int32_t))
     try:
         for j in range(len(neighbour_rows)):
             nr = neighbour_rows[j]
@@ -152,7 +163,7 @@ def aggregate_neighbours(list neighbour_rows, list neighbour_scores, const float
             with nogil:
                 for i in range(nr.shape[0]):
                     row = nr[i]
-                    h = _slot(keys, mask, row)
+                    h = _slot(keys, bits, row)
                     if keys[h] == -1:
                         keys[h] = row
                         if _eligible(&f, row):
@@ -179,23 +190,30 @@ def merge_sources(const int32_t[::1] rows, const int8_t[::1] src, const float32_
     source's score (the largest, should a source propose a row twice). Returns
     the number of distinct rows.
     """
-    cdef intp_t i, h, at, mask, n = rows.shape[0], n_out = 0
+    cdef intp_t i, h, at, size, n = rows.shape[0], n_out = 0, n_src = out_scores.shape[1]
+    cdef int bits, bad = 0
     cdef int8_t s
     if src.shape[0] != n or scores.shape[0] != n:
         raise ValueError("rows, src and scores differ in length")
-    if out_rows.shape[0] < n or out_sources.shape[0] < n or out_scores.shape[0] < n or out_scores.shape[1] > 8:
+    if out_rows.shape[0] < n or out_sources.shape[0] < n or out_scores.shape[0] < n or n_src > 8:
         raise ValueError(f"outputs need room for {n} rows and at most 8 sources")
-    mask = _table_size(n) - 1
-    cdef int32_t* keys = <int32_t*>malloc((mask + 1) * sizeof(int32_t))
-    cdef int32_t* where = <int32_t*>malloc((mask + 1) * sizeof(int32_t))
+    with nogil:
+        for i in range(n):
+            bad |= src[i] < 0 or src[i] >= n_src
+    if bad:
+        raise ValueError(f"src must be in [0, {n_src})")
+    bits = _table_bits(n)
+    size = <intp_t>1 << bits
+    cdef int32_t* keys = <int32_t*>malloc(size * sizeof(int32_t))
+    cdef int32_t* where = <int32_t*>malloc(size * sizeof(int32_t))
     if keys == NULL or where == NULL:
         free(keys)
         free(where)
         raise MemoryError()
-    memset(keys, 0xFF, (mask + 1) * sizeof(int32_t))
+    memset(keys, 0xFF, size * sizeof(int32_t))
     with nogil:
         for i in range(n):
-            h = _slot(keys, mask, rows[i])
+            h = _slot(keys, bits, rows[i])
             s = src[i]
             if keys[h] == -1:
                 keys[h] = rows[i]
