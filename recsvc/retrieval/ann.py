@@ -117,12 +117,16 @@ class AnnIndex:
         cfg: IndexConfig,
         progress: bool = False,
         chunk: int = 10_000,
+        capacity: int | None = None,
     ) -> "AnnIndex":
-        """Build an index over ``embeddings[rows]`` (labels = rows)."""
+        """Build an index over ``embeddings[rows]`` (labels = rows), with room for ``capacity`` items.
+
+        The default capacity leaves 10% for live upserts before the first grow.
+        """
         dim = int(embeddings.shape[1])
         ann = cls(dim, cfg)
         n = int(rows.size)
-        ann._index = ann._new_index(int(n * 1.1) + 16)
+        ann._index = ann._new_index(max(capacity or 0, int(n * 1.1) + 16))
         threads = cfg.build_threads or -1
         starts = range(0, n, chunk)
         if progress and n > chunk:

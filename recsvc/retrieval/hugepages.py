@@ -3,8 +3,9 @@
 A graph walk over a 1M-item index touches a few thousand nodes spread over
 ~400 MB: with 4 KiB pages nearly every visit misses the TLB (and in a VM each
 miss is a two-level page walk). With 2 MiB pages the whole index fits the TLB's
-reach. Measured on this 2-core VM at 1M x 64 (ef = 900), queries against the
-same index loaded twice, interleaved: 1.27x faster median with huge pages.
+reach. Measured on this 2-core VM at 1M x 64, the same index loaded twice and
+queried alternately: 1.23-1.27x faster with huge pages at ef = 900, 1.22x at
+the default ef = 660 (benchmarks/bench_retrieval.py reports it every run).
 
 numpy already asks for huge pages for its own large arrays (the catalog
 embeddings); hnswlib allocates its graph with ``malloc``, out of our reach. So
@@ -17,16 +18,19 @@ allocating call, and advises the mappings that appeared (or grew) meanwhile:
   already there are collapsed now, synchronously (~1 s for a 1M-item index),
   which is what a freshly loaded index needs.
 
+Only private anonymous mappings of at least 32 MiB count (never ``[heap]``).
 The kernel merges adjacent anonymous mappings of the same kind, so an older
-neighbour merged with a new mapping is advised with it: harmless, as huge pages
-only ever help a big, densely used mapping. Everything is best effort: on other systems, older kernels, or with THP set to
-``never`` it does nothing and returns what it did.
+neighbour merged with a new mapping is advised with it, as is a big mapping
+another thread made meanwhile: the same advice numpy gives its own arrays over
+4 MiB. Everything is best effort: off Linux (x86-64 and arm64, whose madvise
+constants these are), on kernels without ``MADV_COLLAPSE``, or with THP set to
+``never`` it does less or nothing; the returned ``Advice`` says what it did.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import platform
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +38,19 @@ from typing import Iterator
 
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
-HUGE = 2 << 20
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 MIN_BYTES = 32 << 20
+
+
+def _huge_page_size() -> int:
+    try:
+        with open(f"{THP_DIR}/hpage_pmd_size") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE = _huge_page_size()
 
 
 @dataclass
@@ -46,32 +61,45 @@ class Advice:
     advised_bytes: int = 0
     collapsed_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) advised
+
+
+def thp_mode() -> str:
+    """The system's transparent huge page mode: 'always', 'madvise', 'never' or '' (unknown)."""
+    try:
+        with open(f"{THP_DIR}/enabled") as fh:
+            text = fh.read()
+    except OSError:
+        return ""
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
 
 
 def _libc():
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc
+        madvise = libc.madvise
+    except (OSError, AttributeError):
         return None
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.restype = ctypes.c_int
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
     return libc
 
 
 _LIBC = _libc()
 
 
-def anonymous_mappings(min_bytes: int = MIN_BYTES) -> set[tuple[int, int]]:
+def anonymous_mappings(min_bytes: int | None = None) -> set[tuple[int, int]]:
     """(start, end) of the process's private, writable, anonymous mappings of at least ``min_bytes``."""
+    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     out: set[tuple[int, int]] = set()
     try:
         with open("/proc/self/maps") as fh:
             for line in fh:
                 parts = line.split()
-                # address perms offset dev inode [path]: anonymous = no path (or [heap])
-                if len(parts) > 6 or (len(parts) == 6 and parts[5] != "[heap]"):
+                # address perms offset dev inode [path]: anonymous = no path ([heap] is not ours)
+                if len(parts) > 5:
                     continue
                 if not parts[1].startswith("rw") or parts[1][3] != "p":
                     continue
@@ -95,6 +123,7 @@ def advise(lo: int, hi: int, collapse: bool, result: Advice) -> None:
         result.errors.append(f"MADV_HUGEPAGE: errno {ctypes.get_errno()}")
         return
     result.advised_bytes += end - start
+    result.ranges.append((start, end))
     if not collapse:
         return
     # One huge page at a time: a block that cannot be collapsed fails alone
@@ -110,10 +139,14 @@ def advise(lo: int, hi: int, collapse: bool, result: Advice) -> None:
 
 @contextmanager
 def new_mappings_to_huge_pages(enabled: bool = True, collapse: bool = False,
-                               min_bytes: int = MIN_BYTES) -> Iterator[Advice]:
-    """Advise huge pages for the big anonymous mappings created inside the block."""
+                               min_bytes: int | None = None) -> Iterator[Advice]:
+    """Advise huge pages for the big anonymous mappings created inside the block.
+
+    Nothing happens when THP is set to ``never``: MADV_COLLAPSE would ignore
+    that setting, and an operator who chose it means it.
+    """
     result = Advice()
-    if not enabled or _LIBC is None:
+    if not enabled or _LIBC is None or thp_mode() in ("never", ""):
         yield result
         return
     before = anonymous_mappings(min_bytes)
