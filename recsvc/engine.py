@@ -786,6 +786,8 @@ class Engine:
                                   "nothing was changed, retry later") from None
             result = self._apply_upsert(records)
             self._events_since_snapshot += 1
+        # Outside the ingest lock: feedback need not wait for it.
+        self.retriever.catalog_changed(self.clock())
         self._maybe_snapshot()
         return result
 
@@ -798,7 +800,6 @@ class Engine:
             raise InvalidArgument(str(exc)) from None
         self.state.ensure_capacity(self.catalog.capacity)
         self.ann.upsert(self.catalog.embeddings[rows], rows)
-        self.retriever.catalog_changed(self.clock())
         self.catalog_diverged = True
         return inserted, updated
 
@@ -817,6 +818,8 @@ class Engine:
                                       "nothing was changed, retry later") from None
             deleted = self._apply_delete(known)
             self._events_since_snapshot += bool(known)
+        if deleted:
+            self.retriever.catalog_changed(self.clock())
         self._maybe_snapshot()
         missing = [i for i in item_ids if i not in set(known)]
         return deleted, missing
@@ -826,7 +829,6 @@ class Engine:
         if rows.size:
             self.ann.delete(rows)
             self.state.drop_items(rows)
-            self.retriever.catalog_changed(self.clock())
             self.catalog_diverged = True
         return int(rows.size)
 

@@ -22,6 +22,7 @@ resort).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,7 @@ class RowFilter:
         # other columns read after it are at least as long.
         alive = catalog.alive.view(np.uint8)
         allowed, blocked = self.allowed_categories, self.blocked_categories
-        return (alive, catalog.maturity, catalog.categories, int(self.max_maturity),
+        return (alive, catalog.maturity, catalog.categories, min(int(self.max_maturity), _INT32_MAX),
                 _NO_MASK if allowed is None else allowed.view(np.uint8), allowed is not None,
                 _NO_MASK if blocked is None else blocked.view(np.uint8),
                 self.exclude_rows)
@@ -80,6 +81,7 @@ class Retriever:
         self._filter_stats: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, _EMPTY_SCORES, _EMPTY_ROWS,
                                                                               _EMPTY_SCORES)
         self.catalog_changes = 0  # bumped by catalog_changed()
+        self._rebuild_lock = threading.Lock()
         total = sum(cfg.shares.values()) or 1
         # ef for the usual fetch: the ANN share with the margin, before excludes
         # (a larger fetch searches with a beam of its own size).
@@ -87,46 +89,52 @@ class Retriever:
         self.ann_ef = ann.tune_for(int(math.ceil(ann_k)))
 
     # -- derived indexes, rebuilt after catalog changes ---------------------------------
-    # The writer rebuilds them (catalog_changed), so requests do not pay; a
-    # request that finds one stale (it raced the writer, or the clock moved
-    # back) rebuilds it itself. Each is swapped in whole: readers never see a
-    # half-built one. At 1M items: fresh ~25 ms, the filter statistics ~5 ms,
-    # the per-category rows ~25 ms (only once a request has filtered by
-    # allowed categories).
+    # The writer rebuilds them after its change (catalog_changed) and only then
+    # publishes the new version, so requests do not pay: until then they use
+    # the previous indexes (the eligibility filter still drops deleted items;
+    # a new item shows up a few milliseconds later). Each is swapped in whole.
+    # A request rebuilds one itself only the first time, or when the clock has
+    # moved back past the fresh index's horizon. At 1M items: fresh ~25 ms,
+    # filter statistics ~8 ms, per-category rows ~25 ms (kept only once a
+    # request has filtered by allowed categories).
     def catalog_changed(self, now_ms: int) -> None:
-        """Called after an upsert or delete: invalidate and rebuild the derived indexes."""
-        self.catalog_changes += 1
-        self._fresh_index(now_ms)
-        self._filter_statistics()
-        if self._by_category[0] != -1:
-            self._category_rows()
+        """Called after an upsert or delete: rebuild the derived indexes, then publish the new version."""
+        with self._rebuild_lock:  # concurrent writers: the last build sees every change
+            version = self.catalog_changes + 1
+            self._fresh_index(now_ms, version)
+            self._filter_statistics(version)
+            if self._by_category[0] != -1:
+                self._category_rows(version)
+            self.catalog_changes = version
 
-    def _fresh_index(self, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows created at or after ``now - window`` (or later), newest first, with their negated creation times.
+    def _fresh_index(self, now_ms: int, rebuild_as: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Items created at or after ``now - window - slack``, newest first, with their negated creation times.
 
         Only items young enough at the rebuild are kept and sorted: as time
-        moves on items leave the window but none enter it (new items come with
-        a catalog change, which rebuilds). A clock that moves back before the
-        rebuild's horizon rebuilds too.
+        moves on, items leave the window but none enter it (new items come
+        with a catalog change, which rebuilds). The slack covers requests that
+        read the clock just before the writer did; a clock set back further
+        rebuilds.
         """
         cached = self._fresh
         horizon = now_ms - int(self.cfg.fresh_window_days * DAY_MS)
-        if cached[0] != self.catalog_changes or horizon < cached[1]:
-            version = self.catalog_changes
+        if rebuild_as is not None or cached[0] < self.catalog_changes or horizon < cached[1]:
+            version = self.catalog_changes if rebuild_as is None else rebuild_as
+            keep_from = horizon - _FRESH_SLACK_MS
             cat = self.catalog
             n = cat.n_rows
             created = cat.created_at_ms[:n]
-            rows = np.flatnonzero((created >= horizon) & cat.alive[:n]).astype(np.int32)
+            rows = np.flatnonzero((created >= keep_from) & cat.alive[:n]).astype(np.int32)
             created = created[rows]
             order = np.argsort(-created, kind="stable")
             # newest first; the negated times ascend, ready for searchsorted
-            cached = self._fresh = (version, horizon, rows[order], -created[order])  # one atomic swap
+            cached = self._fresh = (version, keep_from, rows[order], -created[order])  # one atomic swap
         return cached[2], cached[3]
 
-    def _category_rows(self) -> list[np.ndarray]:
+    def _category_rows(self, rebuild_as: int | None = None) -> list[np.ndarray]:
         cached = self._by_category
-        if cached[0] != self.catalog_changes:
-            version = self.catalog_changes
+        if rebuild_as is not None or cached[0] < self.catalog_changes:
+            version = self.catalog_changes if rebuild_as is None else rebuild_as
             cat = self.catalog
             rows = cat.alive_rows()
             codes = cat.categories[rows]
@@ -138,11 +146,11 @@ class Retriever:
             cached = self._by_category = (version, [rows[order[bounds[c]:bounds[c + 1]]] for c in range(n_cat)])
         return cached[1]
 
-    def _filter_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _filter_statistics(self, rebuild_as: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Live items per category (as fractions), and the sorted distinct maturities with their cumulative fractions."""
         cached = self._filter_stats
-        if cached[0] != self.catalog_changes:
-            version = self.catalog_changes
+        if rebuild_as is not None or cached[0] < self.catalog_changes:
+            version = self.catalog_changes if rebuild_as is None else rebuild_as
             cat = self.catalog
             n = cat.n_rows
             live = cat.alive[:n]
@@ -151,7 +159,7 @@ class Retriever:
                 cats, mat = cats[live], mat[live]
             total = max(cats.size, 1)
             per_cat = np.bincount(cats, minlength=max(cat.n_categories, 1)) / total
-            if mat.size and mat.max() <= 4096:  # the usual small scale: linear
+            if mat.size and 0 <= mat.min() and mat.max() <= 4096:  # the usual small scale: linear
                 counts = np.bincount(mat)
                 levels = np.flatnonzero(counts).astype(np.int32)
                 counts = counts[levels]
@@ -167,21 +175,26 @@ class Retriever:
         are counted separately (``ann_fetch``).
         """
         per_cat, levels, cum = self._filter_statistics()
-        rate = 1.0
+        passes = np.ones(per_cat.size, bool)
         if flt.allowed_categories is not None:
             m = flt.allowed_categories[: per_cat.size]
-            rate = float(per_cat[: m.size][m].sum())
+            passes[: m.size] &= m
+            passes[m.size:] = False  # codes beyond the mask are not allowed
         if flt.blocked_categories is not None:
             m = flt.blocked_categories[: per_cat.size]
-            rate -= float(per_cat[: m.size][m].sum())
+            passes[: m.size] &= ~m
+        rate = float(per_cat[passes].sum())
         at = int(np.searchsorted(levels, flt.max_maturity, side="right"))
         rate *= float(cum[at - 1]) if at else 0.0
         return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
 
     def ann_fetch(self, want: int, flt: RowFilter) -> int:
         """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually)."""
-        rate = max(self.pass_rate(flt), 1.0 / 8)  # stricter filters: the retry loop doubles up to 8x
-        return int(math.ceil(want * self.cfg.overfetch / rate)) + int(flt.exclude_rows.size)
+        rate = max(self.pass_rate(flt), 1.0 / 8)  # stricter filters: the retry loop doubles from there
+        # Each excluded item may be among the nearest (a derived user vector
+        # sits among the consumed items); beyond 4x the share, the retry loop
+        # covers a long exclude list better than one huge fetch.
+        return int(math.ceil(want * self.cfg.overfetch / rate)) + min(int(flt.exclude_rows.size), 4 * want)
 
     # -- sources -----------------------------------------------------------------
     def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +218,7 @@ class Retriever:
         while True:
             rows, sims = self.ann.query(user_vec, k)
             keep = flt.eligible(self.catalog, rows)
-            if keep.sum() >= want or rows.size < k or k >= 8 * want:
+            if keep.sum() >= want or rows.size < k or k >= 16 * want:
                 return rows[keep], sims[keep]
             k *= 2
 
@@ -364,4 +377,6 @@ def _merge_parts(parts_rows: list[np.ndarray], parts_src: list[np.ndarray],
 _EMPTY_ROWS = np.empty(0, np.int32)
 _EMPTY_SCORES = np.empty(0, np.float32)
 _NO_MASK = np.empty(0, np.uint8)
+_INT32_MAX = 2 ** 31 - 1
+_FRESH_SLACK_MS = 3_600_000  # see Retriever._fresh_index
 
