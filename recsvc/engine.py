@@ -777,17 +777,23 @@ class Engine:
                 raise InvalidArgument(f"{where}: maturity must be between 0 and {_INT32_MAX}")
             records.append(ItemRecord(it.item_id, emb.astype(np.float32), it.category, int(it.maturity),
                                       int(it.created_at_ms) or self.clock(), 0.0, dict(it.attributes)))
-        with self._ingest_lock:
-            try:
-                self.store.append([{"t": "upsert", "items": [_item_to_record(r) for r in records]}],
-                                  durable=True)
-            except OSError as exc:
-                raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
-                                  "nothing was changed, retry later") from None
-            result = self._apply_upsert(records)
-            self._events_since_snapshot += 1
-        # Outside the ingest lock: feedback need not wait for it.
-        self.retriever.catalog_changed(self.clock())
+        logged = False
+        try:
+            with self._ingest_lock:
+                try:
+                    self.store.append([{"t": "upsert", "items": [_item_to_record(r) for r in records]}],
+                                      durable=True)
+                except OSError as exc:
+                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                      "nothing was changed, retry later") from None
+                logged = True
+                result = self._apply_upsert(records)
+                self._events_since_snapshot += 1
+        finally:
+            # Outside the ingest lock (feedback need not wait), and even after a
+            # failure half-way: the derived indexes must follow the catalog.
+            if logged:
+                self.retriever.catalog_changed(self.clock())
         self._maybe_snapshot()
         return result
 

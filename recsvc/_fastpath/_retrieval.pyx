@@ -6,7 +6,7 @@
 # The numpy twins (twins/retrieval.py) give the same results.
 #
 # Conventions:
-#   * rows are catalog rows (int32 >= 0); a row at or beyond ``alive.shape[0]``
+#   * rows are catalog rows, int32 >= 0 (-1 marks an empty hash slot); a row at or beyond ``alive.shape[0]``
 #     (the catalog grew after the arrays were read) is not eligible;
 #   * a category code beyond a category mask is neither allowed nor blocked;
 #   * ``exclude`` is sorted ascending;

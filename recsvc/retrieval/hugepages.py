@@ -98,7 +98,8 @@ def anonymous_mappings(min_bytes: int | None = None) -> set[tuple[int, int]]:
         with open("/proc/self/maps") as fh:
             for line in fh:
                 parts = line.split()
-                # address perms offset dev inode [path]: anonymous = no path ([heap] is not ours)
+                # address perms offset dev inode [path]: anonymous = no path ([heap] is not
+                # ours; named anonymous mappings, "[anon:...]", belong to whoever named them)
                 if len(parts) > 5:
                     continue
                 if not parts[1].startswith("rw") or parts[1][3] != "p":

@@ -101,11 +101,13 @@ class Retriever:
         """Called after an upsert or delete: rebuild the derived indexes, then publish the new version."""
         with self._rebuild_lock:  # concurrent writers: the last build sees every change
             version = self.catalog_changes + 1
-            self._fresh_index(now_ms, version)
-            self._filter_statistics(version)
-            if self._by_category[0] != -1:
-                self._category_rows(version)
-            self.catalog_changes = version
+            try:
+                self._fresh_index(now_ms, version)
+                self._filter_statistics(version)
+                if self._by_category[0] != -1:
+                    self._category_rows(version)
+            finally:  # (should a build fail, requests find the rest stale and rebuild it)
+                self.catalog_changes = version
 
     def _fresh_index(self, now_ms: int, rebuild_as: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Items created at or after ``now - window - slack``, newest first, with their negated creation times.
@@ -128,7 +130,9 @@ class Retriever:
             created = created[rows]
             order = np.argsort(-created, kind="stable")
             # newest first; the negated times ascend, ready for searchsorted
-            cached = self._fresh = (version, keep_from, rows[order], -created[order])  # one atomic swap
+            cached = (version, keep_from, rows[order], -created[order])
+            if self._fresh[0] <= version:  # never over a newer build (a writer's)
+                self._fresh = cached
         return cached[2], cached[3]
 
     def _category_rows(self, rebuild_as: int | None = None) -> list[np.ndarray]:
@@ -143,7 +147,9 @@ class Retriever:
                 codes = codes.astype(np.int16)  # numpy's stable sort of 16-bit keys is a radix sort
             order = np.argsort(codes, kind="stable")
             bounds = np.searchsorted(codes[order], np.arange(n_cat + 1))
-            cached = self._by_category = (version, [rows[order[bounds[c]:bounds[c + 1]]] for c in range(n_cat)])
+            cached = (version, [rows[order[bounds[c]:bounds[c + 1]]] for c in range(n_cat)])
+            if self._by_category[0] <= version:  # never over a newer build (a writer's)
+                self._by_category = cached
         return cached[1]
 
     def _filter_statistics(self, rebuild_as: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -165,7 +171,9 @@ class Retriever:
                 counts = counts[levels]
             else:
                 levels, counts = np.unique(mat, return_counts=True)
-            cached = self._filter_stats = (version, per_cat, levels, np.cumsum(counts) / total)
+            cached = (version, per_cat, levels, np.cumsum(counts) / total)
+            if self._filter_stats[0] <= version:  # never over a newer build (a writer's)
+                self._filter_stats = cached
         return cached[1], cached[2], cached[3]
 
     def pass_rate(self, flt: RowFilter) -> float:
@@ -189,7 +197,12 @@ class Retriever:
         return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
 
     def ann_fetch(self, want: int, flt: RowFilter) -> int:
-        """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually)."""
+        """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually).
+
+        A user whose excluded items crowd the nearest neighbours beyond what the
+        retries reach (16x the share) gets fewer ANN rows; the other sources
+        then fill the candidate set.
+        """
         rate = max(self.pass_rate(flt), 1.0 / 8)  # stricter filters: the retry loop doubles from there
         # Each excluded item may be among the nearest (a derived user vector
         # sits among the consumed items); beyond 4x the share, the retry loop
