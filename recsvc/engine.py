@@ -985,4 +985,9 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
             ann.save(directory, catalog.version)
         except OSError as exc:  # a read-only catalog directory still serves
             log.warning("could not save the index beside the catalog (%s); it will be rebuilt next start", exc)
+        else:
+            if cfg.index.reorder:
+                # Serve from the saved file, laid out in cluster order on load.
+                ann = AnnIndex.load(directory, catalog.dim, cfg.index, catalog.version,
+                                    alive=catalog.alive[: catalog.n_rows]) or ann
     return catalog, ann

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,7 @@ import numpy as np
 
 from recsvc.config import IndexConfig
 from recsvc.retrieval.hugepages import Advice, new_mappings_to_huge_pages
+from recsvc.retrieval.layout import IndexFileError, reorder_index_file
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class AnnIndex:
         self._deleted_slots = 0
         self._live_count = 0
         self.huge_pages = Advice()  # what the last allocation got (see recsvc.retrieval.hugepages)
+        self.layout = "insertion"  # or "clustered" (see recsvc.retrieval.layout)
 
     def _track(self, rows: np.ndarray, deleted_slots: int = 0) -> None:
         self._in_index = np.zeros(int(rows.max()) + 1 if rows.size else 0, bool)
@@ -151,9 +154,9 @@ class AnnIndex:
         meta = {
             "space": self.cfg.space, "dim": self.dim, "m": self.cfg.m,
             "ef_construction": self.cfg.ef_construction, "catalog_version": catalog_version,
-            "count": self._live_count,
+            "count": self._live_count, "layout": self.layout,
         }
-        (d / INDEX_META).write_text(json.dumps(meta, indent=2))
+        _write_meta(d, meta)
         self.catalog_version = catalog_version
 
     @classmethod
@@ -173,7 +176,22 @@ class AnnIndex:
         wanted = {"space": cfg.space, "dim": dim, "m": cfg.m, "catalog_version": catalog_version}
         if any(meta.get(k) != v for k, v in wanted.items()):
             return None
+        if cfg.reorder and meta.get("layout") != "clustered":
+            # Once per file: renumber the nodes in embedding-cluster order.
+            t = time.perf_counter()
+            try:
+                reorder_index_file(path, dim)
+            except (IndexFileError, OSError) as exc:
+                log.warning("HNSW index %s kept in insertion order: %s", path, exc)
+            else:
+                meta["layout"] = "clustered"
+                try:
+                    _write_meta(d, meta)
+                except OSError as exc:  # the next load reorders again: same graph, no harm
+                    log.warning("could not record the index layout in %s: %s", meta_path, exc)
+                log.info("HNSW index laid out in cluster order in %.1f s", time.perf_counter() - t)
         ann = cls(dim, cfg)
+        ann.layout = meta.get("layout", "insertion")
         index = hnswlib.Index(space=cfg.space, dim=dim)
         # load_index reads the graph into fresh memory: collapse it into huge pages now.
         with new_mappings_to_huge_pages(cfg.huge_pages, collapse=True) as ann.huge_pages:
@@ -262,3 +280,9 @@ class AnnIndex:
                     self._in_index[row] = False
                     self._deleted_slots += 1
                     self._live_count -= 1
+
+
+def _write_meta(directory: Path, meta: dict) -> None:
+    tmp = directory / (INDEX_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / INDEX_META)
