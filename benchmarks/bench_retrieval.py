@@ -6,6 +6,8 @@ Groups ``candidates-100k`` and ``candidates-1M`` hold, on the same catalog and u
   (the ANN share with its margin, plus their consumed items);
 - ``ann_only_small_pages`` (full mode): the same on a second copy of the index kept on 4 KiB pages,
   to show what huge pages buy (``recsvc.retrieval.hugepages``);
+- ``ann_only_scattered_layout`` (full mode): the same graph with its nodes in random order instead of
+  the cluster order it is served in, to show what the layout buys (``recsvc.retrieval.layout``);
 - ``numpy_exact``: exact scores over all items + ``argpartition`` for the top 1000 (the baseline).
 ANN recall@500 at that fetch size against brute force, and the index build/load time go in ``extra_info``.
 """
@@ -115,39 +117,75 @@ def test_candidates_ann_only(benchmark, world):
     _info(benchmark, world)
 
 
-@pytest.mark.skipif(QUICK, reason="full mode only: loads a second copy of the index")
-def test_candidates_ann_only_small_pages(benchmark, world):
-    from recsvc.engine import demo_cache_dir
-    from recsvc.retrieval import hugepages
-    from recsvc.retrieval.ann import AnnIndex
+def _paired_ratio(world, other, rounds: int = 400) -> float:
+    """Median of (other's time / the served index's time), the two queried alternately.
 
-    benchmark.group = f"candidates-{_label(world['n'])}"
-    cfg = world["cfg"]
-    # (The first copy's mapping is marked for huge pages, so the kernel will
-    # not merge this one into it. With THP "always" this copy gets huge pages
-    # too: thp_mode in extra_info says which.)
-    cat = world["engine"].catalog
-    small = AnnIndex.load(demo_cache_dir(cfg), cat.dim, cfg.index.model_copy(update={"huge_pages": False}),
-                          cat.version, alive=cat.alive[: cat.n_rows])
-    small.tune_for(world["engine"].retriever.ann_ef)
-    # Sequential groups drift with the host's load: the robust figure is the
-    # median of paired ratios, the two copies queried alternately.
+    Sequential groups drift with the host's load; paired ratios do not.
+    """
     ratios = []
-    for r in range(400):
+    for r in range(rounds):
         q = world["queries"][r % len(world["queries"])]
         pair = []
-        for idx in ((small, world["ann"]) if r % 2 else (world["ann"], small)):
+        for idx in ((other, world["ann"]) if r % 2 else (world["ann"], other)):
             t = time.perf_counter()
             idx.query(q, world["k"])
             pair.append(time.perf_counter() - t)
         ratios.append(pair[0] / pair[1] if r % 2 else pair[1] / pair[0])
+    return round(float(np.median(ratios)), 3)
+
+
+def _second_copy(world, directory, **index_overrides):
+    from recsvc.retrieval.ann import AnnIndex
+
+    cfg, cat = world["cfg"], world["engine"].catalog
+    copy = AnnIndex.load(directory, cat.dim, cfg.index.model_copy(update=index_overrides), cat.version,
+                         alive=cat.alive[: cat.n_rows])
+    copy.tune_for(world["engine"].retriever.ann_ef)
+    return copy
+
+
+@pytest.mark.skipif(QUICK, reason="full mode only: loads a second copy of the index")
+def test_candidates_ann_only_small_pages(benchmark, world):
+    """The same index on 4 KiB pages (recsvc.retrieval.hugepages)."""
+    from recsvc.engine import demo_cache_dir
+    from recsvc.retrieval import hugepages
+
+    benchmark.group = f"candidates-{_label(world['n'])}"
+    # (The first copy's mapping is marked for huge pages, so the kernel will
+    # not merge this one into it. With THP "always" this copy gets huge pages
+    # too: thp_mode in extra_info says which.)
+    small = _second_copy(world, demo_cache_dir(world["cfg"]), huge_pages=False)
+    ratio = _paired_ratio(world, small)
     it = itertools.cycle(world["queries"])
     benchmark(lambda: small.query(next(it), world["k"]))
     _info(benchmark, world)
     benchmark.extra_info["huge_pages_mib"] = small.huge_pages.collapsed_bytes >> 20
-    benchmark.extra_info["paired_ratio_small_over_huge"] = round(float(np.median(ratios)), 3)
+    benchmark.extra_info["paired_ratio_small_over_huge"] = ratio
     benchmark.extra_info["thp_mode"] = hugepages.thp_mode()
-    del small
+
+
+@pytest.mark.skipif(QUICK, reason="full mode only: writes and loads a second copy of the index")
+def test_candidates_ann_only_scattered_layout(benchmark, world, tmp_path):
+    """The same graph with its nodes in a random order (as inserted: demo rows are in random order),
+    against the cluster order it is served in (recsvc.retrieval.layout); both on huge pages."""
+    import shutil
+
+    from recsvc.engine import demo_cache_dir
+    from recsvc.retrieval.ann import INDEX_FILE, INDEX_META
+    from recsvc.retrieval.layout import node_count, reorder_index_file
+
+    benchmark.group = f"candidates-{_label(world['n'])}"
+    src = demo_cache_dir(world["cfg"])
+    for name in (INDEX_FILE, INDEX_META):
+        shutil.copy(src / name, tmp_path / name)
+    reorder_index_file(tmp_path / INDEX_FILE, world["emb"].shape[1],
+                       order=np.random.default_rng(0).permutation(node_count(tmp_path / INDEX_FILE)))
+    scattered = _second_copy(world, tmp_path, reorder=False)
+    ratio = _paired_ratio(world, scattered)
+    it = itertools.cycle(world["queries"])
+    benchmark(lambda: scattered.query(next(it), world["k"]))
+    _info(benchmark, world)
+    benchmark.extra_info["paired_ratio_scattered_over_clustered"] = ratio
 
 
 def test_candidates_numpy_exact(benchmark, world):
