@@ -5,7 +5,9 @@ A graph walk over a 1M-item index touches a few thousand nodes spread over
 miss is a two-level page walk). With 2 MiB pages the whole index fits the TLB's
 reach. Measured on this 2-core VM at 1M x 64, the same index loaded twice and
 queried alternately: 1.23-1.27x faster with huge pages at ef = 900, 1.22x at
-the default ef = 660 (benchmarks/bench_retrieval.py reports it every run).
+the default ef = 660; 1.06x once the graph is laid out in cluster order
+(recsvc.retrieval.layout), which removes most of those misses by itself
+(benchmarks/bench_retrieval.py reports it every run).
 
 numpy already asks for huge pages for its own large arrays (the catalog
 embeddings); hnswlib allocates its graph with ``malloc``, out of our reach. So
