@@ -62,6 +62,49 @@ def test_the_reordered_index_answers_exactly_as_before(tmp_path, space, m, dim):
     assert after.knn_query(clustered(1, dim, seed=2), k=1)[0][0, 0] == 10**6
 
 
+def test_the_reordered_file_is_the_same_graph_renamed(tmp_path):
+    """Node by node: vector, label, deleted mark, level and every link, mapped through the permutation."""
+    emb, path = saved_index(tmp_path, "cosine", 8, 16)
+    (h0, l0_old, up_old) = layout._read(path, 16)
+    order = layout.reorder_index_file(path, 16)
+    (h1, l0_new, up_new) = layout._read(path, 16)
+    new_id = np.empty(order.size, np.int64)
+    new_id[order] = np.arange(order.size)
+    max_m0, max_m, ep = h0[9], h0[8], h0[7]
+    assert h1[:7] == h0[:7] and h1[8:] == h0[8:] and h1[7] == new_id[ep]
+    links = 4 * (max_m0 + 1)
+    for old in range(order.size):
+        a, b = l0_old[old], l0_new[new_id[old]]
+        assert bytes(a[links:]) == bytes(b[links:])  # vector and label
+        la, lb = a[:links].view(np.uint32), b[:links].view(np.uint32)
+        assert la[0] == lb[0]  # count and deleted mark
+        cnt = la[0] & 0xFFFF
+        assert lb[1:1 + cnt].tolist() == new_id[la[1:1 + cnt]].tolist()
+        ua, ub = (np.frombuffer(x, np.uint32).reshape(-1, max_m + 1) for x in (up_old[old], up_new[new_id[old]]))
+        assert ua.shape == ub.shape  # the same levels
+        for row_a, row_b in zip(ua, ub):
+            c = row_a[0] & 0xFFFF
+            assert row_a[0] == row_b[0] and row_b[1:1 + c].tolist() == new_id[row_a[1:1 + c]].tolist()
+
+
+@pytest.mark.parametrize("n, capacity", [(0, 10), (1, 1), (200, 200)])
+def test_empty_tiny_and_full_indexes(tmp_path, n, capacity):
+    index = hnswlib.Index(space="ip", dim=8)
+    index.init_index(max_elements=capacity, M=8, ef_construction=40, random_seed=1)
+    if n:
+        index.add_items(clustered(n, 8), np.arange(n), num_threads=1)
+    path = tmp_path / "index.bin"
+    index.save_index(str(path))
+    before = load(path, "ip", 8)
+    layout.reorder_index_file(path, 8)
+    again = load(path, "ip", 8)
+    assert again.element_count == before.element_count == n
+    assert again.get_max_elements() == before.get_max_elements()
+    if n:
+        np.testing.assert_array_equal(again.knn_query(clustered(5, 8, 1), k=min(n, 5))[0],
+                                      before.knn_query(clustered(5, 8, 1), k=min(n, 5))[0])
+
+
 def test_cluster_order_puts_similar_vectors_next_to_each_other():
     emb = clustered(5000, 16)
     order = layout.cluster_order(emb)
@@ -106,14 +149,49 @@ def test_ann_index_load_reorders_once_and_records_it(tmp_path, monkeypatch):
     assert plain.layout == "insertion" and len(calls) == 1
 
 
-def test_a_read_only_index_still_loads(tmp_path, monkeypatch):
+def test_a_failed_or_refused_reorder_still_loads_and_is_not_retried_forever(tmp_path, monkeypatch):
     emb = clustered(500, 16)
     cfg = IndexConfig(ef_construction=50, build_threads=1)
     AnnIndex.build(emb, np.arange(500, dtype=np.int32), cfg).save(tmp_path, "v1")
+    calls = []
 
     def refuse(*_):
+        calls.append(1)
         raise PermissionError("read-only file system")
 
     monkeypatch.setattr("recsvc.retrieval.ann.reorder_index_file", refuse)
     ann = AnnIndex.load(tmp_path, 16, cfg, "v1")
-    assert ann is not None and ann.layout == "insertion" and (tmp_path / INDEX_FILE).exists()
+    assert ann is not None and ann.layout == "insertion" and len(calls) == 1
+    assert json.loads((tmp_path / INDEX_META).read_text())["layout"] == "insertion"  # may be retried
+
+    def unrecognised(*_):
+        calls.append(1)
+        raise layout.IndexFileError("unexpected header")
+
+    monkeypatch.setattr("recsvc.retrieval.ann.reorder_index_file", unrecognised)
+    assert AnnIndex.load(tmp_path, 16, cfg, "v1").layout == "insertion" and len(calls) == 2
+    assert json.loads((tmp_path / INDEX_META).read_text())["layout"] == "unrecognised"
+    assert AnnIndex.load(tmp_path, 16, cfg, "v1") is not None and len(calls) == 2  # not again
+
+    # a reorder that died half-way (the mark is still there) is not retried at every start
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    (tmp_path / INDEX_META).write_text(json.dumps({**meta, "layout": "reordering"}))
+    assert AnnIndex.load(tmp_path, 16, cfg, "v1") is not None and len(calls) == 2
+
+
+def test_a_grown_index_is_laid_out_again_after_its_next_save(tmp_path):
+    cfg = IndexConfig(ef_construction=50, build_threads=1)
+    AnnIndex.build(clustered(1000, 16), np.arange(1000, dtype=np.int32), cfg).save(tmp_path, "v1")
+    ann = AnnIndex.load(tmp_path, 16, cfg, "v1")
+    assert ann.layout == "clustered"
+    ann.upsert(clustered(50, 16, seed=4), np.arange(1000, 1050, dtype=np.int32))
+    ann.save(tmp_path / "a", "v1")  # 5% more: still counted as laid out
+    assert json.loads((tmp_path / "a" / INDEX_META).read_text())["layout"] == "clustered"
+    ann.upsert(clustered(100, 16, seed=5), np.arange(1050, 1150, dtype=np.int32))
+    ann.save(tmp_path / "b", "v1")  # 15% more
+    assert json.loads((tmp_path / "b" / INDEX_META).read_text())["layout"] == "insertion"
+    again = AnnIndex.load(tmp_path / "b", 16, cfg, "v1")
+    assert again.layout == "clustered" and again.live_count == 1150
+    np.testing.assert_array_equal(again.query(clustered(1, 16, seed=5)[0], 5)[0],
+                                  ann.query(clustered(1, 16, seed=5)[0], 5)[0])
+    assert not [p.name for p in (tmp_path / "b").iterdir() if p.name.endswith((".tmp", ".reorder"))]

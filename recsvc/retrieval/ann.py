@@ -14,9 +14,11 @@ threads: ef is global to the index.)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -28,12 +30,13 @@ import numpy as np
 
 from recsvc.config import IndexConfig
 from recsvc.retrieval.hugepages import Advice, new_mappings_to_huge_pages
-from recsvc.retrieval.layout import IndexFileError, reorder_index_file
+from recsvc.retrieval.layout import IndexFileError, fsync_dir, reorder_index_file
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.bin"
 INDEX_META = "index.json"
+INDEX_LOCK = "index.lock"
 
 
 class ReadWriteLock:
@@ -90,6 +93,7 @@ class AnnIndex:
         self._live_count = 0
         self.huge_pages = Advice()  # what the last allocation got (see recsvc.retrieval.hugepages)
         self.layout = "insertion"  # or "clustered" (see recsvc.retrieval.layout)
+        self._clustered_nodes = 0  # nodes in the graph when it was laid out
 
     def _track(self, rows: np.ndarray, deleted_slots: int = 0) -> None:
         self._in_index = np.zeros(int(rows.max()) + 1 if rows.size else 0, bool)
@@ -145,18 +149,29 @@ class AnnIndex:
     def save(self, directory: str | Path, catalog_version: str) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (INDEX_FILE + ".tmp")
-        with self._lock.read():
-            self._index.save_index(str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / INDEX_FILE)
-        meta = {
-            "space": self.cfg.space, "dim": self.dim, "m": self.cfg.m,
-            "ef_construction": self.cfg.ef_construction, "catalog_version": catalog_version,
-            "count": self._live_count, "layout": self.layout,
-        }
-        _write_meta(d, meta)
+        with _directory_lock(d, exclusive=True), self._lock.read():
+            fd, name = tempfile.mkstemp(prefix=INDEX_FILE + ".", suffix=".tmp", dir=d)
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                self._index.save_index(str(tmp))
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, d / INDEX_FILE)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            # Nodes added since the graph was laid out sit at the end: past 10%
+            # more, say so, and the next load lays it out again.
+            layout = self.layout
+            if layout == "clustered" and self._index.element_count > 1.1 * max(self._clustered_nodes, 1):
+                layout = "insertion"
+            meta = {
+                "space": self.cfg.space, "dim": self.dim, "m": self.cfg.m,
+                "ef_construction": self.cfg.ef_construction, "catalog_version": catalog_version,
+                "count": self._live_count, "layout": layout,
+            }
+            _write_meta(d, meta)
         self.catalog_version = catalog_version
 
     @classmethod
@@ -164,34 +179,30 @@ class AnnIndex:
         cls, directory: str | Path, dim: int, cfg: IndexConfig, catalog_version: str,
         alive: np.ndarray | None = None,
     ) -> "AnnIndex | None":
-        """Load a persisted index, or None when it is missing or stale."""
+        """Load a persisted index, or None when it is missing or stale.
+
+        With ``cfg.reorder``, an index not yet laid out in cluster order is
+        rewritten so first (once per file; see recsvc.retrieval.layout).
+        Saves and reorders hold an exclusive lock on the directory, loads a
+        shared one, so a load never pairs one save's graph with another's
+        metadata (a read-only directory is read without the lock).
+        """
         d = Path(directory)
-        meta_path, path = d / INDEX_META, d / INDEX_FILE
-        if not (meta_path.exists() and path.exists()):
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            return None
         wanted = {"space": cfg.space, "dim": dim, "m": cfg.m, "catalog_version": catalog_version}
-        if any(meta.get(k) != v for k, v in wanted.items()):
-            return None
-        if cfg.reorder and meta.get("layout") != "clustered":
-            # Once per file: renumber the nodes in embedding-cluster order.
-            t = time.perf_counter()
-            try:
-                reorder_index_file(path, dim)
-            except (IndexFileError, OSError) as exc:
-                log.warning("HNSW index %s kept in insertion order: %s", path, exc)
-            else:
-                meta["layout"] = "clustered"
-                try:
-                    _write_meta(d, meta)
-                except OSError as exc:  # the next load reorders again: same graph, no harm
-                    log.warning("could not record the index layout in %s: %s", meta_path, exc)
-                log.info("HNSW index laid out in cluster order in %.1f s", time.perf_counter() - t)
+        if cfg.reorder and os.access(d, os.W_OK):
+            _lay_out(d, dim, wanted)
+        with _directory_lock(d, exclusive=False):
+            meta = _read_meta(d)
+            if meta is None or not (d / INDEX_FILE).exists() or any(meta.get(k) != v for k, v in wanted.items()):
+                return None
+            return cls._load_file(d, dim, cfg, catalog_version, meta, alive)
+
+    @classmethod
+    def _load_file(cls, d: Path, dim: int, cfg: IndexConfig, catalog_version: str, meta: dict,
+                   alive: np.ndarray | None) -> "AnnIndex":
+        path = d / INDEX_FILE
         ann = cls(dim, cfg)
-        ann.layout = meta.get("layout", "insertion")
+        ann.layout = "clustered" if meta.get("layout") == "clustered" else "insertion"
         index = hnswlib.Index(space=cfg.space, dim=dim)
         # load_index reads the graph into fresh memory: collapse it into huge pages now.
         with new_mappings_to_huge_pages(cfg.huge_pages, collapse=True) as ann.huge_pages:
@@ -201,6 +212,7 @@ class AnnIndex:
                      f" ({', '.join(ann.huge_pages.errors)})" if ann.huge_pages.errors else "")
         index.set_ef(cfg.ef_search_min)
         ann._index = index
+        ann._clustered_nodes = index.element_count if ann.layout == "clustered" else 0
         ann.catalog_version = catalog_version
         labels = np.asarray(index.get_ids_list(), np.int64)
         # Labels of rows the catalog holds dead are (or become) deleted slots.
@@ -283,6 +295,68 @@ class AnnIndex:
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
-    tmp = directory / (INDEX_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / INDEX_META)
+    fd, name = tempfile.mkstemp(prefix=INDEX_META + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(meta, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(name, directory / INDEX_META)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+
+
+def _read_meta(directory: Path) -> dict | None:
+    try:
+        meta = json.loads((directory / INDEX_META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+@contextmanager
+def _directory_lock(directory: Path, exclusive: bool) -> Iterator[bool]:
+    """flock on ``index.lock`` in the directory; yields False (no lock) where it cannot be created."""
+    try:
+        fd = os.open(directory / INDEX_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield True
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _lay_out(d: Path, dim: int, wanted: dict) -> None:
+    """Rewrite the directory's index in cluster order unless it is already (or cannot be)."""
+    with _directory_lock(d, exclusive=True) as locked:
+        meta = _read_meta(d)
+        if not locked or meta is None or any(meta.get(k) != v for k, v in wanted.items()):
+            return
+        layout = meta.get("layout")
+        if layout in ("clustered", "unrecognised"):
+            return
+        if layout == "reordering":
+            log.warning("a reorder of the HNSW index in %s did not finish (out of memory?); serving it as "
+                        "it is. Set \"layout\" to \"insertion\" in %s to try again.", d, INDEX_META)
+            return
+        t = time.perf_counter()
+        try:
+            _write_meta(d, {**meta, "layout": "reordering"})  # a crash from here on is not retried
+            reorder_index_file(d / INDEX_FILE, dim)
+        except IndexFileError as exc:
+            log.warning("HNSW index in %s kept in insertion order: %s", d, exc)
+            _write_meta(d, {**meta, "layout": "unrecognised"})
+        except OSError as exc:
+            log.warning("HNSW index in %s kept in insertion order: %s", d, exc)
+            try:
+                _write_meta(d, meta)
+            except OSError:
+                pass
+        else:
+            _write_meta(d, {**meta, "layout": "clustered"})
+            log.info("HNSW index laid out in cluster order in %.1f s", time.perf_counter() - t)

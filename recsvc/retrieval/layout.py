@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +90,8 @@ def _remap(links: np.ndarray, new_id: np.ndarray, n: int) -> None:
     """In place: links is (rows, 1 + M) uint32, [count, ids...]; map the counted ids."""
     count = links[:, 0] & _COUNT_MASK
     ids = links[:, 1:]
+    if count.size and int(count.max()) > ids.shape[1]:
+        raise IndexFileError("a link list counts more links than it has room for")
     used = np.arange(ids.shape[1])[None, :] < count[:, None]
     if used.any() and int(ids[used].max()) >= n:
         raise IndexFileError("a link points past the last node")
@@ -146,32 +150,49 @@ def reorder_index_file(path: str | Path, dim: int, order: np.ndarray | None = No
     new_id[order] = np.arange(n, dtype=np.uint32)
     blocks = level0[order]  # a copy
     _remap(blocks[:, : 4 * (max_m0 + 1)].view(np.uint32), new_id, n)
-    tmp = path.with_name(f"{path.name}.reorder.{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".reorder", dir=path.parent)
+    tmp = Path(name)
     try:
-        _write(tmp, header, new_id, blocks, upper, order)
+        with os.fdopen(fd, "wb") as fh:
+            _write(fh, header, new_id, blocks, upper, order)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    fsync_dir(path.parent)
     return order
 
 
-def _write(tmp: Path, header: tuple, new_id: np.ndarray, blocks: np.ndarray, upper: list[bytes],
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write(fh, header: tuple, new_id: np.ndarray, blocks: np.ndarray, upper: list[bytes],
            order: np.ndarray) -> None:
     off0, max_el, n, size_el, label_off, data_off, maxlevel, ep, max_m, max_m0, m, mult, efc = header
-    with open(tmp, "wb") as fh:
-        fh.write(_HEADER.pack(off0, max_el, n, size_el, label_off, data_off, maxlevel,
-                              int(new_id[ep]) if n else ep, max_m, max_m0, m, mult, efc))
-        fh.write(blocks.tobytes())
-        empty = struct.pack("<I", 0)
-        for old in order:
-            links = upper[old]
-            if not links:
-                fh.write(empty)
-                continue
-            lists = np.frombuffer(links, np.uint32).copy().reshape(-1, max_m + 1)
-            _remap(lists, new_id, n)
-            fh.write(struct.pack("<I", len(links)))
-            fh.write(lists.tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
+    fh.write(_HEADER.pack(off0, max_el, n, size_el, label_off, data_off, maxlevel,
+                          int(new_id[ep]) if n else ep, max_m, max_m0, m, mult, efc))
+    fh.write(memoryview(blocks))  # (no copy)
+    empty = struct.pack("<I", 0)
+    for old in order:
+        links = upper[old]
+        if not links:
+            fh.write(empty)
+            continue
+        lists = np.frombuffer(links, np.uint32).copy().reshape(-1, max_m + 1)
+        _remap(lists, new_id, n)
+        fh.write(struct.pack("<I", len(links)))
+        fh.write(lists.tobytes())
+    fh.flush()
+    os.fsync(fh.fileno())
