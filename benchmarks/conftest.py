@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 QUICK = os.environ.get("RECSVC_BENCH_QUICK", "") not in ("", "0")
 NOW_MS = 1_795_910_400_000

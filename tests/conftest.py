@@ -8,10 +8,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import socket
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from recsvc.catalog import demo_catalog

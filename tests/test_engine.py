@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recsvc.engine import Engine, FeedbackEventIn, ItemIn, RecommendQuery
-from recsvc.errors import InvalidArgument, NotFound
+from recsvc.errors import InvalidArgument
 
 from conftest import small_config
 

@@ -10,7 +10,7 @@ import pytest
 
 from recsvc.config import IndexConfig
 from recsvc.retrieval import layout
-from recsvc.retrieval.ann import INDEX_FILE, INDEX_META, AnnIndex
+from recsvc.retrieval.ann import INDEX_META, AnnIndex
 
 
 def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recsvc.catalog import DAY_MS
-from recsvc.config import Config, IndexConfig
+from recsvc.config import Config
 from recsvc.engine import FeedbackEventIn, RecommendQuery, load_catalog_and_index
 from recsvc.retrieval.candidates import SOURCE_NAMES
 from recsvc.retrieval.sources import RowFilter
