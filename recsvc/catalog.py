@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from recsvc._files import atomic_write
 from recsvc.config import DemoCatalogConfig
 
 log = logging.getLogger("recsvc.catalog")
@@ -54,14 +54,6 @@ class ItemRecord:
     created_at_ms: int = 0
     popularity: float = 0.0
     attributes: dict[str, str] = field(default_factory=dict)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Catalog:
@@ -272,7 +264,7 @@ class Catalog:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         rows = self.alive_rows() if compact else np.arange(self.n_rows, dtype=np.int32)
-        _atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, self.embeddings[rows]))
+        atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, self.embeddings[rows]))
 
         def write_items(fh):
             for r in rows:
@@ -289,11 +281,10 @@ class Catalog:
                     rec["deleted"] = True
                 fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
 
-        _atomic_write(d / "items.jsonl", write_items)
+        atomic_write(d / "items.jsonl", write_items)
         meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
                 "version": self.version, "normalized": self.normalize}
-        _atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-        _fsync_dir(d)
+        atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
         return rows
 
     @classmethod
@@ -365,15 +356,6 @@ def _read_jsonl(path: Path) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise CatalogError(f"{path}:{lineno}: bad item record ({exc})") from None
         raise CatalogError(f"{path}: not valid JSON lines") from None
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # -- the demo catalog -----------------------------------------------------------

@@ -24,7 +24,6 @@ import importlib.resources
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from recsvc._fastpath.twins import ranking as _twin
+from recsvc._files import atomic_write
 from recsvc.retrieval.candidates import SOURCE_NAMES
 
 try:
@@ -565,16 +565,7 @@ class Ranker:
         path = Path(path)
         text = _json_text(self.to_dict()) + "\n"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            # mkstemp creates 0600; a weights file is meant to be read by the service
-            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Ranker":

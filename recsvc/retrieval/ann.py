@@ -18,7 +18,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -28,9 +27,10 @@ from typing import Iterator
 import hnswlib
 import numpy as np
 
+from recsvc._files import atomic_write, replacing
 from recsvc.config import IndexConfig
 from recsvc.retrieval.hugepages import Advice, new_mappings_to_huge_pages
-from recsvc.retrieval.layout import IndexFileError, fsync_dir, reorder_index_file
+from recsvc.retrieval.layout import IndexFileError, reorder_index_file
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +150,8 @@ class AnnIndex:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         with _directory_lock(d, exclusive=True), self._lock.read():
-            fd, name = tempfile.mkstemp(prefix=INDEX_FILE + ".", suffix=".tmp", dir=d)
-            os.close(fd)
-            tmp = Path(name)
-            try:
+            with replacing(d / INDEX_FILE) as tmp:
                 self._index.save_index(str(tmp))
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, d / INDEX_FILE)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
             # Nodes added since the graph was laid out sit at the end: past 10%
             # more, say so, and the next load lays it out again.
             layout = self.layout
@@ -295,17 +286,7 @@ class AnnIndex:
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
-    fd, name = tempfile.mkstemp(prefix=INDEX_META + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(meta, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(name, directory / INDEX_META)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    fsync_dir(directory)
+    atomic_write(directory / INDEX_META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
 
 
 def _read_meta(directory: Path) -> dict | None:

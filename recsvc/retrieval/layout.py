@@ -27,13 +27,12 @@ holds about three times the file's size in memory (~1.3 GB at 1M x 64).
 from __future__ import annotations
 
 import math
-import os
-import stat
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from recsvc._files import atomic_write
 
 # offsetLevel0, max_elements, cur_element_count, size_data_per_element,
 # label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M, mult,
@@ -150,32 +149,8 @@ def reorder_index_file(path: str | Path, dim: int, order: np.ndarray | None = No
     new_id[order] = np.arange(n, dtype=np.uint32)
     blocks = level0[order]  # a copy
     _remap(blocks[:, : 4 * (max_m0 + 1)].view(np.uint32), new_id, n)
-    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".reorder", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write(fh, header, new_id, blocks, upper, order)
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, lambda fh: _write(fh, header, new_id, blocks, upper, order))
     return order
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write(fh, header: tuple, new_id: np.ndarray, blocks: np.ndarray, upper: list[bytes],
@@ -194,5 +169,3 @@ def _write(fh, header: tuple, new_id: np.ndarray, blocks: np.ndarray, upper: lis
         _remap(lists, new_id, n)
         fh.write(struct.pack("<I", len(links)))
         fh.write(lists.tobytes())
-    fh.flush()
-    os.fsync(fh.fileno())

@@ -30,6 +30,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from recsvc._files import fsync_dir
+
 Record = dict[str, Any]
 
 
@@ -82,14 +84,6 @@ class MemoryStateStore:
 
     def close(self) -> None:
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_record(rec: Record) -> bytes:
@@ -227,7 +221,7 @@ class LocalStateStore:
         path = self.dir / f"log-{first_lsn:012d}.jsonl"
         self._fh = open(path, "ab", buffering=0)
         self._segment_first = first_lsn
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def append(self, records: list[Record], durable: bool) -> int:
         with self._lock:
@@ -290,7 +284,7 @@ class LocalStateStore:
         write(tmp)
         for p in sorted(tmp.rglob("*"), key=lambda q: len(q.parts), reverse=True):
             if p.is_dir():
-                _fsync_dir(p)
+                fsync_dir(p)
             else:
                 with p.open("rb") as fh:
                     os.fsync(fh.fileno())
@@ -298,10 +292,10 @@ class LocalStateStore:
         done.write_text(json.dumps({"lsn": lsn}))
         with done.open("rb") as fh:
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(snaps)
+        fsync_dir(snaps)
         # Rotate the log so whole segments become redundant, then prune.
         with self._lock:
             self._fh.close()
@@ -317,7 +311,7 @@ class LocalStateStore:
         for p in snaps.glob("snap-*"):
             if p != final:
                 shutil.rmtree(p, ignore_errors=True)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     @staticmethod
     def _last_lsn_of(path: Path) -> int | None:
