@@ -183,15 +183,17 @@ class Retriever:
         are counted separately (``ann_fetch``).
         """
         per_cat, levels, cum = self._filter_statistics()
-        passes = np.ones(per_cat.size, bool)
-        if flt.allowed_categories is not None:
-            m = flt.allowed_categories[: per_cat.size]
-            passes[: m.size] &= m
-            passes[m.size:] = False  # codes beyond the mask are not allowed
-        if flt.blocked_categories is not None:
-            m = flt.blocked_categories[: per_cat.size]
-            passes[: m.size] &= ~m
-        rate = float(per_cat[passes].sum())
+        rate = 1.0
+        if flt.allowed_categories is not None or flt.blocked_categories is not None:
+            passes = np.ones(per_cat.size, bool)
+            if flt.allowed_categories is not None:
+                m = flt.allowed_categories[: per_cat.size]
+                passes[: m.size] &= m
+                passes[m.size:] = False  # codes beyond the mask are not allowed
+            if flt.blocked_categories is not None:
+                m = flt.blocked_categories[: per_cat.size]
+                passes[: m.size] &= ~m
+            rate = float(per_cat[passes].sum())
         at = int(np.searchsorted(levels, flt.max_maturity, side="right"))
         rate *= float(cum[at - 1]) if at else 0.0
         return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
