@@ -51,10 +51,10 @@ def world(request):
     # the fetch size the ANN source uses for these users (20 consumed items each)
     from recsvc.engine import RecommendQuery
 
-    flt = engine._row_filter(RecommendQuery(user_id=users[0]), engine.state.history(users[0]), engine.cfg)
+    flt = engine.requests.row_filter(RecommendQuery(user_id=users[0]), engine.state.history(users[0]), engine.cfg)
     share = engine.cfg.retrieval.shares["ann"] * engine.cfg.retrieval.n_candidates // sum(
         engine.cfg.retrieval.shares.values())
-    k = engine.retriever.ann_fetch(share, flt)
+    k = engine.requests.retriever.ann_fetch(share, flt, engine.cfg.retrieval.overfetch)
     recalls = []
     for q in queries[:20]:
         rows, _ = ann.query(q, k)
@@ -66,7 +66,7 @@ def world(request):
 
 def _info(benchmark, w):
     benchmark.extra_info.update({
-        "items": w["n"], "recall@500": round(w["recall500"], 4), "ef": w["engine"].retriever.ann_ef,
+        "items": w["n"], "recall@500": round(w["recall500"], 4), "ef": w["engine"].requests.retriever.ann_ef,
         "ann_fetch": w["k"], "huge_pages_mib": w["ann"].huge_pages.collapsed_bytes >> 20,
         ("index_build_s" if w["index_built"] else "index_load_s"): round(w["index_seconds"], 1),
     })
@@ -84,9 +84,10 @@ def test_candidates_recsvc(benchmark, world):
         i = next(it)
         user = users[i % len(users)]
         history = eng.state.history(user)
-        recent, weights = eng._recent(history, eng.cfg)
-        flt = eng._row_filter(RecommendQuery(user_id=user), history, eng.cfg)
-        return eng.retriever.candidates(world["queries"][i], recent, weights, flt, NOW_MS, n_min=10)
+        recent, weights = eng.requests.recent(history, eng.cfg)
+        flt = eng.requests.row_filter(RecommendQuery(user_id=user), history, eng.cfg)
+        return eng.requests.retriever.candidates(world["queries"][i], recent, weights, flt, NOW_MS, n_min=10,
+                                                 cfg=eng.cfg.retrieval)
 
     # One request builds the catalog-wide indexes (fresh items, filter
     # statistics), as the server's warm-up does. Then one pass over the 64
@@ -105,7 +106,7 @@ def test_candidates_recsvc(benchmark, world):
     rebuild = []
     for _ in range(3):
         t = time.perf_counter()
-        eng.retriever.catalog_changed(NOW_MS)
+        eng.requests.retriever.catalog_changed(NOW_MS)
         rebuild.append(time.perf_counter() - t)
     benchmark.extra_info["catalog_change_rebuild_ms"] = round(min(rebuild) * 1e3, 1)
 
@@ -140,7 +141,7 @@ def _second_copy(world, directory, **index_overrides):
     cfg, cat = world["cfg"], world["engine"].catalog
     copy = AnnIndex.load(directory, cat.dim, cfg.index.model_copy(update=index_overrides), cat.version,
                          alive=cat.alive[: cat.n_rows])
-    copy.tune_for(world["engine"].retriever.ann_ef)
+    copy.tune_for(world["engine"].requests.retriever.ann_ef)
     return copy
 
 

@@ -16,19 +16,18 @@ Each item carries ``alpha`` and ``beta``::
 
     alpha = prior_alpha + successes        beta = prior_beta + failures
 
-(with the default prior (1, 20), a prior click rate of about 5%). With a
-discount ``gamma`` in (0, 1], every update first shrinks the item's old
-evidence towards the prior, then adds the new counts (see
-:func:`discounted_update`)::
+(with the default prior (1, 20), a prior click rate of about 5%). The online
+state keeps the evidence (successes, failures) per item and updates it one
+attributed event at a time with :func:`update_evidence_row` (validated
+version: :func:`update_evidence`); with a discount ``gamma`` in (0, 1], each
+update first multiplies the item's old evidence by ``gamma``::
 
-    alpha <- prior_alpha + gamma * (alpha - prior_alpha) + successes
-    beta  <- prior_beta  + gamma * (beta  - prior_beta)  + failures
+    successes <- max(0, gamma * successes + ds)
+    failures  <- max(0, gamma * failures  + df)
 
 ``gamma = 1`` is the stationary posterior; ``gamma < 1`` caps the effective
-sample size near ``batch / (1 - gamma)`` so the posterior can follow a drifting
-click rate. The discount is applied to the rows being updated, once per call;
-the state layer decides the cadence (calling with every row and zero counts
-decays all items on a clock). ``pulls`` is the number of times an item was
+sample size near ``1 / (1 - gamma)`` updates, so the posterior can follow a
+drifting click rate. ``pulls`` is the number of times an item was
 shown (impressions) and ``total_pulls`` their sum; only UCB1 reads them.
 
 Policies and how they combine with the ranker
@@ -104,7 +103,8 @@ __all__ = [
     "GreedyPolicy",
     "ThompsonPolicy",
     "UCB1Policy",
-    "discounted_update",
+    "update_evidence",
+    "update_evidence_row",
     "make_policy",
     "sample_beta_batch",
     "thompson_scores",
@@ -314,70 +314,62 @@ def thompson_topk_propensities(
     return res
 
 
-def discounted_update(
-    alpha: F64,
-    beta: F64,
+def update_evidence(
+    successes: F64,
+    failures: F64,
     rows: npt.ArrayLike,
-    successes: npt.ArrayLike,
-    failures: npt.ArrayLike,
+    d_successes: npt.ArrayLike,
+    d_failures: npt.ArrayLike,
     gamma: float,
-    prior_alpha: float | F64,
-    prior_beta: float | F64,
 ) -> None:
-    """Update Beta posteriors in place with discounted old evidence.
+    """Update items' bandit evidence in place, one event at a time, with discounting.
 
-    For every distinct row r (repeated rows have their counts summed and are
-    discounted once)::
+    For each ``(row, ds, df)`` in order (see :func:`update_evidence_row`)::
 
-        alpha[r] = prior_alpha + gamma * (alpha[r] - prior_alpha) + sum(successes at r)
-        beta[r]  = prior_beta  + gamma * (beta[r]  - prior_beta)  + sum(failures at r)
+        successes[row] = max(0, gamma * successes[row] + ds)
+        failures[row]  = max(0, gamma * failures[row]  + df)
 
-    ``alpha``/``beta`` are the state's float64 arrays (modified in place);
-    counts may be fractional (e.g. weighted events) but must be >= 0;
-    ``gamma`` is in (0, 1] (1: no forgetting); priors are positive scalars or
-    arrays with one entry per item.
+    The posterior is ``Beta(prior_alpha + successes, prior_beta + failures)``.
+    ``successes``/``failures`` are float64 arrays (modified in place); counts
+    may be fractional and negative (a negative count takes back evidence, e.g.
+    a failure that became a success); ``gamma`` is in (0, 1] (1: no forgetting).
+    This is the rule the online state applies to every attributed event.
     """
-    for arr, name in ((alpha, "alpha"), (beta, "beta")):
+    for arr, name in ((successes, "successes"), (failures, "failures")):
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float64 or arr.ndim != 1:
             raise ValueError(f"{name} must be a 1-D float64 numpy array (it is updated in place)")
         if not arr.flags.writeable:
             raise ValueError(f"{name} must be writeable (it is updated in place)")
-    n = alpha.shape[0]
-    if beta.shape[0] != n:
-        raise ValueError(f"beta has length {beta.shape[0]}, expected {n} (same as alpha)")
+    n = successes.shape[0]
+    if failures.shape[0] != n:
+        raise ValueError(f"failures has length {failures.shape[0]}, expected {n} (same as successes)")
     r = np.asarray(rows)
     if r.dtype.kind not in "iu":
         raise TypeError(f"rows must be an integer array, got dtype {r.dtype}")
     if r.ndim != 1:
         raise ValueError(f"rows must be 1-D, got shape {r.shape}")
-    s = _vector(successes, "successes", np.float64, r.shape[0])
-    f = _vector(failures, "failures", np.float64, r.shape[0])
-    _check_nonnegative_finite(s, "successes")
-    _check_nonnegative_finite(f, "failures")
+    s = _vector(d_successes, "d_successes", np.float64, r.shape[0])
+    f = _vector(d_failures, "d_failures", np.float64, r.shape[0])
+    for v, name in ((s, "d_successes"), (f, "d_failures")):
+        if not np.isfinite(v).all():
+            raise ValueError(f"{name} must be finite")
     g = float(gamma)
     if not 0.0 < g <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-    priors = []
-    for prior, name in ((prior_alpha, "prior_alpha"), (prior_beta, "prior_beta")):
-        p = np.asarray(prior, dtype=np.float64)
-        if p.ndim == 0:
-            p = np.full(1, p)
-        elif p.shape != (n,):
-            raise ValueError(f"{name} must be a scalar or have one entry per item ({n}), got shape {p.shape}")
-        _check_positive_finite(p, name)
-        priors.append(p)
-    if r.shape[0] == 0:
-        return
-    if r.min() < 0 or r.max() >= n:
+    if r.shape[0] and (r.min() < 0 or r.max() >= n):
         bad = int(r[(r < 0) | (r >= n)][0])
         raise ValueError(f"rows must index the {n} items, got row {bad}")
-    uniq, inverse = np.unique(r, return_inverse=True)
-    s_sum = np.bincount(inverse, weights=s, minlength=uniq.shape[0])
-    f_sum = np.bincount(inverse, weights=f, minlength=uniq.shape[0])
-    pa = priors[0] if priors[0].shape[0] == 1 else priors[0][uniq]
-    pb = priors[1] if priors[1].shape[0] == 1 else priors[1][uniq]
-    alpha[uniq] = pa + g * (alpha[uniq] - pa) + s_sum
-    beta[uniq] = pb + g * (beta[uniq] - pb) + f_sum
+    for row, ds, df in zip(r.tolist(), s.tolist(), f.tolist()):
+        update_evidence_row(successes, failures, row, ds, df, g)
+
+
+def update_evidence_row(successes: F64, failures: F64, row: int, ds: float, df: float, gamma: float) -> None:
+    """One event of :func:`update_evidence`, unvalidated (the online state's per-event call)."""
+    if gamma < 1.0:
+        successes[row] *= gamma
+        failures[row] *= gamma
+    successes[row] = max(0.0, successes[row] + ds)
+    failures[row] = max(0.0, failures[row] + df)
 
 
 # --------------------------------------------------------------------------
@@ -501,7 +493,7 @@ class ThompsonPolicy(ExplorationPolicy):
     """Thompson sampling over the ranker's top M; see the module docstring.
 
     ``discount`` is not used when sampling: it is this variant's gamma for
-    :func:`discounted_update`, kept here so one policy config describes the arm.
+    :func:`update_evidence`, kept here so one policy config describes the arm.
     """
 
     name: ClassVar[str] = "thompson"

@@ -133,6 +133,6 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_once(tmp_path, servers):
     expected = {}
     for e in events:
         expected[e.item_id] = expected.get(e.item_id, 0) + 1
-    got = {i: int(engine.state.item_events[engine.catalog.row_of[i]]) for i in expected}
+    got = {i: int(engine.state.interaction_counts([engine.catalog.row_of[i]])[0]) for i in expected}
     engine.close(snapshot=False)
     assert got == expected

@@ -90,11 +90,7 @@ def test_history_and_cooccurrence_feed_candidates(engine, clock):
     engine.feedback([FeedbackEventIn("fan-a", "fan", a, "click")])
     assert [r for r, _ in engine.state.history("fan")] == [cat.row_of[a]]
     # The candidate set of "fan" now holds B, proposed by co-occurrence; A is consumed.
-    history = engine.state.history("fan")
-    recent, weights = engine._recent(history, engine.cfg)
-    flt = engine._row_filter(RecommendQuery(user_id="fan"), history, engine.cfg)
-    cands = engine.retriever.candidates(engine._user_vector("fan", None), recent, weights, flt,
-                                        clock(), n_min=10)
+    cands = engine.candidates(RecommendQuery(user_id="fan"))
     rows = list(cands.rows)
     assert cat.row_of[b] in rows and cat.row_of[a] not in rows
     assert "cooccurrence" in cands.source_names(rows.index(cat.row_of[b]))
@@ -133,8 +129,8 @@ def test_feedback_validation_idempotency_and_attribution(engine, clock):
     assert (again.accepted, again.duplicates) == (0, 1)
     # bandit: one impression turned into a success; organic click does not touch the bandit
     row = engine.catalog.row_of[item]
-    assert engine.state.successes[row] == 1 and engine.state.failures[row] == 0
-    assert engine.state.successes[engine.catalog.row_of[other]] == 0
+    successes, failures = engine.state.bandit_evidence(np.array([row, engine.catalog.row_of[other]]))
+    assert (successes.tolist(), failures.tolist()) == ([1.0, 0.0], [0.0, 0.0])
 
 
 def test_upserted_item_is_served_and_deleted_never_again(engine):
@@ -163,15 +159,15 @@ def test_state_and_catalog_survive_restart(tmp_path, clock):
     item = rec.items[0].item_id
     eng.feedback([FeedbackEventIn("r1", "r", item, "click", request_id=rec.request_id)])
     row = eng.catalog.row_of[item]
-    before = (eng.state.successes[row], eng.state.popularity_acc[row])
+    before = (eng.state.bandit_evidence([row])[0][0], eng.state.decayed_popularity(clock())[row])
     eng.close(snapshot=False)  # no snapshot: everything comes back from the log
     back = Engine.from_config(cfg, clock=clock)
     assert "kept" in back.catalog.row_of and eng.catalog.item_ids[0] not in back.catalog.row_of
-    assert (back.state.successes[row], back.state.popularity_acc[row]) == before
+    assert (back.state.bandit_evidence([row])[0][0], back.state.decayed_popularity(clock())[row]) == before
     assert back.feedback([FeedbackEventIn("r1", "r", item, "click", request_id=rec.request_id)]).duplicates == 1
     back.close(snapshot=True)  # now from a snapshot (+ an empty log)
     third = Engine.from_config(cfg, clock=clock)
-    assert "kept" in third.catalog.row_of and third.state.successes[row] == before[0]
+    assert "kept" in third.catalog.row_of and third.state.bandit_evidence([row])[0][0] == before[0]
     assert third.recommend(RecommendQuery(user_id="r", n=5, user_embedding=v.tolist())).items[0].item_id == "kept"
     third.close(snapshot=False)
 
@@ -195,7 +191,7 @@ def test_demo_catalog_is_cached_not_rebuilt(tmp_path, clock, monkeypatch):
 def test_warm_up_logs_nothing(engine):
     lsn = engine.store.lsn
     engine.warm_up()
-    assert engine.store.lsn == lsn and not engine.state.served
+    assert engine.store.lsn == lsn and not engine.state.served_slates()
 
 
 def test_concurrent_recommend_feedback_and_snapshots(tmp_path, clock):

@@ -15,7 +15,7 @@ from recsvc.exploration import (
     GreedyPolicy,
     ThompsonPolicy,
     UCB1Policy,
-    discounted_update,
+    update_evidence,
     make_policy,
     top_k_indices,
 )
@@ -284,14 +284,14 @@ def test_bandit_converges_to_the_best_arm(policy):
     p = np.array([0.05, 0.08, 0.1, 0.12, 0.15, 0.18, 0.2, 0.22, 0.25, 0.4])
     arms, rounds = p.shape[0], 3000
     rng, env = np.random.default_rng(7), np.random.default_rng(8)
-    alpha, beta, pulls = np.ones(arms), np.ones(arms), np.zeros(arms)
+    successes, failures, pulls = np.zeros(arms), np.zeros(arms), np.zeros(arms)
     scores = np.zeros(arms, np.float32)
     regret = np.empty(rounds)
     for t in range(rounds):
-        ex = policy.explore(scores, alpha, beta, pulls, pulls.sum(), 1, rng)
+        ex = policy.explore(scores, 1.0 + successes, 1.0 + failures, pulls, pulls.sum(), 1, rng)
         arm = int(top_k_indices(ex.scores, 1)[0])
         click = float(env.random() < p[arm])
-        discounted_update(alpha, beta, [arm], [click], [1.0 - click], 1.0, 1.0, 1.0)
+        update_evidence(successes, failures, [arm], [click], [1.0 - click], 1.0)  # the serving update rule
         pulls[arm] += 1
         regret[t] = p.max() - p[arm]
     assert pulls.argmax() == arms - 1 and pulls[-1] > 0.6 * rounds
@@ -305,26 +305,61 @@ def test_bandit_converges_to_the_best_arm(policy):
 # Beta posterior updates
 
 
-def test_discounted_update_known_values():
-    alpha, beta = np.array([1.0, 5.0, 11.0]), np.array([20.0, 40.0, 60.0])
-    discounted_update(alpha, beta, [2, 0, 2], [1.0, 0.0, 2.0], [0.0, 1.0, 4.0], 0.5, 1.0, 20.0)
-    # row 2: counts summed (3 successes, 4 failures), old evidence (10, 40) halved once
-    np.testing.assert_allclose(alpha, [1.0, 5.0, 1.0 + 5.0 + 3.0])
-    np.testing.assert_allclose(beta, [20.0 + 1.0, 40.0, 20.0 + 20.0 + 4.0])
+def test_update_evidence_known_values():
+    s, f = np.array([0.0, 4.0, 10.0]), np.array([0.0, 20.0, 40.0])
+    update_evidence(s, f, [2, 0, 2], [1.0, 0.0, 2.0], [0.0, 1.0, 4.0], 0.5)
+    # row 2, one event at a time: (10, 40) halved then +(1, 0) -> (6, 20); halved then +(2, 4) -> (5, 14)
+    np.testing.assert_allclose(s, [0.0, 4.0, 5.0])
+    np.testing.assert_allclose(f, [1.0, 20.0, 14.0])
 
 
-def test_discounted_update_without_discount_is_counting_and_accepts_per_item_priors():
-    alpha, beta = np.array([2.0, 3.0]), np.array([4.0, 5.0])
-    discounted_update(alpha, beta, np.array([1, 1, 0]), [1, 1, 0], [0, 2, 3], 1.0, np.array([1.0, 2.0]), 3.0)
-    np.testing.assert_allclose(alpha, [2.0, 5.0])
-    np.testing.assert_allclose(beta, [7.0, 7.0])
+def test_update_evidence_without_discount_is_counting():
+    s, f = np.array([1.0, 2.0]), np.array([3.0, 2.0])
+    update_evidence(s, f, np.array([1, 1, 0]), [1, 1, 0], [0, 2, 3], 1.0)
+    np.testing.assert_allclose(s, [1.0, 4.0])
+    np.testing.assert_allclose(f, [6.0, 4.0])
 
 
-def test_discounted_update_forgets_towards_the_prior():
-    alpha, beta = np.array([101.0]), np.array([920.0])
-    for _ in range(200):
-        discounted_update(alpha, beta, [0], [0.0], [0.0], 0.9, 1.0, 20.0)
-    assert alpha[0] == pytest.approx(1.0) and beta[0] == pytest.approx(20.0)
+def test_update_evidence_takes_back_a_failure_and_never_goes_negative():
+    s, f = np.array([0.0]), np.array([1.0])
+    update_evidence(s, f, [0, 0], [1.0, 0.0], [-1.0, -5.0], 1.0)  # the impression became a click
+    assert (s[0], f[0]) == (1.0, 0.0)
+
+
+def test_update_evidence_forgets_towards_the_prior():
+    s, f = np.array([100.0]), np.array([900.0])
+    update_evidence(s, f, [0] * 200, [0.0] * 200, [0.0] * 200, 0.9)
+    assert s[0] == pytest.approx(0.0, abs=1e-6) and f[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_online_state_discounts_with_update_evidence(tmp_path):
+    """The state's bandit update is the one tested above (it once had its own copy)."""
+    from recsvc.catalog import demo_catalog
+    from recsvc.config import DemoCatalogConfig
+    from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
+    from recsvc.retrieval.ann import AnnIndex
+
+    from conftest import NOW_MS, small_config
+
+    cfg = small_config(tmp_path, exploration={"discount": 0.5, "policy": "greedy"})
+    cat = demo_catalog(DemoCatalogConfig(n_items=200, dim=8, n_categories=3, n_topics=2, seed=3))
+    eng = Engine(cfg, cat, AnnIndex.build(cat.embeddings[: cat.n_rows], cat.alive_rows(), cfg.index),
+                 clock=lambda: NOW_MS)
+    row_s, row_f = np.zeros(cat.capacity), np.zeros(cat.capacity)
+    for k in range(4):
+        rec = eng.recommend(RecommendQuery(user_id="u", n=3))
+        item = rec.items[0].item_id
+        row = cat.row_of[item]
+        eng.feedback([FeedbackEventIn(f"i{k}", "u", item, "impression", request_id=rec.request_id)])
+        update_evidence(row_s, row_f, [row], [0.0], [1.0], 0.5)
+        if k % 2:
+            eng.feedback([FeedbackEventIn(f"c{k}", "u", item, "click", request_id=rec.request_id)])
+            update_evidence(row_s, row_f, [row], [1.0], [-1.0], 0.5)
+    rows = np.arange(cat.n_rows)
+    got_s, got_f = eng.state.bandit_evidence(rows)
+    np.testing.assert_array_equal(got_s, row_s[rows])
+    np.testing.assert_array_equal(got_f, row_f[rows])
+    eng.close(snapshot=False)
 
 
 @pytest.mark.parametrize(
@@ -333,23 +368,20 @@ def test_discounted_update_forgets_towards_the_prior():
         ({"rows": [3]}, ValueError, "rows must index the 3 items, got row 3"),
         ({"rows": [-1]}, ValueError, "rows must index the 3 items, got row -1"),
         ({"rows": [0.5]}, TypeError, "rows must be an integer array, got dtype float64"),
-        ({"successes": [-1.0]}, ValueError, r"successes must be >= 0 and finite, got successes\[0\]=-1.0"),
-        ({"failures": [1.0, 2.0]}, ValueError, "failures has length 2, expected 1"),
+        ({"d_successes": [np.nan]}, ValueError, "d_successes must be finite"),
+        ({"d_failures": [1.0, 2.0]}, ValueError, "d_failures has length 2, expected 1"),
         ({"gamma": 0.0}, ValueError, r"gamma must be in \(0, 1\], got 0.0"),
         ({"gamma": 1.5}, ValueError, r"gamma must be in \(0, 1\], got 1.5"),
-        ({"prior_alpha": 0.0}, ValueError, "prior_alpha must be positive and finite"),
-        ({"prior_beta": np.ones(2)}, ValueError, r"prior_beta must be a scalar or have one entry per item \(3\)"),
-        ({"alpha": [1.0, 1.0, 1.0]}, ValueError, "alpha must be a 1-D float64 numpy array"),
-        ({"beta": np.ones(3, np.float32)}, ValueError, "beta must be a 1-D float64 numpy array"),
+        ({"successes": [1.0, 1.0, 1.0]}, ValueError, "successes must be a 1-D float64 numpy array"),
+        ({"failures": np.ones(3, np.float32)}, ValueError, "failures must be a 1-D float64 numpy array"),
+        ({"failures": np.ones(2)}, ValueError, r"failures has length 2, expected 3"),
     ],
 )
-def test_discounted_update_validation(change, exc, msg):
-    args = dict(
-        alpha=np.ones(3), beta=np.ones(3), rows=[0], successes=[1.0], failures=[0.0],
-        gamma=1.0, prior_alpha=1.0, prior_beta=1.0,
-    ) | change
+def test_update_evidence_validation(change, exc, msg):
+    args = dict(successes=np.ones(3), failures=np.ones(3), rows=[0], d_successes=[1.0], d_failures=[0.0],
+                gamma=1.0) | change
     with pytest.raises(exc, match=msg):
-        discounted_update(**args)
+        update_evidence(**args)
 
 
 # --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from recsvc.catalog import Catalog
 from recsvc.config import RetrievalConfig
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
-from recsvc.state.online import OnlineState
+from recsvc.state.interface import OnlineStateReader
 
 DAY_MS = 86_400_000.0
 
@@ -71,22 +71,22 @@ class RowFilter:
 class Retriever:
     """Runs every source for one request and merges them into ``Candidates``."""
 
-    def __init__(self, catalog: Catalog, ann: AnnIndex, state: OnlineState, cfg: RetrievalConfig) -> None:
+    def __init__(self, catalog: Catalog, ann: AnnIndex, state: OnlineStateReader, usual_ann_fetch: int,
+                 fresh_window_days: float) -> None:
+        """``usual_ann_fetch`` sets the index's search beam (see :func:`usual_ann_fetch`); every other
+        setting comes with each request (the experiment variant's ``RetrievalConfig``)."""
         self.catalog = catalog
         self.ann = ann
         self.state = state
-        self.cfg = cfg
+        # the widest fresh window a request has asked for: the fresh index covers it
+        self._fresh_window_ms = int(fresh_window_days * DAY_MS)
         self._fresh: tuple[int, int, np.ndarray, np.ndarray] = (-1, 0, np.empty(0, np.int32), np.empty(0, np.int64))
         self._by_category: tuple[int, list[np.ndarray]] = (-1, [])
         self._filter_stats: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, _EMPTY_SCORES, _EMPTY_ROWS,
                                                                               _EMPTY_SCORES)
         self.catalog_changes = 0  # bumped by catalog_changed()
         self._rebuild_lock = threading.Lock()
-        total = sum(cfg.shares.values()) or 1
-        # ef for the usual fetch: the ANN share with the margin, before excludes
-        # (a larger fetch searches with a beam of its own size).
-        ann_k = cfg.n_candidates * cfg.shares.get("ann", 0) / total * cfg.overfetch
-        self.ann_ef = ann.tune_for(int(math.ceil(ann_k)))
+        self.ann_ef = ann.tune_for(usual_ann_fetch)
 
     # -- derived indexes, rebuilt after catalog changes ---------------------------------
     # The writer rebuilds them after its change (catalog_changed) and only then
@@ -102,14 +102,23 @@ class Retriever:
         with self._rebuild_lock:  # concurrent writers: the last build sees every change
             version = self.catalog_changes + 1
             try:
-                self._fresh_index(now_ms, version)
+                self._fresh_index(now_ms, self._fresh_window_ms, version)
                 self._filter_statistics(version)
                 if self._by_category[0] != -1:
                     self._category_rows(version)
             finally:  # (should a build fail, requests find the rest stale and rebuild it)
                 self.catalog_changes = version
 
-    def _fresh_index(self, now_ms: int, rebuild_as: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def derived_versions(self) -> dict[str, int]:
+        """The catalog change each derived index was built for (-1: not built yet), and the latest change.
+
+        After a writer's ``catalog_changed`` returns, the built ones are at ``catalog_changes``: requests
+        never pay for a rebuild."""
+        return {"catalog_changes": self.catalog_changes, "fresh": self._fresh[0],
+                "filter_statistics": self._filter_stats[0], "category_rows": self._by_category[0]}
+
+    def _fresh_index(self, now_ms: int, window_ms: int, rebuild_as: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Items created at or after ``now - window - slack``, newest first, with their negated creation times.
 
         Only items young enough at the rebuild are kept and sorted: as time
@@ -119,7 +128,9 @@ class Retriever:
         rebuilds.
         """
         cached = self._fresh
-        horizon = now_ms - int(self.cfg.fresh_window_days * DAY_MS)
+        if window_ms > self._fresh_window_ms:  # a variant with a wider window: cover it from now on
+            self._fresh_window_ms = window_ms
+        horizon = now_ms - self._fresh_window_ms
         if rebuild_as is not None or cached[0] < self.catalog_changes or horizon < cached[1]:
             version = self.catalog_changes if rebuild_as is None else rebuild_as
             keep_from = horizon - _FRESH_SLACK_MS
@@ -198,7 +209,7 @@ class Retriever:
         rate *= float(cum[at - 1]) if at else 0.0
         return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
 
-    def ann_fetch(self, want: int, flt: RowFilter) -> int:
+    def ann_fetch(self, want: int, flt: RowFilter, overfetch: float) -> int:
         """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually).
 
         A user whose excluded items crowd the nearest neighbours beyond what the
@@ -209,10 +220,11 @@ class Retriever:
         # Each excluded item may be among the nearest (a derived user vector
         # sits among the consumed items); beyond 4x the share, the retry loop
         # covers a long exclude list better than one huge fetch.
-        return int(math.ceil(want * self.cfg.overfetch / rate)) + min(int(flt.exclude_rows.size), 4 * want)
+        return int(math.ceil(want * overfetch / rate)) + min(int(flt.exclude_rows.size), 4 * want)
 
     # -- sources -----------------------------------------------------------------
-    def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+    def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter, overfetch: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
         if flt.allowed_categories is not None:
@@ -229,7 +241,7 @@ class Retriever:
                     rows, sims = rows[top], sims[top]
                 order = np.argsort(-sims, kind="stable")
                 return rows[order], sims[order].astype(np.float32)
-        k = self.ann_fetch(want, flt)
+        k = self.ann_fetch(want, flt, overfetch)
         while True:
             rows, sims = self.ann.query(user_vec, k)
             keep = flt.eligible(self.catalog, rows)
@@ -257,7 +269,7 @@ class Retriever:
         return rows[order], vals[order]
 
     def popular_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        top = self.state.top_popular
+        top = self.state.top_popular()
         if want <= 0 or top.size == 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
         # Filter a prefix twice the share (the rest of the list only when the
@@ -266,14 +278,14 @@ class Retriever:
         rows = top[:take][flt.eligible(self.catalog, top[:take])]
         if rows.size < want and top.size > take:
             rows = top[flt.eligible(self.catalog, top)]
-        scale = self.state.popularity_scale(now_ms)
-        return rows, np.log1p(self.state.popularity_acc[rows] * scale).astype(np.float32)
+        return rows, self.state.log_popularity(rows, now_ms)
 
-    def fresh_source(self, want: int, flt: RowFilter, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+    def fresh_source(self, want: int, flt: RowFilter, now_ms: int, window_days: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        rows, neg_created = self._fresh_index(now_ms)
-        window_ms = self.cfg.fresh_window_days * DAY_MS
+        window_ms = window_days * DAY_MS
+        rows, neg_created = self._fresh_index(now_ms, int(window_ms))
         # newest first: the fresh items are a prefix (after any created "in the future")
         # (int64 keys: a float key would make numpy convert the whole array)
         n_fresh = int(np.searchsorted(neg_created, np.int64(-(now_ms - int(window_ms))), side="right"))
@@ -287,7 +299,7 @@ class Retriever:
             out_rows.append(rows[sl][keep])
             have += out_rows[-1].size
             age_days = (now_ms + neg_created[sl][keep]) / DAY_MS
-            out_scores.append((1.0 - age_days / self.cfg.fresh_window_days).astype(np.float32))
+            out_scores.append((1.0 - age_days / window_days).astype(np.float32))
             start = sl.stop
         if not out_rows:
             return _EMPTY_ROWS, _EMPTY_SCORES
@@ -302,12 +314,13 @@ class Retriever:
         flt: RowFilter,
         now_ms: int,
         n_min: int,
-        shares: dict[str, int] | None = None,
+        cfg: RetrievalConfig,
         n_candidates: int | None = None,
     ) -> Candidates:
-        shares = dict(shares or self.cfg.shares)
-        total = n_candidates or self.cfg.n_candidates
-        total = max(total, n_min)
+        """The merged candidates of one request, with the request's (variant's) retrieval settings;
+        ``n_candidates`` overrides ``cfg.n_candidates`` (a degraded request asks for fewer)."""
+        shares = dict(cfg.shares)
+        total = max(n_candidates or cfg.n_candidates, n_min)
         # Scale shares to the total; a source that cannot run (no user vector,
         # no history) gives its share away in the merge.
         share_sum = sum(shares.values()) or 1
@@ -325,10 +338,11 @@ class Retriever:
             want["popular"] += extra_pop
             want["fresh"] += lost - extra_pop
         ranked: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            "ann": self.ann_source(user_vec, want["ann"], flt) if user_vec is not None else (_EMPTY_ROWS, _EMPTY_SCORES),
+            "ann": (self.ann_source(user_vec, want["ann"], flt, cfg.overfetch) if user_vec is not None
+                    else (_EMPTY_ROWS, _EMPTY_SCORES)),
             "cooccurrence": self.cooccurrence_source(recent_rows, recent_weights, want["cooccurrence"], flt),
             "popular": self.popular_source(max(want["popular"], 1), flt, now_ms),
-            "fresh": self.fresh_source(max(want["fresh"], 1), flt, now_ms),
+            "fresh": self.fresh_source(max(want["fresh"], 1), flt, now_ms, cfg.fresh_window_days),
         }
         return self._merge(ranked, want, total, n_min, flt, now_ms)
 
@@ -355,10 +369,9 @@ class Retriever:
         if len(cands) < n_min:
             extra = self._fallback(cands.rows, n_min - len(cands), flt, now_ms)
             if extra.size:
-                scale = self.state.popularity_scale(now_ms)
                 parts_rows.append(extra)
                 parts_src.append(np.full(extra.size, SOURCE_NAMES.index("popular"), np.int8))
-                parts_score.append(np.log1p(self.state.popularity_acc[extra] * scale).astype(np.float32))
+                parts_score.append(self.state.log_popularity(extra, now_ms))
                 cands = _merge_parts(parts_rows, parts_src, parts_score)
         return cands
 
@@ -369,9 +382,16 @@ class Retriever:
         rows = np.setdiff1d(rows, have, assume_unique=True)
         if rows.size <= need:
             return rows
-        pop = self.state.popularity_acc[rows] + self.catalog.base_popularity[rows] * 1e-9
+        pop = self.state.relative_popularity(rows) + self.catalog.base_popularity[rows] * 1e-9
         top = np.argpartition(-pop, need - 1)[:need]
         return rows[top]
+
+
+def usual_ann_fetch(cfg: RetrievalConfig) -> int:
+    """The ANN fetch of an unfiltered request: its share of the candidates with the margin (sets the
+    index's search beam; a larger fetch searches with a beam of its own size)."""
+    total = sum(cfg.shares.values()) or 1
+    return int(math.ceil(cfg.n_candidates * cfg.shares.get("ann", 0) / total * cfg.overfetch))
 
 
 def _merge_parts(parts_rows: list[np.ndarray], parts_src: list[np.ndarray],

@@ -7,7 +7,6 @@ import json
 import grpc
 
 from recsvc.engine import Engine, FeedbackEventIn, ItemIn, RecommendQuery
-from recsvc.errors import InvalidArgument
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -48,20 +47,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
 
     def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackResponse:
-        if not request.events:
-            raise InvalidArgument("events must not be empty")
+        # An unknown enum number reaches the engine as is, so its rejection names it.
         result = self.engine.feedback([
-            FeedbackEventIn(event_id=e.event_id, user_id=e.user_id, item_id=e.item_id,
-                            type=int(e.type) if e.type in (1, 2, 3) else _type_name(e.type),
+            FeedbackEventIn(event_id=e.event_id, user_id=e.user_id, item_id=e.item_id, type=int(e.type),
                             request_id=e.request_id, value=e.value, timestamp_ms=e.timestamp_ms)
             for e in request.events
         ])
-        if result.rejected and not result.accepted and not result.duplicates:
-            # Nothing in the batch was usable: that is a bad request, not a
-            # partial success. (Mixed batches return OK with the rejections.)
-            details = "; ".join(f"events[{r.index}]: {r.reason}" for r in result.rejected[:5])
-            more = f" (and {len(result.rejected) - 5} more)" if len(result.rejected) > 5 else ""
-            raise InvalidArgument(f"no event accepted: {details}{more}")
         return pb.FeedbackResponse(
             accepted=result.accepted, duplicates=result.duplicates,
             rejected=[pb.RejectedEvent(index=r.index, event_id=r.event_id, reason=r.reason)
@@ -100,8 +91,3 @@ def _rules(r: pb.RerankRules) -> dict:
         out["sponsored_items"] = list(r.sponsored_item_ids)
         out["sponsored_positions"] = list(r.sponsored_positions)
     return out
-
-
-def _type_name(value: int) -> str:
-    # Unknown enum numbers reach the engine as text so the rejection names them.
-    return f"EventType({value})"

@@ -1,4 +1,9 @@
-"""Online state that feedback updates and retrieval/ranking read.
+"""The embedded read model: the online state in this process's memory (numpy arrays and dicts).
+
+It implements :class:`~recsvc.state.interface.OnlineState`; the request path reads it through
+:class:`~recsvc.state.interface.OnlineStateReader`, the feedback path writes it through
+:class:`~recsvc.state.interface.OnlineStateWriter`, and every log record is applied to it (live, on
+replay after a restart, and — with a shared backend — as each replica tails the shared stream).
 
 - **Popularity**: exponentially decayed interaction counts. All items decay at
   the same rate, so the state keeps ``acc_i = sum_e 2^((t_e - t0) / h)`` and the
@@ -10,12 +15,10 @@
 - **Bandit evidence** per item: successes and failures (the posterior is
   Beta(prior_alpha + successes, prior_beta + failures)); with ``discount`` < 1
   an item's old evidence is multiplied by the discount at each of its updates.
-  Rule: an attributed impression counts as a failure at once; a click or
-  conversion on an impression of the same slate turns that failure into a
-  success (so "an impression without a click" is a failure, with no timers);
-  a click whose impression was never reported counts as impression + success.
-  Only events with a request_id (served by us) touch the bandit, and only
-  within ``state.attribution_window_s`` of the slate being served.
+  The outcome rules and the attribution window are
+  :func:`recsvc.state.records.settle` and :func:`~recsvc.state.records.attributed`;
+  discounting is :func:`recsvc.exploration.update_evidence_row`. Only events
+  with a request_id (served by us) touch the bandit.
 - **Co-occurrence**: for each positive event (click/conversion) of user u on
   item j, every distinct item i among u's last ``cooccurrence_window``
   interactions gets ``C[i][j] += 1`` and ``C[j][i] += 1``; neighbours are scored
@@ -32,166 +35,243 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 
 from recsvc.config import Config
+from recsvc.exploration import update_evidence_row
+from recsvc.state.records import FeedbackEvent, ServedSlate, attributed, decode, encode_served, settle
 
-IMPRESSION, CLICK, CONVERSION = 1, 2, 3
-EVENT_TYPE_NAMES = {IMPRESSION: "impression", CLICK: "click", CONVERSION: "conversion"}
 _MAX_EXPONENT = 60.0  # rebase popularity before 2^exponent loses precision
+_PERCENTILE_TTL_MS = 10_000
 
 
-@dataclass
-class ServedSlate:
-    request_id: str
-    user_id: str
-    variant: str
-    arms: list[list[str]]
-    rows: list[int]
-    propensities: list[float]
-    served_at_ms: int
-    features: str = ""  # base64 float32 [k, F] of the served items (for training)
-    feature_names: list[str] = field(default_factory=list)
-    # row -> 0 nothing seen yet, 1 impression counted (failure), 2 success counted
-    outcome: dict[int, int] = field(default_factory=dict)
+class ReadModel:
+    """All mutable online state of one process; one writer at a time (the ingest lock), many readers.
 
-    def to_record(self) -> dict[str, Any]:
-        return {"t": "served", "r": self.request_id, "u": self.user_id, "v": self.variant,
-                "arms": self.arms, "rows": self.rows, "p": self.propensities,
-                "ts": self.served_at_ms, "f": self.features, "fn": self.feature_names}
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> "ServedSlate":
-        return cls(rec["r"], rec["u"], rec["v"], [list(a) for a in rec.get("arms", [])],
-                   [int(r) for r in rec["rows"]], [float(p) for p in rec["p"]], int(rec["ts"]),
-                   rec.get("f", ""), list(rec.get("fn", [])),
-                   {int(k): int(v) for k, v in rec.get("o", {}).items()})
-
-
-class OnlineState:
-    """All mutable online state; feedback ingestion is its only writer."""
+    Readers run concurrently with the writer, as the request path always has: arrays are updated in
+    place element by element and replaced whole when they grow, dicts and lists are swapped in whole
+    or mutated by single operations, so a reader sees each value either before or after an update.
+    """
 
     def __init__(self, cfg: Config, capacity: int, now_ms: int = 0) -> None:
-        self.cfg = cfg
+        r, e, st = cfg.retrieval, cfg.exploration, cfg.state
         self.lock = threading.RLock()  # held by the single writer (ingest, snapshot)
-        r = cfg.retrieval
-        self.half_life_ms = r.popularity_half_life_days * 86_400_000.0
-        self.pop_t0_ms = float(now_ms)
-        self.popularity_acc = np.zeros(capacity, np.float64)
-        self.top_k = max(2 * r.shares.get("popular", 100), 1000)
-        self.top_popular = np.empty(0, np.int32)
-        self.successes = np.zeros(capacity, np.float64)
-        self.failures = np.zeros(capacity, np.float64)
-        self.item_events = np.zeros(capacity, np.float64)  # positive interactions (co-occurrence n_i)
-        self.total_impressions = 0.0
-        self.cooc: dict[int, dict[int, float]] = {}
+        self._half_life_ms = r.popularity_half_life_days * 86_400_000.0
+        self._history_size = r.history_size
+        self._cooc_window = r.cooccurrence_window
+        self._cooc_neighbours = r.cooccurrence_neighbors
+        self._discount = e.discount
+        self._served_cap = st.served_log_size
+        self._dedupe_cap = st.dedupe_window
+        self._window_ms = st.attribution_window_s * 1000.0
+        self._pop_t0_ms = float(now_ms)
+        self._popularity = np.zeros(capacity, np.float64)
+        self._top_k = max(2 * r.shares.get("popular", 100), 1000)
+        self._top_popular = np.empty(0, np.int32)
+        self._successes = np.zeros(capacity, np.float64)
+        self._failures = np.zeros(capacity, np.float64)
+        self._item_events = np.zeros(capacity, np.float64)  # positive interactions (co-occurrence n_i)
+        self._total_impressions = 0.0
+        self._cooc: dict[int, dict[int, float]] = {}
         self._neigh_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.histories: dict[str, deque[tuple[int, int]]] = {}
-        self.served: OrderedDict[str, ServedSlate] = OrderedDict()
-        self.seen_events: OrderedDict[str, None] = OrderedDict()
+        self._histories: dict[str, deque[tuple[int, int]]] = {}
+        self._served: OrderedDict[str, ServedSlate] = OrderedDict()
+        self._seen_events: OrderedDict[str, None] = OrderedDict()
+        self._pct: tuple[float, np.ndarray] | None = None
         self.applied_lsn = 0
 
-    # -- capacity ---------------------------------------------------------------
+    # -- reads (OnlineStateReader) -------------------------------------------------------------------
+    def history(self, user_id: str) -> list[tuple[int, int]]:
+        h = self._histories.get(user_id)
+        return list(h) if h else []
+
+    def bandit_evidence(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._successes[rows], self._failures[rows]
+
+    def total_impressions(self) -> float:
+        return self._total_impressions
+
+    def _scale(self, now_ms: int) -> float:
+        return 2.0 ** (-(now_ms - self._pop_t0_ms) / self._half_life_ms)
+
+    def log_popularity(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
+        return np.log1p(self._popularity[rows] * self._scale(now_ms)).astype(np.float32)
+
+    def relative_popularity(self, rows: np.ndarray) -> np.ndarray:
+        return self._popularity[rows]
+
+    def decayed_popularity(self, now_ms: int) -> np.ndarray:
+        return self._popularity * self._scale(now_ms)
+
+    def interaction_counts(self, rows: np.ndarray) -> np.ndarray:
+        return self._item_events[rows]
+
+    def popularity_share(self, rows: np.ndarray) -> np.ndarray:
+        total = float(self._popularity.sum()) or 1.0
+        return self._popularity[rows] / total
+
+    def popularity_percentile(self, now_ms: int, size: int) -> np.ndarray:
+        cached = self._pct
+        if cached is None or now_ms - cached[0] >= _PERCENTILE_TTL_MS or cached[1].size < size:
+            pop = self._popularity[:size]
+            pct = np.empty(size, np.float32)
+            order = np.argsort(pop, kind="stable")
+            pct[order] = np.linspace(0.0, 1.0, order.size, dtype=np.float32) if order.size > 1 else 0.0
+            cached = self._pct = (now_ms, pct)
+        pct = cached[1]
+        if pct.size != size:
+            pct = np.resize(pct, size) if pct.size > size else np.pad(pct, (0, size - pct.size))
+        return pct
+
+    def top_popular(self) -> np.ndarray:
+        return self._top_popular
+
+    def neighbour_lists(self, recent_rows: list[int], weights: list[float]
+                        ) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
+        rows, scores, ws = [], [], []
+        for row, w in zip(recent_rows, weights):
+            entry = self._neighbours(row)
+            if entry is not None:
+                rows.append(entry[0])
+                scores.append(entry[1])
+                ws.append(w)
+        return rows, scores, ws
+
+    def served_slate(self, request_id: str) -> ServedSlate | None:
+        return self._served.get(request_id) if request_id else None
+
+    def attributed_slate(self, request_id: str, ts_ms: int) -> ServedSlate | None:
+        """An event later than ``attribution_window_s`` after its slate was served still updates popularity,
+        co-occurrence and history, but no longer the bandit or the experiment: the slate's outcome was
+        settled by then."""
+        slate = self._served.get(request_id) if request_id else None
+        if slate is None or not attributed(slate.served_at_ms, ts_ms, self._window_ms):
+            return None
+        return slate
+
+    def seen_event(self, event_id: str) -> bool:
+        return event_id in self._seen_events
+
+    def served_slates(self) -> list[ServedSlate]:
+        with self.lock:
+            return list(self._served.values())
+
+    def n_served(self) -> int:
+        return len(self._served)
+
+    # -- writes (OnlineStateWriter) ------------------------------------------------------------------
     def ensure_capacity(self, capacity: int) -> None:
-        if capacity <= self.popularity_acc.size:
+        if capacity <= self._popularity.size:
             return
-        new = max(capacity, int(self.popularity_acc.size * 1.5) + 16)
-        for name in ("popularity_acc", "successes", "failures", "item_events"):
+        new = max(capacity, int(self._popularity.size * 1.5) + 16)
+        for name in ("_popularity", "_successes", "_failures", "_item_events"):
             old = getattr(self, name)
             grown = np.zeros(new, old.dtype)
             grown[: old.size] = old
             setattr(self, name, grown)
 
-    # -- popularity ---------------------------------------------------------------
     def seed_popularity(self, rows: np.ndarray, counts: np.ndarray, now_ms: int) -> None:
-        """Initial popularity (e.g. from catalog metadata), as if observed now."""
         self.ensure_capacity(int(rows.max()) + 1 if rows.size else 0)
         self._rebase(now_ms)
-        scale = 2.0 ** ((now_ms - self.pop_t0_ms) / self.half_life_ms)
-        self.popularity_acc[rows] += counts.astype(np.float64) * scale
+        scale = 2.0 ** ((now_ms - self._pop_t0_ms) / self._half_life_ms)
+        self._popularity[rows] += counts.astype(np.float64) * scale
         self._refresh_top(rows)
 
-    def _rebase(self, now_ms: float) -> None:
-        exponent = (now_ms - self.pop_t0_ms) / self.half_life_ms
-        if exponent > _MAX_EXPONENT:
-            self.popularity_acc *= 2.0 ** (-exponent)
-            self.pop_t0_ms = float(now_ms)
+    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[ServedSlate | None]:
+        slates = [self._apply_event(ev) for ev in events]
+        if events:
+            self._refresh_top(np.fromiter((e.row for e in events), np.int32, len(events)))
+        return slates
 
-    def popularity(self, now_ms: int) -> np.ndarray:
-        """Decayed popularity of every row at ``now_ms`` (float64 view scaled)."""
-        return self.popularity_acc * 2.0 ** (-(now_ms - self.pop_t0_ms) / self.half_life_ms)
-
-    def popularity_scale(self, now_ms: int) -> float:
-        return 2.0 ** (-(now_ms - self.pop_t0_ms) / self.half_life_ms)
-
-    def _refresh_top(self, touched: np.ndarray, dead: np.ndarray | None = None) -> None:
-        cand = np.union1d(self.top_popular, touched.astype(np.int32))
-        if dead is not None and dead.size:
-            cand = np.setdiff1d(cand, dead)
-        acc = self.popularity_acc[cand]
-        if cand.size > self.top_k:
-            keep = np.argpartition(-acc, self.top_k - 1)[: self.top_k]
-            cand, acc = cand[keep], acc[keep]
-        self.top_popular = cand[np.argsort(-acc, kind="stable")].astype(np.int32)
+    def remember_served(self, slate: ServedSlate) -> None:
+        with self.lock:
+            self._served[slate.request_id] = slate
+            while len(self._served) > self._served_cap:
+                self._served.popitem(last=False)
 
     def drop_items(self, rows: np.ndarray) -> None:
-        """Deleted items leave the popular list and the co-occurrence tables."""
         with self.lock:
             self._refresh_top(np.empty(0, np.int32), dead=rows)
             for row in rows.tolist():
-                neigh = self.cooc.pop(row, None)
+                neigh = self._cooc.pop(row, None)
                 self._neigh_cache.pop(row, None)
                 if neigh:
                     for other in neigh:
-                        self.cooc.get(other, {}).pop(row, None)
+                        self._cooc.get(other, {}).pop(row, None)
                         self._neigh_cache.pop(other, None)
 
-    # -- bandit ------------------------------------------------------------------
-    def bandit_params(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        e = self.cfg.exploration
-        s, f = self.successes[rows], self.failures[rows]
-        return e.prior_alpha + s, e.prior_beta + f, s + f
+    def max_referenced_row(self) -> int:
+        referenced = [self._top_popular, np.fromiter(self._cooc.keys(), np.int64, len(self._cooc))]
+        return max((int(a.max()) for a in referenced if a.size), default=-1)
 
-    def _bandit_update(self, row: int, success: float, failure: float) -> None:
-        gamma = self.cfg.exploration.discount
-        if gamma < 1.0:
-            self.successes[row] *= gamma
-            self.failures[row] *= gamma
-        self.successes[row] = max(0.0, self.successes[row] + success)
-        self.failures[row] = max(0.0, self.failures[row] + failure)
+    # -- applying one event ----------------------------------------------------------------------------
+    def _apply_event(self, ev: FeedbackEvent) -> ServedSlate | None:
+        self._remember_event(ev.event_id)
+        row = ev.row
+        if row >= self._popularity.size:
+            self.ensure_capacity(row + 1)
+        slate = self.attributed_slate(ev.request_id, ev.ts_ms)
+        if slate is not None:
+            outcome, ds, df, new_impression = settle(slate.outcome.get(row, 0), ev.type)
+            if ds or df:
+                update_evidence_row(self._successes, self._failures, row, ds, df, self._discount)
+            if new_impression:
+                self._total_impressions += 1
+            slate.outcome[row] = int(outcome)
+        if ev.type.positive:
+            self._rebase(ev.ts_ms)
+            self._popularity[row] += 2.0 ** ((ev.ts_ms - self._pop_t0_ms) / self._half_life_ms)
+            self._record_positive(ev.user_id, row, ev.ts_ms)
+        return slate
 
-    # -- history and co-occurrence ---------------------------------------------------
-    def history(self, user_id: str) -> list[tuple[int, int]]:
-        h = self.histories.get(user_id)
-        return list(h) if h else []
+    def _remember_event(self, event_id: str) -> None:
+        self._seen_events[event_id] = None
+        while len(self._seen_events) > self._dedupe_cap:
+            self._seen_events.popitem(last=False)
 
+    # -- popularity ------------------------------------------------------------------------------------
+    def _rebase(self, now_ms: float) -> None:
+        exponent = (now_ms - self._pop_t0_ms) / self._half_life_ms
+        if exponent > _MAX_EXPONENT:
+            self._popularity *= 2.0 ** (-exponent)
+            self._pop_t0_ms = float(now_ms)
+
+    def _refresh_top(self, touched: np.ndarray, dead: np.ndarray | None = None) -> None:
+        cand = np.union1d(self._top_popular, touched.astype(np.int32))
+        if dead is not None and dead.size:
+            cand = np.setdiff1d(cand, dead)
+        acc = self._popularity[cand]
+        if cand.size > self._top_k:
+            keep = np.argpartition(-acc, self._top_k - 1)[: self._top_k]
+            cand, acc = cand[keep], acc[keep]
+        self._top_popular = cand[np.argsort(-acc, kind="stable")].astype(np.int32)
+
+    # -- history and co-occurrence ---------------------------------------------------------------------
     def _record_positive(self, user_id: str, row: int, ts_ms: int) -> None:
-        r = self.cfg.retrieval
-        hist = self.histories.get(user_id)
+        hist = self._histories.get(user_id)
         if hist is None:
-            hist = self.histories[user_id] = deque(maxlen=r.history_size)
+            hist = self._histories[user_id] = deque(maxlen=self._history_size)
         recent: list[int] = []
         seen = {row}
         for prev, _ in reversed(hist):
             if prev not in seen:
                 seen.add(prev)
                 recent.append(prev)
-                if len(recent) >= r.cooccurrence_window:
+                if len(recent) >= self._cooc_window:
                     break
-        self.item_events[row] += 1.0
+        self._item_events[row] += 1.0
         cache = self._neigh_cache
         cache.pop(row, None)
         for prev in recent:
             cache.pop(prev, None)
-        limit = 4 * r.cooccurrence_neighbors
-        row_table = self.cooc.setdefault(row, {})
+        limit = 4 * self._cooc_neighbours
+        row_table = self._cooc.setdefault(row, {})
         for prev in recent:
             row_table[prev] = row_table.get(prev, 0.0) + 1.0
-            t = self.cooc.setdefault(prev, {})
+            t = self._cooc.setdefault(prev, {})
             t[row] = t.get(row, 0.0) + 1.0
             if len(t) > 2 * limit:
                 self._prune(prev, limit)
@@ -200,9 +280,9 @@ class OnlineState:
         hist.append((row, ts_ms))
 
     def _prune(self, row: int, limit: int) -> None:
-        table = self.cooc[row]
+        table = self._cooc[row]
         keep = sorted(table.items(), key=lambda kv: kv[1], reverse=True)[:limit]
-        self.cooc[row] = dict(keep)
+        self._cooc[row] = dict(keep)
 
     def _neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The item's top neighbours as arrays (rows, cosine-normalised scores).
@@ -214,133 +294,61 @@ class OnlineState:
         cached = self._neigh_cache.get(row)
         if cached is not None:
             return cached
-        table = self.cooc.get(row)
+        table = self._cooc.get(row)
         if not table:
             return None
         pairs = list(table.items())  # one pass: keys and values of the same dict state
         others = np.fromiter((k for k, _ in pairs), np.int32, len(pairs))
         counts = np.fromiter((c for _, c in pairs), np.float64, len(pairs))
-        k = self.cfg.retrieval.cooccurrence_neighbors
+        k = self._cooc_neighbours
         if others.size > k:
             top = np.argpartition(-counts, k - 1)[:k]
             others, counts = others[top], counts[top]
-        n = self.item_events
+        n = self._item_events
         scores = counts / np.sqrt(max(n[row], 1.0) * np.maximum(n[others], 1.0))
         entry = (others, scores)
         self._neigh_cache[row] = entry
         return entry
 
-    def neighbour_lists(self, recent_rows: list[int], weights: list[float]
-                        ) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
-        """The recent items' neighbour arrays (rows, scores) with their recency weights (items with none skipped)."""
-        rows, scores, ws = [], [], []
-        for row, w in zip(recent_rows, weights):
-            entry = self._neighbours(row)
-            if entry is not None:
-                rows.append(entry[0])
-                scores.append(entry[1])
-                ws.append(w)
-        return rows, scores, ws
-
-    # -- served slates and dedupe --------------------------------------------------
-    def remember_served(self, slate: ServedSlate) -> None:
-        with self.lock:
-            self.served[slate.request_id] = slate
-            while len(self.served) > self.cfg.state.served_log_size:
-                self.served.popitem(last=False)
-
-    def remember_event(self, event_id: str) -> None:
-        self.seen_events[event_id] = None
-        while len(self.seen_events) > self.cfg.state.dedupe_window:
-            self.seen_events.popitem(last=False)
-
-    # -- applying events -----------------------------------------------------------
-    def apply_event(self, ev: dict[str, Any]) -> None:
-        """Apply one validated, de-duplicated event (also used by log replay).
-
-        ``ev`` keys: id, u (user), row, type, value, ts, req (request id or "").
-        """
-        self.remember_event(ev["id"])
-        row, etype, ts = int(ev["row"]), int(ev["type"]), int(ev["ts"])
-        if row >= self.popularity_acc.size:
-            self.ensure_capacity(row + 1)
-        slate = self.attributed_slate(ev)
-        if slate is not None:
-            state = slate.outcome.get(row, 0)
-            if etype == IMPRESSION:
-                if state == 0:
-                    slate.outcome[row] = 1
-                    self.total_impressions += 1
-                    self._bandit_update(row, 0.0, 1.0)
-            elif state == 0:
-                slate.outcome[row] = 2
-                self.total_impressions += 1
-                self._bandit_update(row, 1.0, 0.0)
-            elif state == 1:
-                slate.outcome[row] = 2
-                self._bandit_update(row, 1.0, -1.0)
-        if etype in (CLICK, CONVERSION):
-            self._rebase(ts)
-            self.popularity_acc[row] += 2.0 ** ((ts - self.pop_t0_ms) / self.half_life_ms)
-            self._record_positive(ev["u"], row, ts)
-
-    def attributed_slate(self, ev: dict[str, Any]) -> ServedSlate | None:
-        """The served slate an event is attributed to, or None (organic).
-
-        An event later than ``attribution_window_s`` after its slate was served
-        still updates popularity, co-occurrence and history, but no longer the
-        bandit or the experiment: the slate's outcome was settled by then.
-        """
-        slate = self.served.get(ev.get("req") or "")
-        if slate is None:
-            return None
-        if int(ev["ts"]) - slate.served_at_ms > self.cfg.state.attribution_window_s * 1000.0:
-            return None
-        return slate
-
-    def refresh_popular(self, touched: np.ndarray) -> None:
-        self._refresh_top(touched)
-
-    # -- snapshots -------------------------------------------------------------------
-    def write(self, directory: Path, served: list[ServedSlate] | None = None) -> None:
-        """Serialise into ``directory``. The caller pauses ingestion (the only
-        writer); served slates keep arriving from requests, so they are copied
-        under the lock first (or passed in, copied at the caller's cut)."""
+    # -- snapshots -------------------------------------------------------------------------------------
+    def write_snapshot(self, directory: Path, served: list[ServedSlate] | None = None) -> None:
+        """Serialise into ``directory``. The caller pauses ingestion (the only writer); served slates keep
+        arriving from requests, so they are copied under the lock first (or passed in, copied at the
+        caller's cut)."""
         if served is None:
-            with self.lock:
-                served = list(self.served.values())
-        np.savez(directory / "online.npz", popularity_acc=self.popularity_acc,
-                 successes=self.successes, failures=self.failures, item_events=self.item_events,
-                 top_popular=self.top_popular)
+            served = self.served_slates()
+        np.savez(directory / "online.npz", popularity_acc=self._popularity,
+                 successes=self._successes, failures=self._failures, item_events=self._item_events,
+                 top_popular=self._top_popular)
         doc = {
-            "pop_t0_ms": self.pop_t0_ms,
-            "total_impressions": self.total_impressions,
+            "pop_t0_ms": self._pop_t0_ms,
+            "total_impressions": self._total_impressions,
             "applied_lsn": self.applied_lsn,
-            "cooc": {str(k): {str(a): b for a, b in v.items()} for k, v in self.cooc.items()},
-            "histories": {u: list(map(list, h)) for u, h in self.histories.items()},
-            "served": [dict(s.to_record(), o={str(k): v for k, v in s.outcome.items()})
-                       for s in served],
-            "seen_events": list(self.seen_events),
+            "cooc": {str(k): {str(a): b for a, b in v.items()} for k, v in self._cooc.items()},
+            "histories": {u: list(map(list, h)) for u, h in self._histories.items()},
+            "served": [encode_served(s, with_outcome=True) for s in served],
+            "seen_events": list(self._seen_events),
         }
         with (directory / "online.json").open("w", encoding="utf-8") as fh:
             json.dump(doc, fh, separators=(",", ":"))
 
-    def read(self, directory: Path) -> None:
+    def read_snapshot(self, directory: Path) -> None:
         with np.load(directory / "online.npz") as z:
-            for name in ("popularity_acc", "successes", "failures", "item_events"):
+            for name, attr in (("popularity_acc", "_popularity"), ("successes", "_successes"),
+                               ("failures", "_failures"), ("item_events", "_item_events")):
                 arr = z[name]
                 self.ensure_capacity(arr.size)
-                getattr(self, name)[: arr.size] = arr
-            self.top_popular = z["top_popular"].astype(np.int32)
+                getattr(self, attr)[: arr.size] = arr
+            self._top_popular = z["top_popular"].astype(np.int32)
         with (directory / "online.json").open(encoding="utf-8") as fh:
             doc = json.load(fh)
-        self.pop_t0_ms = float(doc["pop_t0_ms"])
-        self.total_impressions = float(doc["total_impressions"])
+        self._pop_t0_ms = float(doc["pop_t0_ms"])
+        self._total_impressions = float(doc["total_impressions"])
         self.applied_lsn = int(doc["applied_lsn"])
-        self.cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
+        self._cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
         self._neigh_cache = {}
-        size = self.cfg.retrieval.history_size
-        self.histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=size)
-                          for u, h in doc["histories"].items()}
-        self.served = OrderedDict((s["r"], ServedSlate.from_record(s)) for s in doc["served"])
-        self.seen_events = OrderedDict((e, None) for e in doc["seen_events"])
+        self._histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
+                           for u, h in doc["histories"].items()}
+        served = (decode(dict(s, t="served")) for s in doc["served"])
+        self._served = OrderedDict((s.request_id, s) for s in served)  # type: ignore[union-attr]
+        self._seen_events = OrderedDict((e, None) for e in doc["seen_events"])

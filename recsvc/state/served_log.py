@@ -6,15 +6,19 @@ is safe while a server owns the directory.
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
+from recsvc.config import StateConfig
+from recsvc.state.interface import OnlineStateReader
+from recsvc.state.records import FeedbackBatch, Outcome, ServedSlate, attributed, decode, settle
 from recsvc.state.store import read_state_dir
+
+DEFAULT_ATTRIBUTION_WINDOW_S = StateConfig.model_fields["attribution_window_s"].default
 
 
 @dataclass(frozen=True)
@@ -42,57 +46,61 @@ class ServedImpressions:
         return int(self.clicked.shape[0])
 
 
-def read_served_impressions(state_dir: str | Path) -> ServedImpressions:
+def read_served_impressions(state_dir: str | Path,
+                            attribution_window_s: float = DEFAULT_ATTRIBUTION_WINDOW_S) -> ServedImpressions:
+    """The served log of a state directory (newest snapshot + the log after it), outcomes rebuilt from its
+    feedback with the live state's rules (:func:`recsvc.state.records.settle`, within the attribution window:
+    pass the server's ``state.attribution_window_s``)."""
     _, snap_dir, records = read_state_dir(state_dir)
-    served: dict[str, dict[str, Any]] = {}
+    window_ms = attribution_window_s * 1000.0
+    served: dict[str, ServedSlate] = {}
     if snap_dir is not None and (snap_dir / "online.json").exists():
         with (snap_dir / "online.json").open(encoding="utf-8") as fh:
-            for rec in json.load(fh).get("served", []):
-                served[rec["r"]] = rec
-    for rec in records:
-        if rec["t"] == "served":
-            served[rec["r"]] = dict(rec, o={})
-        elif rec["t"] == "fb":
-            for ev in rec["e"]:
-                slate = served.get(ev.get("req") or "")
-                if slate is None:
+            for d in json.load(fh).get("served", []):
+                slate = decode(dict(d, t="served"))
+                served[slate.request_id] = slate  # type: ignore[union-attr]
+    for raw in records:
+        if raw.get("t") not in ("served", "fb"):
+            continue
+        rec = decode(raw)
+        if isinstance(rec, ServedSlate):
+            served[rec.request_id] = rec
+        elif isinstance(rec, FeedbackBatch):
+            for ev in rec.events:
+                slate = served.get(ev.request_id) if ev.request_id else None
+                if slate is None or not attributed(slate.served_at_ms, ev.ts_ms, window_ms):
                     continue
-                outcome = slate.setdefault("o", {})
-                key = str(ev["row"])
-                outcome[key] = max(int(outcome.get(key, 0)), 1 if int(ev["type"]) == 1 else 2)
-    return impressions_from_records(served.values(), source=str(state_dir))
+                slate.outcome[ev.row] = int(settle(slate.outcome.get(ev.row, 0), ev.type)[0])
+    return impressions_from_slates(served.values(), source=str(state_dir))
 
 
-def impressions_from_state(state: Any) -> ServedImpressions:
-    """The same rows from a live ``OnlineState``'s served slates (in-process users)."""
-    with state.lock:
-        slates = list(state.served.values())
-    records = [dict(s.to_record(), o={str(k): v for k, v in s.outcome.items()}) for s in slates]
-    return impressions_from_records(records, source="the engine's served slates")
+def impressions_from_state(state: OnlineStateReader) -> ServedImpressions:
+    """The same rows from a live engine's served slates (in-process users: ``engine.state``)."""
+    return impressions_from_slates(state.served_slates(), source="the engine's served slates")
 
 
-def impressions_from_records(served: Iterable[dict[str, Any]], source: str = "the log") -> ServedImpressions:
-    """One row per impressed item of served-slate records (keys r, rows, p, f, fn, o)."""
+def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the log") -> ServedImpressions:
+    """One row per impressed item of served slates (those with logged features and some feedback)."""
     feats, clicked, props, rows, slates, positions = [], [], [], [], [], []
     names: list[str] | None = None
     n_slates = 0
     for slate in served:
-        outcome = slate.get("o") or {}
-        if not outcome or not slate.get("f"):
+        outcome = slate.outcome
+        block = slate.feature_block()
+        if not outcome or block is None:
             continue
-        fn = list(slate.get("fn") or [])
+        fn = list(slate.feature_names)
         if names is None:
             names = fn
         elif fn != names:
             continue  # served by a build with other features: skip rather than misalign
-        block = np.frombuffer(base64.b64decode(slate["f"]), np.float32).reshape(len(slate["rows"]), len(fn))
         took = False
-        for i, row in enumerate(slate["rows"]):
-            state = int(outcome.get(str(row), 0))
+        for i, row in enumerate(slate.rows):
+            state = int(outcome.get(row, 0))
             if state:
                 feats.append(block[i])
-                clicked.append(1.0 if state == 2 else 0.0)
-                props.append(float(slate["p"][i]))
+                clicked.append(1.0 if state == Outcome.CLICKED else 0.0)
+                props.append(float(slate.propensities[i]))
                 rows.append(int(row))
                 slates.append(n_slates)
                 positions.append(i)

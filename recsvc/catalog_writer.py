@@ -1,0 +1,136 @@
+"""The catalog writer: UpsertItems and DeleteItems, logged before they apply, replayed the same way.
+
+Everything the catalog would refuse is refused here, before the log: a logged change must always
+apply (on replay too). After a change the retriever's derived indexes (fresh items, filter statistics,
+per-category rows) are rebuilt outside the ingest lock, so feedback need not wait for them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from recsvc.catalog import Catalog, CatalogError, ItemRecord
+from recsvc.errors import InvalidArgument, Unavailable
+from recsvc.messages import ItemIn
+from recsvc.retrieval.ann import AnnIndex
+from recsvc.retrieval.sources import Retriever
+from recsvc.state.interface import OnlineStateWriter
+from recsvc.state.journal import Journal
+from recsvc.state.records import CatalogDelete, CatalogUpsert
+
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class CatalogWriter:
+    def __init__(self, catalog: Catalog, ann: AnnIndex, state: OnlineStateWriter, retriever: Retriever,
+                 journal: Journal, clock: Callable[[], int], max_batch: int, diverged: bool = False) -> None:
+        self.catalog = catalog
+        self.ann = ann
+        self.state = state
+        self.retriever = retriever
+        self.journal = journal
+        self.clock = clock
+        self._max_batch = max_batch
+        #: True once the live catalog differs from the base catalog files: every snapshot must then carry
+        #: the catalog (the base would lose the changes).
+        self.diverged = diverged
+
+    def upsert_items(self, items: Sequence[ItemIn]) -> tuple[int, int]:
+        """(inserted, updated)."""
+        if not items:
+            raise InvalidArgument("items must not be empty")
+        if len(items) > self._max_batch:
+            raise InvalidArgument(f"at most {self._max_batch} items per call, got {len(items)}")
+        records = self._validated(items)
+        logged = False
+        try:
+            with self.journal.ingest:
+                try:
+                    self.journal.append([CatalogUpsert(records)], durable=True)
+                except OSError as exc:
+                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                      "nothing was changed, retry later") from None
+                logged = True
+                result = self._upsert(records)
+        finally:
+            # Outside the ingest lock (feedback need not wait), and even after a
+            # failure half-way: the derived indexes must follow the catalog.
+            if logged:
+                self.retriever.catalog_changed(self.clock())
+        return result
+
+    def _validated(self, items: Sequence[ItemIn]) -> list[ItemRecord]:
+        records, seen = [], set()
+        for i, it in enumerate(items):
+            where = f"items[{i}] ({it.item_id!r})"
+            if not it.item_id:
+                raise InvalidArgument(f"items[{i}].item_id is required")
+            if it.item_id.startswith("\x00"):
+                raise InvalidArgument(f"{where}: item ids must not start with a NUL character")
+            if it.item_id in seen:
+                raise InvalidArgument(f"{where}: the id appears twice in one call")
+            seen.add(it.item_id)
+            emb = np.asarray(it.embedding, np.float64).reshape(-1)
+            if emb.size != self.catalog.dim:
+                raise InvalidArgument(
+                    f"{where}: embedding has {emb.size} values; the catalog's dimension is {self.catalog.dim}")
+            norm = float(np.linalg.norm(emb)) if np.isfinite(emb).all() else math.nan
+            if not math.isfinite(norm) or norm == 0.0 or np.abs(emb).max() > _FLOAT32_MAX:
+                raise InvalidArgument(f"{where}: embedding must be finite, non-zero and within float32 range")
+            if self.catalog.normalize:
+                emb = emb / norm  # in float64, so huge or tiny values keep their direction
+            if not 0 <= it.maturity <= _INT32_MAX:
+                raise InvalidArgument(f"{where}: maturity must be between 0 and {_INT32_MAX}")
+            records.append(ItemRecord(it.item_id, emb.astype(np.float32), it.category, int(it.maturity),
+                                      int(it.created_at_ms) or self.clock(), 0.0, dict(it.attributes)))
+        return records
+
+    def delete_items(self, item_ids: Sequence[str]) -> tuple[int, list[str]]:
+        """(deleted, the ids that were not in the catalog)."""
+        if not item_ids:
+            raise InvalidArgument("item_ids must not be empty")
+        with self.journal.ingest:
+            known = [i for i in item_ids if i in self.catalog.row_of]
+            if known:
+                try:
+                    self.journal.append([CatalogDelete(known)], durable=True)
+                except OSError as exc:
+                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                      "nothing was changed, retry later") from None
+            deleted = self._delete(known)
+        if deleted:
+            self.retriever.catalog_changed(self.clock())
+        known_set = set(known)
+        return deleted, [i for i in item_ids if i not in known_set]
+
+    # -- applying a change (live and on replay) -----------------------------------------------------------
+    def apply(self, record: CatalogUpsert | CatalogDelete) -> None:
+        """Apply a logged change (recovery: the retriever rebuilds its derived indexes on first use)."""
+        if isinstance(record, CatalogUpsert):
+            self._upsert(record.items)
+        else:
+            self._delete(record.item_ids)
+
+    def _upsert(self, records: list[ItemRecord]) -> tuple[int, int]:
+        # State arrays grow first: a request must never see a row they lack.
+        self.state.ensure_capacity(self.catalog.n_rows + len(records) + 16)
+        try:
+            rows, inserted, updated = self.catalog.upsert(records)
+        except CatalogError as exc:
+            raise InvalidArgument(str(exc)) from None
+        self.state.ensure_capacity(self.catalog.capacity)
+        self.ann.upsert(self.catalog.embeddings[rows], rows)
+        self.diverged = True
+        return inserted, updated
+
+    def _delete(self, item_ids: Iterable[str]) -> int:
+        rows, _ = self.catalog.delete(item_ids)
+        if rows.size:
+            self.ann.delete(rows)
+            self.state.drop_items(rows)
+            self.diverged = True
+        return int(rows.size)

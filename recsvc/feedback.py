@@ -1,0 +1,173 @@
+"""The feedback path: validate, de-duplicate, log, attribute and apply feedback; record served slates.
+
+One Feedback call::
+
+    validate each event (ids, type, item, time, value, its request)  -> RejectedEvent with a reason
+    drop event ids already applied or repeated in the batch          -> counted as duplicates
+    append the accepted events to the log (durable before the ack)
+    apply them to the online state (bandit evidence via the served slate, popularity, co-occurrence,
+    history) and count the attributed ones in the experiment aggregates
+
+A batch that is empty, or in which nothing was accepted or a duplicate, is an invalid request
+(:class:`FeedbackRejected`, an ``InvalidArgument`` carrying the per-event reasons) for in-process and
+gRPC callers alike; a mixed batch succeeds and lists its rejections.
+
+Served slates come from the request path; :meth:`FeedbackPath.record_served` puts them into the state,
+the aggregates and the log together. Log replay applies the same records through :meth:`apply`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+
+from recsvc.catalog import Catalog
+from recsvc.config import Config
+from recsvc.errors import InvalidArgument, Unavailable
+from recsvc.messages import FeedbackEventIn, FeedbackResult, RejectedEvent
+from recsvc.state.interface import OnlineState
+from recsvc.state.journal import Journal
+from recsvc.state.records import EventType, FeedbackBatch, FeedbackEvent, ServedSlate
+
+log = logging.getLogger("recsvc.feedback")
+
+DAY_MS = 86_400_000
+FUTURE_SLACK_MS = 3_600_000  # events may be stamped up to an hour ahead of the server's clock
+
+
+class FeedbackRejected(InvalidArgument):
+    """No event of a batch was usable; ``result`` holds the reason for each."""
+
+    def __init__(self, message: str, result: FeedbackResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class FeedbackPath:
+    def __init__(self, cfg: Config, catalog: Catalog, state: OnlineState, journal: Journal,
+                 aggregates, clock) -> None:
+        self._max_batch = cfg.server.max_batch
+        self._max_age_days = cfg.state.max_event_age_days
+        self.catalog = catalog
+        self.state = state
+        self.journal = journal
+        self.aggregates = aggregates
+        self.clock = clock
+
+    # -- Feedback ------------------------------------------------------------------------------------
+    def ingest(self, events: Sequence[FeedbackEventIn]) -> FeedbackResult:
+        if not events:
+            raise InvalidArgument("events must not be empty")
+        if len(events) > self._max_batch:
+            raise InvalidArgument(f"at most {self._max_batch} events per call, got {len(events)}")
+        now = self.clock()
+        oldest = now - int(self._max_age_days * DAY_MS)
+        newest = now + FUTURE_SLACK_MS
+        rejected: list[RejectedEvent] = []
+        duplicates = 0
+        accepted: list[FeedbackEvent] = []
+        with self.journal.ingest:
+            batch_ids: set[str] = set()
+            for i, ev in enumerate(events):
+                etype = EventType.parse(ev.type)
+                ts = int(ev.timestamp_ms) or now
+                row = self.catalog.row_of.get(ev.item_id)
+                reason = None
+                if not ev.event_id:
+                    reason = "event_id is required (it is the idempotency key)"
+                elif self.state.seen_event(ev.event_id) or ev.event_id in batch_ids:
+                    duplicates += 1
+                    continue
+                elif not ev.user_id:
+                    reason = "user_id is required"
+                elif etype is None:
+                    reason = f"unknown event type {ev.type!r}; expected IMPRESSION, CLICK or CONVERSION"
+                elif row is None:
+                    reason = f"unknown item_id {ev.item_id!r}"
+                elif ts < oldest or ts > newest:
+                    reason = (f"timestamp_ms {ts} is outside the accepted range "
+                              f"[now - {self._max_age_days:g} days, now + 1 h]")
+                elif not math.isfinite(ev.value):
+                    reason = "value must be finite"
+                elif ev.request_id:
+                    slate = self.state.served_slate(ev.request_id)
+                    if slate is None:
+                        reason = f"request_id {ev.request_id!r} is unknown or has expired"
+                    elif row not in slate.rows:
+                        reason = f"item {ev.item_id!r} was not served in request {ev.request_id!r}"
+                    elif slate.user_id != ev.user_id:
+                        reason = f"request {ev.request_id!r} was served to another user"
+                if reason is not None:
+                    rejected.append(RejectedEvent(i, ev.event_id, reason))
+                    continue
+                batch_ids.add(ev.event_id)
+                accepted.append(FeedbackEvent(ev.event_id, ev.user_id, ev.item_id, int(row), etype,
+                                              float(ev.value), ts, ev.request_id or ""))
+            if accepted:
+                # Durable before the ack and before the state changes.
+                batch = FeedbackBatch(accepted)
+                try:
+                    lsn = self.journal.append([batch], durable=True, weight=len(accepted))
+                except OSError as exc:
+                    log.error("could not write the event log: %s", exc)
+                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                      "nothing in this batch was recorded, retry later") from None
+                self._apply_feedback(batch)
+                self.state.applied_lsn = lsn
+        result = FeedbackResult(len(accepted), duplicates, rejected)
+        if rejected and not accepted and not duplicates:
+            # Nothing in the batch was usable: that is a bad request, not a
+            # partial success. (Mixed batches succeed with the rejections.)
+            details = "; ".join(f"events[{r.index}]: {r.reason}" for r in rejected[:5])
+            more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
+            raise FeedbackRejected(f"no event accepted: {details}{more}", result)
+        return result
+
+    def _apply_feedback(self, batch: FeedbackBatch) -> None:
+        slates = self.state.apply_feedback(batch.events)
+        for ev, slate in zip(batch.events, slates):
+            if slate is not None and slate.arms:
+                self.aggregates.record_event(slate.arms, ev.user_id, ev.type.label, ev.value, ev.ts_ms)
+
+    # -- served slates ---------------------------------------------------------------------------------
+    def record_served(self, slate: ServedSlate) -> None:
+        """A slate the request path served: into the state, the aggregates and the log (not fsync'd:
+        a slate lost in a crash only loses the attribution of its feedback)."""
+        if slate.arms:
+            slate.diversity, slate.novelty = self.slate_diversity_novelty(slate.rows)
+        with self.journal.served:
+            self.state.remember_served(slate)
+            self._record_served_aggregates(slate)
+            self.journal.append([slate], durable=False)
+
+    def slate_diversity_novelty(self, rows_list: list[int]) -> tuple[float | None, float | None]:
+        """Intra-list diversity and novelty of a slate (``recsvc.evaluation.metrics``' definitions, with the
+        item's share of all decayed interactions as its popularity), computed once when served and logged
+        with it, so a replay reports the same numbers."""
+        from recsvc.evaluation.metrics import intra_list_diversity, novelty
+
+        rows = np.asarray(rows_list, np.int64)
+        diversity = nov = None
+        if rows.size > 1:
+            diversity = float(intra_list_diversity(np.arange(rows.size)[None, :], self.catalog.embeddings[rows])[0])
+        if rows.size:
+            share = np.maximum(self.state.popularity_share(rows), 1e-12)
+            nov = float(novelty(np.arange(rows.size)[None, :], share)[0])
+        return diversity, nov
+
+    def _record_served_aggregates(self, slate: ServedSlate) -> None:
+        if slate.arms:
+            self.aggregates.record_served(slate.arms, slate.user_id, slate.rows, slate.served_at_ms,
+                                          diversity=slate.diversity, novelty=slate.novelty)
+
+    # -- log replay ----------------------------------------------------------------------------------------
+    def apply(self, record: FeedbackBatch | ServedSlate) -> None:
+        """Apply a logged feedback batch or served slate (recovery; a replica tailing a shared log)."""
+        if isinstance(record, FeedbackBatch):
+            self._apply_feedback(record)
+        else:
+            self.state.remember_served(record)
+            self._record_served_aggregates(record)

@@ -1,0 +1,200 @@
+"""Start-up and recovery: the catalog and its index, the state from snapshot + log, and snapshots.
+
+- :func:`load_catalog_and_index` — the configured catalog (or the cached demo) and its persisted HNSW
+  index, built and saved only when missing or stale.
+- :func:`open_catalog` — the same, but the catalog as of the newest snapshot when live changes made it
+  diverge from the base files.
+- :func:`recover` — seed popularity, load the newest snapshot, replay the log after it through the
+  feedback path and the catalog writer (the same code that applied it live).
+- :class:`Snapshotter` — a consistent cut of the state, the aggregates and (when diverged) the catalog,
+  written in the background once enough records accumulated, and on shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recsvc.catalog import Catalog, CatalogError, demo_catalog
+from recsvc.config import Config
+from recsvc.errors import InvalidArgument
+from recsvc.retrieval.ann import AnnIndex
+from recsvc.state.journal import Journal
+from recsvc.state.records import CatalogDelete, CatalogUpsert
+
+if TYPE_CHECKING:
+    from recsvc.catalog_writer import CatalogWriter
+    from recsvc.feedback import FeedbackPath
+    from recsvc.state.interface import OnlineState
+
+log = logging.getLogger("recsvc.recovery")
+
+
+# -- catalog and index ---------------------------------------------------------------------------------
+def demo_cache_dir(cfg: Config) -> Path:
+    d, i = cfg.catalog.demo, cfg.index
+    key = f"demo-{d.n_items}x{d.dim}-c{d.n_categories}-t{d.n_topics}-s{d.seed}-{i.space}-m{i.m}-ef{i.ef_construction}"
+    return Path(cfg.catalog.cache_dir).expanduser() / key
+
+
+def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = False) -> tuple[Catalog, AnnIndex]:
+    """The configured catalog (or the cached demo) and its persisted index.
+
+    The index lives beside the catalog; it is built (and saved) only when
+    missing, stale (built for another catalog version or other parameters) or
+    ``rebuild`` is set — a restart loads it.
+    """
+    normalize = cfg.index.space == "cosine"
+    if cfg.catalog.path is None:
+        directory = demo_cache_dir(cfg)
+        if (directory / "items.jsonl").exists() and (directory / "catalog.json").exists():
+            catalog = Catalog.load(directory, normalize=normalize, progress=progress)
+        else:
+            catalog = demo_catalog(cfg.catalog.demo, progress=progress)
+            catalog.normalize = normalize
+            catalog.save(directory)
+    else:
+        directory = Path(cfg.catalog.path).expanduser()
+        catalog = Catalog.load(directory, normalize=normalize, progress=progress)
+    if progress and not rebuild and (directory / "index.bin").exists():
+        log.info("loading the HNSW index for %d items from %s", catalog.n_alive, directory)
+    ann = None if rebuild else AnnIndex.load(directory, catalog.dim, cfg.index, catalog.version,
+                                             alive=catalog.alive[: catalog.n_rows])
+    if ann is None:
+        t = time.perf_counter()
+        ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index,
+                             progress=progress)
+        log.info("built HNSW index over %d items in %.1f s", catalog.n_alive, time.perf_counter() - t)
+        try:
+            ann.save(directory, catalog.version)
+        except OSError as exc:  # a read-only catalog directory still serves
+            log.warning("could not save the index beside the catalog (%s); it will be rebuilt next start", exc)
+        else:
+            if cfg.index.reorder:
+                # Serve from the saved file, laid out in cluster order on load.
+                ann = AnnIndex.load(directory, catalog.dim, cfg.index, catalog.version,
+                                    alive=catalog.alive[: catalog.n_rows]) or ann
+    return catalog, ann
+
+
+def open_catalog(cfg: Config, journal: Journal, progress: bool = False) -> tuple[Catalog, AnnIndex, bool]:
+    """(catalog, index, diverged): the newest snapshot's catalog when it carries one, else the base."""
+    _, snap_dir = journal.latest_snapshot()
+    diverged = snap_dir is not None and (snap_dir / "catalog" / "items.jsonl").exists()
+    if not diverged:
+        return (*load_catalog_and_index(cfg, progress=progress), False)
+    # The catalog as it was at the last snapshot, live changes included.
+    catalog = Catalog.load(snap_dir / "catalog", normalize=cfg.index.space == "cosine")
+    ann = AnnIndex.load(snap_dir / "catalog", catalog.dim, cfg.index, catalog.version,
+                        alive=catalog.alive[: catalog.n_rows])
+    if ann is None:
+        ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index,
+                             progress=progress)
+    return catalog, ann, True
+
+
+# -- the state -----------------------------------------------------------------------------------------------
+def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: "FeedbackPath",
+            writer: "CatalogWriter", now_ms: int) -> int:
+    """Seed popularity; load the newest snapshot; replay the log after it. Returns the records replayed."""
+    rows = catalog.alive_rows()
+    state.seed_popularity(rows, catalog.base_popularity[rows], now_ms)
+    snap_lsn, snap_dir = journal.latest_snapshot()
+    if snap_dir is not None:
+        state.read_snapshot(snap_dir)
+        agg_path = snap_dir / "experiments.json"
+        if agg_path.exists():
+            feedback.aggregates = type(feedback.aggregates).from_dict(json.loads(agg_path.read_text()))
+    replayed = 0
+    for lsn, rec in journal.replay(snap_lsn):
+        try:
+            if isinstance(rec, Exception):
+                raise rec
+            if isinstance(rec, (CatalogUpsert, CatalogDelete)):
+                writer.apply(rec)
+            else:
+                feedback.apply(rec)
+        except (InvalidArgument, CatalogError, KeyError, ValueError, TypeError) as exc:
+            # A record that cannot apply must not keep the service down; it
+            # was validated before it was logged, so this is worth a loud log.
+            log.error("skipping log record lsn %s (%s): %s", lsn, type(rec).__name__, exc)
+        state.applied_lsn = lsn
+        replayed += 1
+    if replayed:
+        log.info("replayed %d log records after snapshot lsn %d", replayed, snap_lsn)
+    journal.since_snapshot = replayed
+    highest = state.max_referenced_row()
+    if highest >= catalog.n_rows:
+        raise RuntimeError(
+            f"the online state refers to catalog row {highest} but the catalog has {catalog.n_rows} "
+            "rows: the state directory belongs to another catalog; point state.dir elsewhere")
+    return replayed
+
+
+class Snapshotter:
+    """Writes snapshots: a consistent cut under the journal's locks, files written outside the served lock."""
+
+    def __init__(self, journal: Journal, state: "OnlineState", feedback: "FeedbackPath", catalog: Catalog,
+                 ann: AnnIndex, writer: "CatalogWriter", every_events: int) -> None:
+        self.journal = journal
+        self.state = state
+        self.feedback = feedback  # its experiment aggregates
+        self.catalog = catalog
+        self.ann = ann
+        self.writer = writer
+        self.every_events = every_events
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.closed = False
+
+    def maybe_snapshot(self) -> None:
+        """Start a background snapshot once enough log records accumulated.
+
+        Snapshots run off the request path (a Feedback call never waits for one,
+        and a failing one is logged, not returned to a caller)."""
+        if self.journal.since_snapshot < self.every_events or self.closed:
+            return
+        if not self.journal.durable:
+            self.journal.since_snapshot = 0
+            return
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._background, name="recsvc-snapshot", daemon=True)
+            self._thread.start()
+
+    def _background(self) -> None:
+        try:
+            self.snapshot()
+        except Exception:  # the log still holds everything; try again after more events
+            log.exception("background snapshot failed")
+
+    def snapshot(self) -> int:
+        """Write a snapshot covering every record logged so far; returns its lsn."""
+        with self.journal.ingest:  # no feedback or catalog change runs meanwhile
+            if not self.journal.durable:
+                self.journal.since_snapshot = 0
+                return self.state.applied_lsn
+            # A consistent cut: no served slate is half-recorded while we read the
+            # lsn, the served slates and the experiment aggregates.
+            with self.journal.served:
+                self.journal.sync()  # served records up to lsn are on disk too
+                lsn = self.journal.lsn
+                served = self.state.served_slates()
+                aggregates = self.feedback.aggregates.to_dict()
+                self.journal.since_snapshot = 0
+
+            def write(directory: Path) -> None:
+                self.state.applied_lsn = lsn
+                self.state.write_snapshot(directory, served=served)
+                (directory / "experiments.json").write_text(json.dumps(aggregates))
+                if self.writer.diverged:
+                    self.catalog.save(directory / "catalog", compact=False)
+                    self.ann.save(directory / "catalog", self.catalog.version)
+
+            self.journal.write_snapshot(lsn, write)
+            return lsn

@@ -1,0 +1,424 @@
+"""The request path: one Recommend, from a query and its resolved config to a slate. Pure reads.
+
+``RequestPath.recommend(query, assignment)`` runs validate -> user profile -> stage 1 retrieval ->
+stage 2 ranking -> exploration -> stage 3 re-ranking and returns the response together with the
+:class:`~recsvc.state.records.ServedSlate` to record; recording it (state, aggregates, log) is the
+feedback path's job. It reads the online state only through
+:class:`~recsvc.state.interface.OnlineStateReader` and every setting from the assignment's config —
+the experiment variant's, never the base one. Candidates stay numpy arrays until the response is built.
+
+Each stage is timed; when the request's deadline cannot cover a stage, the stage is shortened or
+skipped (ranking falls back to retrieval order, MMR to quotas) and the response is marked ``degraded``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from recsvc.catalog import Catalog
+from recsvc.config import Config, RerankingConfig
+from recsvc.errors import FailedPrecondition, InvalidArgument
+from recsvc.messages import RecommendQuery, Recommendation, SlateItem
+from recsvc.retrieval.ann import AnnIndex
+from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
+from recsvc.retrieval.sources import Retriever, RowFilter
+from recsvc.state.interface import OnlineStateReader
+from recsvc.state.records import ServedSlate
+
+#: Re-ranking rules a request may set for itself (``RecommendQuery.rerank``).
+REQUEST_RULES = frozenset({"max_per_category", "mmr_lambda", "freshness_boost", "long_tail_boost", "pinned",
+                           "sponsored_items", "sponsored_positions"})
+
+
+class RankerCache:
+    """Loaded ranker models by weights file, shared by every variant that names the same file."""
+
+    def __init__(self) -> None:
+        self._rankers: dict[str, Any] = {}
+
+    def get(self, path: Path | None) -> Any:
+        from recsvc.ranking import Ranker
+
+        key = str(path) if path is not None else ""
+        ranker = self._rankers.get(key)
+        if ranker is None:
+            try:
+                ranker = Ranker.load(path) if path is not None else Ranker.default()
+            except (OSError, ValueError) as exc:
+                raise FailedPrecondition(f"ranker weights {key or '(default)'} cannot be loaded: {exc}") from None
+            self._rankers[key] = ranker
+        return ranker
+
+    def reload(self) -> list[str]:
+        """Reload every weights file from disk, all or nothing; returns the files (``""`` = the default)."""
+        from recsvc.ranking import Ranker
+
+        fresh = {}
+        for key in list(self._rankers) or [""]:
+            try:
+                fresh[key] = Ranker.load(Path(key)) if key else Ranker.default()
+            except (OSError, ValueError) as exc:
+                # all or nothing: keep serving with the weights already loaded
+                raise FailedPrecondition(f"reload refused, {key or '(default)'}: {exc}") from None
+        self._rankers = fresh
+        return sorted(fresh)
+
+
+class RequestPath:
+    """Serves Recommend over one catalog, index and online-state reader."""
+
+    def __init__(self, catalog: Catalog, ann: AnnIndex, state: OnlineStateReader, retriever: Retriever,
+                 seed: int | None) -> None:
+        self.catalog = catalog
+        self.ann = ann
+        self.state = state
+        self.retriever = retriever
+        self.rankers = RankerCache()
+        self._policies: dict[tuple, Any] = {}
+        self._local = threading.local()
+        self._seed_seq = np.random.SeedSequence(seed)
+        self._seed_lock = threading.Lock()
+        self._stage_ewma_us = {"candidates": 2000.0, "ranking": 500.0, "reranking": 500.0}
+
+    # -- per-thread randomness, cached policies ------------------------------------------------------
+    def _rng(self) -> np.random.Generator:
+        rng = getattr(self._local, "rng", None)
+        if rng is None:
+            with self._seed_lock:
+                child = self._seed_seq.spawn(1)[0]
+            rng = self._local.rng = np.random.default_rng(child)
+        return rng
+
+    def policy(self, cfg: Config) -> Any:
+        from recsvc.exploration import make_policy
+
+        e = cfg.exploration
+        key = (e.policy, e.epsilon, e.ucb_c, e.top_m, e.propensity_draws)
+        pol = self._policies.get(key)
+        if pol is None:
+            params: dict[str, Any] = {}
+            if e.policy == "thompson":
+                params = {"top_m": e.top_m, "n_propensity_draws": e.propensity_draws, "temperature": None}
+            elif e.policy == "epsilon_greedy":
+                params = {"epsilon": e.epsilon, "top_m": e.top_m}
+            elif e.policy == "ucb1":
+                params = {"c": e.ucb_c, "top_m": e.top_m, "temperature": None}
+            pol = self._policies[key] = make_policy(e.policy, **params)
+        return pol
+
+    # -- one request ------------------------------------------------------------------------------------
+    def resolve_n(self, q: RecommendQuery, cfg: Config) -> int:
+        """The slate size: the query's, or the (variant's) default; validated against the (variant's) maximum."""
+        r = cfg.recommend
+        if q.n < 0:
+            raise InvalidArgument(f"n must be >= 0 (0 means the default {r.default_n}), got {q.n}")
+        n = q.n or r.default_n
+        if n > r.max_n:
+            raise InvalidArgument(f"n must be at most {r.max_n}, got {n}")
+        return n
+
+    def candidates(self, q: RecommendQuery, cfg: Config, now_ms: int, n: int | None = None,
+                   n_candidates: int | None = None) -> tuple[Candidates, RowFilter, np.ndarray | None]:
+        """Stage 1 for a query: (candidates, the request's filter, the user vector or None)."""
+        user_id = q.user_id
+        user_vec = self.user_vector(user_id, q.user_embedding, cfg)
+        history = self.state.history(user_id)
+        flt = self.row_filter(q, history, cfg)
+        recent_rows, recent_w = self.recent(history, cfg)
+        cands = self.retriever.candidates(user_vec, recent_rows, recent_w, flt, now_ms,
+                                          n_min=self.resolve_n(q, cfg) if n is None else n,
+                                          cfg=cfg.retrieval, n_candidates=n_candidates)
+        return cands, flt, user_vec
+
+    def recommend(self, q: RecommendQuery, cfg: Config, variant: str, arms: Sequence[tuple[str, str]],
+                  now: int) -> tuple[Recommendation, ServedSlate]:
+        t_start = time.perf_counter_ns()
+        user_id = q.user_id or ""
+        if not user_id.strip():
+            raise InvalidArgument("user_id is required")
+        n = self.resolve_n(q, cfg)
+        if q.max_maturity < 0:
+            raise InvalidArgument(f"filter.max_maturity must be >= 0, got {q.max_maturity}")
+        b = cfg.budgets
+        budget_ms = b.total_ms if q.budget_ms <= 0 else min(q.budget_ms, b.total_ms)
+        deadline_ns = t_start + int(budget_ms * 1e6)
+        degraded = False
+
+        user_vec = self.user_vector(user_id, q.user_embedding, cfg)
+        history = self.state.history(user_id)
+        flt = self.row_filter(q, history, cfg)
+
+        # -- stage 1: retrieval
+        t0 = time.perf_counter_ns()
+        n_cand = cfg.retrieval.n_candidates
+        if min(deadline_ns - t0, b.candidates_ms * 1e6) < 2 * self._stage_ewma_us["candidates"] * 1e3:
+            n_cand, degraded = max(n, min(n_cand, 200)), True
+        recent_rows, recent_w = self.recent(history, cfg)
+        cands = self.retriever.candidates(user_vec, recent_rows, recent_w, flt, now, n_min=n,
+                                          cfg=cfg.retrieval, n_candidates=n_cand)
+        t1 = time.perf_counter_ns()
+
+        # -- stage 2: ranking (skipped when the deadline cannot cover it)
+        from recsvc.ranking import FEATURE_NAMES, gather_features
+
+        ranker = self.rankers.get(cfg.ranking.model_path)
+        features = None
+        left = deadline_ns - t1
+        if len(cands) == 0:
+            scores = np.empty(0, np.float32)
+        elif (left < 2 * (self._stage_ewma_us["ranking"] + self._stage_ewma_us["reranking"]) * 1e3
+              or b.ranking_ms * 1e6 < 2 * self._stage_ewma_us["ranking"] * 1e3):
+            scores = _retrieval_order_scores(cands)
+            degraded = True
+        else:
+            inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg)
+            features = gather_features(inputs, cfg.ranking.freshness_half_life_days)
+            scores = ranker.score_gathered(features)
+        t2 = time.perf_counter_ns()
+
+        # -- exploration
+        # The ranker's click probability is each candidate's prior mean; the
+        # item's own clicks and skips move it (see README, "Exploration").
+        succ, fail = self.state.bandit_evidence(cands.rows)
+        p = np.clip(scores.astype(np.float64), 1e-4, 1.0 - 1e-4)
+        kappa = cfg.exploration.prior_strength
+        alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
+        policy = self.policy(cfg)
+        explored = policy.explore(
+            scores.astype(np.float32), alpha, beta, pulls, float(self.state.total_impressions()),
+            min(n, len(cands)), self._rng())
+        order = np.argsort(-explored.scores, kind="stable")
+        t3 = time.perf_counter_ns()
+
+        # -- stage 3: re-ranking
+        rules = request_rules(cfg.reranking, q.rerank)
+        if (min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3
+                and rules.mmr_lambda > 0):
+            rules = rules.model_copy(update={"mmr_lambda": 0.0})
+            degraded = True
+        slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
+        t4 = time.perf_counter_ns()
+
+        # -- response and the served-slate record
+        request_id = uuid.uuid4().hex
+        pool_of_row = order  # pool index -> candidate index
+        items: list[SlateItem] = []
+        rows_out, props_out = [], []
+        floor = cfg.exploration.min_propensity
+        cat = self.catalog
+        for pos in range(slate.rows.size):
+            row = int(slate.rows[pos])
+            pi = int(slate.pool_index[pos])
+            ci = int(pool_of_row[pi]) if pi >= 0 else -1
+            if slate.sponsored[pos] or ci < 0:
+                propensity, sources = 1.0, []
+            elif policy.deterministic:
+                # retrieval, ranking and re-ranking are deterministic given the
+                # request and the state, so the slate is certain
+                propensity, sources = 1.0, cands.source_names(ci)
+            else:
+                propensity = max(float(explored.propensity[ci]), floor)
+                sources = cands.source_names(ci)
+            item = SlateItem(
+                item_id=cat.item_ids[row],
+                score=float(slate.scores[pos]),
+                category=cat.category_names[cat.categories[row]],
+                sources=sources,
+                position=pos,
+                propensity=min(propensity, 1.0),
+                sponsored=bool(slate.sponsored[pos]),
+            )
+            if q.debug and ci >= 0:
+                item.debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
+                              "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
+                for s, name in enumerate(SOURCE_NAMES):
+                    if cands.sources[ci] >> s & 1:
+                        item.debug[f"source_{name}"] = float(cands.source_scores[ci, s])
+            items.append(item)
+            rows_out.append(row)
+            props_out.append(item.propensity)
+        feat, feat_names = b"", []
+        if features is not None and slate.rows.size:
+            idx = np.array([pool_of_row[p] if p >= 0 else -1 for p in slate.pool_index], np.int64)
+            block = np.zeros((idx.size, features.shape[1]), np.float32)
+            block[idx >= 0] = features[idx[idx >= 0]]
+            feat, feat_names = block.tobytes(), list(FEATURE_NAMES)
+        served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
+                             now, feat, feat_names)
+        t5 = time.perf_counter_ns()
+
+        self._observe("candidates", t1 - t0)
+        if features is not None:
+            self._observe("ranking", t2 - t1)
+        self._observe("reranking", t4 - t3)
+        timings = {"candidates_us": (t1 - t0) // 1000, "ranking_us": (t2 - t1) // 1000,
+                   "exploration_us": (t3 - t2) // 1000, "reranking_us": (t4 - t3) // 1000,
+                   "total_us": (t5 - t_start) // 1000}
+        return Recommendation(request_id, items, variant, timings, degraded), served
+
+    def _observe(self, stage: str, ns: int) -> None:
+        old = self._stage_ewma_us[stage]
+        self._stage_ewma_us[stage] = 0.9 * old + 0.1 * ns / 1000.0
+
+    # -- the user and the request's filters --------------------------------------------------------------
+    def user_vector(self, user_id: str, given: Sequence[float] | None, cfg: Config) -> np.ndarray | None:
+        """The query's embedding (validated, normalised for a cosine index) or one derived from the
+        user's history (recency-weighted with the variant's ``history_half_life``), or None."""
+        cat = self.catalog
+        if given is not None and len(given) > 0:
+            vec = np.asarray(given, np.float32).reshape(-1)
+            if vec.size != cat.dim:
+                raise InvalidArgument(
+                    f"user_embedding has {vec.size} values; the catalog's dimension is {cat.dim}")
+            if not np.isfinite(vec).all():
+                raise InvalidArgument("user_embedding contains NaN or infinite values")
+            norm = float(np.linalg.norm(vec))
+            if norm == 0.0:
+                raise InvalidArgument("user_embedding is all zeros")
+            return vec / norm if cat.normalize else vec
+        history = self.state.history(user_id)
+        if not history:
+            return None
+        rows = np.fromiter((r for r, _ in history), np.int64, len(history))
+        h = cfg.retrieval.history_half_life
+        w = 0.5 ** (np.arange(rows.size)[::-1] / h)
+        vec = (w[:, None] * cat.embeddings[rows]).sum(axis=0)
+        norm = float(np.linalg.norm(vec))
+        return (vec / norm).astype(np.float32) if norm > 0 else None
+
+    @staticmethod
+    def recent(history: list[tuple[int, int]], cfg: Config) -> tuple[list[int], list[float]]:
+        """The user's distinct recent items, newest first, with recency weights (co-occurrence seeds)."""
+        rows, weights, seen = [], [], set()
+        h = cfg.retrieval.history_half_life
+        for i, (row, _) in enumerate(reversed(history)):
+            if row in seen:
+                continue
+            seen.add(row)
+            rows.append(row)
+            weights.append(0.5 ** (i / h))
+            if len(rows) >= cfg.retrieval.cooccurrence_window:
+                break
+        return rows, weights
+
+    def row_filter(self, q: RecommendQuery, history: list[tuple[int, int]], cfg: Config) -> RowFilter:
+        """The query's filters as catalog codes, with the service ceiling and the consumed items."""
+        cat = self.catalog
+        n_cat = max(cat.n_categories, 1)
+        allowed = None
+        if q.allowed_categories:
+            allowed = np.zeros(n_cat, bool)
+            for name in q.allowed_categories:
+                code = cat.category_code.get(name)
+                if code is not None:
+                    allowed[code] = True
+            if not allowed.any():
+                raise InvalidArgument(
+                    f"filter.allowed_categories: none of {list(q.allowed_categories)[:5]} is a category of "
+                    f"this catalog (it has {cat.n_categories}, e.g. {cat.category_names[:3]})")
+        blocked = None
+        if q.blocked_categories:
+            blocked = np.zeros(n_cat, bool)
+            for name in q.blocked_categories:
+                code = cat.category_code.get(name)
+                if code is not None:
+                    blocked[code] = True
+        max_mat = cfg.reranking.max_maturity
+        if q.max_maturity > 0:
+            max_mat = min(max_mat, q.max_maturity)
+        row_of = cat.row_of
+        excl = [r for r in (row_of.get(i) for i in q.exclude_item_ids) if r is not None]
+        if cfg.retrieval.exclude_consumed:
+            excl.extend(r for r, _ in history)
+        return RowFilter(allowed, blocked, max_mat, np.unique(np.asarray(excl, np.int32)))
+
+    # -- ranking and re-ranking inputs ----------------------------------------------------------------------
+    def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config):
+        from recsvc.ranking import FeatureInputs
+
+        cat = self.catalog
+        affinity = np.zeros(max(cat.n_categories, 1), np.float32)
+        if history:
+            codes = cat.categories[np.fromiter((r for r, _ in history), np.int64, len(history))]
+            affinity[: cat.n_categories] = np.bincount(codes, minlength=cat.n_categories)[: cat.n_categories]
+            affinity /= affinity.sum()
+        # Popularity and bandit evidence change with time and feedback, so
+        # they are read for the candidate rows only; the kernel then gathers
+        # over a compact view (rows 0..n-1 of per-candidate arrays).
+        rows = cands.rows
+        e = cfg.exploration
+        succ, fail = self.state.bandit_evidence(rows)
+        return FeatureInputs(
+            user_vec=user_vec if user_vec is not None else np.zeros(cat.dim, np.float32),
+            embeddings=cat.embeddings[rows],
+            rows=np.arange(rows.size, dtype=np.int32),
+            log_popularity=self.state.log_popularity(rows, now_ms),
+            created_at_ms=cat.created_at_ms[rows],
+            now_ms=now_ms,
+            categories=cat.categories[rows],
+            category_affinity=affinity,
+            bandit_alpha=e.prior_alpha + succ,
+            bandit_beta=e.prior_beta + fail,
+            source_scores=cands.source_scores,
+            context=dict(context),
+            sources=cands.sources,
+        )
+
+    def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
+        from recsvc.reranking import rerank
+
+        cat = self.catalog
+        embeddings, categories, maturity, created = cat.columns()  # one consistent set of arrays
+        size = categories.shape[0]
+        pct = self.state.popularity_percentile(now_ms, size) if rules.long_tail_boost > 0 else _zeros_f32(size)
+
+        def eligible(row: int) -> bool:
+            return bool(flt.eligible(cat, np.asarray([row], np.int32))[0])
+
+        return rerank(
+            rows.astype(np.int32), scores.astype(np.float32), n, rules, embeddings=embeddings,
+            categories=categories, maturity=maturity, created_at_ms=created, now_ms=now_ms,
+            popularity_percentile=pct, row_of=cat.row_of.get, eligible=eligible,
+            max_maturity=flt.max_maturity, freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+        )
+
+
+def request_rules(configured: RerankingConfig, overrides: Mapping[str, Any]) -> RerankingConfig:
+    """The (variant's) re-ranking rules with the request's own on top, validated."""
+    if not overrides:
+        return configured
+    from pydantic import ValidationError
+
+    unknown = set(overrides) - REQUEST_RULES
+    if unknown:
+        raise InvalidArgument(f"rerank: unknown rule(s) {sorted(unknown)}; known: {sorted(REQUEST_RULES)}")
+    try:
+        return type(configured).model_validate({**configured.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise InvalidArgument(f"rerank.{key}: {err['msg']}") from None
+
+
+_ZEROS: dict[int, np.ndarray] = {}
+
+
+def _zeros_f32(n: int) -> np.ndarray:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = np.zeros(n, np.float32)
+        z.setflags(write=False)
+    return z
+
+
+def _retrieval_order_scores(c: Candidates) -> np.ndarray:
+    """Degraded ranking: the best normalised source score of each candidate."""
+    s = c.source_scores
+    peak = np.maximum(s.max(axis=0), 1e-6)
+    return (s / peak).max(axis=1).astype(np.float32)
