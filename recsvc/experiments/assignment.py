@@ -66,6 +66,7 @@ from recsvc.config import Config, ConfigError
 __all__ = [
     "N_BUCKETS",
     "PER_REQUEST_SECTIONS",
+    "PROCESS_WIDE_KEYS",
     "Assignment",
     "Experiment",
     "ExperimentSet",
@@ -73,6 +74,7 @@ __all__ = [
     "bucket_of",
     "format_variant",
     "parse_variant",
+    "per_request_keys",
 ]
 
 #: Hash buckets per experiment; a variant's share is a whole number of buckets.
@@ -82,6 +84,20 @@ N_BUCKETS = 10_000
 #: per request. Server, catalog, index, state and experiments settings are
 #: process-wide, so overriding them per user would silently do nothing.
 PER_REQUEST_SECTIONS = frozenset({"retrieval", "ranking", "exploration", "reranking", "budgets", "recommend"})
+
+#: Keys of those sections that the online state or the process reads, not a request: one value serves
+#: every user (e.g. how popularity decays or how many co-occurrence neighbours an item keeps), so a
+#: variant may not override them.
+PROCESS_WIDE_KEYS = frozenset({
+    "retrieval.popularity_half_life_days", "retrieval.cooccurrence_window", "retrieval.cooccurrence_neighbors",
+    "retrieval.history_size", "exploration.discount", "exploration.seed",
+})
+
+
+def per_request_keys() -> list[str]:
+    """Every ``section.key`` a variant may override (each is read per request, from the variant's config)."""
+    return sorted(f"{s}.{k}" for s in PER_REQUEST_SECTIONS
+                  for k in type(getattr(Config(), s)).model_fields if f"{s}.{k}" not in PROCESS_WIDE_KEYS)
 
 #: Above this many arm combinations the merged configs are built lazily on first
 #: use instead of all at load (each combination is validated once either way).
@@ -509,6 +525,14 @@ def _parse_variants(raw: Any, key: str, base: Config, source: str, err: _Errors)
                     + ", ".join(sorted(PER_REQUEST_SECTIONS)),
                 )
                 ok = False
+            for s, keys in overrides.items():
+                for k in (keys if s in PER_REQUEST_SECTIONS and isinstance(keys, dict) else ()):
+                    if f"{s}.{k}" in PROCESS_WIDE_KEYS:
+                        err(f"{vkey}.overrides.{s}.{k}",
+                            "process-wide (the online state keeps one value for every user); set it in the "
+                            "base config instead")
+                        bad.append(s)
+                        ok = False
             if not bad and overrides:
                 try:
                     base.with_overrides(overrides, source=f"{source}: {vkey}.overrides")
