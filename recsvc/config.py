@@ -243,20 +243,31 @@ def _validate(data: dict[str, Any], source: str) -> Config:
         raise ConfigError("\n".join(lines)) from None
 
 
+def read_toml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file. Every failure is a :class:`ConfigError` whose message starts with the path:
+    ``<path>: <what> not found``, ``<path>: not valid TOML: ...``, ``<path>: cannot read the <what>: ...``.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: {what} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the decode error through
+        raise ConfigError(f"{p}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise ConfigError(f"{p}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a TOML file (or nothing: the defaults) and apply ``overrides`` on top."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        try:
-            with p.open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        data = read_toml(path)
+        source = str(Path(path))
     if overrides:
         data = _deep_merge(data, overrides)
     return _validate(data, source)

@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from recsvc.config import Config, ConfigError, defaults_as_toml, load_config
+from recsvc.config import Config, ConfigError, defaults_as_toml, load_config, read_toml
 
 
 def test_defaults_are_documented_and_valid():
@@ -59,6 +61,28 @@ def test_missing_and_malformed_files(tmp_path):
     p.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(p)
+
+
+def test_read_toml_names_the_file_in_every_error(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[server]\nport = 6000\n')
+    assert read_toml(good) == {"server": {"port": 6000}}
+    assert read_toml(str(good)) == {"server": {"port": 6000}}
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=re.escape(f"{missing}: config file not found")):
+        read_toml(missing)
+    with pytest.raises(ConfigError, match=re.escape(f"{missing}: experiment file not found")):
+        read_toml(missing, what="experiment file")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: not valid TOML: ") + ".*line 1"):
+        read_toml(bad)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"{latin1}: not valid TOML: not UTF-8")):
+        read_toml(latin1)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: cannot read the config file: ")):
+        read_toml(tmp_path)  # a directory
 
 
 def test_cross_field_check():
