@@ -464,7 +464,7 @@ def prepare(
     base_overrides: dict[str, Any] | None = None,
 ) -> ReplaySetup:
     """Split, build the catalog and its HNSW index, and the replay's base config."""
-    from recsvc.config import Config
+    from recsvc.config import Config, deep_merge
     from recsvc.retrieval.ann import AnnIndex
 
     if not 0.0 < test_fraction < 1.0:
@@ -486,7 +486,7 @@ def prepare(
         # Unlimited budgets: no request is degraded because the machine is busy.
         "budgets": {"total_ms": 1e9, "candidates_ms": 1e9, "ranking_ms": 1e9, "reranking_ms": 1e9},
     }
-    cfg = Config().with_overrides(_deep_merge(base, base_overrides or {}), source="replay base config")
+    cfg = Config().with_overrides(deep_merge(base, base_overrides or {}), source="replay base config")
     ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index)
     eval_users = np.unique(test_pos.user_id)
     train_end_ms = int(train.timestamp.max()) * MS if len(train) else 0
@@ -506,13 +506,6 @@ def prepare(
     }
     return ReplaySetup(train, train_pos, test_pos, catalog, ann, item_ids, user_factors, cfg, eval_users,
                        span_days, train_end_ms, info)
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "shares" else v
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -658,6 +651,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every pipeline over every evaluation user; returns the JSON-ready report."""
+    from recsvc.config import deep_merge
+
     if k < 1:
         raise ValueError(f"--k must be positive, got {k}")
     if user_vector not in ("history", "factors"):
@@ -687,7 +682,7 @@ def evaluate(
             for pipe in pipelines:
                 overrides = pipe.overrides
                 if pipe.popularity_ranker:
-                    overrides = _deep_merge(overrides, {"ranking": {"model_path": str(pop_ranker)}})
+                    overrides = deep_merge(overrides, {"ranking": {"model_path": str(pop_ranker)}})
                 cfg = setup.base_config.with_overrides(overrides, source=f"pipeline {pipe.name}")
                 if bar is not None:
                     bar.set_postfix_str(pipe.name)
@@ -705,7 +700,7 @@ def evaluate(
                 report["pipelines"][pipe.name] = {
                     "description": pipe.description,
                     "overrides": overrides if not pipe.popularity_ranker else
-                    _deep_merge(pipe.overrides, {"ranking": {"model_path": "<log_popularity ranker>"}}),
+                    deep_merge(pipe.overrides, {"ranking": {"model_path": "<log_popularity ranker>"}}),
                     "metrics": metrics,
                     "by_activity": by_group,
                     "seconds": {"train_replay": round(t1 - t0, 2), "recommend": round(t2 - t1, 2),
