@@ -101,7 +101,6 @@ from recsvc.evaluation.metrics import (
 )
 
 __all__ = [
-    "DEFAULT_DATA",
     "PIPELINES",
     "Pipeline",
     "ReplayClock",
@@ -117,8 +116,6 @@ __all__ = [
     "run",
 ]
 
-#: ``--data`` default, relative to the current directory (the project root).
-DEFAULT_DATA = Path("../shared/data/movielens-small")
 MS = 1000
 DAY_MS = 86_400_000
 NO_CATEGORY = "(none)"
@@ -822,10 +819,9 @@ def _pipeline_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``recsvc evaluate``."""
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+    parser.add_argument("--data", type=Path, required=True, metavar="PATH",
                         help="MovieLens directory (ratings.csv + movies.csv), a directory with interactions.csv "
-                             "[+ items.csv], or an interactions CSV (default: %(default)s, relative to the "
-                             "current directory)")
+                             "[+ items.csv], or an interactions CSV; e.g. ../shared/data/movielens-small")
     parser.add_argument("--k", type=int, default=10, help="list length and metric cut-off (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=4.0,
                         help="value >= threshold is a positive (default: %(default)s stars)")
@@ -851,7 +847,7 @@ def run(args: argparse.Namespace) -> int:
     """``recsvc evaluate``: prints the table; writes ``--json`` / ``--plot`` when given."""
     data_path = Path(args.data)
     if not data_path.exists():
-        print(f"error: no data at {data_path.resolve()} (pass --data)", file=sys.stderr)
+        print(f"error: --data {data_path}: no such file or directory ({data_path.resolve()})", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
