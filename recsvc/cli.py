@@ -149,7 +149,10 @@ def cmd_ope(args: argparse.Namespace) -> int:
         return 0
     from recsvc.evaluation.datasets import format_obd_report, validate_on_obd
 
-    report = validate_on_obd(Path(args.data))
+    if not args.data.is_dir():
+        print(f"error: --data {args.data}: no such directory ({args.data.resolve()})", file=sys.stderr)
+        return 2
+    report = validate_on_obd(args.data)
     print(json.dumps(report, indent=2, default=float) if args.json else format_obd_report(report))
     return 0
 
@@ -228,10 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=simulator.run)
 
     s = sub.add_parser("ope", help="off-policy estimates: the Open Bandit sample, or the service's own log")
-    s.add_argument("--data", default="../shared/data/obd-men",
-                   help="OBD directory with random/ and bts/ (validation: random policy's CTR from the bts log)")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, metavar="DIR",
+                        help="Open Bandit Dataset directory with random/ and bts/, e.g. ../shared/data/obd-men "
+                             "(validation: the random policy's CTR estimated from the bts log)")
+    source.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="or: evaluate on this service state directory's served log")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--state-dir", type=Path, help="evaluate on this service state directory's served log instead")
     s.add_argument("--target-ranker", type=Path, help="with --state-dir: weights file of the policy to evaluate")
     s.add_argument("--temperature", type=float, default=0.1, help="soft top-k temperature of the target")
     s.set_defaults(fn=cmd_ope)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -217,15 +218,41 @@ class Config(_Section):
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> "Config":
         """A copy with nested overrides applied (validated like a file)."""
-        merged = _deep_merge(self.model_dump(mode="python"), overrides)
+        merged = deep_merge(self.model_dump(mode="python"), overrides)
         return _validate(merged, source)
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _data_mappings(model: type[BaseModel], path: tuple[str, ...] = ()) -> frozenset[tuple[str, ...]]:
+    found: set[tuple[str, ...]] = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found |= _data_mappings(field.annotation, path + (name,))
+        elif get_origin(field.annotation) is dict:
+            found.add(path + (name,))
+    return frozenset(found)
+
+
+#: Settings whose value is a mapping keyed by data (source names, item ids) rather than by config keys —
+#: ``("retrieval", "shares")`` and ``("reranking", "pinned")``. :func:`deep_merge` replaces them whole.
+DATA_MAPPINGS = _data_mappings(Config)
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with the overrides ``extra`` on top, the way a config file and experiment overrides apply.
+
+    Sections merge key by key, at any depth; every other value is replaced whole, including the mappings
+    in :data:`DATA_MAPPINGS`: overriding ``retrieval.shares = {ann = 1}`` means "the ANN source only", not
+    "ANN's share is 1, the others unchanged". Neither argument is modified (unmerged values are shared).
+    """
+    return _merge_at((), base, extra)
+
+
+def _merge_at(path: tuple[str, ...], base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("shares", "pinned"):
-            out[key] = _deep_merge(out[key], value)
+        here = path + (key,)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and here not in DATA_MAPPINGS:
+            out[key] = _merge_at(here, out[key], value)
         else:
             out[key] = value
     return out
@@ -243,22 +270,33 @@ def _validate(data: dict[str, Any], source: str) -> Config:
         raise ConfigError("\n".join(lines)) from None
 
 
+def read_toml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file. Every failure is a :class:`ConfigError` whose message starts with the path:
+    ``<path>: <what> not found``, ``<path>: not valid TOML: ...``, ``<path>: cannot read the <what>: ...``.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: {what} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the decode error through
+        raise ConfigError(f"{p}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise ConfigError(f"{p}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a TOML file (or nothing: the defaults) and apply ``overrides`` on top."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        try:
-            with p.open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        data = read_toml(path)
+        source = str(Path(path))
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     return _validate(data, source)
 
 

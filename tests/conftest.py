@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from recsvc.catalog import demo_catalog
-from recsvc.config import Config, DemoCatalogConfig
+from recsvc.config import Config, DemoCatalogConfig, deep_merge
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NOW_MS = 1_795_910_400_000  # the demo catalog's anchor, 2026-11-29
@@ -42,14 +42,7 @@ def small_config(tmp_path: Path, **overrides) -> Config:
         "index": {"ef_construction": 100},
     }
     cfg = Config()
-    return cfg.with_overrides(_merge(base, overrides))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return cfg.with_overrides(deep_merge(base, overrides))
 
 
 @pytest.fixture

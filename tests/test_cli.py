@@ -37,3 +37,18 @@ def test_ope_on_the_open_bandit_sample(capsys):
     out = capsys.readouterr().out
     for name in ("IPS", "SNIPS", "DR"):
         assert name in out
+
+
+def test_ope_needs_a_data_source(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ope"])
+    assert exc.value.code == 2
+    assert "recsvc ope: error: one of the arguments --data --state-dir is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ope", "--help"])
+    assert "e.g. ../shared/data/obd-men" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ope_reports_a_missing_data_directory(tmp_path, capsys):
+    assert main(["ope", "--data", str(tmp_path / "nope")]) == 2
+    assert f"error: --data {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err

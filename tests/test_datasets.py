@@ -14,7 +14,7 @@ from recsvc.evaluation.datasets import (
     temporal_split_per_user,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA
 
 
 def needs(path: Path) -> Path:
@@ -134,13 +134,13 @@ def movielens():
     # The shared ratings.csv carries one extra row not in the published data set, "999,999999,5.0,1493846415"
     # (no trailing newline): a user and a movie that exist nowhere else. The loader drops it, loudly.
     with pytest.warns(UserWarning, match=r"1 interaction\(s\) reference item ids missing .* item 999999"):
-        return load_movielens(needs(DATA / "movielens-small"))
+        return load_movielens(needs(SHARED_DATA / "movielens-small"))
 
 
 def test_movielens_rating_of_a_movie_missing_from_movies_csv_is_reported():
     message = r"ratings.csv: 1 interaction\(s\) .* item 999999 \(lines \[100838\]\)"
     with pytest.raises(DatasetFormatError, match=message):
-        load_movielens(needs(DATA / "movielens-small"), unknown_items="raise")
+        load_movielens(needs(SHARED_DATA / "movielens-small"), unknown_items="raise")
 
 
 def test_movielens_small_counts(movielens):
@@ -170,16 +170,16 @@ def test_movielens_temporal_split(movielens):
 
 
 def test_load_obd_bts():
-    log = load_obd(needs(DATA / "obd-men" / "bts"))
+    log = load_obd(needs(SHARED_DATA / "obd-men" / "bts"))
     assert log.n == 10_000 and log.n_actions == 34
     assert set(np.unique(log.position).tolist()) == {1, 2, 3}
     assert log.reward.sum() == 69
     assert log.context is not None and log.context.shape[0] == 10_000
     assert (log.context.sum(axis=1) == 4).all()  # one level per hashed user feature
-    with_affinity = load_obd(DATA / "obd-men" / "bts", include_affinity=True)
+    with_affinity = load_obd(SHARED_DATA / "obd-men" / "bts", include_affinity=True)
     assert with_affinity.context.shape[1] == log.context.shape[1] + 34
 
 
 def test_load_obd_random_has_uniform_propensities():
-    log = load_obd(needs(DATA / "obd-men" / "random" / "men.csv"))
+    log = load_obd(needs(SHARED_DATA / "obd-men" / "random" / "men.csv"))
     np.testing.assert_allclose(log.propensity, 1 / 34)

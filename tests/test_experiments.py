@@ -456,6 +456,24 @@ def test_report_without_events_is_well_formed(ab):
     assert "No experiments defined." in report_to_text(report(ExperimentAggregates(), ExperimentSet.empty(), now_ms=T0))
 
 
+def test_report_exposure_gini_known_values(ab):
+    agg = ExperimentAggregates()
+    for u in range(4):  # control: four slates of items 0-2; treatment: windows 0-2, 1-3, 2-4, 3-5
+        agg.record_served((("ab", "control"),), f"c{u}", np.array([0, 1, 2]), T0)
+        agg.record_served((("ab", "treatment"),), f"t{u}", np.array([u, u + 1, u + 2]), T0)
+    # over a 20-item catalog (unserved items count as zeros)
+    control, treatment = report(agg, ab, now_ms=T0, n_items=20).experiments[0].arms
+    assert control.exposure_gini == pytest.approx(0.85, rel=1e-12)
+    assert treatment.exposure_gini == pytest.approx(184 / 240, rel=1e-12)
+    # catalog size unknown: over the served items only ([4, 4, 4] and [1, 2, 3, 3, 2, 1])
+    control, treatment = report(agg, ab, now_ms=T0).experiments[0].arms
+    assert control.exposure_gini == 0.0
+    assert treatment.exposure_gini == pytest.approx(16 / 72, rel=1e-12)
+    # nothing served: undefined, None (not NaN) in the report
+    control, _ = report(ExperimentAggregates(), ab, now_ms=T0, n_items=20).experiments[0].arms
+    assert control.exposure_gini is None
+
+
 def test_plot_report_writes_a_png(ab, tmp_path):
     pytest.importorskip("matplotlib")
     agg = _simulate(ab, 600, {"control": 0.05, "treatment": 0.07}, seed=6)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from recsvc.evaluation.metrics import (
     RelevantSets,
     catalog_coverage,
+    gini,
     gini_of_exposure,
     hit_rate_at_k,
     intra_list_diversity,
@@ -182,6 +183,25 @@ def test_serendipity_known_values(hits_and_counts):
     assert np.isnan(out[2])
     per_user_baseline = np.array([[9, -1], [5, -1], [-1, -1]])  # user 1's hit is expected for user 1
     np.testing.assert_allclose(serendipity(RECOMMENDED, hits, per_user_baseline), [0.5, 0.0, 0.0])
+
+
+def test_gini_known_values():
+    assert gini([3, 3, 3]) == 0.0  # equal
+    assert gini([0, 0, 0, 7]) == pytest.approx(3 / 4)  # everything on one of n entries -> (n - 1) / n
+    # sorted [1, 2, 3]: sum_i (2i - 4) x_(i) = -2 + 0 + 6 = 4; G = 4 / (3 * 6) = 2/9, in any order
+    assert gini([3, 1, 2]) == pytest.approx(2 / 9)
+    assert gini(np.array([0.5, 0.0, 1.5, 0.0])) == pytest.approx(0.625)  # (1 * 0.5 + 3 * 1.5) / (4 * 2)
+    assert math.isnan(gini([0, 0, 0]))  # nothing to distribute
+    assert math.isnan(gini([]))
+
+
+def test_gini_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"gini needs finite non-negative values, got -1.0 at index 2"):
+        gini([0, 1, -1])
+    with pytest.raises(ValueError, match=r"gini needs finite non-negative values, got nan at index 0"):
+        gini([float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"gini needs a 1-D vector, got shape \(2, 2\)"):
+        gini([[1, 2], [3, 4]])
 
 
 def test_gini_of_exposure_known_values():

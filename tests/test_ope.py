@@ -1,7 +1,5 @@
 """Off-policy estimators: known values, unbiasedness and coverage on simulated logs, and the real OBD sample."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -20,7 +18,7 @@ from recsvc.evaluation.ope import (
     snips,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA
 
 # ---- known values --------------------------------------------------------------------------------------
 # Three rounds, two actions. Target pi = 1/2 everywhere.
@@ -193,9 +191,9 @@ def test_effective_sample_size():
 
 @pytest.fixture(scope="module")
 def obd_report():
-    if not (DATA / "obd-men" / "bts" / "men.csv").is_file():
-        pytest.skip(f"OBD sample not found under {DATA / 'obd-men'} (expected ../shared/data next to the repo)")
-    return validate_on_obd(DATA / "obd-men")
+    if not (SHARED_DATA / "obd-men" / "bts" / "men.csv").is_file():
+        pytest.skip(f"OBD sample not found under {SHARED_DATA / 'obd-men'} (expected ../shared/data next to the repo)")
+    return validate_on_obd(SHARED_DATA / "obd-men")
 
 
 def test_obd_random_log_ctr(obd_report):

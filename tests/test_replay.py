@@ -12,7 +12,8 @@ import pytest
 from recsvc.evaluation import replay
 from recsvc.evaluation.datasets import Interactions, ItemTable
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA
+
 MOVIELENS = SHARED_DATA / "movielens-small"
 
 
@@ -118,11 +119,28 @@ def test_load_dataset_reads_the_interactions_layout(tmp_path):
 def test_pipeline_flag_rejects_unknown_names():
     parser = argparse.ArgumentParser()
     replay.add_arguments(parser)
-    args = parser.parse_args([])
-    assert args.k == 10 and args.data == Path("../shared/data/movielens-small")
+    args = parser.parse_args(["--data", "ratings"])
+    assert args.k == 10 and args.data == Path("ratings")
     assert args.pipelines == list(replay.PIPELINE_NAMES)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--pipelines", "ann,magic"])
+        parser.parse_args(["--data", "ratings", "--pipelines", "ann,magic"])
+
+
+def test_data_flag_is_required_and_its_help_shows_an_example(capsys):
+    parser = argparse.ArgumentParser(prog="recsvc evaluate")
+    replay.add_arguments(parser)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--k", "5"])
+    assert exc.value.code == 2
+    assert "recsvc evaluate: error: the following arguments are required: --data" in capsys.readouterr().err
+    assert "e.g. ../shared/data/movielens-small" in " ".join(parser.format_help().split())
+
+
+def test_run_reports_a_missing_data_path(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    assert replay.run(parser.parse_args(["--data", str(tmp_path / "nope")])) == 2
+    assert f"error: --data {tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
 
 
 # -- MovieLens, end to end through the command's entry point ------------------------------------------

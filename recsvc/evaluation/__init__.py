@@ -23,6 +23,7 @@ from recsvc.evaluation.datasets import (
 from recsvc.evaluation.metrics import (
     RelevantSets,
     catalog_coverage,
+    gini,
     gini_of_exposure,
     hit_rate_at_k,
     intra_list_diversity,
@@ -67,6 +68,7 @@ __all__ = [
     "validate_on_obd",
     "RelevantSets",
     "catalog_coverage",
+    "gini",
     "gini_of_exposure",
     "hit_rate_at_k",
     "intra_list_diversity",

@@ -43,6 +43,7 @@ __all__ = [
     "novelty",
     "serendipity",
     "item_exposure",
+    "gini",
     "gini_of_exposure",
     "split_by_group",
 ]
@@ -450,20 +451,35 @@ def item_exposure(recommended: Any, n_items: int, *, position_weighted: bool = F
     return np.bincount(rec[valid], weights=w[valid], minlength=n_items).astype(np.float64)
 
 
-def gini_of_exposure(recommended: Any, n_items: int, *, position_weighted: bool = False) -> float:
-    """Gini coefficient of item exposure over the whole catalogue (0 = equal exposure, ->1 = concentrated).
+def gini(values: Any) -> float:
+    """Gini coefficient of a non-negative vector: 0 when all entries are equal, ``(n - 1) / n`` when one
+    entry holds everything.
 
-    With exposures sorted ascending ``x_1 <= ... <= x_n`` over all ``n_items`` items (unexposed items
-    included): ``G = sum_i (2i - n - 1) x_i / (n * sum_i x_i)``. See :func:`item_exposure` for the
-    weighting. NaN when nothing is exposed.
+    With the values sorted ascending ``x_1 <= ... <= x_n``: ``G = sum_i (2i - n - 1) x_i / (n * sum_i x_i)``.
+    Zeros count as entries (an item never shown is part of the catalogue). NaN when the values sum to 0
+    (an empty vector included): there is nothing whose concentration could be measured.
     """
-    x = np.sort(item_exposure(recommended, n_items, position_weighted=position_weighted))
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"gini needs a 1-D vector, got shape {x.shape}")
+    bad = ~(np.isfinite(x) & (x >= 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"gini needs finite non-negative values, got {float(x[i])!r} at index {i}")
+    x = np.sort(x)
     total = x.sum()
     if total == 0:
         return float("nan")
     n = x.shape[0]
     i = np.arange(1, n + 1, dtype=np.float64)
     return float(((2 * i - n - 1) * x).sum() / (n * total))
+
+
+def gini_of_exposure(recommended: Any, n_items: int, *, position_weighted: bool = False) -> float:
+    """:func:`gini` of :func:`item_exposure` over the whole catalogue, unexposed items included
+    (0 = equal exposure, ->1 = concentrated). NaN when nothing is exposed.
+    """
+    return gini(item_exposure(recommended, n_items, position_weighted=position_weighted))
 
 
 def split_by_group(metric_values: Any, groups: Any) -> dict[Any, float]:

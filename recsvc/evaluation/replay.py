@@ -101,7 +101,6 @@ from recsvc.evaluation.metrics import (
 )
 
 __all__ = [
-    "DEFAULT_DATA",
     "PIPELINES",
     "Pipeline",
     "ReplayClock",
@@ -117,8 +116,6 @@ __all__ = [
     "run",
 ]
 
-#: ``--data`` default, relative to the current directory (the project root).
-DEFAULT_DATA = Path("../shared/data/movielens-small")
 MS = 1000
 DAY_MS = 86_400_000
 NO_CATEGORY = "(none)"
@@ -464,7 +461,7 @@ def prepare(
     base_overrides: dict[str, Any] | None = None,
 ) -> ReplaySetup:
     """Split, build the catalog and its HNSW index, and the replay's base config."""
-    from recsvc.config import Config
+    from recsvc.config import Config, deep_merge
     from recsvc.retrieval.ann import AnnIndex
 
     if not 0.0 < test_fraction < 1.0:
@@ -486,7 +483,7 @@ def prepare(
         # Unlimited budgets: no request is degraded because the machine is busy.
         "budgets": {"total_ms": 1e9, "candidates_ms": 1e9, "ranking_ms": 1e9, "reranking_ms": 1e9},
     }
-    cfg = Config().with_overrides(_deep_merge(base, base_overrides or {}), source="replay base config")
+    cfg = Config().with_overrides(deep_merge(base, base_overrides or {}), source="replay base config")
     ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index)
     eval_users = np.unique(test_pos.user_id)
     train_end_ms = int(train.timestamp.max()) * MS if len(train) else 0
@@ -506,13 +503,6 @@ def prepare(
     }
     return ReplaySetup(train, train_pos, test_pos, catalog, ann, item_ids, user_factors, cfg, eval_users,
                        span_days, train_end_ms, info)
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "shares" else v
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -658,6 +648,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every pipeline over every evaluation user; returns the JSON-ready report."""
+    from recsvc.config import deep_merge
+
     if k < 1:
         raise ValueError(f"--k must be positive, got {k}")
     if user_vector not in ("history", "factors"):
@@ -687,7 +679,7 @@ def evaluate(
             for pipe in pipelines:
                 overrides = pipe.overrides
                 if pipe.popularity_ranker:
-                    overrides = _deep_merge(overrides, {"ranking": {"model_path": str(pop_ranker)}})
+                    overrides = deep_merge(overrides, {"ranking": {"model_path": str(pop_ranker)}})
                 cfg = setup.base_config.with_overrides(overrides, source=f"pipeline {pipe.name}")
                 if bar is not None:
                     bar.set_postfix_str(pipe.name)
@@ -705,7 +697,7 @@ def evaluate(
                 report["pipelines"][pipe.name] = {
                     "description": pipe.description,
                     "overrides": overrides if not pipe.popularity_ranker else
-                    _deep_merge(pipe.overrides, {"ranking": {"model_path": "<log_popularity ranker>"}}),
+                    deep_merge(pipe.overrides, {"ranking": {"model_path": "<log_popularity ranker>"}}),
                     "metrics": metrics,
                     "by_activity": by_group,
                     "seconds": {"train_replay": round(t1 - t0, 2), "recommend": round(t2 - t1, 2),
@@ -827,10 +819,9 @@ def _pipeline_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``recsvc evaluate``."""
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+    parser.add_argument("--data", type=Path, required=True, metavar="PATH",
                         help="MovieLens directory (ratings.csv + movies.csv), a directory with interactions.csv "
-                             "[+ items.csv], or an interactions CSV (default: %(default)s, relative to the "
-                             "current directory)")
+                             "[+ items.csv], or an interactions CSV; e.g. ../shared/data/movielens-small")
     parser.add_argument("--k", type=int, default=10, help="list length and metric cut-off (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=4.0,
                         help="value >= threshold is a positive (default: %(default)s stars)")
@@ -856,7 +847,7 @@ def run(args: argparse.Namespace) -> int:
     """``recsvc evaluate``: prints the table; writes ``--json`` / ``--plot`` when given."""
     data_path = Path(args.data)
     if not data_path.exists():
-        print(f"error: no data at {data_path.resolve()} (pass --data)", file=sys.stderr)
+        print(f"error: --data {data_path}: no such file or directory ({data_path.resolve()})", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

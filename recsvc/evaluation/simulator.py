@@ -73,7 +73,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from recsvc.evaluation._json import write_outputs
-from recsvc.evaluation.metrics import gini_of_exposure
+from recsvc.evaluation.metrics import gini
 
 __all__ = [
     "DEFAULT_EXPERIMENTS",
@@ -482,17 +482,11 @@ def simulate(
             exp_r = arm.round_exposure
             arm.total_exposure += exp_r
             total = int(exp_r.sum())
-            arm.gini.append(_gini(exp_r) if total else float("nan"))
+            arm.gini.append(gini(exp_r))
             arm.top_share.append(float(np.sort(exp_r)[::-1][:TOP_N_SHARE].sum() / total) if total else float("nan"))
             arm.coverage.append(float((arm.total_exposure > 0).mean()))
 
     return _report(arms, settings, n_items)
-
-
-def _gini(exposure: np.ndarray) -> float:
-    """Gini of an exposure-count vector over the catalog (via the metrics module's definition)."""
-    rows = np.repeat(np.arange(exposure.size), exposure)
-    return gini_of_exposure(rows.reshape(1, -1), exposure.size)
 
 
 def _report(arms: dict[str, _ArmLog], settings: SimulationSettings, n_items: int) -> dict[str, Any]:
@@ -527,8 +521,7 @@ def _report(arms: dict[str, _ArmLog], settings: SimulationSettings, n_items: int
                 "cumulative_regret_per_user": float(cum_regret[-1]) if cum_regret.size else 0.0,
                 "regret_per_slate": float(np.sum(a.regret) / max(np.sum(a.slates), 1)),
                 "coverage": float(a.coverage[-1]) if a.coverage else 0.0,
-                "gini_all_rounds": _gini(a.total_exposure) if a.total_exposure is not None and a.total_exposure.sum()
-                else float("nan"),
+                "gini_all_rounds": gini(a.total_exposure) if a.total_exposure is not None else float("nan"),
                 "gini_first_round": _first_finite(a.gini),
                 "gini_last_round": a.gini[-1] if a.gini else float("nan"),
                 "top_share_first_round": _first_finite(a.top_share),

@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import tomllib
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -61,7 +60,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
-from recsvc.config import Config, ConfigError
+from recsvc.config import Config, ConfigError, read_toml
 
 __all__ = [
     "N_BUCKETS",
@@ -229,15 +228,8 @@ class ExperimentSet:
     @classmethod
     def load(cls, path: str | Path, base_config: Config) -> "ExperimentSet":
         """Read and validate an experiment file; raises :class:`ConfigError` naming the bad key."""
-        p = Path(path)
-        try:
-            with p.open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: experiment file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-        return cls.from_dict(data, base_config, source=str(p))
+        data = read_toml(path, what="experiment file")
+        return cls.from_dict(data, base_config, source=str(Path(path)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_config: Config, source: str = "<experiments>") -> "ExperimentSet":

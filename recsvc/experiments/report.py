@@ -42,6 +42,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from recsvc.evaluation.metrics import gini
 from recsvc.experiments.aggregates import DAY_MS, TOTAL_FIELDS, ArmData, ExperimentAggregates
 from recsvc.experiments.assignment import Experiment, ExperimentSet
 from recsvc.experiments.stats import (
@@ -337,7 +338,7 @@ def _arm_summary(d: ArmData, share: float, n_items: int | None) -> ArmSummary:
         ctr_design_effect=_design_effect(d.per_user["clicks"], d.per_user["impressions"]),
         items_covered=int(d.exposure.size),
         catalog_coverage=d.exposure.size / n_items if n_items else None,
-        exposure_gini=_gini(exposure),
+        exposure_gini=_none(gini(exposure)),
         mean_diversity=t["diversity_sum"] / t["diversity_n"] if t["diversity_n"] else None,
         mean_novelty=t["novelty_sum"] / t["novelty_n"] if t["novelty_n"] else None,
     )
@@ -355,14 +356,6 @@ def _design_effect(clicks: np.ndarray, impressions: np.ndarray) -> float | None:
     resid = clicks - r * impressions
     var_clustered = users * float((resid**2).sum()) / (users - 1) / (n_total * n_total)
     return var_clustered / (r * (1 - r) / n_total)
-
-
-def _gini(counts: np.ndarray) -> float | None:
-    if counts.size == 0 or counts.sum() == 0:
-        return None
-    x = np.sort(counts.astype(np.float64))
-    n = x.size
-    return float(((2 * np.arange(1, n + 1) - n - 1) * x).sum() / (n * x.sum()))
 
 
 def _aligned(arms: list[ArmData]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
