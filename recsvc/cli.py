@@ -117,7 +117,8 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     ranker, metrics = train_from_state_dir(Path(cfg.state.dir).expanduser(), kind=args.kind,
-                                           ipw=not args.no_ipw, seed=args.seed)
+                                           ipw=not args.no_ipw, seed=args.seed,
+                                           attribution_window_s=cfg.state.attribution_window_s)
     ranker.save(args.output)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {args.output}; point ranking.model_path at it and send SIGHUP (or ReloadRanker)")

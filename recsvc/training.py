@@ -425,26 +425,29 @@ DEFAULT_INTERCEPT = -4.0
 DEFAULT_VERSION = "default-1"
 
 
-def served_examples(state_dir: str | Path) -> TrainingExamples:
+def served_examples(state_dir: str | Path, attribution_window_s: float | None = None) -> TrainingExamples:
     """Training examples from a state directory's served slates and feedback.
 
     Every served item that got an impression is one example: label 1 when a
     click or conversion on it came back for that slate, 0 otherwise
     ("impressions without a click are negatives"), with the features logged
     when it was served and the propensity served with it
-    (see :func:`recsvc.state.served_log.read_served_impressions`).
+    (see :func:`recsvc.state.served_log.read_served_impressions`; pass the
+    server's ``state.attribution_window_s``, default the configured default).
     """
-    from recsvc.state.served_log import read_served_impressions
+    from recsvc.state.served_log import DEFAULT_ATTRIBUTION_WINDOW_S, read_served_impressions
 
-    imp = read_served_impressions(state_dir)
+    window = DEFAULT_ATTRIBUTION_WINDOW_S if attribution_window_s is None else attribution_window_s
+    imp = read_served_impressions(state_dir, window)
     return examples_from_log(imp.features, imp.clicked, imp.propensity, feature_names=imp.feature_names)
 
 
 def train_from_state_dir(
-    state_dir: str | Path, *, kind: Literal["logistic", "mlp"] = "logistic", ipw: bool = True, seed: int = 0
+    state_dir: str | Path, *, kind: Literal["logistic", "mlp"] = "logistic", ipw: bool = True, seed: int = 0,
+    attribution_window_s: float | None = None,
 ) -> tuple[Ranker, dict[str, Any]]:
     """``recsvc train-ranker``: :func:`served_examples` then :func:`train_ranker`."""
-    ex = served_examples(state_dir)
+    ex = served_examples(state_dir, attribution_window_s)
     ranker, metrics = train_ranker(ex.X, ex.y, ex.propensity, kind=kind, ipw=ipw, seed=seed,
                                    feature_names=ex.feature_names)
     metrics = dict(metrics, examples=len(ex), positives=int(ex.y.sum()))

@@ -96,3 +96,41 @@ def test_catalog_without_catalog_json_reuses_its_index(tmp_path, small_catalog, 
     first = Catalog.load(tmp_path / "cat")
     second = Catalog.load(tmp_path / "cat")
     assert first.version == second.version and first.version.startswith("content-")
+
+
+def test_in_process_feedback_refuses_empty_and_unusable_batches_like_grpc(engine):
+    """The empty/all-rejected policy lived in the gRPC servicer: in-process callers got OK with nothing done."""
+    from recsvc.feedback import FeedbackRejected
+
+    with pytest.raises(InvalidArgument, match="events must not be empty"):
+        engine.feedback([])
+    with pytest.raises(FeedbackRejected, match=r"no event accepted: events\[0\]: unknown item_id") as err:
+        engine.feedback([FeedbackEventIn("e1", "u", "no-such-item", "click"),
+                         FeedbackEventIn("e2", "u", "no-such-item", "like")])
+    assert [r.index for r in err.value.result.rejected] == [0, 1]
+    assert "unknown event type 'like'" in err.value.result.rejected[1].reason
+
+
+def test_served_log_reader_applies_the_attribution_window(tmp_path, clock):
+    """The read-only served-log reader (train-ranker, ope) counted clicks that came after the attribution
+    window, which the live state ignores: training saw successes the bandit never did."""
+    from recsvc.state.served_log import read_served_impressions
+
+    cfg = small_config(tmp_path, exploration={"policy": "greedy"})
+    eng = Engine.from_config(cfg, clock=clock)
+    window_ms = int(cfg.state.attribution_window_s * 1000)
+    rec = eng.recommend(RecommendQuery(user_id="w", n=3))
+    a, b = rec.items[0].item_id, rec.items[1].item_id
+    eng.feedback([FeedbackEventIn("i-a", "w", a, "impression", request_id=rec.request_id),
+                  FeedbackEventIn("i-b", "w", b, "impression", request_id=rec.request_id)])
+    clock.advance(window_ms + 1)
+    eng.feedback([FeedbackEventIn("late", "w", a, "click", request_id=rec.request_id)])
+    clock.advance(-window_ms)
+    eng.feedback([FeedbackEventIn("in-time", "w", b, "click", request_id=rec.request_id,
+                                  timestamp_ms=clock() - 10)])
+    rows = np.array([eng.catalog.row_of[a], eng.catalog.row_of[b]])
+    assert eng.state.bandit_evidence(rows)[0].tolist() == [0.0, 1.0]  # the live state: a late, b in time
+    imp = read_served_impressions(cfg.state.dir, cfg.state.attribution_window_s)
+    clicked = dict(zip(imp.rows.tolist(), imp.clicked.tolist()))
+    assert clicked == {int(rows[0]): 0.0, int(rows[1]): 1.0}
+    eng.close(snapshot=False)
