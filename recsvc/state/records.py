@@ -54,12 +54,13 @@ class EventType(IntEnum):
     @classmethod
     def parse(cls, value: int | str) -> "EventType | None":
         """The type named by an API number, a name in any case, or ``None`` when it is neither."""
-        if isinstance(value, str):
-            return cls.__members__.get(value.upper())
-        try:
-            return cls(value)
-        except ValueError:
-            return None
+        t = _PARSE.get(value)  # the usual spellings in one lookup (this runs once per event)
+        if t is None and isinstance(value, str):
+            t = _PARSE.get(value.lower())
+        return t
+
+
+_PARSE: dict[int | str, EventType] = {k: t for t in EventType for k in (int(t), t.name.lower(), t.name)}
 
 
 class Outcome(IntEnum):
