@@ -310,25 +310,12 @@ class RequestPath:
     def row_filter(self, q: RecommendQuery, history: list[tuple[int, int]], cfg: Config) -> RowFilter:
         """The query's filters as catalog codes, with the service ceiling and the consumed items."""
         cat = self.catalog
-        n_cat = max(cat.n_categories, 1)
-        allowed = None
-        if q.allowed_categories:
-            allowed = np.zeros(n_cat, bool)
-            for name in q.allowed_categories:
-                code = cat.category_code.get(name)
-                if code is not None:
-                    allowed[code] = True
-            if not allowed.any():
-                raise InvalidArgument(
-                    f"filter.allowed_categories: none of {list(q.allowed_categories)[:5]} is a category of "
-                    f"this catalog (it has {cat.n_categories}, e.g. {cat.category_names[:3]})")
-        blocked = None
-        if q.blocked_categories:
-            blocked = np.zeros(n_cat, bool)
-            for name in q.blocked_categories:
-                code = cat.category_code.get(name)
-                if code is not None:
-                    blocked[code] = True
+        allowed = self._category_mask(q.allowed_categories)
+        if allowed is not None and not allowed.any():
+            raise InvalidArgument(
+                f"filter.allowed_categories: none of {list(q.allowed_categories)[:5]} is a category of "
+                f"this catalog (it has {cat.n_categories}, e.g. {cat.category_names[:3]})")
+        blocked = self._category_mask(q.blocked_categories)
         max_mat = cfg.reranking.max_maturity
         if q.max_maturity > 0:
             max_mat = min(max_mat, q.max_maturity)
@@ -337,6 +324,18 @@ class RequestPath:
         if cfg.retrieval.exclude_consumed:
             excl.extend(r for r, _ in history)
         return RowFilter(allowed, blocked, max_mat, np.unique(np.asarray(excl, np.int32)))
+
+    def _category_mask(self, names: Sequence[str]) -> np.ndarray | None:
+        """bool[n_categories]: which codes the names denote (unknown names denote none); None for no names."""
+        if not names:
+            return None
+        cat = self.catalog
+        mask = np.zeros(max(cat.n_categories, 1), bool)
+        for name in names:
+            code = cat.category_code.get(name)
+            if code is not None:
+                mask[code] = True
+        return mask
 
     # -- ranking and re-ranking inputs ----------------------------------------------------------------------
     def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config):
