@@ -46,6 +46,10 @@ class CatalogWriter:
         if len(items) > self._max_batch:
             raise InvalidArgument(f"at most {self._max_batch} items per call, got {len(items)}")
         records = self._validated(items)
+        if self.journal.shared:  # the consumer applies it, here and on every replica
+            inserted = sum(r.item_id not in self.catalog.row_of for r in records)
+            self.journal.wait_applied(self.journal.append([CatalogUpsert(records)], durable=True))
+            return inserted, len(records) - inserted
         logged = False
         try:
             with self.journal.ingest:
@@ -93,6 +97,12 @@ class CatalogWriter:
         """(deleted, the ids that were not in the catalog)."""
         if not item_ids:
             raise InvalidArgument("item_ids must not be empty")
+        if self.journal.shared:
+            known = list(dict.fromkeys(i for i in item_ids if i in self.catalog.row_of))
+            if known:
+                self.journal.wait_applied(self.journal.append([CatalogDelete(known)], durable=True))
+            known_set = set(known)
+            return len(known), [i for i in item_ids if i not in known_set]
         with self.journal.ingest:
             known = [i for i in item_ids if i in self.catalog.row_of]
             if known:
@@ -108,12 +118,15 @@ class CatalogWriter:
         return deleted, [i for i in item_ids if i not in known_set]
 
     # -- applying a change (live and on replay) -----------------------------------------------------------
-    def apply(self, record: CatalogUpsert | CatalogDelete) -> None:
-        """Apply a logged change (recovery: the retriever rebuilds its derived indexes on first use)."""
+    def apply(self, record: CatalogUpsert | CatalogDelete, rebuild: bool = False) -> None:
+        """Apply a logged change (recovery: the retriever rebuilds its derived indexes on first use; a
+        replica tailing a shared log passes ``rebuild`` to have them rebuilt now)."""
         if isinstance(record, CatalogUpsert):
             self._upsert(record.items)
         else:
             self._delete(record.item_ids)
+        if rebuild:
+            self.retriever.catalog_changed(self.clock())
 
     def _upsert(self, records: list[ItemRecord]) -> tuple[int, int]:
         # State arrays grow first: a request must never see a row they lack.

@@ -168,6 +168,25 @@ class RecommendConfig(_Section):
 
 
 class StateConfig(_Section):
+    backend: Literal["embedded", "redis"] = Field(
+        "embedded",
+        description="'embedded': a local log and snapshots under `dir` (one process). 'redis': a Redis stream "
+        "shared by every worker and replica, each applying it to its own read model.",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis server of the 'redis' backend.")
+    redis_prefix: str = Field(
+        "recsvc", description="Prefix of every Redis key of this service (several services may share a Redis)."
+    )
+    max_staleness_ms: float = Field(
+        1000.0, gt=0,
+        description="'redis' backend: Recommend marks responses degraded once the read model has not heard "
+        "from Redis for this long.",
+    )
+    dedupe_ttl_s: float | None = Field(
+        None, gt=0,
+        description="'redis' backend: how long an event id is remembered for idempotency (None: max_event_age_days "
+        "+ 1 h, so every event that could be accepted is de-duplicated).",
+    )
     dir: Path = Field(Path(".recsvc/state"), description="Where the event log and snapshots live.")
     fsync: Literal["batch", "none"] = Field(
         "batch", description="'batch': fsync the log before every Feedback ack; 'none': leave it to the OS."

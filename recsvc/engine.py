@@ -32,7 +32,14 @@ from recsvc.messages import (
     RejectedEvent,
     SlateItem,
 )
-from recsvc.recovery import Snapshotter, demo_cache_dir, load_catalog_and_index, open_catalog, recover
+from recsvc.recovery import (
+    Snapshotter,
+    apply_record,
+    demo_cache_dir,
+    load_catalog_and_index,
+    open_catalog,
+    recover,
+)
 from recsvc.request_path import RequestPath
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.candidates import Candidates
@@ -64,7 +71,9 @@ class Engine:
         clock: Callable[[], int] = wall_clock_ms,
         experiments: Any = None,
         catalog_diverged: bool = False,
+        journal: Any = None,
     ) -> None:
+        """``store`` (a local log; default: in memory) or ``journal`` (e.g. a shared ``RedisJournal``)."""
         from recsvc.experiments import ExperimentAggregates, ExperimentSet
 
         self.cfg = cfg  # the base config; each request runs with its experiment variant's
@@ -72,7 +81,7 @@ class Engine:
         self.clock = clock
         self.experiments = experiments if experiments is not None else ExperimentSet.empty(cfg)
         self._state = ReadModel(cfg, catalog.capacity, now_ms=clock())
-        self.journal = Journal(store if store is not None else MemoryStateStore())
+        self.journal = journal if journal is not None else Journal(store if store is not None else MemoryStateStore())
         retriever = Retriever(catalog, ann, self._state, usual_ann_fetch(cfg.retrieval),
                               cfg.retrieval.fresh_window_days)
         self.requests = RequestPath(catalog, ann, self._state, retriever, seed=cfg.exploration.seed)
@@ -83,22 +92,31 @@ class Engine:
                                      self.catalog_writer, cfg.state.snapshot_every_events)
         self._closed = False
         recover(catalog, self._state, self.journal, self.feedback_path, self.catalog_writer, clock())
+        if self.journal.shared:  # tail the shared log from where recovery stopped
+            self.journal.start(lambda rec: apply_record(rec, self.feedback_path, self.catalog_writer, rebuild=True),
+                               on_batch=self.snapshots.maybe_snapshot)
 
     @classmethod
     def from_config(cls, cfg: Config, progress: bool = False,
                     clock: Callable[[], int] = wall_clock_ms) -> "Engine":
-        """Open the state directory, load (or build once and cache) the catalog and index, recover."""
+        """Open the state (the state directory, or the shared Redis log), load (or build once and cache) the
+        catalog and index, recover."""
         from recsvc.experiments import ExperimentSet
 
-        store = LocalStateStore(Path(cfg.state.dir).expanduser(), fsync=cfg.state.fsync == "batch")
+        if cfg.state.backend == "redis":
+            from recsvc.state.redis_journal import RedisJournal
+
+            journal: Any = RedisJournal(cfg)
+        else:
+            journal = Journal(LocalStateStore(Path(cfg.state.dir).expanduser(), fsync=cfg.state.fsync == "batch"))
         try:
-            catalog, ann, diverged = open_catalog(cfg, Journal(store), progress=progress)
+            catalog, ann, diverged = open_catalog(cfg, journal, progress=progress)
             experiments = (ExperimentSet.load(cfg.experiments.file, cfg)
                            if cfg.experiments.file is not None else None)
-            return cls(cfg, catalog, ann, store=store, clock=clock, experiments=experiments,
-                       catalog_diverged=diverged)
+            return cls(cfg, catalog, ann, clock=clock, experiments=experiments, catalog_diverged=diverged,
+                       journal=journal)
         except BaseException:
-            store.close()
+            journal.close()
             raise
 
     # -- what callers may read ----------------------------------------------------------------------
@@ -122,6 +140,8 @@ class Engine:
         now = self.clock()
         assignment = self.experiments.assign(q.user_id or "", now)
         rec, served = self.requests.recommend(q, assignment.config, assignment.variant, assignment.arms, now)
+        if self.journal.stale():  # the shared log has not been heard from within the staleness bound
+            rec.degraded = True
         if _record:
             self.feedback_path.record_served(served)
             self.snapshots.maybe_snapshot()

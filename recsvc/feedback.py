@@ -64,59 +64,30 @@ class FeedbackPath:
         if len(events) > self._max_batch:
             raise InvalidArgument(f"at most {self._max_batch} events per call, got {len(events)}")
         now = self.clock()
-        oldest = now - int(self._max_age_days * DAY_MS)
-        newest = now + FUTURE_SLACK_MS
-        rejected: list[RejectedEvent] = []
-        duplicates = 0
-        accepted: list[FeedbackEvent] = []
-        with self.journal.ingest:
-            batch_ids: set[str] = set()
-            for i, ev in enumerate(events):
-                etype = EventType.parse(ev.type)
-                ts = int(ev.timestamp_ms) or now
-                row = self.catalog.row_of.get(ev.item_id)
-                reason = None
-                if not ev.event_id:
-                    reason = "event_id is required (it is the idempotency key)"
-                elif self.state.seen_event(ev.event_id) or ev.event_id in batch_ids:
-                    duplicates += 1
-                    continue
-                elif not ev.user_id:
-                    reason = "user_id is required"
-                elif etype is None:
-                    reason = f"unknown event type {ev.type!r}; expected IMPRESSION, CLICK or CONVERSION"
-                elif row is None:
-                    reason = f"unknown item_id {ev.item_id!r}"
-                elif ts < oldest or ts > newest:
-                    reason = (f"timestamp_ms {ts} is outside the accepted range "
-                              f"[now - {self._max_age_days:g} days, now + 1 h]")
-                elif not math.isfinite(ev.value):
-                    reason = "value must be finite"
-                elif ev.request_id:
-                    slate = self.state.served_slate(ev.request_id)
-                    if slate is None:
-                        reason = f"request_id {ev.request_id!r} is unknown or has expired"
-                    elif row not in slate.rows:
-                        reason = f"item {ev.item_id!r} was not served in request {ev.request_id!r}"
-                    elif slate.user_id != ev.user_id:
-                        reason = f"request {ev.request_id!r} was served to another user"
-                if reason is not None:
-                    rejected.append(RejectedEvent(i, ev.event_id, reason))
-                    continue
-                batch_ids.add(ev.event_id)
-                accepted.append(FeedbackEvent(ev.event_id, ev.user_id, ev.item_id, int(row), etype,
-                                              float(ev.value), ts, ev.request_id or ""))
+        if self.journal.shared:
+            # Validation reads the local read model; de-duplication and the append are one atomic step in
+            # the shared log, and the consumer applies the batch (this replica waits until it has).
+            accepted, rejected, duplicates = self._validate(events, now)
             if accepted:
-                # Durable before the ack and before the state changes.
-                batch = FeedbackBatch(accepted)
-                try:
-                    lsn = self.journal.append([batch], durable=True, weight=len(accepted))
-                except OSError as exc:
-                    log.error("could not write the event log: %s", exc)
-                    raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
-                                      "nothing in this batch was recorded, retry later") from None
-                self._apply_feedback(batch)
-                self.state.applied_lsn = lsn
+                fresh, entry = self.journal.commit_feedback(FeedbackBatch(accepted))
+                duplicates += len(accepted) - len(fresh)
+                accepted = fresh
+                if not self.journal.wait_applied(entry):
+                    log.warning("feedback %s is stored but not yet applied on this replica", entry)
+        else:
+            with self.journal.ingest:
+                accepted, rejected, duplicates = self._validate(events, now)
+                if accepted:
+                    # Durable before the ack and before the state changes.
+                    batch = FeedbackBatch(accepted)
+                    try:
+                        lsn = self.journal.append([batch], durable=True, weight=len(accepted))
+                    except OSError as exc:
+                        log.error("could not write the event log: %s", exc)
+                        raise Unavailable(f"the event log cannot be written ({exc.strerror or exc}); "
+                                          "nothing in this batch was recorded, retry later") from None
+                    self._apply_feedback(batch)
+                    self.state.applied_lsn = lsn
         result = FeedbackResult(len(accepted), duplicates, rejected)
         if rejected and not accepted and not duplicates:
             # Nothing in the batch was usable: that is a bad request, not a
@@ -125,6 +96,54 @@ class FeedbackPath:
             more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
             raise FeedbackRejected(f"no event accepted: {details}{more}", result)
         return result
+
+    def _validate(self, events: Sequence[FeedbackEventIn], now: int
+                  ) -> tuple[list[FeedbackEvent], list[RejectedEvent], int]:
+        """(accepted, rejected with reasons, duplicates) of a batch, against the local read model."""
+        oldest = now - int(self._max_age_days * DAY_MS)
+        newest = now + FUTURE_SLACK_MS
+        rejected: list[RejectedEvent] = []
+        duplicates = 0
+        accepted: list[FeedbackEvent] = []
+        batch_ids: set[str] = set()
+        for i, ev in enumerate(events):
+            etype = EventType.parse(ev.type)
+            ts = int(ev.timestamp_ms) or now
+            row = self.catalog.row_of.get(ev.item_id)
+            reason = None
+            if not ev.event_id:
+                reason = "event_id is required (it is the idempotency key)"
+            elif self.state.seen_event(ev.event_id) or ev.event_id in batch_ids:
+                duplicates += 1
+                continue
+            elif not ev.user_id:
+                reason = "user_id is required"
+            elif etype is None:
+                reason = f"unknown event type {ev.type!r}; expected IMPRESSION, CLICK or CONVERSION"
+            elif row is None:
+                reason = f"unknown item_id {ev.item_id!r}"
+            elif ts < oldest or ts > newest:
+                reason = (f"timestamp_ms {ts} is outside the accepted range "
+                          f"[now - {self._max_age_days:g} days, now + 1 h]")
+            elif not math.isfinite(ev.value):
+                reason = "value must be finite"
+            elif ev.request_id:
+                slate = self.state.served_slate(ev.request_id)
+                if slate is None and self.journal.shared:  # served by another replica, not applied here yet
+                    slate = self.journal.fetch_served(ev.request_id)
+                if slate is None:
+                    reason = f"request_id {ev.request_id!r} is unknown or has expired"
+                elif row not in slate.rows:
+                    reason = f"item {ev.item_id!r} was not served in request {ev.request_id!r}"
+                elif slate.user_id != ev.user_id:
+                    reason = f"request {ev.request_id!r} was served to another user"
+            if reason is not None:
+                rejected.append(RejectedEvent(i, ev.event_id, reason))
+                continue
+            batch_ids.add(ev.event_id)
+            accepted.append(FeedbackEvent(ev.event_id, ev.user_id, ev.item_id, int(row), etype,
+                                          float(ev.value), ts, ev.request_id or ""))
+        return accepted, rejected, duplicates
 
     def _apply_feedback(self, batch: FeedbackBatch) -> None:
         slates = self.state.apply_feedback(batch.events)
@@ -138,6 +157,9 @@ class FeedbackPath:
         a slate lost in a crash only loses the attribution of its feedback)."""
         if slate.arms:
             slate.diversity, slate.novelty = self.slate_diversity_novelty(slate.rows)
+        if self.journal.shared:  # the consumer applies it, here and on every replica
+            self.journal.publish_served(slate)
+            return
         with self.journal.served:
             self.state.remember_served(slate)
             self._record_served_aggregates(slate)

@@ -114,10 +114,7 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
         try:
             if isinstance(rec, Exception):
                 raise rec
-            if isinstance(rec, (CatalogUpsert, CatalogDelete)):
-                writer.apply(rec)
-            else:
-                feedback.apply(rec)
+            apply_record(rec, feedback, writer)
         except (InvalidArgument, CatalogError, KeyError, ValueError, TypeError) as exc:
             # A record that cannot apply must not keep the service down; it
             # was validated before it was logged, so this is worth a loud log.
@@ -133,6 +130,14 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
             f"the online state refers to catalog row {highest} but the catalog has {catalog.n_rows} "
             "rows: the state directory belongs to another catalog; point state.dir elsewhere")
     return replayed
+
+
+def apply_record(rec, feedback: "FeedbackPath", writer: "CatalogWriter", rebuild: bool = False) -> None:
+    """Apply one logged record through the path that owns it (replay; a replica tailing a shared log)."""
+    if isinstance(rec, (CatalogUpsert, CatalogDelete)):
+        writer.apply(rec, rebuild=rebuild)
+    else:
+        feedback.apply(rec)
 
 
 class Snapshotter:

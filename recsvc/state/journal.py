@@ -20,6 +20,16 @@ from recsvc.state.store import MemoryStateStore, StateStore
 
 
 class Journal:
+    """The embedded journal: a local log; the writer applies each record itself right after appending it.
+
+    A shared journal (``recsvc.state.redis_journal.RedisJournal``) has the same methods with
+    ``shared = True``: it de-duplicates atomically with the append, and a background consumer applies
+    every record — this process's own included — to the local read model, in the shared log's order.
+    """
+
+    #: False: the caller applies what it appended. True: the consumer does (wait with ``wait_applied``).
+    shared = False
+
     def __init__(self, store: StateStore) -> None:
         self.store = store
         self.ingest = threading.Lock()
@@ -65,6 +75,10 @@ class Journal:
         sync = getattr(self.store, "sync", None)
         if sync is not None:
             sync()
+
+    def stale(self) -> bool:
+        """Whether the local read model may be further behind the shared log than the staleness bound."""
+        return False
 
     def close(self) -> None:
         self.store.close()

@@ -344,7 +344,7 @@ class ReadModel:
             doc = json.load(fh)
         self._pop_t0_ms = float(doc["pop_t0_ms"])
         self._total_impressions = float(doc["total_impressions"])
-        self.applied_lsn = int(doc["applied_lsn"])
+        self.applied_lsn = doc["applied_lsn"]  # an int (local log) or a stream id (shared log)
         self._cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
         self._neigh_cache = {}
         self._histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
