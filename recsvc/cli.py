@@ -35,6 +35,15 @@ def _config(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.server import serve
 
+    if args.workers != 1:
+        from recsvc.server.workers import serve_workers
+
+        try:
+            serve_workers(_config(args), args.workers)
+        except OSError as exc:
+            print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        return 0
     serve(_config(args))
     return 0
 
@@ -177,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("serve", help="run the gRPC server (demo catalog by default)"))
     s.add_argument("--port", type=int, help="TCP port (0: pick a free one)")
     s.add_argument("--host", help="address to listen on")
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port (0: one per core); more than one needs the Redis backend")
     s.set_defaults(fn=cmd_serve)
 
     s = with_config(sub.add_parser("build-index", help="build and persist the HNSW index for the catalog"))

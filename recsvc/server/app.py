@@ -33,12 +33,15 @@ def add_to_server(server: grpc.Server, engine) -> None:
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(engine), server)
 
 
-def build_server(cfg: Config) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A server with health (NOT_SERVING until the engine is mounted) and reflection."""
+def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server with health (NOT_SERVING until the engine is mounted) and reflection.
+
+    ``reuse_port``: share the port with the other workers of ``recsvc serve --workers`` (SO_REUSEPORT)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="recsvc"),
         interceptors=[ErrorMappingInterceptor()],
-        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                 ("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -88,6 +91,7 @@ def serve(
     engine_factory: Callable[[Config], object] | None = None,
     on_ready: Callable[[int], None] | None = None,
     stop_event: threading.Event | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop_event``): listen first, load, then serve.
 
@@ -96,7 +100,7 @@ def serve(
     from recsvc.engine import Engine
     from recsvc.server.servicer import RecommenderServicer
 
-    server, port, health_servicer = build_server(cfg)
+    server, port, health_servicer = build_server(cfg, reuse_port=reuse_port)
     switch = _Switch()
     pb_grpc.add_RecommenderServicer_to_server(switch, server)
     server.start()
