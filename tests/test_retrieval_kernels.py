@@ -1,6 +1,10 @@
-"""Candidate-generation kernels (_retrieval.pyx): known values and parity with the numpy twins."""
+"""Candidate-generation kernels (_retrieval.pyx): known values, parity with the numpy twins, and the
+behaviour the wrappers had before their kernels returned a status (a plain-Python model, recorded outputs)."""
 
 from __future__ import annotations
+
+import hashlib
+import platform
 
 import numpy as np
 import pytest
@@ -11,6 +15,10 @@ from recsvc._fastpath import _retrieval
 from recsvc._fastpath.twins import retrieval as twin
 
 N_ROWS = 60
+
+# Where the compiler cannot fuse ``acc + w * s`` into one FMA (x86-64's baseline
+# has none), aggregated scores are reproducible bit for bit; elsewhere to rounding.
+EXACT_FLOATS = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @st.composite
@@ -26,6 +34,12 @@ def filters(draw):
     exclude = np.unique(np.array(draw(st.lists(st.integers(0, N_ROWS + 5), max_size=12)), np.int32))
     max_maturity = draw(st.sampled_from([0, 13, 18]))
     return (alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude)
+
+
+def everyone(n: int = 10) -> tuple:
+    """A filter that lets every row of an n-row catalog through."""
+    return (np.ones(n, np.uint8), np.zeros(n, np.int32), np.zeros(n, np.int32), 0,
+            np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.empty(0, np.int32))
 
 
 rows_strategy = st.lists(st.integers(0, N_ROWS + 9), max_size=80).map(lambda r: np.array(r, np.int32))
@@ -89,18 +103,6 @@ def test_aggregate_neighbours_sums_weighted_scores_of_eligible_rows() -> None:
     assert out_s[:n].tolist() == pytest.approx([1.0, 2.0 + 0.5 * 4.0, 0.5])
 
 
-def test_aggregate_neighbours_checks_its_buffers() -> None:
-    everyone = (np.ones(10, np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32), 0,
-                np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.empty(0, np.int32))
-    rows, scores = [np.array([1, 2], np.int32)], [np.array([1.0, 1.0])]
-    with pytest.raises(ValueError, match="room for 2"):
-        _retrieval.aggregate_neighbours(rows, scores, np.ones(1), *everyone, np.empty(1, np.int32),
-                                        np.empty(1, np.float32))
-    with pytest.raises(ValueError, match="one weight"):
-        _retrieval.aggregate_neighbours(rows, scores, np.ones(0), *everyone, np.empty(2, np.int32),
-                                        np.empty(2, np.float32))
-
-
 @settings(max_examples=150, deadline=None)
 @given(entries=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.floats(-1, 1, width=32)), max_size=120))
 def test_merge_sources_parity(entries) -> None:
@@ -138,25 +140,204 @@ def test_strided_rows_that_share_their_low_bits_are_kept_apart() -> None:
     assert n == 3000 and out_r[:n].tolist() == rows.tolist()
 
 
-def test_eligible_mask_checks_its_buffer() -> None:
-    everyone = (np.ones(10, np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32), 0,
-                np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.empty(0, np.int32))
-    with pytest.raises(ValueError, match="room for 3"):
-        _retrieval.eligible_mask(np.arange(3, dtype=np.int32), *everyone, np.empty(2, np.uint8))
-    with pytest.raises(ValueError, match="cover every row"):
-        _retrieval.eligible_mask(np.arange(3, dtype=np.int32), np.ones(10, np.uint8), np.zeros(5, np.int32),
-                                 *everyone[2:], np.empty(3, np.uint8))
+merge_entries = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.floats(-1, 1, width=32)), max_size=120)
 
 
-def test_merge_sources_checks_its_buffers() -> None:
-    rows, src, scores = np.arange(3, dtype=np.int32), np.zeros(3, np.int8), np.zeros(3, np.float32)
-    with pytest.raises(ValueError, match="room for 3"):
-        _retrieval.merge_sources(rows, src, scores, np.empty(2, np.int32), np.empty(3, np.uint8),
-                                 np.zeros((3, 4), np.float32))
-    with pytest.raises(ValueError, match="differ in length"):
-        _retrieval.merge_sources(rows, src[:2], scores, np.empty(3, np.int32), np.empty(3, np.uint8),
-                                 np.zeros((3, 4), np.float32))
-    for bad in (-1, 4):
-        with pytest.raises(ValueError, match=r"src must be in \[0, 4\)"):
-            _retrieval.merge_sources(rows, np.array([0, bad, 1], np.int8), scores, np.empty(3, np.int32),
-                                     np.empty(3, np.uint8), np.zeros((3, 4), np.float32))
+def _neighbour_arrays(lists, data):
+    rows = [np.array([r for r, _ in lst], np.int32) for lst in lists]
+    scores = [np.array([s for _, s in lst], np.float64) for lst in lists]
+    weights = np.array(data.draw(st.lists(st.floats(0.01, 1), min_size=len(lists), max_size=len(lists))), np.float64)
+    return rows, scores, weights
+
+
+def _merge_arrays(entries):
+    rows = np.array([r for r, _, _ in entries], np.int32)
+    src = np.array([s for _, s, _ in entries], np.int8)
+    scores = np.array([v for _, _, v in entries], np.float32)
+    return rows, src, scores
+
+
+def _merge_outputs(n: int, n_src: int = 4) -> tuple:
+    return np.empty(n, np.int32), np.empty(n, np.uint8), np.zeros((n, n_src), np.float32)
+
+
+# --------------------------------------------------------------------------
+# The compiled wrappers: the old behaviour on consistent inputs, a status otherwise
+
+
+def _model_eligible(flt, row: int) -> bool:
+    alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude = flt
+    if not 0 <= row < alive.size or not alive[row] or maturity[row] > max_maturity:
+        return False
+    c = int(categories[row])
+    if has_allowed and not (0 <= c < allowed.size and allowed[c]):
+        return False
+    if 0 <= c < blocked.size and blocked[c]:
+        return False
+    return row not in exclude.tolist()
+
+
+def _model_aggregate(lists, scores, weights, flt):
+    """The kernel one row at a time: float32 sums updated in double, first seen first."""
+    where: dict[int, int | None] = {}
+    out_rows: list[int] = []
+    out_scores: list[np.float32] = []
+    for rows, vals, w in zip(lists, scores, weights.tolist()):
+        for row, s in zip(rows.tolist(), vals.tolist()):
+            if row not in where:
+                where[row] = len(out_rows) if _model_eligible(flt, row) else None
+                if where[row] is not None:
+                    out_rows.append(row)
+                    out_scores.append(np.float32(w * s))
+            elif where[row] is not None:
+                at = where[row]
+                out_scores[at] = np.float32(float(out_scores[at]) + w * s)
+    return out_rows, np.array(out_scores, np.float32)
+
+
+def _model_merge(rows, src, scores, n_src: int):
+    """The kernel one entry at a time: a source's first score stays unless a later one is larger."""
+    where: dict[int, int] = {}
+    out_rows: list[int] = []
+    out_sources: list[int] = []
+    out_scores: list[list[float]] = []
+    for row, s, v in zip(rows.tolist(), src.tolist(), scores.tolist()):
+        if row not in where:
+            where[row] = len(out_rows)
+            out_rows.append(row)
+            out_sources.append(1 << s)
+            out_scores.append([0.0] * n_src)
+            out_scores[-1][s] = v
+        else:
+            at = where[row]
+            if out_sources[at] >> s & 1:
+                if v > out_scores[at][s]:
+                    out_scores[at][s] = v
+            else:
+                out_sources[at] |= 1 << s
+                out_scores[at][s] = v
+    return out_rows, out_sources, np.array(out_scores, np.float32).reshape(-1, n_src)
+
+
+# rows may repeat within a list (a row's later scores add to its sum), and fall outside the catalog
+repeating_lists = st.lists(
+    st.lists(st.tuples(st.integers(-2, N_ROWS + 3), st.floats(0, 5, width=32)), max_size=15), max_size=8
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(flt=filters(), rows=rows_strategy)
+def test_compiled_eligible_mask_behaves_as_before(flt, rows) -> None:
+    out = np.full(rows.size + 2, 9, np.uint8)
+    n = _retrieval.eligible_mask(rows, *flt, out)
+    want = [int(_model_eligible(flt, r)) for r in rows.tolist()]
+    assert n == sum(want) and out.tolist() == want + [9, 9]  # nothing written beyond n
+
+
+@settings(max_examples=100, deadline=None)
+@given(flt=filters(), lists=repeating_lists, data=st.data())
+def test_compiled_aggregate_neighbours_behaves_as_before(flt, lists, data) -> None:
+    rows, scores, weights = _neighbour_arrays(lists, data)
+    size = sum(r.size for r in rows)
+    out_r, out_s = np.full(size + 1, -7, np.int32), np.full(size + 1, -7, np.float32)
+    n = _retrieval.aggregate_neighbours(rows, scores, weights, *flt, out_r, out_s)
+    want_r, want_s = _model_aggregate(rows, scores, weights, flt)
+    assert out_r[:n].tolist() == want_r
+    assert (out_r[n:] == -7).all() and (out_s[n:] == -7).all()
+    if EXACT_FLOATS:
+        assert out_s[:n].tobytes() == want_s.tobytes()
+    else:  # pragma: no cover
+        np.testing.assert_allclose(out_s[:n], want_s, rtol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries=merge_entries)
+def test_compiled_merge_sources_behaves_as_before(entries) -> None:
+    rows, src, scores = _merge_arrays(entries)
+    out_r, out_src, out_s = _merge_outputs(rows.size)
+    n = _retrieval.merge_sources(rows, src, scores, out_r, out_src, out_s)
+    want_r, want_src, want_s = _model_merge(rows, src, scores, 4)
+    assert out_r[:n].tolist() == want_r and out_src[:n].tolist() == want_src
+    assert out_s[:n].tobytes() == want_s.tobytes() and not out_s[n:].any()
+
+
+def _hash(n: int, salt: int, modulus: int) -> np.ndarray:
+    """Deterministic pseudo-random integers in [0, modulus) without a random generator (splitmix64)."""
+    x = (np.arange(n, dtype=np.uint64) + np.uint64(salt)) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(29)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    return ((x ^ (x >> np.uint64(32))) % np.uint64(modulus)).astype(np.int64)
+
+
+def _recorded_inputs(N: int = 50_000, C: int = 40):
+    alive = (_hash(N, 1, 10) < 8).astype(np.uint8)
+    maturity = np.array([0, 13, 18], np.int32)[_hash(N, 2, 3)]
+    categories = (_hash(N, 3, C + 4) - 1).astype(np.int32)  # -1 .. C+2: some beyond the masks
+    allowed = (_hash(C - 5, 4, 4) != 0).astype(np.uint8)
+    blocked = (_hash(C - 10, 5, 8) == 0).astype(np.uint8)
+    exclude = np.unique(_hash(300, 6, N + 50)).astype(np.int32)
+    flt = (alive, maturity, categories, 13, allowed, True, blocked, exclude)
+    rows = (_hash(4000, 7, N + 100) - 20).astype(np.int32)
+    lists = [(_hash(40 + 10 * j, 100 + j, N // 20) * (1 + j % 3)).astype(np.int32) for j in range(20)]
+    scores = [_hash(a.size, 200 + j, 10_007).astype(np.float64) / 997.0 for j, a in enumerate(lists)]
+    weights = 1.0 / (1.0 + np.arange(20, dtype=np.float64)) ** 0.7
+    m_rows = np.concatenate([_hash(3000, 8, 2500) * 4096 % (2 ** 31 - 1), _hash(1000, 9, 500)]).astype(np.int32)
+    m_src = _hash(m_rows.size, 10, 5).astype(np.int8)
+    m_scores = ((_hash(m_rows.size, 11, 20_001).astype(np.float64) - 10_000) / 3_333.0).astype(np.float32)
+    return flt, rows, lists, scores, weights, m_rows, m_src, m_scores
+
+
+def _digest(n: int, *arrays: np.ndarray) -> str:
+    return hashlib.sha256(np.int64(n).tobytes() + b"".join(a.tobytes() for a in arrays)).hexdigest()[:16]
+
+
+@pytest.mark.skipif(not EXACT_FLOATS, reason="recorded on x86-64, where no FMA is fused")
+def test_outputs_recorded_before_the_status_rewrite() -> None:
+    impl = _retrieval
+    # Digests of the outputs of the kernels as they were when their wrappers
+    # still raised (commit 000b3ae), on 4000 rows, 20 lists of neighbours
+    # (2700 entries) and 4000 merged entries with strided rows.
+    flt, rows, lists, scores, weights, m_rows, m_src, m_scores = _recorded_inputs()
+    out = np.zeros(rows.size, np.uint8)
+    assert _digest(impl.eligible_mask(rows, *flt, out), out) == "1b01b738c76ba911"
+    size = sum(a.size for a in lists)
+    out_r, out_s = np.zeros(size, np.int32), np.zeros(size, np.float32)
+    n = impl.aggregate_neighbours(lists, scores, weights, *flt, out_r, out_s)
+    assert _digest(n, out_r, out_s) == "ed19bc4069ea3dff"
+    outs = (np.zeros(m_rows.size, np.int32), np.zeros(m_rows.size, np.uint8), np.zeros((m_rows.size, 5), np.float32))
+    assert _digest(impl.merge_sources(m_rows, m_src, m_scores, *outs), *outs) == "1bd0f3d71b8ee81c"
+
+
+def test_compiled_wrappers_report_inconsistent_inputs_as_errors() -> None:
+    rows, out = np.arange(3, dtype=np.int32), np.empty(3, np.uint8)
+    shape = r"retrieval kernel: array lengths disagree.*\(call it through recsvc.retrieval.kernels\)"
+    with pytest.raises(ValueError, match=shape):
+        _retrieval.eligible_mask(rows, *everyone(), np.empty(2, np.uint8))
+    with pytest.raises(ValueError, match=shape):
+        _retrieval.eligible_mask(rows, np.ones(10, np.uint8), np.zeros(5, np.int32), *everyone()[2:], out)
+    with pytest.raises(ValueError, match=r"retrieval kernel: exclude must be sorted ascending"):
+        _retrieval.eligible_mask(rows, *everyone()[:7], np.array([5, 2], np.int32), out)
+
+    lists, scores = [np.array([1, 2], np.int32)], [np.array([1.0, 1.0])]
+    out_r, out_s = np.empty(2, np.int32), np.empty(2, np.float32)
+    for bad in (
+        (lists, scores, np.ones(1), *everyone(), np.empty(1, np.int32), out_s),  # no room
+        (lists, scores, np.ones(0), *everyone(), out_r, out_s),  # no weight
+        (lists, scores * 2, np.ones(2), *everyone(), out_r, out_s),  # two score arrays
+        (lists, [np.ones(1)], np.ones(1), *everyone(), out_r, out_s),  # lengths differ
+    ):
+        with pytest.raises(ValueError, match=shape):
+            _retrieval.aggregate_neighbours(*bad)
+
+    src, m_scores = np.zeros(3, np.int8), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=shape):
+        _retrieval.merge_sources(rows, src, m_scores, np.empty(2, np.int32), *_merge_outputs(3)[1:])
+    with pytest.raises(ValueError, match=shape):
+        _retrieval.merge_sources(rows, src, m_scores, *_merge_outputs(3, 9))
+    outs = _merge_outputs(3)
+    outs[1][:] = 0
+    with pytest.raises(IndexError, match=r"retrieval kernel: a source index is outside \[0, n_sources\)"):
+        _retrieval.merge_sources(rows, np.array([0, 4, 1], np.int8), m_scores, *outs)
+    assert outs[1].tolist() == [0, 0, 0] and not outs[2].any()  # refused before writing anything
+    with pytest.raises(ValueError, match=r"retrieval kernel: merge_sources rows must be catalog rows \(>= 0\)"):
+        _retrieval.merge_sources(np.array([3, -1, -1], np.int32), src, m_scores, *_merge_outputs(3))
