@@ -1,5 +1,9 @@
-"""Candidate-generation kernels (_retrieval.pyx): known values, parity with the numpy twins, and the
-behaviour the wrappers had before their kernels returned a status (a plain-Python model, recorded outputs)."""
+"""Candidate-generation kernels: ``recsvc.retrieval.kernels`` (validated) over ``_retrieval.pyx`` (compiled).
+
+Known values, parity with the numpy twins, the validation errors, and the
+compiled wrappers against the behaviour they had before the status-returning
+rewrite (a plain-Python model of it, and outputs recorded from that build).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsvc._fastpath import _retrieval
+from recsvc._fastpath import _retrieval as compiled
 from recsvc._fastpath.twins import retrieval as twin
+from recsvc.retrieval import kernels
 
 N_ROWS = 60
 
@@ -44,101 +49,10 @@ def everyone(n: int = 10) -> tuple:
 
 rows_strategy = st.lists(st.integers(0, N_ROWS + 9), max_size=80).map(lambda r: np.array(r, np.int32))
 
-
-@settings(max_examples=150, deadline=None)
-@given(flt=filters(), rows=rows_strategy)
-def test_eligible_mask_parity(flt, rows) -> None:
-    got, want = np.empty(rows.size, np.uint8), np.empty(rows.size, np.uint8)
-    n = _retrieval.eligible_mask(rows, *flt, got)
-    assert n == twin.eligible_mask(rows, *flt, want)
-    np.testing.assert_array_equal(got, want)
-
-
-def test_eligible_mask_known_values() -> None:
-    alive = np.array([1, 1, 1, 0, 1, 1], np.uint8)
-    maturity = np.array([0, 18, 0, 0, 0, 0], np.int32)
-    categories = np.array([0, 0, 1, 0, 2, 5], np.int32)  # 5: created after the request's masks
-    allowed = np.array([1, 1, 1], np.uint8)
-    blocked = np.array([0, 1], np.uint8)
-    exclude = np.array([4], np.int32)
-    rows = np.arange(8, dtype=np.int32)  # 6 and 7: beyond the catalog
-    out = np.empty(8, np.uint8)
-    n = _retrieval.eligible_mask(rows, alive, maturity, categories, 13, allowed, True, blocked, exclude, out)
-    # 0 ok; 1 too mature; 2 blocked category; 3 dead; 4 excluded; 5 not among the allowed; 6, 7 unknown
-    assert out.tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and n == 1
-    n = _retrieval.eligible_mask(rows, alive, maturity, categories, 13, np.empty(0, np.uint8), False, blocked,
-                                 exclude, out)
-    assert out.tolist() == [1, 0, 0, 0, 0, 1, 0, 0] and n == 2  # no allow-list: 5 passes, never blocked
-
-
 neighbour_lists = st.lists(
     st.lists(st.tuples(st.integers(0, N_ROWS - 1), st.floats(0, 5, width=32)), max_size=15, unique_by=lambda t: t[0]),
     max_size=8,
 )
-
-
-@settings(max_examples=150, deadline=None)
-@given(flt=filters(), lists=neighbour_lists, data=st.data())
-def test_aggregate_neighbours_parity(flt, lists, data) -> None:
-    rows = [np.array([r for r, _ in lst], np.int32) for lst in lists]
-    scores = [np.array([s for _, s in lst], np.float64) for lst in lists]
-    weights = np.array(data.draw(st.lists(st.floats(0.01, 1), min_size=len(lists), max_size=len(lists))), np.float64)
-    size = sum(r.size for r in rows)
-    got_r, got_s = np.empty(size, np.int32), np.empty(size, np.float32)
-    want_r, want_s = np.empty(size, np.int32), np.empty(size, np.float32)
-    n = _retrieval.aggregate_neighbours(rows, scores, weights, *flt, got_r, got_s)
-    assert n == twin.aggregate_neighbours(rows, scores, weights, *flt, want_r, want_s)
-    np.testing.assert_array_equal(got_r[:n], want_r[:n])  # same rows, first-seen order
-    np.testing.assert_allclose(got_s[:n], want_s[:n], rtol=1e-5, atol=1e-6)
-
-
-def test_aggregate_neighbours_sums_weighted_scores_of_eligible_rows() -> None:
-    everyone = (np.ones(10, np.uint8), np.zeros(10, np.int32), np.zeros(10, np.int32), 0,
-                np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.array([7], np.int32))
-    rows = [np.array([3, 7, 5], np.int32), np.array([5, 2], np.int32)]
-    scores = [np.array([1.0, 9.0, 2.0]), np.array([4.0, 1.0])]
-    out_r, out_s = np.empty(5, np.int32), np.empty(5, np.float32)
-    n = _retrieval.aggregate_neighbours(rows, scores, np.array([1.0, 0.5]), *everyone, out_r, out_s)
-    assert out_r[:n].tolist() == [3, 5, 2]  # 7 excluded
-    assert out_s[:n].tolist() == pytest.approx([1.0, 2.0 + 0.5 * 4.0, 0.5])
-
-
-@settings(max_examples=150, deadline=None)
-@given(entries=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.floats(-1, 1, width=32)), max_size=120))
-def test_merge_sources_parity(entries) -> None:
-    rows = np.array([r for r, _, _ in entries], np.int32)
-    src = np.array([s for _, s, _ in entries], np.int8)
-    scores = np.array([v for _, _, v in entries], np.float32)
-    outs = [(np.empty(rows.size, np.int32), np.empty(rows.size, np.uint8), np.zeros((rows.size, 4), np.float32))
-            for _ in range(2)]
-    n = _retrieval.merge_sources(rows, src, scores, *outs[0])
-    assert n == twin.merge_sources(rows, src, scores, *outs[1]) == np.unique(rows).size
-    for got, want in zip(outs[0], outs[1]):
-        np.testing.assert_array_equal(got[:n], want[:n])
-
-
-def test_merge_sources_known_values() -> None:
-    rows = np.array([9, 4, 4, 9, 2, 4], np.int32)
-    src = np.array([0, 0, 1, 2, 3, 1], np.int8)
-    scores = np.array([-0.2, 0.9, 0.1, 0.5, 0.7, 0.3], np.float32)
-    out_r, out_src, out_s = np.empty(6, np.int32), np.empty(6, np.uint8), np.zeros((6, 4), np.float32)
-    n = _retrieval.merge_sources(rows, src, scores, out_r, out_src, out_s)
-    assert out_r[:n].tolist() == [9, 4, 2]  # first seen first
-    assert out_src[:n].tolist() == [0b0101, 0b0011, 0b1000]
-    # a negative score is kept as it is; a source proposing a row twice keeps its best
-    np.testing.assert_allclose(out_s[:n], [[-0.2, 0, 0.5, 0], [0.9, 0.3, 0, 0], [0, 0, 0, 0.7]])
-
-
-def test_strided_rows_that_share_their_low_bits_are_kept_apart() -> None:
-    # multiples of a power of two: a hash of the low bits would put them all in one slot
-    rows = (np.arange(3000, dtype=np.int32) * 4096) % (2 ** 31 - 1)
-    src = (np.arange(3000) % 4).astype(np.int8)
-    both = np.concatenate([rows, rows[::-1]])
-    out_r, out_src, out_s = np.empty(6000, np.int32), np.empty(6000, np.uint8), np.zeros((6000, 4), np.float32)
-    n = _retrieval.merge_sources(both, np.concatenate([src, src[::-1]]), np.ones(6000, np.float32),
-                                 out_r, out_src, out_s)
-    assert n == 3000 and out_r[:n].tolist() == rows.tolist()
-
 
 merge_entries = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.floats(-1, 1, width=32)), max_size=120)
 
@@ -159,6 +73,226 @@ def _merge_arrays(entries):
 
 def _merge_outputs(n: int, n_src: int = 4) -> tuple:
     return np.empty(n, np.int32), np.empty(n, np.uint8), np.zeros((n, n_src), np.float32)
+
+
+# --------------------------------------------------------------------------
+# Parity with the numpy twins, through the validated entry points
+
+
+@settings(max_examples=150, deadline=None)
+@given(flt=filters(), rows=rows_strategy)
+def test_eligible_mask_parity(flt, rows) -> None:
+    got, want = np.empty(rows.size, np.uint8), np.empty(rows.size, np.uint8)
+    n = kernels.eligible_mask(rows, *flt, got)
+    assert n == twin.eligible_mask(rows, *flt, want)
+    np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(flt=filters(), lists=neighbour_lists, data=st.data())
+def test_aggregate_neighbours_parity(flt, lists, data) -> None:
+    rows, scores, weights = _neighbour_arrays(lists, data)
+    size = sum(r.size for r in rows)
+    got_r, got_s = np.empty(size, np.int32), np.empty(size, np.float32)
+    want_r, want_s = np.empty(size, np.int32), np.empty(size, np.float32)
+    n = kernels.aggregate_neighbours(rows, scores, weights, *flt, got_r, got_s)
+    assert n == twin.aggregate_neighbours(rows, scores, weights, *flt, want_r, want_s)
+    np.testing.assert_array_equal(got_r[:n], want_r[:n])  # same rows, first-seen order
+    np.testing.assert_allclose(got_s[:n], want_s[:n], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(entries=merge_entries)
+def test_merge_sources_parity(entries) -> None:
+    rows, src, scores = _merge_arrays(entries)
+    outs = [_merge_outputs(rows.size) for _ in range(2)]
+    n = kernels.merge_sources(rows, src, scores, *outs[0])
+    assert n == twin.merge_sources(rows, src, scores, *outs[1]) == np.unique(rows).size
+    for got, want in zip(outs[0], outs[1]):
+        np.testing.assert_array_equal(got[:n], want[:n])
+
+
+# --------------------------------------------------------------------------
+# Known values
+
+
+def test_eligible_mask_known_values() -> None:
+    alive = np.array([1, 1, 1, 0, 1, 1], np.uint8)
+    maturity = np.array([0, 18, 0, 0, 0, 0], np.int32)
+    categories = np.array([0, 0, 1, 0, 2, 5], np.int32)  # 5: created after the request's masks
+    allowed = np.array([1, 1, 1], np.uint8)
+    blocked = np.array([0, 1], np.uint8)
+    exclude = np.array([4], np.int32)
+    rows = np.arange(8, dtype=np.int32)  # 6 and 7: beyond the catalog
+    out = np.empty(8, np.uint8)
+    n = kernels.eligible_mask(rows, alive, maturity, categories, 13, allowed, True, blocked, exclude, out)
+    # 0 ok; 1 too mature; 2 blocked category; 3 dead; 4 excluded; 5 not among the allowed; 6, 7 unknown
+    assert out.tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and n == 1
+    n = kernels.eligible_mask(rows, alive, maturity, categories, 13, np.empty(0, np.uint8), False, blocked,
+                              exclude, out)
+    assert out.tolist() == [1, 0, 0, 0, 0, 1, 0, 0] and n == 2  # no allow-list: 5 passes, never blocked
+
+
+def test_aggregate_neighbours_sums_weighted_scores_of_eligible_rows() -> None:
+    flt = (*everyone()[:7], np.array([7], np.int32))
+    rows = [np.array([3, 7, 5], np.int32), np.array([5, 2], np.int32)]
+    scores = [np.array([1.0, 9.0, 2.0]), np.array([4.0, 1.0])]
+    out_r, out_s = np.empty(5, np.int32), np.empty(5, np.float32)
+    n = kernels.aggregate_neighbours(rows, scores, np.array([1.0, 0.5]), *flt, out_r, out_s)
+    assert out_r[:n].tolist() == [3, 5, 2]  # 7 excluded
+    assert out_s[:n].tolist() == pytest.approx([1.0, 2.0 + 0.5 * 4.0, 0.5])
+
+
+def test_merge_sources_known_values() -> None:
+    rows = np.array([9, 4, 4, 9, 2, 4], np.int32)
+    src = np.array([0, 0, 1, 2, 3, 1], np.int8)
+    scores = np.array([-0.2, 0.9, 0.1, 0.5, 0.7, 0.3], np.float32)
+    out_r, out_src, out_s = _merge_outputs(6)
+    n = kernels.merge_sources(rows, src, scores, out_r, out_src, out_s)
+    assert out_r[:n].tolist() == [9, 4, 2]  # first seen first
+    assert out_src[:n].tolist() == [0b0101, 0b0011, 0b1000]
+    # a negative score is kept as it is; a source proposing a row twice keeps its best
+    np.testing.assert_allclose(out_s[:n], [[-0.2, 0, 0.5, 0], [0.9, 0.3, 0, 0], [0, 0, 0, 0.7]])
+
+
+def test_strided_rows_that_share_their_low_bits_are_kept_apart() -> None:
+    # multiples of a power of two: a hash of the low bits would put them all in one slot
+    rows = (np.arange(3000, dtype=np.int32) * 4096) % (2 ** 31 - 1)
+    src = (np.arange(3000) % 4).astype(np.int8)
+    both = np.concatenate([rows, rows[::-1]])
+    out_r, out_src, out_s = _merge_outputs(6000)
+    n = kernels.merge_sources(both, np.concatenate([src, src[::-1]]), np.ones(6000, np.float32),
+                              out_r, out_src, out_s)
+    assert n == 3000 and out_r[:n].tolist() == rows.tolist()
+
+
+def test_empty_inputs() -> None:
+    assert kernels.eligible_mask(np.empty(0, np.int32), *everyone(), np.empty(0, np.uint8)) == 0
+    assert kernels.aggregate_neighbours([], [], np.empty(0), *everyone(), np.empty(0, np.int32),
+                                        np.empty(0, np.float32)) == 0
+    assert kernels.aggregate_neighbours([np.empty(0, np.int32)], [np.empty(0)], np.ones(1), *everyone(),
+                                        np.empty(0, np.int32), np.empty(0, np.float32)) == 0
+    assert kernels.merge_sources(np.empty(0, np.int32), np.empty(0, np.int8), np.empty(0, np.float32),
+                                 *_merge_outputs(0)) == 0
+
+
+# --------------------------------------------------------------------------
+# Preparation: what the entry points accept besides the kernels' own dtypes
+
+
+def test_entry_points_coerce_dtypes_and_layouts() -> None:
+    alive = np.array([1, 1, 0, 1, 1, 1], np.uint8)
+    maturity = np.array([0, 18, 0, 0, 0, 0], np.int32)
+    categories = np.array([0, 0, 1, 0, 2, 1], np.int32)
+    allowed, blocked, exclude = np.array([1, 1, 1], np.uint8), np.array([0, 1], np.uint8), np.array([4], np.int32)
+    rows = np.arange(8, dtype=np.int32)
+    want = np.empty(8, np.uint8)
+    n = kernels.eligible_mask(rows, alive, maturity, categories, 13, allowed, True, blocked, exclude, want)
+    # bool masks, int64 columns, Python lists, a strided view, a bool output, an oversized max_maturity
+    got = np.empty(8, bool)
+    assert kernels.eligible_mask(
+        np.repeat(np.arange(8), 2)[::2], alive.astype(bool), maturity.astype(np.int64), categories.tolist(), 2 ** 40,
+        [True, True, True], 1, blocked.astype(bool), [4], got,
+    ) == n + 1  # row 1 is now mature enough
+    assert want.tolist() == [1, 0, 0, 1, 0, 0, 0, 0] and got.view(np.uint8).tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+
+    lists, scores = [np.array([3, 5, 5, 1], np.int32)], [np.array([1.0, 2.0, 3.0, 4.0])]
+    out_r, out_s = np.empty(4, np.int32), np.empty(4, np.float32)
+    k = kernels.aggregate_neighbours(lists, scores, np.ones(1), *everyone(), out_r, out_s)
+    got_r, got_s = np.empty(4, np.int32), np.empty(4, np.float32)
+    assert kernels.aggregate_neighbours(
+        [np.array([3, 9, 5, 9, 5, 9, 1, 9], np.int64)[::2]], [[1, 2, 3, 4]], [1], *everyone(), got_r, got_s
+    ) == k == 3
+    assert got_r[:k].tolist() == out_r[:k].tolist() and got_s[:k].tolist() == out_s[:k].tolist()
+
+    rows, src, sc = np.array([4, 2, 4], np.int32), np.array([0, 1, 1], np.int8), np.array([.5, .25, .75], np.float32)
+    want_m = _merge_outputs(3, 2)
+    k = kernels.merge_sources(rows, src, sc, *want_m)
+    got_m = _merge_outputs(3, 2)
+    assert kernels.merge_sources(rows.tolist(), src.astype(np.int64), sc.astype(np.float64), *got_m) == k == 2
+    for a, b in zip(got_m, want_m):
+        np.testing.assert_array_equal(a[:k], b[:k])
+
+
+# --------------------------------------------------------------------------
+# Validation errors, through the entry points
+
+
+def test_eligible_mask_rejects_bad_arguments() -> None:
+    rows, out = np.arange(3, dtype=np.int32), np.empty(3, np.uint8)
+    with pytest.raises(ValueError, match=r"^out has room for 2 rows; it needs room for 3$"):
+        kernels.eligible_mask(rows, *everyone(), np.empty(2, np.uint8))
+    with pytest.raises(ValueError, match=r"maturity and categories must cover every row of alive: "
+                                         r"alive has 10 rows, maturity 5 and categories 10"):
+        kernels.eligible_mask(rows, np.ones(10, np.uint8), np.zeros(5, np.int32), *everyone()[2:], out)
+    with pytest.raises(ValueError, match=r"^rows must hold integers, got dtype float64$"):
+        kernels.eligible_mask(rows.astype(np.float64), *everyone(), out)
+    with pytest.raises(ValueError, match=r"^rows must be 1-D, got shape \(1, 3\)$"):
+        kernels.eligible_mask(rows[None, :], *everyone(), out)
+    with pytest.raises(ValueError, match=r"^rows must fit int32, got values in \[0, 4294967296\]$"):
+        kernels.eligible_mask(np.array([0, 1, 2 ** 32]), *everyone(), out)
+    with pytest.raises(ValueError, match=r"^max_maturity must be an integer, got 13.5$"):
+        kernels.eligible_mask(rows, *everyone()[:3], 13.5, *everyone()[4:], out)
+    with pytest.raises(ValueError, match=r"^blocked must be a boolean mask \(bool or uint8\), got dtype float64$"):
+        kernels.eligible_mask(rows, *everyone()[:6], np.array([0.0, 1.0]), everyone()[7], out)
+    with pytest.raises(ValueError, match=r"^out must have dtype uint8, got int32$"):
+        kernels.eligible_mask(rows, *everyone(), np.empty(3, np.int32))
+    read_only = np.empty(3, np.uint8)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^out must be a writable, C-contiguous, 1-D uint8 numpy array"):
+        kernels.eligible_mask(rows, *everyone(), read_only)
+    with pytest.raises(ValueError, match=r"^out must be a writable, C-contiguous, 1-D uint8 numpy array"):
+        kernels.eligible_mask(rows, *everyone(), np.empty(6, np.uint8)[::2])
+    # the kernel's own check, raised once it holds the GIL again
+    with pytest.raises(ValueError, match=r"exclude must be sorted ascending"):
+        kernels.eligible_mask(rows, *everyone()[:7], np.array([5, 2], np.int32), out)
+
+
+def test_aggregate_neighbours_rejects_bad_arguments() -> None:
+    rows, scores = [np.array([1, 2], np.int32)], [np.array([1.0, 1.0])]
+    out_r, out_s = np.empty(2, np.int32), np.empty(2, np.float32)
+    with pytest.raises(ValueError, match=r"^out_rows has room for 1 rows; it needs room for 2$"):
+        kernels.aggregate_neighbours(rows, scores, np.ones(1), *everyone(), np.empty(1, np.int32), out_s)
+    with pytest.raises(ValueError, match=r"^out_scores has room for 1 rows; it needs room for 2$"):
+        kernels.aggregate_neighbours(rows, scores, np.ones(1), *everyone(), out_r, np.empty(1, np.float32))
+    with pytest.raises(ValueError, match=r"^one weight per neighbour array: got 1 neighbour arrays and 0 weights$"):
+        kernels.aggregate_neighbours(rows, scores, np.ones(0), *everyone(), out_r, out_s)
+    with pytest.raises(ValueError, match=r"^one score array per neighbour array: got 1 neighbour arrays and 2 "):
+        kernels.aggregate_neighbours(rows, scores * 2, np.ones(2), *everyone(), out_r, out_s)
+    with pytest.raises(ValueError, match=r"^neighbour_rows\[1\] has 2 entries but neighbour_scores\[1\] has 1$"):
+        kernels.aggregate_neighbours(rows * 2, [scores[0], np.ones(1)], np.ones(2), *everyone(),
+                                     np.empty(4, np.int32), np.empty(4, np.float32))
+    with pytest.raises(ValueError, match=r"^neighbour_rows\[0\] must hold integers, got dtype float64$"):
+        kernels.aggregate_neighbours([np.array([1.0, 2.0])], scores, np.ones(1), *everyone(), out_r, out_s)
+    with pytest.raises(ValueError, match=r"^neighbour_scores\[0\] must hold real numbers, got dtype <U1$"):
+        kernels.aggregate_neighbours(rows, [np.array(["a", "b"])], np.ones(1), *everyone(), out_r, out_s)
+    with pytest.raises(ValueError, match=r"^out_scores must have dtype float32, got float64$"):
+        kernels.aggregate_neighbours(rows, scores, np.ones(1), *everyone(), out_r, np.empty(2))
+
+
+def test_merge_sources_rejects_bad_arguments() -> None:
+    rows, src, scores = np.arange(3, dtype=np.int32), np.zeros(3, np.int8), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"^out_rows has room for 2 rows; it needs room for 3$"):
+        kernels.merge_sources(rows, src, scores, np.empty(2, np.int32), *_merge_outputs(3)[1:])
+    with pytest.raises(ValueError, match=r"^out_scores has room for 2 rows; it needs room for 3$"):
+        kernels.merge_sources(rows, src, scores, *_merge_outputs(3)[:2], np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^rows, src and scores differ in length: 3, 2 and 3$"):
+        kernels.merge_sources(rows, src[:2], scores, *_merge_outputs(3))
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=rf"^src must be in \[0, 4\) \(out_scores has one column per source\), "
+                                             rf"got \[{bad}\]$"):
+            kernels.merge_sources(rows, np.array([0, bad, 1], np.int8), scores, *_merge_outputs(3))
+    with pytest.raises(ValueError, match=r"^src must be in \[0, 4\) .*, got \[300\]$"):
+        kernels.merge_sources(rows, np.array([0, 300, 1]), scores, *_merge_outputs(3))
+    with pytest.raises(ValueError, match=r"^out_scores has 9 columns \(one per source\); at most 8 sources fit"):
+        kernels.merge_sources(rows, src, scores, *_merge_outputs(3, 9))
+    with pytest.raises(ValueError, match=r"^out_scores must be a writable, C-contiguous float32 numpy array"):
+        kernels.merge_sources(rows, src, scores, *_merge_outputs(3)[:2], np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"^src must hold source indices \(integers\), got dtype float64$"):
+        kernels.merge_sources(rows, src.astype(np.float64), scores, *_merge_outputs(3))
+    # the kernel's own check (-1 marks an empty slot of its hash table)
+    with pytest.raises(ValueError, match=r"rows must be catalog rows \(>= 0\)"):
+        kernels.merge_sources(np.array([0, -1, -1], np.int32), src, scores, *_merge_outputs(3))
 
 
 # --------------------------------------------------------------------------
@@ -229,7 +363,7 @@ repeating_lists = st.lists(
 @given(flt=filters(), rows=rows_strategy)
 def test_compiled_eligible_mask_behaves_as_before(flt, rows) -> None:
     out = np.full(rows.size + 2, 9, np.uint8)
-    n = _retrieval.eligible_mask(rows, *flt, out)
+    n = compiled.eligible_mask(rows, *flt, out)
     want = [int(_model_eligible(flt, r)) for r in rows.tolist()]
     assert n == sum(want) and out.tolist() == want + [9, 9]  # nothing written beyond n
 
@@ -240,7 +374,7 @@ def test_compiled_aggregate_neighbours_behaves_as_before(flt, lists, data) -> No
     rows, scores, weights = _neighbour_arrays(lists, data)
     size = sum(r.size for r in rows)
     out_r, out_s = np.full(size + 1, -7, np.int32), np.full(size + 1, -7, np.float32)
-    n = _retrieval.aggregate_neighbours(rows, scores, weights, *flt, out_r, out_s)
+    n = compiled.aggregate_neighbours(rows, scores, weights, *flt, out_r, out_s)
     want_r, want_s = _model_aggregate(rows, scores, weights, flt)
     assert out_r[:n].tolist() == want_r
     assert (out_r[n:] == -7).all() and (out_s[n:] == -7).all()
@@ -255,7 +389,7 @@ def test_compiled_aggregate_neighbours_behaves_as_before(flt, lists, data) -> No
 def test_compiled_merge_sources_behaves_as_before(entries) -> None:
     rows, src, scores = _merge_arrays(entries)
     out_r, out_src, out_s = _merge_outputs(rows.size)
-    n = _retrieval.merge_sources(rows, src, scores, out_r, out_src, out_s)
+    n = compiled.merge_sources(rows, src, scores, out_r, out_src, out_s)
     want_r, want_src, want_s = _model_merge(rows, src, scores, 4)
     assert out_r[:n].tolist() == want_r and out_src[:n].tolist() == want_src
     assert out_s[:n].tobytes() == want_s.tobytes() and not out_s[n:].any()
@@ -292,8 +426,8 @@ def _digest(n: int, *arrays: np.ndarray) -> str:
 
 
 @pytest.mark.skipif(not EXACT_FLOATS, reason="recorded on x86-64, where no FMA is fused")
-def test_outputs_recorded_before_the_status_rewrite() -> None:
-    impl = _retrieval
+@pytest.mark.parametrize("impl", [compiled, kernels], ids=["compiled", "kernels"])
+def test_outputs_recorded_before_the_status_rewrite(impl) -> None:
     # Digests of the outputs of the kernels as they were when their wrappers
     # still raised (commit 000b3ae), on 4000 rows, 20 lists of neighbours
     # (2700 entries) and 4000 merged entries with strided rows.
@@ -312,11 +446,11 @@ def test_compiled_wrappers_report_inconsistent_inputs_as_errors() -> None:
     rows, out = np.arange(3, dtype=np.int32), np.empty(3, np.uint8)
     shape = r"retrieval kernel: array lengths disagree.*\(call it through recsvc.retrieval.kernels\)"
     with pytest.raises(ValueError, match=shape):
-        _retrieval.eligible_mask(rows, *everyone(), np.empty(2, np.uint8))
+        compiled.eligible_mask(rows, *everyone(), np.empty(2, np.uint8))
     with pytest.raises(ValueError, match=shape):
-        _retrieval.eligible_mask(rows, np.ones(10, np.uint8), np.zeros(5, np.int32), *everyone()[2:], out)
+        compiled.eligible_mask(rows, np.ones(10, np.uint8), np.zeros(5, np.int32), *everyone()[2:], out)
     with pytest.raises(ValueError, match=r"retrieval kernel: exclude must be sorted ascending"):
-        _retrieval.eligible_mask(rows, *everyone()[:7], np.array([5, 2], np.int32), out)
+        compiled.eligible_mask(rows, *everyone()[:7], np.array([5, 2], np.int32), out)
 
     lists, scores = [np.array([1, 2], np.int32)], [np.array([1.0, 1.0])]
     out_r, out_s = np.empty(2, np.int32), np.empty(2, np.float32)
@@ -327,17 +461,17 @@ def test_compiled_wrappers_report_inconsistent_inputs_as_errors() -> None:
         (lists, [np.ones(1)], np.ones(1), *everyone(), out_r, out_s),  # lengths differ
     ):
         with pytest.raises(ValueError, match=shape):
-            _retrieval.aggregate_neighbours(*bad)
+            compiled.aggregate_neighbours(*bad)
 
     src, m_scores = np.zeros(3, np.int8), np.zeros(3, np.float32)
     with pytest.raises(ValueError, match=shape):
-        _retrieval.merge_sources(rows, src, m_scores, np.empty(2, np.int32), *_merge_outputs(3)[1:])
+        compiled.merge_sources(rows, src, m_scores, np.empty(2, np.int32), *_merge_outputs(3)[1:])
     with pytest.raises(ValueError, match=shape):
-        _retrieval.merge_sources(rows, src, m_scores, *_merge_outputs(3, 9))
+        compiled.merge_sources(rows, src, m_scores, *_merge_outputs(3, 9))
     outs = _merge_outputs(3)
     outs[1][:] = 0
     with pytest.raises(IndexError, match=r"retrieval kernel: a source index is outside \[0, n_sources\)"):
-        _retrieval.merge_sources(rows, np.array([0, 4, 1], np.int8), m_scores, *outs)
+        compiled.merge_sources(rows, np.array([0, 4, 1], np.int8), m_scores, *outs)
     assert outs[1].tolist() == [0, 0, 0] and not outs[2].any()  # refused before writing anything
     with pytest.raises(ValueError, match=r"retrieval kernel: merge_sources rows must be catalog rows \(>= 0\)"):
-        _retrieval.merge_sources(np.array([3, -1, -1], np.int32), src, m_scores, *_merge_outputs(3))
+        compiled.merge_sources(np.array([3, -1, -1], np.int32), src, m_scores, *_merge_outputs(3))
