@@ -1,9 +1,18 @@
 """Type stubs for the compiled candidate-generation kernels (``_retrieval.pyx``).
 
-Call them through ``recsvc.retrieval.sources``. Filter arguments: ``alive``
-(uint8 view of the catalog's bool column), ``maturity`` and ``categories``
-(int32 columns), ``allowed`` / ``blocked`` (uint8 per category code; empty for
-none), ``exclude`` (sorted int32 rows). De-duplication keeps first-seen order.
+Call them through ``recsvc.retrieval.kernels``, which takes the same arguments,
+coerces dtypes and contiguity and names what is wrong: these wrappers take
+C-contiguous arrays of exactly the listed dtypes, and outputs the caller
+allocated. Filter arguments: ``alive`` (uint8 view of the catalog's bool
+column), ``maturity`` and ``categories`` (int32 columns, at least as long as
+``alive``), ``allowed`` / ``blocked`` (uint8 per category code; empty for none),
+``exclude`` (sorted int32 rows). De-duplication keeps first-seen order.
+
+The kernels run without the GIL and report bad input as a status, raised once
+the GIL is back: ValueError when lengths disagree, an output is too small,
+``exclude`` is unsorted or a merged row is negative; IndexError for a source
+index outside ``[0, out_scores.shape[1])``; MemoryError when the hash table
+cannot be allocated.
 """
 
 import numpy as np
@@ -30,4 +39,5 @@ def aggregate_neighbours(
     """Sum weights[j] * neighbour_scores[j] per distinct eligible row; returns how many were written."""
 
 def merge_sources(rows: _I32, src: _I8, scores: _F32, out_rows: _I32, out_sources: _U8, out_scores: _F32) -> int:
-    """De-duplicate the concatenated sources: per row, the source bitmask and each source's score."""
+    """De-duplicate the concatenated sources: per row, the source bitmask and each source's score
+    (``out_scores`` comes in zeroed, shape (>= n, n_sources <= 8))."""
