@@ -167,8 +167,8 @@ def test_health_is_not_serving_while_loading(tmp_path):
 
     real_build = app.build_server
 
-    def spy_build(c):
-        server, port, health_servicer = real_build(c)
+    def spy_build(c, **kw):
+        server, port, health_servicer = real_build(c, **kw)
         ports.append(port)
         return server, port, health_servicer
 

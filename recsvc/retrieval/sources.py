@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsvc._fastpath import _retrieval
+from recsvc.retrieval import kernels as _retrieval
 from recsvc.catalog import Catalog
 from recsvc.config import RetrievalConfig
 from recsvc.retrieval.ann import AnnIndex
