@@ -150,7 +150,32 @@ def test_two_workers_share_one_port_and_learn_as_one(tmp_path):
             assert time.monotonic() < deadline, (report_arms(port), want)
             time.sleep(0.1)
 
-        # SIGKILL one worker: the supervisor restarts it; it recovers from the stream, counting nothing twice
+        # SIGKILL one worker mid-stream: callers retry (event ids make retries safe); the supervisor restarts it;
+        # it recovers from the stream, counting nothing twice
+        def retrying_caller(k: int) -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                stub = pb_grpc.RecommenderStub(ch)
+                for j in range(15):
+                    user = f"late-{k}-{j}"
+                    while True:
+                        try:
+                            rec = stub.Recommend(pb.RecommendRequest(user_id=user, n=4), timeout=10)
+                            events = [pb.FeedbackEvent(event_id=f"i-{user}-{it.position}", user_id=user,
+                                                       item_id=it.item_id, type=pb.IMPRESSION,
+                                                       request_id=rec.request_id) for it in rec.items]
+                            resp = stub.Feedback(pb.FeedbackRequest(events=events), timeout=10)
+                            assert resp.accepted + resp.duplicates == len(events), resp
+                            break
+                        except grpc.RpcError:
+                            time.sleep(0.05)  # the worker died or is loading: retry the whole step
+                    with lock:
+                        sent[rec.variant.split(":")[1]][0] += len(rec.items)
+                    time.sleep(0.01)
+
+        late = [threading.Thread(target=retrying_caller, args=(k,)) for k in range(4)]
+        for t in late:
+            t.start()
+        time.sleep(0.1)
         os.kill(pids[0], signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:
@@ -159,6 +184,9 @@ def test_two_workers_share_one_port_and_learn_as_one(tmp_path):
                 break
             assert time.monotonic() < deadline, "the killed worker was not restarted"
             time.sleep(0.1)
+        for t in late:
+            t.join()
+        want = {k: tuple(v) for k, v in sent.items()}
         deadline = time.monotonic() + 60
         while True:
             try:
