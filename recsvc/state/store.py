@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import threading
@@ -33,6 +34,8 @@ from typing import Any, Callable, Iterator, Protocol
 from recsvc._files import fsync_dir
 
 Record = dict[str, Any]
+
+log = logging.getLogger("recsvc.state")
 
 
 class StateDirectoryInUse(RuntimeError):
@@ -167,6 +170,7 @@ class LocalStateStore:
         self._lock = threading.Lock()
         self._dirty = False
         self._lock_fd = self._take_directory_lock()
+        self._remove_unfinished_snapshots()
         self.lsn = self._recover()
         self._open_segment(self.lsn + 1)
 
@@ -182,6 +186,12 @@ class LocalStateStore:
                 f"state directory {self.dir} is in use by another process or engine; give each "
                 "engine its own state.dir") from None
         return fd
+
+    def _remove_unfinished_snapshots(self) -> None:
+        """Snapshots a killed process left half-written: nobody else writes here (we hold the lock)."""
+        for tmp in (self.dir / "snapshots").glob(".tmp-snap-*"):
+            log.info("removing the unfinished snapshot %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- log ---------------------------------------------------------------------
     def _segments(self) -> list[tuple[int, Path]]:
@@ -281,20 +291,25 @@ class LocalStateStore:
         tmp = snaps / f".tmp-snap-{lsn:012d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        write(tmp)
-        for p in sorted(tmp.rglob("*"), key=lambda q: len(q.parts), reverse=True):
-            if p.is_dir():
-                fsync_dir(p)
-            else:
-                with p.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        done = tmp / "DONE"
-        done.write_text(json.dumps({"lsn": lsn}))
-        with done.open("rb") as fh:
-            os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            write(tmp)
+            for p in sorted(tmp.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+                if p.is_dir():
+                    fsync_dir(p)
+                else:
+                    with p.open("rb") as fh:
+                        os.fsync(fh.fileno())
+            done = tmp / "DONE"
+            done.write_text(json.dumps({"lsn": lsn}))
+            with done.open("rb") as fh:
+                os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            # A failed snapshot (a full disk) must not keep the space it took.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         fsync_dir(snaps)
         # Rotate the log so whole segments become redundant, then prune.
         with self._lock:
