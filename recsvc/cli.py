@@ -34,7 +34,10 @@ def _config(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.server import serve
+    from recsvc.state.store import ACCEPT_LOSS_ENV
 
+    if args.accept_loss:
+        os.environ[ACCEPT_LOSS_ENV] = "1"  # read where the state directory is opened
     serve(_config(args))
     return 0
 
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("serve", help="run the gRPC server (demo catalog by default)"))
     s.add_argument("--port", type=int, help="TCP port (0: pick a free one)")
     s.add_argument("--host", help="address to listen on")
+    s.add_argument("--accept-loss", action="store_true",
+                   help="start even though the event log is damaged or misses records (a start refused "
+                        "and said why): the valid records are kept, the lost ones are logged; use once")
     s.set_defaults(fn=cmd_serve)
 
     s = with_config(sub.add_parser("build-index", help="build and persist the HNSW index for the catalog"))

@@ -80,3 +80,223 @@ def test_failed_snapshot_removes_its_temporary_directory(tmp_path):
     assert store.append([{"t": "b"}], durable=True) == 2
     store.close()
     assert [r["t"] for r in LocalStateStore(tmp_path).replay(0)] == ["a", "b"]
+
+
+# -- item 1: damage inside the newest log segment --------------------------------------------------------
+def _log_with_records(state_dir: Path, n: int = 1000) -> Path:
+    """A state directory whose only (newest) segment holds ``n`` acknowledged records; its path."""
+    store = LocalStateStore(state_dir)
+    for i in range(0, n, 10):
+        store.append([{"t": "fb", "i": j, "pad": "x" * 40} for j in range(i, i + 10)], durable=True)
+    store.close()
+    (seg,) = state_dir.glob("log-*.jsonl")
+    return seg
+
+
+def _record_starts(seg: Path) -> list[int]:
+    data = seg.read_bytes()
+    starts, pos = [], 0
+    while pos < len(data):
+        starts.append(pos)
+        pos = data.index(b"\n", pos) + 1
+    return starts
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "4 KiB of zeros"])
+def test_damage_mid_newest_segment_refuses_instead_of_truncating(tmp_path, damage):
+    """A flipped byte or 4 KiB of zeros in the middle of the newest segment truncated it at the bad
+    record with only an INFO line: every acknowledged event after it was gone."""
+    from recsvc.state.store import LogCorrupted
+
+    seg = _log_with_records(tmp_path)
+    starts = _record_starts(seg)
+    data = bytearray(seg.read_bytes())
+    bad = starts[400]
+    if damage == "flipped byte":
+        data[bad + 20] ^= 0x01
+        follow = 599
+    else:
+        data[bad + 5: bad + 5 + 4096] = bytes(4096)
+        end = bad + 5 + 4096
+        follow = sum(1 for s in starts if s > end)  # the record the zeros end in is damaged too
+    seg.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupted) as err:
+        LocalStateStore(tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"{seg}: damaged record at byte {bad}" in msg
+    assert f"{follow} valid records follow" in msg
+    assert "--accept-loss" in msg and "RECSVC_ACCEPT_LOSS=1" in msg
+    assert seg.read_bytes() == bytes(data), "a refused start must not change the log"
+
+
+def test_refused_start_releases_the_directory_lock(tmp_path):
+    """A store that refused to open kept its flock: the same process could not open it again."""
+    from recsvc.state.store import LogCorrupted
+
+    seg = _log_with_records(tmp_path, 50)
+    data = bytearray(seg.read_bytes())
+    data[_record_starts(seg)[10] + 3] ^= 0x01
+    seg.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupted):
+        LocalStateStore(tmp_path)
+    LocalStateStore(tmp_path, accept_loss=True).close()
+
+
+def test_accepting_the_damage_keeps_every_valid_record(tmp_path, caplog):
+    """The way forward after a refusal: --accept-loss drops the damaged record only, keeps a copy of the
+    damaged file, and later starts need no switch."""
+    seg = _log_with_records(tmp_path)
+    data = bytearray(seg.read_bytes())
+    data[_record_starts(seg)[400] + 20] ^= 0x01
+    seg.write_bytes(bytes(data))
+    store = LocalStateStore(tmp_path, accept_loss=True)
+    assert [r["i"] for r in store.replay(0)] == [i for i in range(1000) if i != 400]
+    assert store.lsn == 1000
+    assert "accepted the loss" in caplog.text and str(seg) in caplog.text
+    assert (seg.parent / (seg.name + ".damaged")).read_bytes() == bytes(data)
+    assert store.append([{"t": "fb", "i": 1000}], durable=True) == 1001
+    store.close()
+    again = LocalStateStore(tmp_path)  # no switch needed: the loss was accepted once
+    assert [r["i"] for r in again.replay(0)][-2:] == [999, 1000]
+    again.close()
+
+
+def test_torn_last_record_is_still_truncated_without_a_switch(tmp_path):
+    seg = _log_with_records(tmp_path, 100)
+    with seg.open("ab") as fh:
+        fh.write(b"00000000 " + bytes(4096))  # a crash mid-write: garbage, nothing valid after it
+    store = LocalStateStore(tmp_path)
+    assert store.lsn == 100 and len(list(store.replay(0))) == 100
+    store.close()
+
+
+def test_accept_loss_environment_variable(tmp_path, monkeypatch):
+    seg = _log_with_records(tmp_path, 50)
+    data = bytearray(seg.read_bytes())
+    data[_record_starts(seg)[10] + 3] ^= 0x01
+    seg.write_bytes(bytes(data))
+    monkeypatch.setenv("RECSVC_ACCEPT_LOSS", "1")
+    store = LocalStateStore(tmp_path)
+    assert len(list(store.replay(0))) == 49
+    store.close()
+
+
+# -- item 2: gaps in the log sequence ----------------------------------------------------------------
+def _engine_cfg(tmp_path):
+    from conftest import small_config
+
+    return small_config(tmp_path)
+
+
+def _feed(eng, first: int, n: int, clock) -> None:
+    from recsvc.engine import FeedbackEventIn
+
+    items = eng.catalog.item_ids
+    for i in range(first, first + n):
+        eng.feedback([FeedbackEventIn(f"ev-{i}", f"u{i % 7}", items[i % 50], "click")])
+        clock.advance(1)
+
+
+def _state_with_snapshot(tmp_path, clock):
+    """40 acknowledged events: 20 in a snapshot (their segment pruned), 20 in the log after it."""
+    from recsvc.engine import Engine
+
+    cfg = _engine_cfg(tmp_path)
+    eng = Engine.from_config(cfg, clock=clock)
+    _feed(eng, 0, 20, clock)
+    eng.snapshot()
+    _feed(eng, 20, 20, clock)
+    eng.close(snapshot=False)
+    state = Path(cfg.state.dir)
+    (snap,) = (state / "snapshots").glob("snap-*")
+    assert [p.name for p in sorted(state.glob("log-*.jsonl"))][0] == "log-000000000021.jsonl"
+    return cfg, state, snap
+
+
+@pytest.mark.parametrize("removed", ["DONE marker", "snapshot directory"])
+def test_removed_snapshot_refuses_instead_of_starting_from_an_older_base(tmp_path, clock, removed):
+    """Without its snapshot (or its DONE marker) the server started from nothing and replayed only the log
+    after it: the 20 events the snapshot held were silently gone."""
+    import shutil
+
+    from recsvc.engine import Engine
+    from recsvc.state.store import LogCorrupted
+
+    cfg, state, snap = _state_with_snapshot(tmp_path, clock)
+    if removed == "DONE marker":
+        (snap / "DONE").unlink()
+    else:
+        shutil.rmtree(snap)
+    with pytest.raises(LogCorrupted) as err:
+        Engine.from_config(cfg, clock=clock)
+    msg = str(err.value)
+    assert "records 1..20 are missing" in msg and "log-000000000021.jsonl" in msg
+    if removed == "DONE marker":
+        assert f"{snap.name} has no DONE marker" in msg
+    assert "--accept-loss" in msg and "\n" not in msg
+
+
+def test_deleted_older_segment_refuses(tmp_path, clock):
+    """A deleted older log segment made the server start without its events (and catalog changes)."""
+    from recsvc.engine import Engine
+    from recsvc.state.store import LogCorrupted
+
+    cfg = _engine_cfg(tmp_path)
+    for first in (0, 20, 40):  # three runs, three segments
+        eng = Engine.from_config(cfg, clock=clock)
+        _feed(eng, first, 20, clock)
+        eng.close(snapshot=False)
+    state = Path(cfg.state.dir)
+    segs = sorted(state.glob("log-*.jsonl"))
+    assert [p.name for p in segs] == ["log-000000000001.jsonl", "log-000000000021.jsonl",
+                                      "log-000000000041.jsonl"]
+    segs[1].unlink()
+    with pytest.raises(LogCorrupted, match=r"log-000000000041.jsonl: starts at lsn 41 but the log before it "
+                                           r"ends at lsn 20: records 21..40 are missing"):
+        Engine.from_config(cfg, clock=clock)
+
+
+def test_accepted_gap_starts_with_what_is_left(tmp_path, clock, monkeypatch):
+    from recsvc.engine import Engine
+
+    cfg, state, snap = _state_with_snapshot(tmp_path, clock)
+    (snap / "DONE").unlink()
+    monkeypatch.setenv("RECSVC_ACCEPT_LOSS", "1")
+    eng = Engine.from_config(cfg, clock=clock)
+    assert int(eng.state.interaction_counts(eng.catalog.alive_rows()).sum()) == 20  # the 20 after the gap
+    eng.close(snapshot=False)
+    monkeypatch.delenv("RECSVC_ACCEPT_LOSS")
+    Engine.from_config(cfg, clock=clock).close(snapshot=False)  # accepted once, not every start
+
+
+def test_snapshot_without_done_is_ignored_when_the_log_still_covers_it(tmp_path, clock):
+    """No gap, no refusal: a snapshot that lost its DONE marker before its log was pruned costs nothing."""
+    from recsvc.engine import Engine
+
+    cfg = _engine_cfg(tmp_path)
+    eng = Engine.from_config(cfg, clock=clock)
+    _feed(eng, 0, 20, clock)
+    eng.close(snapshot=False)
+    snap = Path(cfg.state.dir) / "snapshots" / "snap-000000000010"
+    snap.mkdir()  # a half-deleted older snapshot (or one that lost its DONE)
+    eng = Engine.from_config(cfg, clock=clock)
+    assert int(eng.state.interaction_counts(eng.catalog.alive_rows()).sum()) == 20
+    eng.close(snapshot=False)
+
+
+def test_damage_only_in_records_the_snapshot_covers_does_not_refuse(tmp_path):
+    """Replay never reads records a snapshot covers, so damage there loses nothing."""
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "a"}, {"t": "b"}], durable=True)
+    store.close()
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "c"}], durable=True)
+    store.write_snapshot(2, lambda d: None)  # covers a and b (their segment is pruned), not c
+    store.append([{"t": "d"}], durable=True)
+    store.close()
+    older = tmp_path / "log-000000000000.jsonl"  # a stray older segment holding covered records only
+    older.write_bytes(b'00000000 {"t":"x","lsn":1}\n')
+    store = LocalStateStore(tmp_path)
+    assert [r["t"] for r in store.replay(2)] == ["c", "d"]
+    store.close()
