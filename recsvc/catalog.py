@@ -6,7 +6,8 @@ A catalog directory holds::
     items.jsonl      one JSON object per line: {"item_id": str, "category": str,
                      "maturity": int, "created_at_ms": int, "popularity": float,
                      "attributes": {str: str}}  (all but item_id optional)
-    catalog.json     {"format_version": 1, "dim": d, "count": N, "version": str}
+    catalog.json     {"format_version": 1, "dim": d, "count": N, "version": str,
+                      "files": {name: {"size": bytes, "crc32": hex}}}  (optional; save writes it last)
     index.bin        the persisted HNSW index (labels = rows), optional
     index.json       the index's parameters and the catalog version it was built for
 
@@ -28,7 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from recsvc._files import atomic_write
+from recsvc._files import atomic_write, checksum, mismatch
 from recsvc.config import DemoCatalogConfig
 
 log = logging.getLogger("recsvc.catalog")
@@ -282,51 +283,72 @@ class Catalog:
                 fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
 
         atomic_write(d / "items.jsonl", write_items)
+        # Written last, with the size and checksum of each file above: a load checks them.
         meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
-                "version": self.version, "normalized": self.normalize}
+                "version": self.version, "normalized": self.normalize,
+                "files": {name: checksum(d / name) for name in ("embeddings.npy", "items.jsonl")}}
         atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
         return rows
 
     @classmethod
     def load(cls, directory: str | Path, normalize: bool = True, progress: bool = False) -> "Catalog":
+        """Read a catalog directory; every problem is a ``CatalogError`` naming the file (and line).
+
+        When ``catalog.json`` lists the files' sizes and checksums (``save`` writes them), each file is
+        checked against them: a changed byte is refused rather than served.
+        """
         d = Path(directory)
-        emb_path, items_path = d / "embeddings.npy", d / "items.jsonl"
+        emb_path, items_path, meta_path = d / "embeddings.npy", d / "items.jsonl", d / "catalog.json"
+        if not d.is_dir():
+            raise CatalogError(f"{d}: no such catalog directory (no embeddings.npy, no items.jsonl)")
         for p in (emb_path, items_path):
             if not p.exists():
-                raise CatalogError(f"catalog directory {d} has no {p.name}")
-        emb = np.load(emb_path, mmap_mode="r")
+                raise CatalogError(f"catalog directory {d} has no {p.name} (see the README's Catalog format)")
+        meta = _read_meta(meta_path)
+        try:
+            emb = np.load(emb_path, mmap_mode="r")
+        except Exception as exc:  # a damaged header: ValueError, EOFError, OSError ...
+            raise CatalogError(f"{emb_path}: not a readable .npy file ({exc})") from None
         if emb.dtype != np.float32:
-            raise CatalogError(f"{emb_path}: embeddings must be float32, got {emb.dtype}")
+            raise CatalogError(f"{emb_path}: embeddings must be float32, got {emb.dtype} "
+                               "(save them with np.save(path, embeddings.astype(np.float32)))")
+        if emb.ndim != 2 or emb.shape[1] == 0:
+            raise CatalogError(f"{emb_path}: embeddings must be a 2-d array [items, dim], got shape {emb.shape}")
         if progress and items_path.stat().st_size > 8 << 20:
             log.info("reading %s (%.0f MB)", items_path, items_path.stat().st_size / 2**20)
         recs = _read_jsonl(items_path)
-        try:
-            ids = [str(r["item_id"]) for r in recs]
-        except (KeyError, TypeError):
-            bad = next(i for i, r in enumerate(recs) if not isinstance(r, dict) or "item_id" not in r)
-            raise CatalogError(f"{items_path}: record {bad + 1} has no item_id") from None
-        cats = [str(r.get("category", "")) for r in recs]
-        mats = [int(r.get("maturity", 0)) for r in recs]
-        created = [int(r.get("created_at_ms", 0)) for r in recs]
-        pops = [float(r.get("popularity", 0.0)) for r in recs]
-        attrs = [{str(k): str(v) for k, v in a.items()} if (a := r.get("attributes")) else None for r in recs]
+        ids, cats, mats, created, pops, attrs = _item_columns(recs, items_path)
         dead = [i for i, r in enumerate(recs) if r.get("deleted")]
         if len(ids) != emb.shape[0]:
             raise CatalogError(
                 f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows"
             )
+        if "count" in meta and meta["count"] != len(ids):
+            raise CatalogError(f"{meta_path}: count is {meta['count']} but items.jsonl has {len(ids)} items")
+        if "dim" in meta and meta["dim"] != emb.shape[1]:
+            raise CatalogError(f"{meta_path}: dim is {meta['dim']} but embeddings.npy has {emb.shape[1]} columns")
+        files = meta.get("files")
+        for p in (emb_path, items_path) if isinstance(files, dict) else ():
+            entry = files.get(p.name)
+            why = mismatch(p, entry) if isinstance(entry, dict) else None
+            if why is not None:
+                raise CatalogError(
+                    f"{p}: {why} (catalog.json, saved with it, lists its size and checksum): the file was "
+                    "changed or damaged since; restore it, or if it was edited on purpose delete the "
+                    '"files" entry of catalog.json')
         # Tombstoned rows keep their place; their ids may have been reused by
         # a later row, so they get a private id that no caller can send.
         for row in dead:
             ids[row] = f"\x00deleted:{row}"
-        cat = cls.from_arrays(ids, np.asarray(emb), cats, np.asarray(mats), np.asarray(created),
-                              np.asarray(pops), attrs, normalize=normalize)
+        try:
+            cat = cls.from_arrays(ids, np.asarray(emb), cats, np.asarray(mats), np.asarray(created),
+                                  np.asarray(pops), attrs, normalize=normalize)
+        except CatalogError as exc:
+            raise CatalogError(f"{d}: {exc}") from None
         for row in dead:
             cat.alive[row] = False
             del cat.row_of[ids[row]]
         cat.n_alive -= len(dead)
-        meta_path = d / "catalog.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if "version" in meta:
             cat.version = str(meta["version"])
         else:
@@ -339,6 +361,72 @@ class Catalog:
                         h.update(block)
             cat.version = "content-" + h.hexdigest()
         return cat
+
+
+#: The keys of an items.jsonl record (anything else belongs in ``attributes``).
+ITEM_KEYS = ("item_id", "category", "maturity", "created_at_ms", "popularity", "attributes", "deleted")
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CatalogError(f"{path}: must be a JSON object")
+    return meta
+
+
+def _item_columns(recs: list, path: Path) -> tuple[list[str], list[str], list[int], list[int], list[float],
+                                                   list[dict[str, str] | None]]:
+    """The columns of the item records; a record with an unknown key or a bad value is refused, naming its
+    line (a misspelt key would silently become the default)."""
+    try:
+        if not (set().union(*map(dict.keys, recs)) - set(ITEM_KEYS)):
+            ids = [str(r["item_id"]) for r in recs]
+            cats = [str(r.get("category", "")) for r in recs]
+            mats = [int(r.get("maturity", 0)) for r in recs]
+            created = [int(r.get("created_at_ms", 0)) for r in recs]
+            pops = [float(r.get("popularity", 0.0)) for r in recs]
+            attrs = [{str(k): str(v) for k, v in a.items()} if (a := r.get("attributes")) else None for r in recs]
+            if min(mats, default=0) >= 0:
+                return ids, cats, mats, created, pops, attrs
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        pass
+    for i, r in enumerate(recs):  # the slow pass, only to name the first bad record
+        where = f"{path}:{_line_number(path, i)}"
+        if not isinstance(r, dict):
+            raise CatalogError(f"{where}: an item must be a JSON object")
+        if "item_id" not in r:
+            raise CatalogError(f"{where}: record {i + 1} has no item_id")
+        unknown = sorted(set(r) - set(ITEM_KEYS))
+        if unknown:
+            raise CatalogError(f"{where}: unknown key {unknown[0]!r}; an item has {', '.join(ITEM_KEYS)} "
+                               "(anything else belongs in attributes)")
+        for key, kind in (("maturity", int), ("created_at_ms", int), ("popularity", float)):
+            try:
+                value = kind(r.get(key, 0))
+            except (TypeError, ValueError, OverflowError):
+                raise CatalogError(f"{where}: {key} must be a number, got {r[key]!r}") from None
+            if key == "maturity" and value < 0:
+                raise CatalogError(f"{where}: maturity must be >= 0, got {value}")
+        if r.get("attributes") and not isinstance(r["attributes"], dict):
+            raise CatalogError(f"{where}: attributes must be an object of strings")
+    raise CatalogError(f"{path}: invalid item records")  # (not reached: the pass above names one)
+
+
+def _line_number(path: Path, index: int) -> int:
+    """The line of the ``index``-th record (blank lines are skipped when reading)."""
+    seen = -1
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return lineno
+    return index + 1
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -25,6 +25,7 @@ from recsvc.errors import InvalidArgument
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.state.journal import Journal
 from recsvc.state.records import CatalogDelete, CatalogUpsert
+from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
 if TYPE_CHECKING:
     from recsvc.catalog_writer import CatalogWriter
@@ -49,16 +50,24 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
     ``rebuild`` is set — a restart loads it.
     """
     normalize = cfg.index.space == "cosine"
+    catalog: Catalog | None = None
     if cfg.catalog.path is None:
         directory = demo_cache_dir(cfg)
         if (directory / "items.jsonl").exists() and (directory / "catalog.json").exists():
-            catalog = Catalog.load(directory, normalize=normalize, progress=progress)
-        else:
+            try:
+                catalog = Catalog.load(directory, normalize=normalize, progress=progress)
+            except CatalogError as exc:  # the demo can be generated again: derived, not data
+                log.warning("%s; generating the demo catalog again", exc)
+        if catalog is None:
             catalog = demo_catalog(cfg.catalog.demo, progress=progress)
             catalog.normalize = normalize
             catalog.save(directory)
     else:
         directory = Path(cfg.catalog.path).expanduser()
+        if str(cfg.catalog.path) in ("", ".") and not (directory / "embeddings.npy").exists():
+            raise CatalogError(f'catalog.path is empty (or "."), so the catalog would be read from {Path.cwd()}, '
+                               "which has no embeddings.npy: set catalog.path to a catalog directory, or remove "
+                               "the key to serve the demo catalog")
         catalog = Catalog.load(directory, normalize=normalize, progress=progress)
     if progress and not rebuild and (directory / "index.bin").exists():
         log.info("loading the HNSW index for %d items from %s", catalog.n_alive, directory)
@@ -91,9 +100,13 @@ def open_catalog(cfg: Config, journal: Journal, progress: bool = False) -> tuple
     catalog = Catalog.load(snap_dir / "catalog", normalize=cfg.index.space == "cosine")
     ann = AnnIndex.load(snap_dir / "catalog", catalog.dim, cfg.index, catalog.version,
                         alive=catalog.alive[: catalog.n_rows])
-    if ann is None:
+    if ann is None:  # derived: rebuilt from the snapshot's catalog, and kept there for the next start
         ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index,
                              progress=progress)
+        try:
+            ann.save(snap_dir / "catalog", catalog.version)
+        except OSError as exc:
+            log.warning("could not save the rebuilt index in %s (%s)", snap_dir / "catalog", exc)
     return catalog, ann, True
 
 
@@ -108,7 +121,10 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
         state.read_snapshot(snap_dir)
         agg_path = snap_dir / "experiments.json"
         if agg_path.exists():
-            feedback.aggregates = type(feedback.aggregates).from_dict(json.loads(agg_path.read_text()))
+            try:
+                feedback.aggregates = type(feedback.aggregates).from_dict(json.loads(agg_path.read_text()))
+            except Exception as exc:  # any way the file can be unreadable
+                raise SnapshotDamaged(snapshot_refusal(f"{agg_path}: unreadable ({exc})", snap_dir)) from None
     replayed = 0
     for lsn, rec in journal.replay(snap_lsn):
         try:

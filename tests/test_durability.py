@@ -300,3 +300,279 @@ def test_damage_only_in_records_the_snapshot_covers_does_not_refuse(tmp_path):
     store = LocalStateStore(tmp_path)
     assert [r["t"] for r in store.replay(2)] == ["c", "d"]
     store.close()
+
+
+# -- item 3: files read at start are verified ------------------------------------------------------------
+EXPERIMENTS = """
+[[experiment]]
+name = "policy"
+salt = "durability"
+  [[experiment.variant]]
+  name = "control"
+  weight = 1
+  [[experiment.variant]]
+  name = "greedy"
+  weight = 1
+  overrides = { exploration = { policy = "greedy" } }
+"""
+
+
+def _snapshot_with_everything(tmp_path, clock):
+    """A snapshot holding the online state, served slates, experiment aggregates and a live catalog."""
+    import numpy as np
+
+    from conftest import small_config
+    from recsvc.engine import Engine, FeedbackEventIn, ItemIn, RecommendQuery
+
+    exp = tmp_path / "experiments.toml"
+    exp.write_text(EXPERIMENTS)
+    cfg = small_config(tmp_path, experiments={"file": str(exp)})
+    eng = Engine.from_config(cfg, clock=clock)
+    eng.upsert_items([ItemIn("live-1", np.ones(eng.catalog.dim).tolist(), "c", created_at_ms=clock() - 5)])
+    for u in range(20):
+        rec = eng.recommend(RecommendQuery(user_id=f"u{u}", n=4))
+        eng.feedback([FeedbackEventIn(f"imp-{u}", f"u{u}", rec.items[0].item_id, "impression",
+                                      request_id=rec.request_id),
+                      FeedbackEventIn(f"clk-{u}", f"u{u}", rec.items[0].item_id, "click",
+                                      request_id=rec.request_id)])
+        clock.advance(10)
+    eng.close()  # the shutdown snapshot
+    (snap,) = (Path(cfg.state.dir) / "snapshots").glob("snap-*")
+    return cfg, snap
+
+
+def _change_one_byte(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert len(old) == len(new) and old in data
+    path.write_bytes(data.replace(old, new, 1))
+
+
+def _flip_one_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["online.json", "online.npz", "experiments.json", "catalog/items.jsonl",
+                                  "catalog/embeddings.npy"])
+def test_one_changed_byte_in_a_snapshot_file_is_refused_naming_the_file(tmp_path, clock, name):
+    """Damaged snapshot files stopped start-up with raw tracebacks that did not name the file, or passed
+    silently (a changed created_at_ms key zeroed that item's timestamp)."""
+    from recsvc.engine import Engine
+
+    cfg, snap = _snapshot_with_everything(tmp_path, clock)
+    path = snap / name
+    if name == "online.json":
+        _change_one_byte(path, b'"total_impressions":2', b'"total_impressions":3')
+    elif name == "experiments.json":
+        _change_one_byte(path, b'"version":', b'"version" ')  # no longer JSON
+    elif name == "catalog/items.jsonl":
+        _change_one_byte(path, b'"created_at_ms"', b'"created_at_mz"')
+    else:
+        _flip_one_byte(path, path.stat().st_size - 100)  # in the last array's data
+    with pytest.raises(Exception) as err:
+        Engine.from_config(cfg, clock=clock)
+    msg = str(err.value)
+    assert type(err.value).__name__ == "SnapshotDamaged", f"{type(err.value).__name__}: {msg}"
+    assert msg.startswith(f"{path}: ") and "checksum" in msg and "\n" not in msg
+    assert "--accept-loss" in msg
+
+
+def test_snapshot_without_a_manifest_entry_for_a_file_is_refused(tmp_path, clock):
+    """The manifest is written last: a snapshot whose file is missing is damaged, not a smaller state."""
+    from recsvc.engine import Engine
+
+    cfg, snap = _snapshot_with_everything(tmp_path, clock)
+    (snap / "experiments.json").unlink()
+    with pytest.raises(Exception, match=r"experiments.json: missing") as err:
+        Engine.from_config(cfg, clock=clock)
+    assert type(err.value).__name__ == "SnapshotDamaged"
+
+
+def test_accepting_a_damaged_snapshot_sets_it_aside(tmp_path, clock, monkeypatch):
+    from recsvc.engine import Engine
+
+    cfg, snap = _snapshot_with_everything(tmp_path, clock)
+    _flip_one_byte(snap / "online.npz", 200)
+    monkeypatch.setenv("RECSVC_ACCEPT_LOSS", "1")
+    eng = Engine.from_config(cfg, clock=clock)  # from the log that is left (the snapshot's part is lost)
+    eng.close(snapshot=False)
+    assert (snap.parent / f"damaged-{snap.name}").is_dir() and not snap.exists()
+
+
+SERVE_CONFIG = """
+[server]
+port = 0
+[catalog]
+path = "{catalog}"
+[index]
+ef_construction = 64
+[state]
+dir = "{state}"
+"""
+
+
+def _serve(config: Path, *args: str, timeout: float = 120):
+    """Start ``recsvc serve``; (process, output lines) once it serves or has exited."""
+    proc = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--config", str(config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("recsvc serving"):
+            break
+    return proc, lines
+
+
+def _stop(proc) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+def _saved_catalog_with_index(tmp_path) -> Path:
+    from recsvc.catalog import demo_catalog
+    from recsvc.cli import main
+    from recsvc.config import DemoCatalogConfig
+
+    directory = tmp_path / "catalog"
+    demo_catalog(DemoCatalogConfig(n_items=2000, dim=8, n_categories=5, n_topics=3, seed=1)).save(directory)
+    config = tmp_path / "recsvc.toml"
+    config.write_text(SERVE_CONFIG.format(catalog=directory, state=tmp_path / "state"))
+    assert main(["build-index", "--config", str(config)]) == 0
+    return config
+
+
+def test_one_changed_byte_in_index_bin_is_rebuilt_not_a_segfault(tmp_path):
+    """A corrupted index.bin crashed the server inside hnswlib (exit 139, nothing logged)."""
+    config = _saved_catalog_with_index(tmp_path)
+    index = tmp_path / "catalog" / "index.bin"
+    _flip_one_byte(index, 54)  # the entry point's node id (hnswlib's header)
+    proc, lines = _serve(config)
+    code, err = _stop(proc)
+    assert code == 0, f"exit {code}: {''.join(lines)}{err[-2000:]}"
+    assert "recsvc serving\n" in lines
+    assert f"{index}: checksum" in err and "rebuilding" in err
+    proc, lines = _serve(config)  # rebuilt and saved: the next start loads it
+    code, err = _stop(proc)
+    assert code == 0 and "rebuilding" not in err
+
+
+def test_legacy_index_without_checksum_is_checked_before_hnswlib_reads_it(tmp_path):
+    """An index saved before index.json carried a checksum: its structure is checked instead."""
+    config = _saved_catalog_with_index(tmp_path)
+    d = tmp_path / "catalog"
+    meta = json.loads((d / "index.json").read_text())
+    meta.pop("file", None)
+    (d / "index.json").write_text(json.dumps(meta))
+    _flip_one_byte(d / "index.bin", 54)
+    code = run_python(f"""
+        from recsvc.config import load_config
+        from recsvc.recovery import load_catalog_and_index
+        catalog, ann = load_catalog_and_index(load_config({str(config)!r}))
+        for row in range(100):
+            ann.query(catalog.embeddings[row], 20)
+        print("ok")
+    """)
+    assert code.returncode == 0 and code.stdout.strip() == "ok", code.stderr[-2000:]
+    assert "index.bin" in code.stderr and "rebuilding" in code.stderr
+
+
+def test_saved_catalog_file_changed_by_one_byte_is_refused(tmp_path, small_catalog):
+    """Catalog.save writes sizes and checksums into catalog.json; a load checks them."""
+    from recsvc.catalog import Catalog, CatalogError
+
+    small_catalog.save(tmp_path / "cat")
+    _flip_one_byte(tmp_path / "cat" / "embeddings.npy", 1000)
+    with pytest.raises(CatalogError, match=r"embeddings.npy: .*checksum.*catalog.json"):
+        Catalog.load(tmp_path / "cat")
+
+
+def test_damaged_demo_cache_is_generated_again(tmp_path, clock):
+    from conftest import small_config
+    from recsvc.engine import Engine
+    from recsvc.recovery import demo_cache_dir
+
+    cfg = small_config(tmp_path)
+    Engine.from_config(cfg, clock=clock).close(snapshot=False)
+    items = demo_cache_dir(cfg) / "items.jsonl"
+    _change_one_byte(items, b'"created_at_ms"', b'"created_at_mz"')
+    eng = Engine.from_config(cfg, clock=clock)
+    assert int(eng.catalog.created_at_ms[0]) > 0
+    eng.close(snapshot=False)
+
+
+def test_unknown_key_in_items_jsonl_is_refused(tmp_path, small_catalog):
+    """A misspelt key silently became the default (created_at_ms 0: the item looked 56 years old)."""
+    from recsvc.catalog import Catalog, CatalogError
+
+    d = tmp_path / "cat"
+    small_catalog.save(d)
+    (d / "catalog.json").unlink()  # a hand-made catalog: no manifest
+    _change_one_byte(d / "items.jsonl", b'"created_at_ms"', b'"created_at_mz"')
+    with pytest.raises(CatalogError, match=r"items.jsonl:1: unknown key 'created_at_mz'"):
+        Catalog.load(d)
+
+
+def test_catalog_json_count_must_match(tmp_path, small_catalog):
+    from recsvc.catalog import Catalog, CatalogError
+
+    d = tmp_path / "cat"
+    small_catalog.save(d)
+    meta = json.loads((d / "catalog.json").read_text())
+    meta.pop("files", None)
+    meta["count"] = 10
+    (d / "catalog.json").write_text(json.dumps(meta))
+    with pytest.raises(CatalogError, match=r"catalog.json: count is 10 but items.jsonl has 3000 items"):
+        Catalog.load(d)
+
+
+@pytest.mark.parametrize("space, m, dim", [("cosine", 16, 16), ("ip", 8, 24), ("l2", 24, 8)])
+def test_structure_check_accepts_every_graph_hnswlib_saves(tmp_path, space, m, dim):
+    """No false alarm: grown, deleted-from, replaced-into and reordered graphs all pass."""
+    import hnswlib
+    import numpy as np
+
+    from recsvc.retrieval import layout
+
+    rng = np.random.default_rng(0)
+    index = hnswlib.Index(space=space, dim=dim)
+    index.init_index(max_elements=1500, M=m, ef_construction=40, random_seed=3, allow_replace_deleted=True)
+    index.add_items(rng.standard_normal((1500, dim)).astype(np.float32), np.arange(1500) * 3)
+    for label in range(0, 600, 6):
+        index.mark_deleted(label)
+    index.resize_index(2500)
+    index.add_items(rng.standard_normal((300, dim)).astype(np.float32), np.arange(300) + 10**6,
+                    replace_deleted=True)
+    path = tmp_path / "index.bin"
+    index.save_index(str(path))
+    layout.check_index_file(path, dim)
+    layout.reorder_index_file(path, dim)
+    layout.check_index_file(path, dim)
+    _flip_one_byte(path, 54)
+    with pytest.raises(layout.IndexFileError):
+        layout.check_index_file(path, dim)
+
+
+def test_snapshot_without_manifest_still_names_an_unreadable_file(tmp_path, clock):
+    """A snapshot written before DONE held a manifest is read as it is; a file it cannot read is named."""
+    from recsvc.engine import Engine
+
+    cfg, snap = _snapshot_with_everything(tmp_path, clock)
+    lsn = json.loads((snap / "DONE").read_text())["lsn"]
+    (snap / "DONE").write_text(json.dumps({"lsn": lsn}))
+    Engine.from_config(cfg, clock=clock).close(snapshot=False)  # an old snapshot still loads
+    _change_one_byte(snap / "online.json", b'"served":[', b'"served" [')
+    with pytest.raises(Exception) as err:
+        Engine.from_config(cfg, clock=clock)
+    assert type(err.value).__name__ == "SnapshotDamaged"
+    assert str(err.value).startswith(f"{snap / 'online.json'}: unreadable (JSONDecodeError")

@@ -43,6 +43,7 @@ import numpy as np
 from recsvc.config import Config
 from recsvc.exploration import update_evidence_row
 from recsvc.state.records import FeedbackEvent, ServedSlate, attributed, decode, encode_served, settle
+from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
 _MAX_EXPONENT = 60.0  # rebase popularity before 2^exponent loses precision
 _PERCENTILE_TTL_MS = 10_000
@@ -333,22 +334,41 @@ class ReadModel:
             json.dump(doc, fh, separators=(",", ":"))
 
     def read_snapshot(self, directory: Path) -> None:
-        with np.load(directory / "online.npz") as z:
-            for name, attr in (("popularity_acc", "_popularity"), ("successes", "_successes"),
-                               ("failures", "_failures"), ("item_events", "_item_events")):
-                arr = z[name]
-                self.ensure_capacity(arr.size)
-                getattr(self, attr)[: arr.size] = arr
-            self._top_popular = z["top_popular"].astype(np.int32)
-        with (directory / "online.json").open(encoding="utf-8") as fh:
-            doc = json.load(fh)
-        self._pop_t0_ms = float(doc["pop_t0_ms"])
-        self._total_impressions = float(doc["total_impressions"])
-        self.applied_lsn = int(doc["applied_lsn"])
-        self._cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
+        """Load a snapshot ``write_snapshot`` wrote (its store checked the files against the manifest);
+        a file that cannot be read anyway raises ``SnapshotDamaged`` naming it."""
+        path = directory / "online.npz"
+        try:
+            with np.load(path) as z:
+                arrays = {name: z[name] for name in ("popularity_acc", "successes", "failures", "item_events",
+                                                     "top_popular")}
+        except Exception as exc:  # any way a file can be unreadable: BadZipFile, KeyError, ValueError, OSError
+            raise SnapshotDamaged(snapshot_refusal(f"{path}: unreadable ({exc})", directory)) from None
+        path = directory / "online.json"
+        try:
+            with path.open(encoding="utf-8") as fh:
+                doc = json.load(fh)
+            pop_t0_ms = float(doc["pop_t0_ms"])
+            total_impressions = float(doc["total_impressions"])
+            applied_lsn = int(doc["applied_lsn"])
+            cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
+            histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
+                         for u, h in doc["histories"].items()}
+            served = [decode(dict(s, t="served")) for s in doc["served"]]
+            seen_events = OrderedDict((str(e), None) for e in doc["seen_events"])
+        except Exception as exc:
+            raise SnapshotDamaged(snapshot_refusal(f"{path}: unreadable ({type(exc).__name__}: {exc})",
+                                                   directory)) from None
+        for name, attr in (("popularity_acc", "_popularity"), ("successes", "_successes"),
+                           ("failures", "_failures"), ("item_events", "_item_events")):
+            arr = arrays[name]
+            self.ensure_capacity(arr.size)
+            getattr(self, attr)[: arr.size] = arr
+        self._top_popular = arrays["top_popular"].astype(np.int32)
+        self._pop_t0_ms = pop_t0_ms
+        self._total_impressions = total_impressions
+        self.applied_lsn = applied_lsn
+        self._cooc = cooc
         self._neigh_cache = {}
-        self._histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
-                           for u, h in doc["histories"].items()}
-        served = (decode(dict(s, t="served")) for s in doc["served"])
+        self._histories = histories
         self._served = OrderedDict((s.request_id, s) for s in served)  # type: ignore[union-attr]
-        self._seen_events = OrderedDict((e, None) for e in doc["seen_events"])
+        self._seen_events = seen_events

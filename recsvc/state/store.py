@@ -18,9 +18,11 @@ refuse the start with the file, the byte offset and what would be lost, unless
 the loss is accepted (``RECSVC_ACCEPT_LOSS=1``, ``recsvc serve --accept-loss``).
 
 Snapshots: ``snapshots/snap-<lsn>/`` holds whatever the state serialises plus a
-``DONE`` marker written last; the newest complete one wins, older ones and log
-segments it covers are deleted after it is durable. Unfinished ``.tmp-snap-*``
-directories are removed at start and by the snapshot that fails.
+``DONE`` marker written last, which is also its manifest (every file's size and
+CRC-32, checked before the snapshot is used); the newest complete one wins,
+older ones and log segments it covers are deleted after it is durable.
+Unfinished ``.tmp-snap-*`` directories are removed at start and by the snapshot
+that fails.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from recsvc._files import atomic_write, fsync_dir, replacing
+from recsvc._files import atomic_write, checksum, fsync_dir, mismatch, replacing
 
 Record = dict[str, Any]
 
@@ -61,6 +63,10 @@ class StateDirectoryInUse(StateUnusable):
 
 class LogCorrupted(StateUnusable):
     """The event log is damaged, or records are missing from it: starting would lose acknowledged events."""
+
+
+class SnapshotDamaged(StateUnusable):
+    """A file of the newest snapshot is not what its manifest says (or cannot be read)."""
 
 
 def accept_loss_from_environment() -> bool:
@@ -126,6 +132,42 @@ def decode_line(line: bytes) -> Record | None:
         return json.loads(body)
     except ValueError:
         return None
+
+
+#: Files a snapshot may hold that have their own manifest and can be rebuilt (the catalog's HNSW index,
+#: which a load may also rewrite in cluster order): the snapshot's manifest leaves them out.
+_DERIVED = frozenset({"index.bin", "index.json", "index.lock"})
+
+
+def verify_snapshot(snap: Path) -> str | None:
+    """Why a complete snapshot cannot be used — its first damaged file, named — or None.
+
+    ``DONE``, written last, is the manifest: the lsn and every file's size and CRC-32. A snapshot
+    written before manifests existed (``DONE`` holds the lsn only) is used as it is.
+    """
+    done = snap / "DONE"
+    try:
+        doc = json.loads(done.read_text())
+        lsn = int(doc["lsn"])
+        files = doc.get("files", {})
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{done}: unreadable manifest ({exc})"
+    if snap.name != f"snap-{lsn:012d}":
+        return f"{done}: its lsn {lsn} is not the directory's"
+    for rel, entry in sorted(files.items()):
+        why = mismatch(snap / rel, entry) if isinstance(entry, dict) else "a malformed manifest entry"
+        if why is not None:
+            return f"{snap / rel}: {why}"
+    return None
+
+
+def snapshot_refusal(why: str, snap: Path) -> str:
+    return (f"{why}; snapshot {snap.name} is damaged, so starting from it would be wrong. Refusing to start: "
+            f"restore {snap} from a backup, or start once with `recsvc serve --accept-loss` "
+            f"(or {ACCEPT_LOSS_ENV}=1) to set it aside and start from an older snapshot and the log "
+            "(what only this snapshot held is lost)")
 
 
 def _latest_snapshot(directory: Path) -> tuple[int, Path | None]:
@@ -304,6 +346,8 @@ def read_state_dir(directory: str | Path) -> tuple[int, Path | None, Iterator[Re
     if not d.is_dir():
         raise FileNotFoundError(f"no state directory at {d}")
     snap_lsn, snap_dir = _latest_snapshot(d)
+    if snap_dir is not None and (why := verify_snapshot(snap_dir)) is not None:
+        raise SnapshotDamaged(snapshot_refusal(why, snap_dir))
     return snap_lsn, snap_dir, _records_after(d, snap_lsn)
 
 
@@ -361,7 +405,7 @@ class LocalStateStore:
         damaged segments keep their valid records (the original is kept beside them as ``*.damaged``)
         and the gaps are recorded in ``accepted-loss.json`` so later starts need no switch.
         """
-        base, snap = self.latest_snapshot()
+        base, snap = self._verified_snapshot(accept_loss)
         base_desc = (f"the newest complete snapshot ({snap.relative_to(self.dir)}) covers only up to lsn {base}"
                      if snap is not None else "there is no complete snapshot")
         unfinished = [p.name for lsn, p in self._snapshot_dirs() if lsn > base and not (p / "DONE").exists()]
@@ -396,6 +440,24 @@ class LocalStateStore:
             self._accept_gaps(gaps, base)
         last = max(base, max((seg.lsns[-1] for seg in segs if seg.lsns), default=0))
         return last
+
+    def _verified_snapshot(self, accept_loss: bool) -> tuple[int, Path | None]:
+        """The newest complete snapshot whose files match its manifest; a damaged one refuses the start
+        (or, accepted, is set aside as ``damaged-snap-*`` and the next older one is tried)."""
+        while True:
+            base, snap = self.latest_snapshot()
+            if snap is None or (why := verify_snapshot(snap)) is None:
+                return base, snap
+            if not accept_loss:
+                raise SnapshotDamaged(snapshot_refusal(why, snap))
+            aside = snap.with_name(f"damaged-{snap.name}")
+            n = 1
+            while aside.exists():
+                aside = snap.with_name(f"damaged-{snap.name}.{n}")
+                n += 1
+            os.replace(snap, aside)
+            fsync_dir(snap.parent)
+            log.error("accepted the loss of snapshot %s (%s); it is set aside as %s", snap.name, why, aside)
 
     def _keep_valid_records(self, seg: _Segment) -> None:
         """Accepted damage: the segment keeps its valid records; the original stays beside it."""
@@ -514,14 +576,18 @@ class LocalStateStore:
         tmp.mkdir()
         try:
             write(tmp)
+            files = {}
             for p in sorted(tmp.rglob("*"), key=lambda q: len(q.parts), reverse=True):
                 if p.is_dir():
                     fsync_dir(p)
                 else:
                     with p.open("rb") as fh:
                         os.fsync(fh.fileno())
+                    if p.name not in _DERIVED:
+                        files[p.relative_to(tmp).as_posix()] = checksum(p)
+            # The manifest, written last: a start checks every file against it before reading any.
             done = tmp / "DONE"
-            done.write_text(json.dumps({"lsn": lsn}))
+            done.write_text(json.dumps({"lsn": lsn, "files": dict(sorted(files.items()))}, indent=1))
             with done.open("rb") as fh:
                 os.fsync(fh.fileno())
             fsync_dir(tmp)
