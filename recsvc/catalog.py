@@ -81,6 +81,12 @@ class Catalog:
         self._allocate(max(capacity, 16))
         self.n_rows = 0
         self.n_alive = 0
+        #: upserts and deletes so far (a snapshot checks that none came between its cut and its index save)
+        self.changes = 0
+        # Copy-on-write for cuts (see ``cut``): the arrays of generation ``_generation`` are shared with
+        # ``_open_cuts`` unfinished cuts, so the next change copies them first.
+        self._generation = 0
+        self._open_cuts = 0
 
     # -- storage --------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
@@ -95,15 +101,20 @@ class Catalog:
     def capacity(self) -> int:
         return int(self.embeddings.shape[0])
 
+    _COLUMNS = ("embeddings", "categories", "maturity", "created_at_ms", "base_popularity", "alive")
+
     def _grow(self, needed: int) -> None:
-        if needed <= self.capacity:
+        """Make room for ``needed`` rows and own the arrays (a cut may share them): before any change."""
+        if needed <= self.capacity and not self._open_cuts:
             return
-        new_cap = max(needed, int(self.capacity * 1.5) + 16)
-        for name in ("embeddings", "categories", "maturity", "created_at_ms", "base_popularity", "alive"):
+        new_cap = max(needed, int(self.capacity * 1.5) + 16) if needed > self.capacity else self.capacity
+        for name in self._COLUMNS:
             old = getattr(self, name)
             new = np.zeros((new_cap,) + old.shape[1:], old.dtype)
             new[: old.shape[0]] = old
             setattr(self, name, new)
+        self._generation += 1  # new arrays: no cut shares them
+        self._open_cuts = 0
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(embeddings, categories, maturity, created_at_ms) of one generation of
@@ -171,6 +182,7 @@ class Catalog:
             inserted = updated = 0
             n_new = sum(1 for it in items if it.item_id not in self.row_of)
             self._grow(self.n_rows + n_new)
+            self.changes += 1
             for i, it in enumerate(items):
                 row = self.row_of.get(it.item_id)
                 if row is None:
@@ -199,6 +211,8 @@ class Catalog:
         """Mark items dead. Returns (rows deleted, ids not found)."""
         rows, missing = [], []
         with self._lock:
+            self._grow(self.n_rows)  # (copies the arrays first when a cut shares them)
+            self.changes += 1
             for item_id in item_ids:
                 row = self.row_of.pop(item_id, None)
                 if row is None:
@@ -262,33 +276,30 @@ class Catalog:
         ``compact=False`` keeps every row, dead ones as tombstones
         (``"deleted": true``), so rows and a saved index stay valid.
         """
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        rows = self.alive_rows() if compact else np.arange(self.n_rows, dtype=np.int32)
-        atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, self.embeddings[rows]))
+        cut = self.cut(compact)
+        try:
+            return cut.save(directory)
+        finally:
+            cut.release()
 
-        def write_items(fh):
-            for r in rows:
-                rec = {
-                    "item_id": self.item_ids[r],
-                    "category": self.category_names[self.categories[r]],
-                    "maturity": int(self.maturity[r]),
-                    "created_at_ms": int(self.created_at_ms[r]),
-                    "popularity": float(self.base_popularity[r]),
-                }
-                if r in self.attributes:
-                    rec["attributes"] = self.attributes[r]
-                if not self.alive[r]:
-                    rec["deleted"] = True
-                fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+    def cut(self, compact: bool = False) -> "CatalogCut":
+        """The catalog as it is now, to save later while it keeps changing (a snapshot's cut).
 
-        atomic_write(d / "items.jsonl", write_items)
-        # Written last, with the size and checksum of each file above: a load checks them.
-        meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
-                "version": self.version, "normalized": self.normalize,
-                "files": {name: checksum(d / name) for name in ("embeddings.npy", "items.jsonl")}}
-        atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-        return rows
+        Takes microseconds: the cut shares the arrays, and the next upsert or delete copies them before
+        changing anything (copy-on-write) unless the cut was released by then. Item ids and category
+        names are only ever appended to, so sharing those lists is safe; attributes are copied.
+        """
+        with self._lock:
+            rows = self.alive_rows() if compact else np.arange(self.n_rows, dtype=np.int32)
+            self._open_cuts += 1
+            return CatalogCut(self, self._generation, rows, self.dim, self.normalize, self.version,
+                              self.changes, self.item_ids, self.category_names,
+                              {name: getattr(self, name) for name in self._COLUMNS}, dict(self.attributes))
+
+    def _release(self, generation: int) -> None:
+        with self._lock:
+            if generation == self._generation and self._open_cuts:
+                self._open_cuts -= 1
 
     @classmethod
     def load(cls, directory: str | Path, normalize: bool = True, progress: bool = False) -> "Catalog":
@@ -361,6 +372,58 @@ class Catalog:
                         h.update(block)
             cat.version = "content-" + h.hexdigest()
         return cat
+
+
+@dataclass
+class CatalogCut:
+    """The catalog at one moment (:meth:`Catalog.cut`), saved while the catalog itself goes on changing.
+
+    ``release`` when done (the catalog then changes its arrays in place again instead of copying them).
+    """
+
+    catalog: Catalog
+    generation: int
+    rows: np.ndarray  # which rows to write (all, or the live ones for a compact save)
+    dim: int
+    normalize: bool
+    version: str
+    changes: int
+    item_ids: list[str]  # shared, append-only: rows < n_rows never change
+    category_names: list[str]  # shared, append-only
+    columns: dict[str, np.ndarray]  # shared until the catalog's next change copies them
+    attributes: dict[int, dict[str, str]]
+
+    def save(self, directory: str | Path) -> np.ndarray:
+        """Write embeddings.npy, items.jsonl and, last, catalog.json with their sizes and checksums."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        rows, col = self.rows, self.columns
+        atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, col["embeddings"][rows]))
+
+        def write_items(fh):
+            for r in rows.tolist():
+                rec = {
+                    "item_id": self.item_ids[r],
+                    "category": self.category_names[col["categories"][r]],
+                    "maturity": int(col["maturity"][r]),
+                    "created_at_ms": int(col["created_at_ms"][r]),
+                    "popularity": float(col["base_popularity"][r]),
+                }
+                if r in self.attributes:
+                    rec["attributes"] = self.attributes[r]
+                if not col["alive"][r]:
+                    rec["deleted"] = True
+                fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+
+        atomic_write(d / "items.jsonl", write_items)
+        meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
+                "version": self.version, "normalized": self.normalize,
+                "files": {name: checksum(d / name) for name in ("embeddings.npy", "items.jsonl")}}
+        atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+        return rows
+
+    def release(self) -> None:
+        self.catalog._release(self.generation)
 
 
 #: The keys of an items.jsonl record (anything else belongs in ``attributes``).

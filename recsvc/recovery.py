@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from recsvc.catalog import Catalog, CatalogError, demo_catalog
 from recsvc.config import Config
@@ -152,7 +154,8 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
 
 
 class Snapshotter:
-    """Writes snapshots: a consistent cut under the journal's locks, files written outside the served lock."""
+    """Writes snapshots: a consistent cut taken in milliseconds under the journal's locks, files written
+    after they are released (feedback and catalog changes keep flowing meanwhile)."""
 
     def __init__(self, journal: Journal, state: "OnlineState", feedback: "FeedbackPath", catalog: Catalog,
                  ann: AnnIndex, writer: "CatalogWriter", every_events: int) -> None:
@@ -165,7 +168,10 @@ class Snapshotter:
         self.every_events = every_events
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._one_at_a_time = threading.Lock()  # (two would prune each other's files)
         self.closed = False
+        #: how long the last snapshot held the ingest lock, and how long it took in all (seconds)
+        self.last_pause_s = self.last_total_s = 0.0
 
     def maybe_snapshot(self) -> None:
         """Start a background snapshot once enough log records accumulated.
@@ -185,32 +191,88 @@ class Snapshotter:
 
     def _background(self) -> None:
         try:
-            self.snapshot()
+            with self._one_at_a_time:
+                if not self.closed:  # the shutdown snapshot ran (or runs) instead
+                    self._snapshot_once_or_twice()
         except Exception:  # the log still holds everything; try again after more events
             log.exception("background snapshot failed")
 
     def snapshot(self) -> int:
         """Write a snapshot covering every record logged so far; returns its lsn."""
-        with self.journal.ingest:  # no feedback or catalog change runs meanwhile
+        with self._one_at_a_time:
+            return self._snapshot_once_or_twice()
+
+    def _snapshot_once_or_twice(self) -> int:
+        try:
+            return self._snapshot(pause_ingest=False)
+        except _CatalogMovedOn:
+            # A catalog change landed while the index was saved (rare): hold ingestion this time.
+            log.info("the catalog changed while the snapshot saved its index; snapshotting again "
+                     "with ingestion paused")
+            return self._snapshot(pause_ingest=True)
+
+    def _snapshot(self, pause_ingest: bool) -> int:
+        t0 = time.perf_counter()
+        ingest = self.journal.ingest
+        ingest.acquire()  # no feedback or catalog change runs meanwhile
+        t_paused = time.perf_counter()
+        paused = True
+        try:
             if not self.journal.durable:
                 self.journal.since_snapshot = 0
                 return self.state.applied_lsn
             # A consistent cut: no served slate is half-recorded while we read the
             # lsn, the served slates and the experiment aggregates.
-            with self.journal.served:
+            with self.journal.served, _collector_paused():
                 self.journal.sync()  # served records up to lsn are on disk too
                 lsn = self.journal.lsn
-                served = self.state.served_slates()
+                state = self.state.snapshot_cut(lsn)
                 aggregates = self.feedback.aggregates.to_dict()
                 self.journal.since_snapshot = 0
+                catalog = self.catalog.cut(compact=False) if self.writer.diverged else None
+            if not pause_ingest:
+                ingest.release()
+                paused = False
+                self.last_pause_s = time.perf_counter() - t_paused
 
             def write(directory: Path) -> None:
-                self.state.applied_lsn = lsn
-                self.state.write_snapshot(directory, served=served)
+                state.write(directory)
                 (directory / "experiments.json").write_text(json.dumps(aggregates))
-                if self.writer.diverged:
-                    self.catalog.save(directory / "catalog", compact=False)
-                    self.ann.save(directory / "catalog", self.catalog.version)
+                if catalog is not None:
+                    catalog.save(directory / "catalog")
+                    # The live index: right for the cut unless the catalog (and so the index) changed since.
+                    self.ann.save(directory / "catalog", catalog.version)
+                    if self.catalog.changes != catalog.changes:
+                        raise _CatalogMovedOn()
 
-            self.journal.write_snapshot(lsn, write)
+            try:
+                self.journal.write_snapshot(lsn, write)
+            finally:
+                if catalog is not None:
+                    catalog.release()
+            self.last_total_s = time.perf_counter() - t0
+            if paused:
+                self.last_pause_s = time.perf_counter() - t_paused
+            log.info("snapshot at lsn %d in %.2f s (ingestion paused %.1f ms)", lsn, self.last_total_s,
+                     self.last_pause_s * 1000)
             return lsn
+        finally:
+            if paused:
+                ingest.release()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while every writer waits: the cut allocates many small objects, and a
+    full collection it would trigger costs far more than the copies themselves. (It runs afterwards.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _CatalogMovedOn(Exception):
+    """The index changed after the snapshot's cut: it cannot go into that snapshot."""

@@ -35,8 +35,11 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict, deque
+from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -45,6 +48,7 @@ from recsvc.exploration import update_evidence_row
 from recsvc.state.records import FeedbackEvent, ServedSlate, attributed, decode, encode_served, settle
 from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
+_OUTCOME = attrgetter("outcome")
 _MAX_EXPONENT = 60.0  # rebase popularity before 2^exponent loses precision
 _PERCENTILE_TTL_MS = 10_000
 
@@ -312,26 +316,37 @@ class ReadModel:
         return entry
 
     # -- snapshots -------------------------------------------------------------------------------------
+    def snapshot_cut(self, lsn: int) -> "OnlineSnapshot":
+        """A consistent copy of the state as of log record ``lsn``, to be written to files later.
+
+        The caller holds the ingest and served locks (no writer runs), so this must be quick: it copies
+        the arrays (one memcpy each) and the small mutable parts (co-occurrence tables, histories,
+        served slates' outcomes, seen event ids); everything costly — encoding and writing — happens in
+        :meth:`OnlineSnapshot.write`, after the locks are released.
+        """
+        # Copies in C loops (map, zip, dict.copy), not Python ones: this runs with every writer paused.
+        # dict's views of the OrderedDicts list them in the same order (their keys are only appended and
+        # popped from the front) and several times faster than their own linked list.
+        with self.lock:
+            served = list(dict.values(self._served))
+            return OnlineSnapshot(
+                arrays={"popularity_acc": self._popularity.copy(), "successes": self._successes.copy(),
+                        "failures": self._failures.copy(), "item_events": self._item_events.copy(),
+                        "top_popular": self._top_popular},  # (replaced whole, never changed in place)
+                pop_t0_ms=self._pop_t0_ms, total_impressions=self._total_impressions, applied_lsn=lsn,
+                cooc=dict(zip(self._cooc.keys(), map(dict.copy, self._cooc.values()))),
+                histories=dict(zip(self._histories.keys(), map(tuple, self._histories.values()))),
+                served=served,  # a slate changes after it is recorded only in its outcome ...
+                outcomes=list(map(dict.copy, map(_OUTCOME, served))),  # ... copied here
+                seen_events=list(dict.keys(self._seen_events)),
+            )
+
     def write_snapshot(self, directory: Path, served: list[ServedSlate] | None = None) -> None:
-        """Serialise into ``directory``. The caller pauses ingestion (the only writer); served slates keep
-        arriving from requests, so they are copied under the lock first (or passed in, copied at the
-        caller's cut)."""
-        if served is None:
-            served = self.served_slates()
-        np.savez(directory / "online.npz", popularity_acc=self._popularity,
-                 successes=self._successes, failures=self._failures, item_events=self._item_events,
-                 top_popular=self._top_popular)
-        doc = {
-            "pop_t0_ms": self._pop_t0_ms,
-            "total_impressions": self._total_impressions,
-            "applied_lsn": self.applied_lsn,
-            "cooc": {str(k): {str(a): b for a, b in v.items()} for k, v in self._cooc.items()},
-            "histories": {u: list(map(list, h)) for u, h in self._histories.items()},
-            "served": [encode_served(s, with_outcome=True) for s in served],
-            "seen_events": list(self._seen_events),
-        }
-        with (directory / "online.json").open("w", encoding="utf-8") as fh:
-            json.dump(doc, fh, separators=(",", ":"))
+        """Cut and write in one go (the caller pauses every writer meanwhile)."""
+        cut = self.snapshot_cut(self.applied_lsn)
+        if served is not None:
+            cut.served, cut.outcomes = served, [dict(s.outcome) for s in served]
+        cut.write(directory)
 
     def read_snapshot(self, directory: Path) -> None:
         """Load a snapshot ``write_snapshot`` wrote (its store checked the files against the manifest);
@@ -372,3 +387,59 @@ class ReadModel:
         self._histories = histories
         self._served = OrderedDict((s.request_id, s) for s in served)  # type: ignore[union-attr]
         self._seen_events = seen_events
+
+
+@dataclass(slots=True)
+class OnlineSnapshot:
+    """The read model as of one lsn (:meth:`ReadModel.snapshot_cut`), written without holding any lock.
+
+    Files: ``online.npz`` (the per-item arrays) and ``online.json`` (everything else, served slates
+    included). The JSON is written piece by piece — a few hundred entries per ``json.dumps`` call — so
+    the writing thread lets request threads run in between.
+    """
+
+    arrays: dict[str, np.ndarray]
+    pop_t0_ms: float
+    total_impressions: float
+    applied_lsn: int
+    cooc: dict[int, dict[int, float]]
+    histories: dict[str, tuple[tuple[int, int], ...]]
+    served: list[ServedSlate]
+    outcomes: list[dict[int, int]]  # each served slate's outcomes as of the cut
+    seen_events: list[str]
+
+    def write(self, directory: Path) -> None:
+        np.savez(directory / "online.npz", **self.arrays)
+        with (directory / "online.json").open("w", encoding="utf-8") as fh:
+            fh.write(f'{{"pop_t0_ms":{_dumps(self.pop_t0_ms)},"total_impressions":{_dumps(self.total_impressions)},'
+                     f'"applied_lsn":{self.applied_lsn},"cooc":{{')
+            _write_chunks(fh, self.cooc.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
+            fh.write('},"histories":{')
+            _write_chunks(fh, self.histories.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
+            fh.write('},"served":[')
+            _write_chunks(fh, zip(self.served, self.outcomes),
+                          lambda chunk: ",".join(_dumps(_served_json(s, o)) for s, o in chunk))
+            fh.write('],"seen_events":[')
+            _write_chunks(fh, self.seen_events, lambda chunk: _dumps(chunk)[1:-1])
+            fh.write("]}")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _served_json(slate: ServedSlate, outcome: dict[int, int]) -> dict:
+    d = encode_served(slate, with_outcome=False)
+    d["o"] = {str(k): int(v) for k, v in outcome.items()}
+    return d
+
+
+def _write_chunks(fh, items: Iterable, encode: Callable[[list], str], size: int = 256) -> None:
+    """Write ``items`` comma-separated, ``size`` at a time (one short encoder call each)."""
+    it = iter(items)
+    first = True
+    while chunk := list(islice(it, size)):
+        text = encode(chunk)
+        if text:
+            fh.write(text if first else "," + text)
+            first = False

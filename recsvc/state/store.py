@@ -362,6 +362,7 @@ class LocalStateStore:
         (self.dir / "snapshots").mkdir(exist_ok=True)
         self.fsync = fsync
         self._lock = threading.Lock()
+        self._snapshot_lock = threading.Lock()
         self._dirty = False
         self._lock_fd = self._take_directory_lock()
         try:
@@ -564,13 +565,18 @@ class LocalStateStore:
     def write_snapshot(self, lsn: int, write: Callable[[Path], None]) -> None:
         """Write a snapshot for ``lsn``; then drop what it makes redundant.
 
-        The caller guarantees that no record with lsn <= ``lsn`` is still being
-        applied (it holds the ingest lock while serialising).
+        ``write`` fills a directory with the state as of ``lsn`` (the caller took that cut under its
+        ingest lock; the writing itself may run while later records are appended). One snapshot at a
+        time; one no newer than the newest complete snapshot is not written.
         """
+        with self._snapshot_lock:
+            self._write_snapshot(lsn, write)
+
+    def _write_snapshot(self, lsn: int, write: Callable[[Path], None]) -> None:
         snaps = self.dir / "snapshots"
         final = snaps / f"snap-{lsn:012d}"
-        if (final / "DONE").exists():
-            return  # nothing new since the last snapshot; never replace a good one in place
+        if self.latest_snapshot()[0] >= lsn:
+            return  # nothing new since the last snapshot (never replace a good one in place)
         tmp = snaps / f".tmp-snap-{lsn:012d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -610,8 +616,8 @@ class LocalStateStore:
                 path.unlink()
             elif last_in_segment is None and first <= lsn:
                 path.unlink()
-        for p in snaps.glob("snap-*"):
-            if p != final:
+        for older_lsn, p in self._snapshot_dirs():
+            if older_lsn < lsn:
                 shutil.rmtree(p, ignore_errors=True)
         fsync_dir(self.dir)
 
