@@ -311,7 +311,8 @@ class Catalog:
         d = Path(directory)
         emb_path, items_path, meta_path = d / "embeddings.npy", d / "items.jsonl", d / "catalog.json"
         if not d.is_dir():
-            raise CatalogError(f"{d}: no such catalog directory (no embeddings.npy, no items.jsonl)")
+            raise CatalogError(f"{d}: no such catalog directory (no embeddings.npy, no items.jsonl): point "
+                               "catalog.path (or --catalog) at the directory that holds them")
         for p in (emb_path, items_path):
             if not p.exists():
                 raise CatalogError(f"catalog directory {d} has no {p.name} (see the README's Catalog format)")
@@ -332,7 +333,8 @@ class Catalog:
         dead = [i for i, r in enumerate(recs) if r.get("deleted")]
         if len(ids) != emb.shape[0]:
             raise CatalogError(
-                f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows"
+                f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows "
+                "(line i of items.jsonl describes row i of embeddings.npy: write both from the same items)"
             )
         if "count" in meta and meta["count"] != len(ids):
             raise CatalogError(f"{meta_path}: count is {meta['count']} but items.jsonl has {len(ids)} items")

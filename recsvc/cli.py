@@ -33,12 +33,20 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from recsvc.catalog import CatalogError
     from recsvc.server import serve
-    from recsvc.state.store import ACCEPT_LOSS_ENV
+    from recsvc.state.store import ACCEPT_LOSS_ENV, StateUnusable
 
     if args.accept_loss:
         os.environ[ACCEPT_LOSS_ENV] = "1"  # read where the state directory is opened
-    serve(_config(args))
+    cfg = _config(args)
+    try:
+        serve(cfg)
+    except (CatalogError, StateUnusable, OSError) as exc:
+        # A refused start: the message names the file and the fix; a traceback would only bury it.
+        message = str(exc).replace("\n", " ")
+        print(f"recsvc serve: cannot start: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -738,3 +738,78 @@ def test_snapshot_files_hold_what_the_state_holds(tmp_path, clock):
     assert doc["cooc"] == {str(k): {str(a): b for a, b in v.items()} for k, v in st._cooc.items()}
     assert doc["applied_lsn"] == eng.store.lsn
     eng.close(snapshot=False)
+
+
+# -- item 11: start-up failures are one line naming the file and the fix -------------------------------
+def _startup_cases(tmp_path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (config, what the one error line must say), each a broken start the issue met."""
+    import numpy as np
+
+    from recsvc.catalog import demo_catalog
+    from recsvc.config import DemoCatalogConfig
+
+    good = tmp_path / "good"
+    demo_catalog(DemoCatalogConfig(n_items=300, dim=8, n_categories=3, n_topics=2, seed=1)).save(good)
+    cases = {}
+
+    def case(name, catalog, *expect, state=None):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(SERVE_CONFIG.format(catalog=catalog, state=state or tmp_path / f"state-{name}"))
+        cases[name] = (config, list(expect))
+        return config
+
+    case("missing directory", tmp_path / "nope", f"{tmp_path / 'nope'}: no such catalog directory")
+    case("empty path", "", "catalog.path is empty", "set catalog.path to a catalog directory")
+    import shutil
+
+    for name in ("float64", "row count"):
+        shutil.copytree(good, tmp_path / name)
+    np.save(tmp_path / "float64" / "embeddings.npy", np.load(good / "embeddings.npy").astype(np.float64))
+    case("float64", tmp_path / "float64", f"{tmp_path / 'float64' / 'embeddings.npy'}: embeddings must be float32",
+         "astype(np.float32)")
+    lines = (good / "items.jsonl").read_text().splitlines()
+    (tmp_path / "row count" / "items.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    case("row count", tmp_path / "row count", "items.jsonl has 299 items but embeddings.npy has 300 rows")
+    seg_state = tmp_path / "state-damaged log"
+    seg = _log_with_records(seg_state, 100)
+    _flip_one_byte(seg, _record_starts(seg)[50] + 12)
+    case("damaged log", good, f"{seg}: damaged record at byte {_record_starts(seg)[50]}", "--accept-loss",
+         state=seg_state)
+    case("state directory in use", good, f"state directory {tmp_path / 'busy'} is in use",
+         state=tmp_path / "busy")  # (the test holds it)
+    return cases
+
+
+def test_startup_failures_print_one_line_naming_the_file_and_the_fix(tmp_path):
+    """A bad catalog directory, `path = ""`, a wrong dtype or row count, a damaged log: `recsvc serve` printed
+    a 16-line traceback. Now: one line naming the file and the fix, and a non-zero exit."""
+    cases = _startup_cases(tmp_path)
+    busy = LocalStateStore(tmp_path / "busy")
+    procs = {name: subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--config", str(config)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for name, (config, _) in cases.items()}  # (all at once: each is a fresh interpreter)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        errors = [line for line in err.splitlines() if " INFO " not in line and " WARNING " not in line]
+        assert proc.returncode == 1, f"{name}: exit {proc.returncode}\n{err}"
+        assert len(errors) == 1 and "Traceback" not in err, f"{name}:\n{err}"
+        assert errors[0].startswith("recsvc serve: cannot start: "), errors[0]
+        for fragment in cases[name][1]:
+            assert fragment in errors[0], f"{name}: {fragment!r} not in {errors[0]!r}"
+    busy.close()
+
+
+def test_refused_start_proceeds_with_accept_loss(tmp_path):
+    config = tmp_path / "recsvc.toml"
+    state = tmp_path / "state"
+    seg = _log_with_records(state, 100)
+    _flip_one_byte(seg, _record_starts(seg)[50] + 12)
+    from recsvc.catalog import demo_catalog
+    from recsvc.config import DemoCatalogConfig
+
+    demo_catalog(DemoCatalogConfig(n_items=300, dim=8, n_categories=3, n_topics=2, seed=1)).save(tmp_path / "cat")
+    config.write_text(SERVE_CONFIG.format(catalog=tmp_path / "cat", state=state))
+    proc, lines = _serve(config, "--accept-loss")
+    code, err = _stop(proc)
+    assert "recsvc serving\n" in lines and code == 0, err
+    assert "accepted the loss of" in err and str(seg) in err
