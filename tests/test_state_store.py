@@ -118,3 +118,39 @@ def test_snapshot_at_an_unchanged_lsn_keeps_the_existing_one(tmp_path):
     store.write_snapshot(1, lambda d: (d / "x").write_text("second"))
     assert (store.latest_snapshot()[1] / "x").read_text() == "first"
     store.close()
+
+
+def test_a_write_that_cannot_be_rolled_back_stops_further_appends(tmp_path):
+    """A partial write left in the log with records appended after it would be damage mid-segment (a
+    refused start); with nothing after it, it is a torn tail the next start truncates."""
+    import errno
+
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "a"}], durable=True)
+    real = store._fh
+
+    class FullDisk:
+        def tell(self):
+            return real.tell()
+
+        def fileno(self):
+            return real.fileno()
+
+        def write(self, data):
+            real.write(bytes(data[:7]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def truncate(self, size):
+            raise OSError(errno.EIO, "Input/output error")
+
+    store._fh = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        store.append([{"t": "b"}], durable=True)
+    store._fh = real
+    with pytest.raises(OSError, match="could not be rolled back"):
+        store.append([{"t": "c"}], durable=True)
+    store.close()
+    again = LocalStateStore(tmp_path)  # the torn tail is truncated; no refusal
+    assert [r["t"] for r in again.replay(0)] == ["a"]
+    assert again.append([{"t": "d"}], durable=True) == 2
+    again.close()

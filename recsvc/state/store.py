@@ -364,6 +364,7 @@ class LocalStateStore:
         self._lock = threading.Lock()
         self._snapshot_lock = threading.Lock()
         self._dirty = False
+        self._unrolled: OSError | None = None  # a failed write that could not be undone
         self._lock_fd = self._take_directory_lock()
         try:
             self._remove_unfinished_snapshots()
@@ -519,6 +520,9 @@ class LocalStateStore:
 
     def append(self, records: list[Record], durable: bool) -> int:
         with self._lock:
+            if self._unrolled is not None:
+                raise OSError(self._unrolled.errno, f"the log could not be rolled back after a failed write "
+                                                    f"({self._unrolled}); restart to recover it")
             chunks = []
             for rec in records:
                 self.lsn += 1
@@ -544,8 +548,10 @@ class LocalStateStore:
                 try:
                     self._fh.truncate(start)
                     self._fh.seek(start)
-                except OSError:
-                    pass
+                except OSError as exc:
+                    # Part of the batch may stay in the file: one more record after it would turn a torn
+                    # tail (truncated at start) into damage mid-segment (a refused start). No more appends.
+                    self._unrolled = exc
                 raise
             return self.lsn
 
