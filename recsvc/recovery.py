@@ -224,7 +224,6 @@ class Snapshotter:
             # A consistent cut: no served slate is half-recorded while we read the
             # lsn, the served slates and the experiment aggregates.
             with self.journal.served, _collector_paused():
-                self.journal.sync()  # served records up to lsn are on disk too
                 lsn = self.journal.lsn
                 state = self.state.snapshot_cut(lsn)
                 aggregates = self.feedback.aggregates.to_dict()
@@ -234,6 +233,7 @@ class Snapshotter:
                 ingest.release()
                 paused = False
                 self.last_pause_s = time.perf_counter() - t_paused
+            self.journal.sync()  # the log up to lsn (served slates too) is on disk before the snapshot is
 
             def write(directory: Path) -> None:
                 state.write(directory)
