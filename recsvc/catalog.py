@@ -211,16 +211,17 @@ class Catalog:
         """Mark items dead. Returns (rows deleted, ids not found)."""
         rows, missing = [], []
         with self._lock:
-            self._grow(self.n_rows)  # (copies the arrays first when a cut shares them)
-            self.changes += 1
             for item_id in item_ids:
                 row = self.row_of.pop(item_id, None)
                 if row is None:
                     missing.append(item_id)
                     continue
-                self.alive[row] = False
-                self.n_alive -= 1
                 rows.append(row)
+            if rows:
+                self._grow(self.n_rows)  # (copies the arrays first when a cut shares them)
+                self.changes += 1
+                self.alive[rows] = False
+                self.n_alive -= len(rows)
         return np.asarray(rows, np.int32), missing
 
     # -- bulk construction ----------------------------------------------------------

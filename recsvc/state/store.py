@@ -425,6 +425,9 @@ class LocalStateStore:
                 log.error("%s", p.message)
             more = f" ({len(reported) - 1} more problems are logged above)" if len(reported) > 1 else ""
             raise LogCorrupted(reported[0].message + more)
+        for p in reported:
+            if p.kind == "order":  # (replay skips a repeated lsn)
+                log.error("accepted: %s", p.message.split("; ")[0])
         damaged = {p.position[0] for p in problems if p.kind == "damage"}
         for i, seg in enumerate(segs):
             if i in damaged:
@@ -440,8 +443,7 @@ class LocalStateStore:
         gaps = [p.gap for p in problems if p.gap is not None]
         if gaps:
             self._accept_gaps(gaps, base)
-        last = max(base, max((seg.lsns[-1] for seg in segs if seg.lsns), default=0))
-        return last
+        return max(base, max((max(seg.lsns) for seg in segs if seg.lsns), default=0))
 
     def _verified_snapshot(self, accept_loss: bool) -> tuple[int, Path | None]:
         """The newest complete snapshot whose files match its manifest; a damaged one refuses the start
