@@ -412,7 +412,7 @@ class OnlineSnapshot:
         np.savez(directory / "online.npz", **self.arrays)
         with (directory / "online.json").open("w", encoding="utf-8") as fh:
             fh.write(f'{{"pop_t0_ms":{_dumps(self.pop_t0_ms)},"total_impressions":{_dumps(self.total_impressions)},'
-                     f'"applied_lsn":{self.applied_lsn},"cooc":{{')
+                     f'"applied_lsn":{_dumps(self.applied_lsn)},"cooc":{{')
             _write_chunks(fh, self.cooc.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
             fh.write('},"histories":{')
             _write_chunks(fh, self.histories.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
