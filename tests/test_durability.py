@@ -183,10 +183,13 @@ def test_accept_loss_environment_variable(tmp_path, monkeypatch):
 
 
 # -- item 2: gaps in the log sequence ----------------------------------------------------------------
-def _engine_cfg(tmp_path):
+def _engine_cfg(tmp_path, **overrides):
+    """The tests' small config, with the demo catalog and its index built once per session."""
     from conftest import small_config
+    from recsvc.config import deep_merge
 
-    return small_config(tmp_path)
+    shared = {"catalog": {"cache_dir": str(tmp_path.parent / "durability-demo-cache")}}
+    return small_config(tmp_path, **deep_merge(shared, overrides))
 
 
 def _feed(eng, first: int, n: int, clock) -> None:
@@ -321,12 +324,11 @@ def _snapshot_with_everything(tmp_path, clock):
     """A snapshot holding the online state, served slates, experiment aggregates and a live catalog."""
     import numpy as np
 
-    from conftest import small_config
     from recsvc.engine import Engine, FeedbackEventIn, ItemIn, RecommendQuery
 
     exp = tmp_path / "experiments.toml"
     exp.write_text(EXPERIMENTS)
-    cfg = small_config(tmp_path, experiments={"file": str(exp)})
+    cfg = _engine_cfg(tmp_path, experiments={"file": str(exp)})
     eng = Engine.from_config(cfg, clock=clock)
     eng.upsert_items([ItemIn("live-1", np.ones(eng.catalog.dim).tolist(), "c", created_at_ms=clock() - 5)])
     for u in range(20):
@@ -582,10 +584,9 @@ def test_snapshot_without_manifest_still_names_an_unreadable_file(tmp_path, cloc
 def _engine_with_served_slates(tmp_path, clock, n_slates: int):
     import dataclasses
 
-    from conftest import small_config
     from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
 
-    cfg = small_config(tmp_path, state={"snapshot_every_events": 10**9})
+    cfg = _engine_cfg(tmp_path, state={"snapshot_every_events": 10**9})
     eng = Engine.from_config(cfg, clock=clock)
     base = [eng.recommend(RecommendQuery(user_id=f"u{i}", n=10)) for i in range(20)]
     slates = [eng.state.served_slate(r.request_id) for r in base]
@@ -687,10 +688,9 @@ def test_catalog_change_during_the_index_save_snapshots_again_with_ingest_paused
 
     import numpy as np
 
-    from conftest import small_config
     from recsvc.engine import Engine, ItemIn
 
-    cfg = small_config(tmp_path)
+    cfg = _engine_cfg(tmp_path)
     eng = Engine.from_config(cfg, clock=clock)
     v = np.ones(eng.catalog.dim)
     eng.upsert_items([ItemIn("first", v.tolist(), "c")])
@@ -718,11 +718,10 @@ def test_catalog_change_during_the_index_save_snapshots_again_with_ingest_paused
 def test_snapshot_files_hold_what_the_state_holds(tmp_path, clock):
     """The cut and the piecewise JSON writer: the same document the state describes, in the same order
     (served slates and seen ids after the oldest were evicted)."""
-    from conftest import small_config
     from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
     from recsvc.state.records import encode_served
 
-    cfg = small_config(tmp_path, state={"served_log_size": 30, "dedupe_window": 50})
+    cfg = _engine_cfg(tmp_path, state={"served_log_size": 30, "dedupe_window": 50})
     eng = Engine.from_config(cfg, clock=clock)
     for u in range(80):
         rec = eng.recommend(RecommendQuery(user_id=f"u{u % 9}", n=4))
