@@ -6,7 +6,8 @@ A catalog directory holds::
     items.jsonl      one JSON object per line: {"item_id": str, "category": str,
                      "maturity": int, "created_at_ms": int, "popularity": float,
                      "attributes": {str: str}}  (all but item_id optional)
-    catalog.json     {"format_version": 1, "dim": d, "count": N, "version": str}
+    catalog.json     {"format_version": 1, "dim": d, "count": N, "version": str,
+                      "files": {name: {"size": bytes, "crc32": hex}}}  (optional; save writes it last)
     index.bin        the persisted HNSW index (labels = rows), optional
     index.json       the index's parameters and the catalog version it was built for
 
@@ -28,7 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from recsvc._files import atomic_write
+from recsvc._files import atomic_write, checksum, mismatch
 from recsvc.config import DemoCatalogConfig
 
 log = logging.getLogger("recsvc.catalog")
@@ -80,6 +81,12 @@ class Catalog:
         self._allocate(max(capacity, 16))
         self.n_rows = 0
         self.n_alive = 0
+        #: upserts and deletes so far (a snapshot checks that none came between its cut and its index save)
+        self.changes = 0
+        # Copy-on-write for cuts (see ``cut``): the arrays of generation ``_generation`` are shared with
+        # ``_open_cuts`` unfinished cuts, so the next change copies them first.
+        self._generation = 0
+        self._open_cuts = 0
 
     # -- storage --------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
@@ -94,15 +101,20 @@ class Catalog:
     def capacity(self) -> int:
         return int(self.embeddings.shape[0])
 
+    _COLUMNS = ("embeddings", "categories", "maturity", "created_at_ms", "base_popularity", "alive")
+
     def _grow(self, needed: int) -> None:
-        if needed <= self.capacity:
+        """Make room for ``needed`` rows and own the arrays (a cut may share them): before any change."""
+        if needed <= self.capacity and not self._open_cuts:
             return
-        new_cap = max(needed, int(self.capacity * 1.5) + 16)
-        for name in ("embeddings", "categories", "maturity", "created_at_ms", "base_popularity", "alive"):
+        new_cap = max(needed, int(self.capacity * 1.5) + 16) if needed > self.capacity else self.capacity
+        for name in self._COLUMNS:
             old = getattr(self, name)
             new = np.zeros((new_cap,) + old.shape[1:], old.dtype)
             new[: old.shape[0]] = old
             setattr(self, name, new)
+        self._generation += 1  # new arrays: no cut shares them
+        self._open_cuts = 0
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(embeddings, categories, maturity, created_at_ms) of one generation of
@@ -170,6 +182,7 @@ class Catalog:
             inserted = updated = 0
             n_new = sum(1 for it in items if it.item_id not in self.row_of)
             self._grow(self.n_rows + n_new)
+            self.changes += 1
             for i, it in enumerate(items):
                 row = self.row_of.get(it.item_id)
                 if row is None:
@@ -203,9 +216,12 @@ class Catalog:
                 if row is None:
                     missing.append(item_id)
                     continue
-                self.alive[row] = False
-                self.n_alive -= 1
                 rows.append(row)
+            if rows:
+                self._grow(self.n_rows)  # (copies the arrays first when a cut shares them)
+                self.changes += 1
+                self.alive[rows] = False
+                self.n_alive -= len(rows)
         return np.asarray(rows, np.int32), missing
 
     # -- bulk construction ----------------------------------------------------------
@@ -261,72 +277,92 @@ class Catalog:
         ``compact=False`` keeps every row, dead ones as tombstones
         (``"deleted": true``), so rows and a saved index stay valid.
         """
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        rows = self.alive_rows() if compact else np.arange(self.n_rows, dtype=np.int32)
-        atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, self.embeddings[rows]))
+        cut = self.cut(compact)
+        try:
+            return cut.save(directory)
+        finally:
+            cut.release()
 
-        def write_items(fh):
-            for r in rows:
-                rec = {
-                    "item_id": self.item_ids[r],
-                    "category": self.category_names[self.categories[r]],
-                    "maturity": int(self.maturity[r]),
-                    "created_at_ms": int(self.created_at_ms[r]),
-                    "popularity": float(self.base_popularity[r]),
-                }
-                if r in self.attributes:
-                    rec["attributes"] = self.attributes[r]
-                if not self.alive[r]:
-                    rec["deleted"] = True
-                fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+    def cut(self, compact: bool = False) -> "CatalogCut":
+        """The catalog as it is now, to save later while it keeps changing (a snapshot's cut).
 
-        atomic_write(d / "items.jsonl", write_items)
-        meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
-                "version": self.version, "normalized": self.normalize}
-        atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-        return rows
+        Takes microseconds: the cut shares the arrays, and the next upsert or delete copies them before
+        changing anything (copy-on-write) unless the cut was released by then. Item ids and category
+        names are only ever appended to, so sharing those lists is safe; attributes are copied.
+        """
+        with self._lock:
+            rows = self.alive_rows() if compact else np.arange(self.n_rows, dtype=np.int32)
+            self._open_cuts += 1
+            return CatalogCut(self, self._generation, rows, self.dim, self.normalize, self.version,
+                              self.changes, self.item_ids, self.category_names,
+                              {name: getattr(self, name) for name in self._COLUMNS}, dict(self.attributes))
+
+    def _release(self, generation: int) -> None:
+        with self._lock:
+            if generation == self._generation and self._open_cuts:
+                self._open_cuts -= 1
 
     @classmethod
     def load(cls, directory: str | Path, normalize: bool = True, progress: bool = False) -> "Catalog":
+        """Read a catalog directory; every problem is a ``CatalogError`` naming the file (and line).
+
+        When ``catalog.json`` lists the files' sizes and checksums (``save`` writes them), each file is
+        checked against them: a changed byte is refused rather than served.
+        """
         d = Path(directory)
-        emb_path, items_path = d / "embeddings.npy", d / "items.jsonl"
+        emb_path, items_path, meta_path = d / "embeddings.npy", d / "items.jsonl", d / "catalog.json"
+        if not d.is_dir():
+            raise CatalogError(f"{d}: no such catalog directory (no embeddings.npy, no items.jsonl): point "
+                               "catalog.path (or --catalog) at the directory that holds them")
         for p in (emb_path, items_path):
             if not p.exists():
-                raise CatalogError(f"catalog directory {d} has no {p.name}")
-        emb = np.load(emb_path, mmap_mode="r")
+                raise CatalogError(f"catalog directory {d} has no {p.name} (see the README's Catalog format)")
+        meta = _read_meta(meta_path)
+        try:
+            emb = np.load(emb_path, mmap_mode="r")
+        except Exception as exc:  # a damaged header: ValueError, EOFError, OSError ...
+            raise CatalogError(f"{emb_path}: not a readable .npy file ({exc})") from None
         if emb.dtype != np.float32:
-            raise CatalogError(f"{emb_path}: embeddings must be float32, got {emb.dtype}")
+            raise CatalogError(f"{emb_path}: embeddings must be float32, got {emb.dtype} "
+                               "(save them with np.save(path, embeddings.astype(np.float32)))")
+        if emb.ndim != 2 or emb.shape[1] == 0:
+            raise CatalogError(f"{emb_path}: embeddings must be a 2-d array [items, dim], got shape {emb.shape}")
         if progress and items_path.stat().st_size > 8 << 20:
             log.info("reading %s (%.0f MB)", items_path, items_path.stat().st_size / 2**20)
         recs = _read_jsonl(items_path)
-        try:
-            ids = [str(r["item_id"]) for r in recs]
-        except (KeyError, TypeError):
-            bad = next(i for i, r in enumerate(recs) if not isinstance(r, dict) or "item_id" not in r)
-            raise CatalogError(f"{items_path}: record {bad + 1} has no item_id") from None
-        cats = [str(r.get("category", "")) for r in recs]
-        mats = [int(r.get("maturity", 0)) for r in recs]
-        created = [int(r.get("created_at_ms", 0)) for r in recs]
-        pops = [float(r.get("popularity", 0.0)) for r in recs]
-        attrs = [{str(k): str(v) for k, v in a.items()} if (a := r.get("attributes")) else None for r in recs]
+        ids, cats, mats, created, pops, attrs = _item_columns(recs, items_path)
         dead = [i for i, r in enumerate(recs) if r.get("deleted")]
         if len(ids) != emb.shape[0]:
             raise CatalogError(
-                f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows"
+                f"{d}: items.jsonl has {len(ids)} items but embeddings.npy has {emb.shape[0]} rows "
+                "(line i of items.jsonl describes row i of embeddings.npy: write both from the same items)"
             )
+        if "count" in meta and meta["count"] != len(ids):
+            raise CatalogError(f"{meta_path}: count is {meta['count']} but items.jsonl has {len(ids)} items")
+        if "dim" in meta and meta["dim"] != emb.shape[1]:
+            raise CatalogError(f"{meta_path}: dim is {meta['dim']} but embeddings.npy has {emb.shape[1]} columns")
+        files = meta.get("files")
+        for p in (emb_path, items_path) if isinstance(files, dict) else ():
+            entry = files.get(p.name)
+            why = mismatch(p, entry) if isinstance(entry, dict) else None
+            if why is not None:
+                raise CatalogError(
+                    f"{p}: {why} (catalog.json, saved with it, lists its size and checksum): the file was "
+                    "changed or damaged since; restore it, or if it was edited on purpose delete the "
+                    '"files" entry of catalog.json')
         # Tombstoned rows keep their place; their ids may have been reused by
         # a later row, so they get a private id that no caller can send.
         for row in dead:
             ids[row] = f"\x00deleted:{row}"
-        cat = cls.from_arrays(ids, np.asarray(emb), cats, np.asarray(mats), np.asarray(created),
-                              np.asarray(pops), attrs, normalize=normalize)
+        try:
+            cat = cls.from_arrays(ids, np.asarray(emb), cats, np.asarray(mats), np.asarray(created),
+                                  np.asarray(pops), attrs, normalize=normalize)
+        except CatalogError as exc:
+            raise CatalogError(f"{d}: {exc}") from None
         for row in dead:
             cat.alive[row] = False
             del cat.row_of[ids[row]]
         cat.n_alive -= len(dead)
-        meta_path = d / "catalog.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if "version" in meta:
             cat.version = str(meta["version"])
         else:
@@ -339,6 +375,124 @@ class Catalog:
                         h.update(block)
             cat.version = "content-" + h.hexdigest()
         return cat
+
+
+@dataclass
+class CatalogCut:
+    """The catalog at one moment (:meth:`Catalog.cut`), saved while the catalog itself goes on changing.
+
+    ``release`` when done (the catalog then changes its arrays in place again instead of copying them).
+    """
+
+    catalog: Catalog
+    generation: int
+    rows: np.ndarray  # which rows to write (all, or the live ones for a compact save)
+    dim: int
+    normalize: bool
+    version: str
+    changes: int
+    item_ids: list[str]  # shared, append-only: rows < n_rows never change
+    category_names: list[str]  # shared, append-only
+    columns: dict[str, np.ndarray]  # shared until the catalog's next change copies them
+    attributes: dict[int, dict[str, str]]
+
+    def save(self, directory: str | Path) -> np.ndarray:
+        """Write embeddings.npy, items.jsonl and, last, catalog.json with their sizes and checksums."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        rows, col = self.rows, self.columns
+        atomic_write(d / "embeddings.npy", lambda fh: np.save(fh, col["embeddings"][rows]))
+
+        def write_items(fh):
+            for r in rows.tolist():
+                rec = {
+                    "item_id": self.item_ids[r],
+                    "category": self.category_names[col["categories"][r]],
+                    "maturity": int(col["maturity"][r]),
+                    "created_at_ms": int(col["created_at_ms"][r]),
+                    "popularity": float(col["base_popularity"][r]),
+                }
+                if r in self.attributes:
+                    rec["attributes"] = self.attributes[r]
+                if not col["alive"][r]:
+                    rec["deleted"] = True
+                fh.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+
+        atomic_write(d / "items.jsonl", write_items)
+        meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
+                "version": self.version, "normalized": self.normalize,
+                "files": {name: checksum(d / name) for name in ("embeddings.npy", "items.jsonl")}}
+        atomic_write(d / "catalog.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+        return rows
+
+    def release(self) -> None:
+        self.catalog._release(self.generation)
+
+
+#: The keys of an items.jsonl record (anything else belongs in ``attributes``).
+ITEM_KEYS = ("item_id", "category", "maturity", "created_at_ms", "popularity", "attributes", "deleted")
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CatalogError(f"{path}: must be a JSON object")
+    return meta
+
+
+def _item_columns(recs: list, path: Path) -> tuple[list[str], list[str], list[int], list[int], list[float],
+                                                   list[dict[str, str] | None]]:
+    """The columns of the item records; a record with an unknown key or a bad value is refused, naming its
+    line (a misspelt key would silently become the default)."""
+    try:
+        if not (set().union(*map(dict.keys, recs)) - set(ITEM_KEYS)):
+            ids = [str(r["item_id"]) for r in recs]
+            cats = [str(r.get("category", "")) for r in recs]
+            mats = [int(r.get("maturity", 0)) for r in recs]
+            created = [int(r.get("created_at_ms", 0)) for r in recs]
+            pops = [float(r.get("popularity", 0.0)) for r in recs]
+            attrs = [{str(k): str(v) for k, v in a.items()} if (a := r.get("attributes")) else None for r in recs]
+            if min(mats, default=0) >= 0:
+                return ids, cats, mats, created, pops, attrs
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        pass
+    for i, r in enumerate(recs):  # the slow pass, only to name the first bad record
+        where = f"{path}:{_line_number(path, i)}"
+        if not isinstance(r, dict):
+            raise CatalogError(f"{where}: an item must be a JSON object")
+        if "item_id" not in r:
+            raise CatalogError(f"{where}: record {i + 1} has no item_id")
+        unknown = sorted(set(r) - set(ITEM_KEYS))
+        if unknown:
+            raise CatalogError(f"{where}: unknown key {unknown[0]!r}; an item has {', '.join(ITEM_KEYS)} "
+                               "(anything else belongs in attributes)")
+        for key, kind in (("maturity", int), ("created_at_ms", int), ("popularity", float)):
+            try:
+                value = kind(r.get(key, 0))
+            except (TypeError, ValueError, OverflowError):
+                raise CatalogError(f"{where}: {key} must be a number, got {r[key]!r}") from None
+            if key == "maturity" and value < 0:
+                raise CatalogError(f"{where}: maturity must be >= 0, got {value}")
+        if r.get("attributes") and not isinstance(r["attributes"], dict):
+            raise CatalogError(f"{where}: attributes must be an object of strings")
+    raise CatalogError(f"{path}: invalid item records")  # (not reached: the pass above names one)
+
+
+def _line_number(path: Path, index: int) -> int:
+    """The line of the ``index``-th record (blank lines are skipped when reading)."""
+    seen = -1
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return lineno
+    return index + 1
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -33,18 +33,25 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from recsvc.catalog import CatalogError
     from recsvc.server import serve
+    from recsvc.state.store import ACCEPT_LOSS_ENV, StateUnusable
 
-    if args.workers != 1:
-        from recsvc.server.workers import serve_workers
+    if args.accept_loss:
+        os.environ[ACCEPT_LOSS_ENV] = "1"  # read where the state directory is opened
+    cfg = _config(args)
+    try:
+        if args.workers != 1:
+            from recsvc.server.workers import serve_workers
 
-        try:
-            serve_workers(_config(args), args.workers)
-        except OSError as exc:
-            print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        return 0
-    serve(_config(args))
+            serve_workers(cfg, args.workers)
+        else:
+            serve(cfg)
+    except (CatalogError, StateUnusable, OSError) as exc:
+        # A refused start: the message names the file and the fix; a traceback would only bury it.
+        message = str(exc).replace("\n", " ")
+        print(f"recsvc serve: cannot start: {message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -188,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to listen on")
     s.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port (0: one per core); more than one needs the Redis backend")
+    s.add_argument("--accept-loss", action="store_true",
+                   help="start even though the event log is damaged or misses records (a start refused "
+                        "and said why): the valid records are kept, the lost ones are logged; use once")
     s.set_defaults(fn=cmd_serve)
 
     s = with_config(sub.add_parser("build-index", help="build and persist the HNSW index for the catalog"))

@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from recsvc.catalog import Catalog, CatalogError, demo_catalog
 from recsvc.config import Config
@@ -25,6 +27,7 @@ from recsvc.errors import InvalidArgument
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.state.journal import Journal
 from recsvc.state.records import CatalogDelete, CatalogUpsert
+from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
 if TYPE_CHECKING:
     from recsvc.catalog_writer import CatalogWriter
@@ -49,16 +52,24 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
     ``rebuild`` is set — a restart loads it.
     """
     normalize = cfg.index.space == "cosine"
+    catalog: Catalog | None = None
     if cfg.catalog.path is None:
         directory = demo_cache_dir(cfg)
         if (directory / "items.jsonl").exists() and (directory / "catalog.json").exists():
-            catalog = Catalog.load(directory, normalize=normalize, progress=progress)
-        else:
+            try:
+                catalog = Catalog.load(directory, normalize=normalize, progress=progress)
+            except CatalogError as exc:  # the demo can be generated again: derived, not data
+                log.warning("%s; generating the demo catalog again", exc)
+        if catalog is None:
             catalog = demo_catalog(cfg.catalog.demo, progress=progress)
             catalog.normalize = normalize
             catalog.save(directory)
     else:
         directory = Path(cfg.catalog.path).expanduser()
+        if str(cfg.catalog.path) in ("", ".") and not (directory / "embeddings.npy").exists():
+            raise CatalogError(f'catalog.path is empty (or "."), so the catalog would be read from {Path.cwd()}, '
+                               "which has no embeddings.npy: set catalog.path to a catalog directory, or remove "
+                               "the key to serve the demo catalog")
         catalog = Catalog.load(directory, normalize=normalize, progress=progress)
     if progress and not rebuild and (directory / "index.bin").exists():
         log.info("loading the HNSW index for %d items from %s", catalog.n_alive, directory)
@@ -91,9 +102,13 @@ def open_catalog(cfg: Config, journal: Journal, progress: bool = False) -> tuple
     catalog = Catalog.load(snap_dir / "catalog", normalize=cfg.index.space == "cosine")
     ann = AnnIndex.load(snap_dir / "catalog", catalog.dim, cfg.index, catalog.version,
                         alive=catalog.alive[: catalog.n_rows])
-    if ann is None:
+    if ann is None:  # derived: rebuilt from the snapshot's catalog, and kept there for the next start
         ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index,
                              progress=progress)
+        try:
+            ann.save(snap_dir / "catalog", catalog.version)
+        except OSError as exc:
+            log.warning("could not save the rebuilt index in %s (%s)", snap_dir / "catalog", exc)
     return catalog, ann, True
 
 
@@ -108,7 +123,10 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
         state.read_snapshot(snap_dir)
         agg_path = snap_dir / "experiments.json"
         if agg_path.exists():
-            feedback.aggregates = type(feedback.aggregates).from_dict(json.loads(agg_path.read_text()))
+            try:
+                feedback.aggregates = type(feedback.aggregates).from_dict(json.loads(agg_path.read_text()))
+            except Exception as exc:  # any way the file can be unreadable
+                raise SnapshotDamaged(snapshot_refusal(f"{agg_path}: unreadable ({exc})", snap_dir)) from None
     replayed = 0
     for lsn, rec in journal.replay(snap_lsn):
         try:
@@ -141,7 +159,8 @@ def apply_record(rec, feedback: "FeedbackPath", writer: "CatalogWriter", rebuild
 
 
 class Snapshotter:
-    """Writes snapshots: a consistent cut under the journal's locks, files written outside the served lock."""
+    """Writes snapshots: a consistent cut taken in milliseconds under the journal's locks, files written
+    after they are released (feedback and catalog changes keep flowing meanwhile)."""
 
     def __init__(self, journal: Journal, state: "OnlineState", feedback: "FeedbackPath", catalog: Catalog,
                  ann: AnnIndex, writer: "CatalogWriter", every_events: int) -> None:
@@ -154,7 +173,10 @@ class Snapshotter:
         self.every_events = every_events
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._one_at_a_time = threading.Lock()  # (two would prune each other's files)
         self.closed = False
+        #: how long the last snapshot held the ingest lock, and how long it took in all (seconds)
+        self.last_pause_s = self.last_total_s = 0.0
 
     def maybe_snapshot(self) -> None:
         """Start a background snapshot once enough log records accumulated.
@@ -174,32 +196,88 @@ class Snapshotter:
 
     def _background(self) -> None:
         try:
-            self.snapshot()
+            with self._one_at_a_time:
+                if not self.closed:  # the shutdown snapshot ran (or runs) instead
+                    self._snapshot_once_or_twice()
         except Exception:  # the log still holds everything; try again after more events
             log.exception("background snapshot failed")
 
     def snapshot(self) -> int:
         """Write a snapshot covering every record logged so far; returns its lsn."""
-        with self.journal.ingest:  # no feedback or catalog change runs meanwhile
+        with self._one_at_a_time:
+            return self._snapshot_once_or_twice()
+
+    def _snapshot_once_or_twice(self) -> int:
+        try:
+            return self._snapshot(pause_ingest=False)
+        except _CatalogMovedOn:
+            # A catalog change landed while the index was saved (rare): hold ingestion this time.
+            log.info("the catalog changed while the snapshot saved its index; snapshotting again "
+                     "with ingestion paused")
+            return self._snapshot(pause_ingest=True)
+
+    def _snapshot(self, pause_ingest: bool) -> int:
+        t0 = time.perf_counter()
+        ingest = self.journal.ingest
+        ingest.acquire()  # no feedback or catalog change runs meanwhile
+        t_paused = time.perf_counter()
+        paused = True
+        try:
             if not self.journal.durable:
                 self.journal.since_snapshot = 0
                 return self.state.applied_lsn
             # A consistent cut: no served slate is half-recorded while we read the
             # lsn, the served slates and the experiment aggregates.
-            with self.journal.served:
-                self.journal.sync()  # served records up to lsn are on disk too
+            with self.journal.served, _collector_paused():
                 lsn = self.journal.lsn
-                served = self.state.served_slates()
+                state = self.state.snapshot_cut(lsn)
                 aggregates = self.feedback.aggregates.to_dict()
                 self.journal.since_snapshot = 0
+                catalog = self.catalog.cut(compact=False) if self.writer.diverged else None
+            if not pause_ingest:
+                ingest.release()
+                paused = False
+                self.last_pause_s = time.perf_counter() - t_paused
+            self.journal.sync()  # the log up to lsn (served slates too) is on disk before the snapshot is
 
             def write(directory: Path) -> None:
-                self.state.applied_lsn = lsn
-                self.state.write_snapshot(directory, served=served)
+                state.write(directory)
                 (directory / "experiments.json").write_text(json.dumps(aggregates))
-                if self.writer.diverged:
-                    self.catalog.save(directory / "catalog", compact=False)
-                    self.ann.save(directory / "catalog", self.catalog.version)
+                if catalog is not None:
+                    catalog.save(directory / "catalog")
+                    # The live index: right for the cut unless the catalog (and so the index) changed since.
+                    self.ann.save(directory / "catalog", catalog.version)
+                    if self.catalog.changes != catalog.changes:
+                        raise _CatalogMovedOn()
 
-            self.journal.write_snapshot(lsn, write)
+            try:
+                self.journal.write_snapshot(lsn, write)
+            finally:
+                if catalog is not None:
+                    catalog.release()
+            self.last_total_s = time.perf_counter() - t0
+            if paused:
+                self.last_pause_s = time.perf_counter() - t_paused
+            log.info("snapshot at lsn %s in %.2f s (ingestion paused %.1f ms)", lsn, self.last_total_s,
+                     self.last_pause_s * 1000)
             return lsn
+        finally:
+            if paused:
+                ingest.release()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while every writer waits: the cut allocates many small objects, and a
+    full collection it would trigger costs far more than the copies themselves. (It runs afterwards.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _CatalogMovedOn(Exception):
+    """The index changed after the snapshot's cut: it cannot go into that snapshot."""

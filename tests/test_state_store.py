@@ -73,20 +73,21 @@ def test_one_writer_per_directory(tmp_path):
 
 
 def test_damage_before_the_newest_segment_refuses_to_start(tmp_path):
+    """(Damage in records a snapshot covers is harmless: see test_durability.)"""
     from recsvc.state.store import LogCorrupted
 
     store = LocalStateStore(tmp_path)
     store.append([{"t": "a"}], durable=True)
-    store.write_snapshot(1, lambda d: None)  # rotates to a new segment
+    store.close()
+    store = LocalStateStore(tmp_path)  # a restart opens a new segment
     store.append([{"t": "b"}], durable=True)
     store.close()
-    # forge an older segment with a bad record followed by a newer one
-    segs = sorted(tmp_path.glob("log-*.jsonl"))
-    older = tmp_path / "log-000000000000.jsonl"
-    older.write_bytes(b'00000000 {"t":"x","lsn":0}\n')
+    # damage the older segment's record (no snapshot covers it)
+    older, newer = sorted(tmp_path.glob("log-*.jsonl"))
+    older.write_bytes(older.read_bytes().replace(b'"a"', b'"x"'))
     with pytest.raises(LogCorrupted, match="not the newest"):
         LocalStateStore(tmp_path)
-    assert segs  # the real segments are untouched
+    assert older.read_bytes().count(b'"x"') == 1  # the segments are untouched
 
 
 def test_failed_write_rolls_back_and_reuses_the_lsns(tmp_path, monkeypatch):
@@ -117,3 +118,39 @@ def test_snapshot_at_an_unchanged_lsn_keeps_the_existing_one(tmp_path):
     store.write_snapshot(1, lambda d: (d / "x").write_text("second"))
     assert (store.latest_snapshot()[1] / "x").read_text() == "first"
     store.close()
+
+
+def test_a_write_that_cannot_be_rolled_back_stops_further_appends(tmp_path):
+    """A partial write left in the log with records appended after it would be damage mid-segment (a
+    refused start); with nothing after it, it is a torn tail the next start truncates."""
+    import errno
+
+    store = LocalStateStore(tmp_path)
+    store.append([{"t": "a"}], durable=True)
+    real = store._fh
+
+    class FullDisk:
+        def tell(self):
+            return real.tell()
+
+        def fileno(self):
+            return real.fileno()
+
+        def write(self, data):
+            real.write(bytes(data[:7]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def truncate(self, size):
+            raise OSError(errno.EIO, "Input/output error")
+
+    store._fh = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        store.append([{"t": "b"}], durable=True)
+    store._fh = real
+    with pytest.raises(OSError, match="could not be rolled back"):
+        store.append([{"t": "c"}], durable=True)
+    store.close()
+    again = LocalStateStore(tmp_path)  # the torn tail is truncated; no refusal
+    assert [r["t"] for r in again.replay(0)] == ["a"]
+    assert again.append([{"t": "d"}], durable=True) == 2
+    again.close()

@@ -27,10 +27,10 @@ from typing import Iterator
 import hnswlib
 import numpy as np
 
-from recsvc._files import atomic_write, replacing
+from recsvc._files import atomic_write, checksum, mismatch, replacing
 from recsvc.config import IndexConfig
 from recsvc.retrieval.hugepages import Advice, new_mappings_to_huge_pages
-from recsvc.retrieval.layout import IndexFileError, reorder_index_file
+from recsvc.retrieval.layout import IndexFileError, check_index_file, reorder_index_file
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ class AnnIndex:
         with _directory_lock(d, exclusive=True), self._lock.read():
             with replacing(d / INDEX_FILE) as tmp:
                 self._index.save_index(str(tmp))
+                written = checksum(tmp)
             # Nodes added since the graph was laid out sit at the end: past 10%
             # more, say so, and the next load lays it out again.
             layout = self.layout
@@ -161,6 +162,7 @@ class AnnIndex:
                 "space": self.cfg.space, "dim": self.dim, "m": self.cfg.m,
                 "ef_construction": self.cfg.ef_construction, "catalog_version": catalog_version,
                 "count": self._live_count, "layout": layout,
+                "file": written,  # index.bin's size and checksum: a load checks them before hnswlib reads it
             }
             _write_meta(d, meta)
         self.catalog_version = catalog_version
@@ -170,7 +172,11 @@ class AnnIndex:
         cls, directory: str | Path, dim: int, cfg: IndexConfig, catalog_version: str,
         alive: np.ndarray | None = None,
     ) -> "AnnIndex | None":
-        """Load a persisted index, or None when it is missing or stale.
+        """Load a persisted index, or None when it is missing, stale or damaged (the caller rebuilds it).
+
+        The file is checked before hnswlib reads it (a damaged graph crashes the process inside hnswlib):
+        against the size and checksum in index.json, or, for a file saved before index.json had them,
+        by its structure (``recsvc.retrieval.layout.check_index_file``).
 
         With ``cfg.reorder``, an index not yet laid out in cluster order is
         rewritten so first (once per file; see recsvc.retrieval.layout).
@@ -186,18 +192,26 @@ class AnnIndex:
             meta = _read_meta(d)
             if meta is None or not (d / INDEX_FILE).exists() or any(meta.get(k) != v for k, v in wanted.items()):
                 return None
+            why = _damage(d, dim, meta)
+            if why is not None:
+                log.warning("%s: %s; rebuilding the index from the catalog", d / INDEX_FILE, why)
+                return None
             return cls._load_file(d, dim, cfg, catalog_version, meta, alive)
 
     @classmethod
     def _load_file(cls, d: Path, dim: int, cfg: IndexConfig, catalog_version: str, meta: dict,
-                   alive: np.ndarray | None) -> "AnnIndex":
+                   alive: np.ndarray | None) -> "AnnIndex | None":
         path = d / INDEX_FILE
         ann = cls(dim, cfg)
         ann.layout = "clustered" if meta.get("layout") == "clustered" else "insertion"
         index = hnswlib.Index(space=cfg.space, dim=dim)
         # load_index reads the graph into fresh memory: collapse it into huge pages now.
         with new_mappings_to_huge_pages(cfg.huge_pages, collapse=True) as ann.huge_pages:
-            index.load_index(str(path), allow_replace_deleted=True)
+            try:
+                index.load_index(str(path), allow_replace_deleted=True)
+            except RuntimeError as exc:  # "Index seems to be corrupted or unsupported"
+                log.warning("%s: hnswlib cannot read it (%s); rebuilding the index from the catalog", path, exc)
+                return None
         if ann.huge_pages.errors or ann.huge_pages.collapsed_bytes:
             log.info("HNSW index: %d MiB in huge pages%s", ann.huge_pages.collapsed_bytes >> 20,
                      f" ({', '.join(ann.huge_pages.errors)})" if ann.huge_pages.errors else "")
@@ -289,6 +303,20 @@ def _write_meta(directory: Path, meta: dict) -> None:
     atomic_write(directory / INDEX_META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
 
 
+def _damage(d: Path, dim: int, meta: dict) -> str | None:
+    """Why the directory's index file must not reach hnswlib (None: it may)."""
+    entry = meta.get("file")
+    if isinstance(entry, dict):
+        return mismatch(d / INDEX_FILE, entry)
+    try:  # saved before index.json carried a checksum
+        check_index_file(d / INDEX_FILE, dim)
+    except IndexFileError as exc:
+        return f"not a graph hnswlib can read safely ({exc})"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return None
+
+
 def _read_meta(directory: Path) -> dict | None:
     try:
         meta = json.loads((directory / INDEX_META).read_text())
@@ -321,6 +349,8 @@ def _lay_out(d: Path, dim: int, wanted: dict) -> None:
         layout = meta.get("layout")
         if layout in ("clustered", "unrecognised"):
             return
+        if _damage(d, dim, meta) is not None:
+            return  # the load says why and has it rebuilt: never rewrite a damaged file
         if layout == "reordering":
             log.warning("a reorder of the HNSW index in %s did not finish (out of memory?); serving it as "
                         "it is. Set \"layout\" to \"insertion\" in %s to try again.", d, INDEX_META)
@@ -339,5 +369,5 @@ def _lay_out(d: Path, dim: int, wanted: dict) -> None:
             except OSError:
                 pass
         else:
-            _write_meta(d, {**meta, "layout": "clustered"})
+            _write_meta(d, {**meta, "layout": "clustered", "file": checksum(d / INDEX_FILE)})
             log.info("HNSW index laid out in cluster order in %.1f s", time.perf_counter() - t)

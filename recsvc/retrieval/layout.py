@@ -76,6 +76,42 @@ def _read(path: Path, dim: int):
     return header, level0, upper
 
 
+def check_index_file(path: str | Path, dim: int) -> None:
+    """Raise IndexFileError unless the file is a graph hnswlib can search without reading out of bounds.
+
+    For index files saved without a checksum (before index.json carried one): the header agrees with
+    itself and the file's size, every link list fits its slot and names an existing node on its level,
+    and the entry point is on the top level. (A checksum is cheaper and catches more: files saved now
+    are checked against theirs instead.)
+    """
+    header, level0, upper = _read(Path(path), dim)
+    n, maxlevel, ep, max_m, max_m0 = header[2], header[6], header[7], header[8], header[9]
+    per_level = 4 * (max_m + 1)
+    levels = np.fromiter((len(b) // per_level for b in upper), np.int64, n)
+    if n and (maxlevel < 0 or int(levels.max()) > maxlevel or levels[ep] != maxlevel):
+        raise IndexFileError(f"the entry point {ep} is not on the top level {maxlevel}")
+    _check_links(np.ascontiguousarray(level0[:, : 4 * (max_m0 + 1)]).view(np.uint32), n, levels, upper=False)
+    for node in np.flatnonzero(levels):
+        _check_links(np.frombuffer(upper[node], np.uint32).reshape(-1, max_m + 1), n, levels, upper=True)
+
+
+def _check_links(lists: np.ndarray, n: int, levels: np.ndarray, upper: bool) -> None:
+    """Rows [count, ids...]: level-0 lists of every node, or (``upper``) one node's lists of levels 1, 2, ..."""
+    count = lists[:, 0] & _COUNT_MASK
+    ids = lists[:, 1:]
+    if count.size and int(count.max()) > ids.shape[1]:
+        raise IndexFileError("a link list counts more links than it has room for")
+    used = np.arange(ids.shape[1])[None, :] < count[:, None]
+    if not used.any():
+        return
+    if int(ids[used].max()) >= n:
+        raise IndexFileError("a link points past the last node")
+    if upper:  # the list of level l (row l - 1) may only name nodes that reach level l
+        need = np.broadcast_to(np.arange(1, lists.shape[0] + 1)[:, None], ids.shape)
+        if (levels[ids[used]] < need[used]).any():
+            raise IndexFileError("a link names a node that is not on its level")
+
+
 def node_count(path: str | Path) -> int:
     """How many nodes (live and deleted) a saved index holds."""
     with open(path, "rb") as fh:

@@ -94,6 +94,10 @@ class OnlineStateWriter(Protocol):
     def max_referenced_row(self) -> int:
         """The highest catalog row the state refers to (-1 when none): checks a state belongs to its catalog."""
 
+    def snapshot_cut(self, lsn):
+        """A copy of the state at ``lsn``, taken while every writer waits (milliseconds); its ``write(directory)``
+        writes the snapshot files afterwards, with writers running again."""
+
     def write_snapshot(self, directory: Path, served: list[ServedSlate] | None = None) -> None: ...
 
     def read_snapshot(self, directory: Path) -> None: ...

@@ -35,15 +35,20 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict, deque
+from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from recsvc.config import Config
 from recsvc.exploration import update_evidence_row
 from recsvc.state.records import FeedbackEvent, ServedSlate, attributed, decode, encode_served, settle
+from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
+_OUTCOME = attrgetter("outcome")
 _MAX_EXPONENT = 60.0  # rebase popularity before 2^exponent loses precision
 _PERCENTILE_TTL_MS = 10_000
 
@@ -311,44 +316,132 @@ class ReadModel:
         return entry
 
     # -- snapshots -------------------------------------------------------------------------------------
+    def snapshot_cut(self, lsn: int) -> "OnlineSnapshot":
+        """A consistent copy of the state as of log record ``lsn``, to be written to files later.
+
+        The caller holds the ingest and served locks (no writer runs), so this must be quick: it copies
+        the arrays (one memcpy each) and the small mutable parts (co-occurrence tables, histories,
+        served slates' outcomes, seen event ids); everything costly — encoding and writing — happens in
+        :meth:`OnlineSnapshot.write`, after the locks are released.
+        """
+        # Copies in C loops (map, zip, dict.copy), not Python ones: this runs with every writer paused.
+        # dict's views of the OrderedDicts list them in the same order (their keys are only appended and
+        # popped from the front) and several times faster than their own linked list.
+        with self.lock:
+            served = list(dict.values(self._served))
+            return OnlineSnapshot(
+                arrays={"popularity_acc": self._popularity.copy(), "successes": self._successes.copy(),
+                        "failures": self._failures.copy(), "item_events": self._item_events.copy(),
+                        "top_popular": self._top_popular},  # (replaced whole, never changed in place)
+                pop_t0_ms=self._pop_t0_ms, total_impressions=self._total_impressions, applied_lsn=lsn,
+                cooc=dict(zip(self._cooc.keys(), map(dict.copy, self._cooc.values()))),
+                histories=dict(zip(self._histories.keys(), map(tuple, self._histories.values()))),
+                served=served,  # a slate changes after it is recorded only in its outcome ...
+                outcomes=list(map(dict.copy, map(_OUTCOME, served))),  # ... copied here
+                seen_events=list(dict.keys(self._seen_events)),
+            )
+
     def write_snapshot(self, directory: Path, served: list[ServedSlate] | None = None) -> None:
-        """Serialise into ``directory``. The caller pauses ingestion (the only writer); served slates keep
-        arriving from requests, so they are copied under the lock first (or passed in, copied at the
-        caller's cut)."""
-        if served is None:
-            served = self.served_slates()
-        np.savez(directory / "online.npz", popularity_acc=self._popularity,
-                 successes=self._successes, failures=self._failures, item_events=self._item_events,
-                 top_popular=self._top_popular)
-        doc = {
-            "pop_t0_ms": self._pop_t0_ms,
-            "total_impressions": self._total_impressions,
-            "applied_lsn": self.applied_lsn,
-            "cooc": {str(k): {str(a): b for a, b in v.items()} for k, v in self._cooc.items()},
-            "histories": {u: list(map(list, h)) for u, h in self._histories.items()},
-            "served": [encode_served(s, with_outcome=True) for s in served],
-            "seen_events": list(self._seen_events),
-        }
-        with (directory / "online.json").open("w", encoding="utf-8") as fh:
-            json.dump(doc, fh, separators=(",", ":"))
+        """Cut and write in one go (the caller pauses every writer meanwhile)."""
+        cut = self.snapshot_cut(self.applied_lsn)
+        if served is not None:
+            cut.served, cut.outcomes = served, [dict(s.outcome) for s in served]
+        cut.write(directory)
 
     def read_snapshot(self, directory: Path) -> None:
-        with np.load(directory / "online.npz") as z:
-            for name, attr in (("popularity_acc", "_popularity"), ("successes", "_successes"),
-                               ("failures", "_failures"), ("item_events", "_item_events")):
-                arr = z[name]
-                self.ensure_capacity(arr.size)
-                getattr(self, attr)[: arr.size] = arr
-            self._top_popular = z["top_popular"].astype(np.int32)
-        with (directory / "online.json").open(encoding="utf-8") as fh:
-            doc = json.load(fh)
-        self._pop_t0_ms = float(doc["pop_t0_ms"])
-        self._total_impressions = float(doc["total_impressions"])
-        self.applied_lsn = doc["applied_lsn"]  # an int (local log) or a stream id (shared log)
-        self._cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
+        """Load a snapshot ``write_snapshot`` wrote (its store checked the files against the manifest);
+        a file that cannot be read anyway raises ``SnapshotDamaged`` naming it."""
+        path = directory / "online.npz"
+        try:
+            with np.load(path) as z:
+                arrays = {name: z[name] for name in ("popularity_acc", "successes", "failures", "item_events",
+                                                     "top_popular")}
+        except Exception as exc:  # any way a file can be unreadable: BadZipFile, KeyError, ValueError, OSError
+            raise SnapshotDamaged(snapshot_refusal(f"{path}: unreadable ({exc})", directory)) from None
+        path = directory / "online.json"
+        try:
+            with path.open(encoding="utf-8") as fh:
+                doc = json.load(fh)
+            pop_t0_ms = float(doc["pop_t0_ms"])
+            total_impressions = float(doc["total_impressions"])
+            applied_lsn = doc["applied_lsn"]  # an int (local log) or a stream id (shared log)
+            if not isinstance(applied_lsn, (int, str)):
+                raise ValueError(f"applied_lsn {applied_lsn!r}")
+            cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
+            histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
+                         for u, h in doc["histories"].items()}
+            served = [decode(dict(s, t="served")) for s in doc["served"]]
+            seen_events = OrderedDict((str(e), None) for e in doc["seen_events"])
+        except Exception as exc:
+            raise SnapshotDamaged(snapshot_refusal(f"{path}: unreadable ({type(exc).__name__}: {exc})",
+                                                   directory)) from None
+        for name, attr in (("popularity_acc", "_popularity"), ("successes", "_successes"),
+                           ("failures", "_failures"), ("item_events", "_item_events")):
+            arr = arrays[name]
+            self.ensure_capacity(arr.size)
+            getattr(self, attr)[: arr.size] = arr
+        self._top_popular = arrays["top_popular"].astype(np.int32)
+        self._pop_t0_ms = pop_t0_ms
+        self._total_impressions = total_impressions
+        self.applied_lsn = applied_lsn
+        self._cooc = cooc
         self._neigh_cache = {}
-        self._histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
-                           for u, h in doc["histories"].items()}
-        served = (decode(dict(s, t="served")) for s in doc["served"])
+        self._histories = histories
         self._served = OrderedDict((s.request_id, s) for s in served)  # type: ignore[union-attr]
-        self._seen_events = OrderedDict((e, None) for e in doc["seen_events"])
+        self._seen_events = seen_events
+
+
+@dataclass(slots=True)
+class OnlineSnapshot:
+    """The read model as of one lsn (:meth:`ReadModel.snapshot_cut`), written without holding any lock.
+
+    Files: ``online.npz`` (the per-item arrays) and ``online.json`` (everything else, served slates
+    included). The JSON is written piece by piece — a few hundred entries per ``json.dumps`` call — so
+    the writing thread lets request threads run in between.
+    """
+
+    arrays: dict[str, np.ndarray]
+    pop_t0_ms: float
+    total_impressions: float
+    applied_lsn: int
+    cooc: dict[int, dict[int, float]]
+    histories: dict[str, tuple[tuple[int, int], ...]]
+    served: list[ServedSlate]
+    outcomes: list[dict[int, int]]  # each served slate's outcomes as of the cut
+    seen_events: list[str]
+
+    def write(self, directory: Path) -> None:
+        np.savez(directory / "online.npz", **self.arrays)
+        with (directory / "online.json").open("w", encoding="utf-8") as fh:
+            fh.write(f'{{"pop_t0_ms":{_dumps(self.pop_t0_ms)},"total_impressions":{_dumps(self.total_impressions)},'
+                     f'"applied_lsn":{_dumps(self.applied_lsn)},"cooc":{{')
+            _write_chunks(fh, self.cooc.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
+            fh.write('},"histories":{')
+            _write_chunks(fh, self.histories.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
+            fh.write('},"served":[')
+            _write_chunks(fh, zip(self.served, self.outcomes),
+                          lambda chunk: ",".join(_dumps(_served_json(s, o)) for s, o in chunk))
+            fh.write('],"seen_events":[')
+            _write_chunks(fh, self.seen_events, lambda chunk: _dumps(chunk)[1:-1])
+            fh.write("]}")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _served_json(slate: ServedSlate, outcome: dict[int, int]) -> dict:
+    d = encode_served(slate, with_outcome=False)
+    d["o"] = {str(k): int(v) for k, v in outcome.items()}
+    return d
+
+
+def _write_chunks(fh, items: Iterable, encode: Callable[[list], str], size: int = 256) -> None:
+    """Write ``items`` comma-separated, ``size`` at a time (one short encoder call each)."""
+    it = iter(items)
+    first = True
+    while chunk := list(islice(it, size)):
+        text = encode(chunk)
+        if text:
+            fh.write(text if first else "," + text)
+            first = False
