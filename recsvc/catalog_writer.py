@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from recsvc.catalog import Catalog, CatalogError, ItemRecord
-from recsvc.errors import InvalidArgument, Unavailable
+from recsvc.errors import InvalidArgument, Unavailable, echo
 from recsvc.messages import ItemIn
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.sources import Retriever
@@ -70,7 +70,7 @@ class CatalogWriter:
     def _validated(self, items: Sequence[ItemIn]) -> list[ItemRecord]:
         records, seen = [], set()
         for i, it in enumerate(items):
-            where = f"items[{i}] ({it.item_id!r})"
+            where = f"items[{i}] ({echo(it.item_id)})"
             if not it.item_id:
                 raise InvalidArgument(f"items[{i}].item_id is required")
             if it.item_id.startswith("\x00"):

@@ -26,7 +26,7 @@ import numpy as np
 
 from recsvc.catalog import Catalog
 from recsvc.config import Config
-from recsvc.errors import InvalidArgument, Unavailable
+from recsvc.errors import InvalidArgument, Unavailable, echo
 from recsvc.messages import FeedbackEventIn, FeedbackResult, RejectedEvent
 from recsvc.state.interface import OnlineState
 from recsvc.state.journal import Journal
@@ -119,9 +119,9 @@ class FeedbackPath:
             elif not ev.user_id:
                 reason = "user_id is required"
             elif etype is None:
-                reason = f"unknown event type {ev.type!r}; expected IMPRESSION, CLICK or CONVERSION"
+                reason = f"unknown event type {echo(ev.type)}; expected IMPRESSION, CLICK or CONVERSION"
             elif row is None:
-                reason = f"unknown item_id {ev.item_id!r}"
+                reason = f"unknown item_id {echo(ev.item_id)}"
             elif ts < oldest or ts > newest:
                 reason = (f"timestamp_ms {ts} is outside the accepted range "
                           f"[now - {self._max_age_days:g} days, now + 1 h]")
@@ -132,11 +132,11 @@ class FeedbackPath:
                 if slate is None and self.journal.shared:  # served by another replica, not applied here yet
                     slate = self.journal.fetch_served(ev.request_id)
                 if slate is None:
-                    reason = f"request_id {ev.request_id!r} is unknown or has expired"
+                    reason = f"request_id {echo(ev.request_id)} is unknown or has expired"
                 elif row not in slate.rows:
-                    reason = f"item {ev.item_id!r} was not served in request {ev.request_id!r}"
+                    reason = f"item {echo(ev.item_id)} was not served in request {echo(ev.request_id)}"
                 elif slate.user_id != ev.user_id:
-                    reason = f"request {ev.request_id!r} was served to another user"
+                    reason = f"request {echo(ev.request_id)} was served to another user"
             if reason is not None:
                 rejected.append(RejectedEvent(i, ev.event_id, reason))
                 continue

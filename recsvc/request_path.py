@@ -23,7 +23,7 @@ import numpy as np
 
 from recsvc.catalog import Catalog
 from recsvc.config import Config, RerankingConfig
-from recsvc.errors import FailedPrecondition, InvalidArgument
+from recsvc.errors import ECHO_CHARS, FailedPrecondition, InvalidArgument, echo
 from recsvc.messages import RecommendQuery, Recommendation, SlateItem
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
@@ -313,8 +313,8 @@ class RequestPath:
         allowed = self._category_mask(q.allowed_categories)
         if allowed is not None and not allowed.any():
             raise InvalidArgument(
-                f"filter.allowed_categories: none of {list(q.allowed_categories)[:5]} is a category of "
-                f"this catalog (it has {cat.n_categories}, e.g. {cat.category_names[:3]})")
+                f"filter.allowed_categories: none of {echo(list(q.allowed_categories))} is a category of "
+                f"this catalog (it has {cat.n_categories}, e.g. {echo(cat.category_names[:3])})")
         blocked = self._category_mask(q.blocked_categories)
         max_mat = cfg.reranking.max_maturity
         if q.max_maturity > 0:
@@ -396,12 +396,13 @@ def request_rules(configured: RerankingConfig, overrides: Mapping[str, Any]) -> 
 
     unknown = set(overrides) - REQUEST_RULES
     if unknown:
-        raise InvalidArgument(f"rerank: unknown rule(s) {sorted(unknown)}; known: {sorted(REQUEST_RULES)}")
+        raise InvalidArgument(f"rerank: unknown rule(s) {echo(sorted(map(str, unknown)))}; "
+                              f"known: {sorted(REQUEST_RULES)}")
     try:
         return type(configured).model_validate({**configured.model_dump(), **overrides})
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
+        key = ".".join(str(p) if len(str(p)) <= ECHO_CHARS else echo(str(p)) for p in err["loc"])
         raise InvalidArgument(f"rerank.{key}: {err['msg']}") from None
 
 
