@@ -12,14 +12,15 @@ A batch that is empty, or in which nothing was accepted or a duplicate, is an in
 (:class:`FeedbackRejected`, an ``InvalidArgument`` carrying the per-event reasons) for in-process and
 gRPC callers alike; a mixed batch succeeds and lists its rejections.
 
-Served slates come from the request path; :meth:`FeedbackPath.record_served` puts them into the state,
-the aggregates and the log together. Log replay applies the same records through :meth:`apply`.
+Served slates come from the request path; :meth:`FeedbackPath.record_served` puts them into the log, then
+the state and the aggregates (best effort: a slate the log refuses is dropped and counted, never half-kept). Log replay applies the same records through :meth:`apply`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ log = logging.getLogger("recsvc.feedback")
 
 DAY_MS = 86_400_000
 FUTURE_SLACK_MS = 3_600_000  # events may be stamped up to an hour ahead of the server's clock
+DROP_LOG_INTERVAL_S = 60.0  # at most one log line a minute about served slates the log refused
 
 
 class FeedbackRejected(InvalidArgument):
@@ -56,6 +58,9 @@ class FeedbackPath:
         self.journal = journal
         self.aggregates = aggregates
         self.clock = clock
+        #: served slates that could not be logged (and so were not remembered): see :meth:`record_served`
+        self.served_dropped = 0
+        self._dropped_logged_at = -math.inf
 
     # -- Feedback ------------------------------------------------------------------------------------
     def ingest(self, events: Sequence[FeedbackEventIn]) -> FeedbackResult:
@@ -152,18 +157,39 @@ class FeedbackPath:
                 self.aggregates.record_event(slate.arms, ev.user_id, ev.type.label, ev.value, ev.ts_ms)
 
     # -- served slates ---------------------------------------------------------------------------------
-    def record_served(self, slate: ServedSlate) -> None:
-        """A slate the request path served: into the state, the aggregates and the log (not fsync'd:
-        a slate lost in a crash only loses the attribution of its feedback)."""
+    def record_served(self, slate: ServedSlate) -> bool:
+        """A slate the request path served: into the log, then the state and the aggregates (not fsync'd:
+        a slate lost in a crash only loses the attribution of its feedback).
+
+        Best effort: when the log cannot be written (a full disk), the slate is dropped — counted in
+        :attr:`served_dropped` and logged — and neither the state nor the aggregates see it, so memory
+        agrees with the log and a restart rebuilds the same slates. The Recommend is still answered; feedback
+        naming its request_id is refused as unknown. Returns whether the slate was recorded.
+        """
         if slate.arms:
             slate.diversity, slate.novelty = self.slate_diversity_novelty(slate.rows)
         if self.journal.shared:  # the consumer applies it, here and on every replica
             self.journal.publish_served(slate)
             return
         with self.journal.served:
+            try:
+                self.journal.append([slate], durable=False)
+            except OSError as exc:
+                self._dropped_served(exc)
+                return False
             self.state.remember_served(slate)
             self._record_served_aggregates(slate)
-            self.journal.append([slate], durable=False)
+        return True
+
+    def _dropped_served(self, exc: OSError) -> None:
+        """Count a served slate the log refused; log the first and then at most one line a minute."""
+        self.served_dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= DROP_LOG_INTERVAL_S:
+            self._dropped_logged_at = now
+            log.warning("could not log a served slate (%s); %d served slate(s) dropped so far: Recommend keeps "
+                        "serving, feedback on those slates cannot be attributed", exc.strerror or exc,
+                        self.served_dropped)
 
     def slate_diversity_novelty(self, rows_list: list[int]) -> tuple[float | None, float | None]:
         """Intra-list diversity and novelty of a slate (``recsvc.evaluation.metrics``' definitions, with the

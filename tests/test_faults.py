@@ -5,6 +5,9 @@ Most run through a real server on a free loopback port (as callers see it) and i
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import threading
 
 import grpc
@@ -133,3 +136,85 @@ def test_status_message_backstop_cuts_any_long_message():
     assert bounded("short") == "short"
     cut = bounded("y" * 50_000)
     assert len(cut) <= MAX_DETAILS and cut.endswith("(message cut from 50000 characters)")
+
+
+# -- 5. Recommend on a full disk ----------------------------------------------------------------------------
+
+class FullDisk:
+    """The state store's log file on a full disk: every write raises ENOSPC while ``full``."""
+
+    def __init__(self, fh) -> None:
+        self._fh = fh
+        self.full = True
+
+    @classmethod
+    def install(cls, store) -> "FullDisk":
+        disk = cls(store._fh)
+        store._fh = disk
+        return disk
+
+    def write(self, data):
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def test_recommend_keeps_serving_when_the_served_log_cannot_be_written(tmp_path, clock, caplog):
+    """A full disk made Recommend fail with INTERNAL, after the slate had entered memory but not the log."""
+    from recsvc.engine import Engine, FeedbackEventIn, FeedbackRejected, RecommendQuery
+
+    cfg = small_config(tmp_path)
+    eng = Engine.from_config(cfg, clock=clock)
+    kept = eng.recommend(RecommendQuery(user_id="u", n=4))
+    disk = FullDisk.install(eng.store)
+    lsn = eng.store.lsn
+    with caplog.at_level(logging.WARNING, logger="recsvc.feedback"):
+        dropped = [eng.recommend(RecommendQuery(user_id="u", n=4)) for _ in range(3)]
+    assert all(len(r.items) == 4 for r in dropped)
+    assert eng.feedback_path.served_dropped == 3
+    assert "served slate" in caplog.text and "No space left on device" in caplog.text
+    assert eng.store.lsn == lsn  # nothing half-written
+    # memory agrees with the log: the dropped slates are unknown, so their feedback is refused
+    assert all(eng.state.served_slate(r.request_id) is None for r in dropped)
+    with pytest.raises(FeedbackRejected, match="is unknown or has expired"):
+        disk.full = False
+        eng.feedback([FeedbackEventIn("f1", "u", dropped[0].items[0].item_id, "click",
+                                      request_id=dropped[0].request_id)])
+    after = eng.recommend(RecommendQuery(user_id="u", n=4))
+    remembered = {s.request_id for s in eng.state.served_slates()}
+    assert {kept.request_id, after.request_id} <= remembered
+    eng.close(snapshot=False)  # the log alone must rebuild the same slates
+    again = Engine.from_config(cfg, clock=clock)
+    assert {s.request_id for s in again.state.served_slates()} == remembered
+    again.close(snapshot=False)
+
+
+def test_recommend_over_grpc_on_a_full_disk_is_ok_and_feedback_unavailable(tmp_path):
+    from recsvc.engine import Engine
+
+    disks = []
+
+    def factory(c):
+        eng = Engine.from_config(c)
+        disks.append(FullDisk.install(eng.store))
+        return eng
+
+    channel, close = start_server(small_config(tmp_path, server={"port": 0}), engine_factory=factory)
+    try:
+        stub = pb_grpc.RecommenderStub(channel)
+        rec = stub.Recommend(pb.RecommendRequest(user_id="disk", n=3), timeout=10)
+        assert len(rec.items) == 3
+        err = rpc_error(stub.Feedback, pb.FeedbackRequest(events=[
+            pb.FeedbackEvent(event_id="d1", user_id="disk", item_id=rec.items[0].item_id, type=pb.CLICK)]))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "retry later" in err.details()
+        disks[0].full = False
+        rec = stub.Recommend(pb.RecommendRequest(user_id="disk", n=3), timeout=10)
+        fb = stub.Feedback(pb.FeedbackRequest(events=[
+            pb.FeedbackEvent(event_id="d2", user_id="disk", item_id=rec.items[0].item_id, type=pb.CLICK,
+                             request_id=rec.request_id)]), timeout=10)
+        assert fb.accepted == 1
+    finally:
+        close()
