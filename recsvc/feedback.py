@@ -13,7 +13,8 @@ A batch that is empty, or in which nothing was accepted or a duplicate, is an in
 gRPC callers alike; a mixed batch succeeds and lists its rejections.
 
 Served slates come from the request path; :meth:`FeedbackPath.record_served` puts them into the log, then
-the state and the aggregates (best effort: a slate the log refuses is dropped and counted, never half-kept). Log replay applies the same records through :meth:`apply`.
+the state and the aggregates (best effort: a slate the log refuses is dropped and counted, never half-kept).
+Log replay applies the same records through :meth:`apply`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ log = logging.getLogger("recsvc.feedback")
 
 DAY_MS = 86_400_000
 FUTURE_SLACK_MS = 3_600_000  # events may be stamped up to an hour ahead of the server's clock
+#: Largest |value| an event may carry (a revenue of 10^15 in any currency unit is beyond any real one):
+#: experiment reports sum values and their squares per user, and those sums must stay finite.
+MAX_EVENT_VALUE = 1e15
 DROP_LOG_INTERVAL_S = 60.0  # at most one log line a minute about served slates the log refused
 
 
@@ -130,8 +134,8 @@ class FeedbackPath:
             elif ts < oldest or ts > newest:
                 reason = (f"timestamp_ms {ts} is outside the accepted range "
                           f"[now - {self._max_age_days:g} days, now + 1 h]")
-            elif not math.isfinite(ev.value):
-                reason = "value must be finite"
+            elif not (math.isfinite(ev.value) and abs(ev.value) <= MAX_EVENT_VALUE):
+                reason = f"value must be finite and at most {MAX_EVENT_VALUE:g} in magnitude"
             elif ev.request_id:
                 slate = self.state.served_slate(ev.request_id)
                 if slate is None and self.journal.shared:  # served by another replica, not applied here yet
@@ -170,7 +174,7 @@ class FeedbackPath:
             slate.diversity, slate.novelty = self.slate_diversity_novelty(slate.rows)
         if self.journal.shared:  # the consumer applies it, here and on every replica
             self.journal.publish_served(slate)
-            return
+            return True
         with self.journal.served:
             try:
                 self.journal.append([slate], durable=False)

@@ -29,6 +29,8 @@ class RecommendQuery:
 @dataclass
 class SlateItem:
     item_id: str
+    #: the item's score after exploration and boosts; 0 for a pinned or sponsored item that was not among
+    #: the ranked candidates (placed, not ranked)
     score: float
     category: str
     sources: list[str]

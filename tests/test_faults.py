@@ -6,11 +6,15 @@ Most run through a real server on a free loopback port (as callers see it) and i
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import math
 import os
+import re
 import threading
 
 import grpc
+import numpy as np
 import pytest
 
 from recsvc.v1 import recommender_pb2 as pb
@@ -218,3 +222,181 @@ def test_recommend_over_grpc_on_a_full_disk_is_ok_and_feedback_unavailable(tmp_p
         assert fb.accepted == 1
     finally:
         close()
+
+
+# -- 10. validation gaps ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def greedy_engine(tmp_path, clock):
+    from recsvc.engine import Engine
+
+    eng = Engine.from_config(small_config(tmp_path, exploration={"policy": "greedy"}), clock=clock)
+    yield eng
+    eng.close(snapshot=False)
+
+
+def _slate(eng, user, **kw):
+    from recsvc.engine import RecommendQuery
+
+    return [(i.item_id, i.sources) for i in eng.recommend(RecommendQuery(user_id=user, n=8, **kw)).items]
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e-25])
+def test_user_embedding_of_any_finite_magnitude_keeps_its_direction(greedy_engine, scale):
+    """1e19 overflowed the float32 norm: the user vector became zeros and the ANN source silently vanished."""
+    v = greedy_engine.catalog.embeddings[42].astype(np.float64)
+    v = v / np.abs(v).max()
+    expected = _slate(greedy_engine, "a", user_embedding=v.tolist())
+    assert any("ann" in s for _, s in expected)
+    scaled = (v * scale).astype(np.float32)  # what a gRPC caller can send
+    assert np.isfinite(scaled).all() and scaled.any()
+    assert _slate(greedy_engine, "b", user_embedding=scaled.tolist()) == expected
+
+
+def test_user_embedding_of_1e45_is_not_all_zeros(greedy_engine):
+    """1e-45 (a float32 denormal) was refused as "all zeros": its float32 norm underflowed."""
+    ones = _slate(greedy_engine, "a", user_embedding=[1.0] * 16)
+    assert _slate(greedy_engine, "b", user_embedding=[1e-45] * 16) == ones
+    assert _slate(greedy_engine, "c", user_embedding=[-1e-300] * 16) == \
+        _slate(greedy_engine, "d", user_embedding=[-1.0] * 16)
+
+
+@pytest.mark.parametrize("values, match", [
+    ([0.0] * 16, "non-zero"),
+    ([math.inf] + [1.0] * 15, "finite"),
+    ([math.nan] * 16, "finite"),
+    ([1e39] * 16, "float32 range"),
+])
+def test_user_embedding_refused_only_when_not_finite_or_zero(engine, values, match):
+    from recsvc.engine import RecommendQuery
+    from recsvc.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=match):
+        engine.recommend(RecommendQuery(user_id="u", user_embedding=values))
+
+
+def test_item_embeddings_of_extreme_magnitude_over_grpc(stub):
+    """Items are normalised by the same rule (float64): 1e-45 and 1e19 keep their direction."""
+    for item_id, scale in (("tiny-45", 1e-45), ("huge-19", 1e19)):
+        v = np.zeros(16)
+        v[5] = scale
+        up = stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=item_id, embedding=v.tolist())]),
+                              timeout=10)
+        assert up.inserted == 1
+        rec = stub.Recommend(pb.RecommendRequest(user_id=f"x-{item_id}", n=5, user_embedding=v.tolist()),
+                             timeout=10)
+        assert item_id in [i.item_id for i in rec.items]
+        stub.DeleteItems(pb.DeleteItemsRequest(item_ids=[item_id]), timeout=10)
+    err = rpc_error(stub.Recommend, pb.RecommendRequest(user_id="z", user_embedding=[0.0] * 16))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-zero" in err.details()
+
+
+@pytest.mark.parametrize("rules, key", [
+    ({"pinned": {"item-0001": -1}}, "rerank.pinned.item-0001"),
+    ({"pinned": {"item-0001": 10**9}}, "rerank.pinned.item-0001"),
+    ({"sponsored_items": ["item-0001"], "sponsored_positions": [-1]}, "rerank.sponsored_positions.0"),
+    ({"sponsored_items": ["item-0001"], "sponsored_positions": [2, 10**9]}, "rerank.sponsored_positions.1"),
+    ({"long_tail_boost": math.inf}, "rerank.long_tail_boost"),
+    ({"long_tail_boost": math.nan}, "rerank.long_tail_boost"),
+    ({"freshness_boost": math.inf}, "rerank.freshness_boost"),
+])
+def test_out_of_range_rerank_rules_are_invalid_argument(engine, rules, key):
+    """Positions of -1 or 10^9 and an infinite boost were accepted (the boost made NaN scores)."""
+    from recsvc.engine import RecommendQuery
+    from recsvc.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=re.escape(key)):
+        engine.recommend(RecommendQuery(user_id="u", rerank=rules))
+
+
+@pytest.mark.parametrize("request_, key", [
+    (pb.RecommendRequest(user_id="u", rerank=pb.RerankRules(pinned={"item-0001": -1})), "rerank.pinned.item-0001"),
+    (pb.RecommendRequest(user_id="u", rerank=pb.RerankRules(pinned={"item-0001": 10**9})),
+     "rerank.pinned.item-0001"),
+    (pb.RecommendRequest(user_id="u", rerank=pb.RerankRules(sponsored_item_ids=["item-0001"],
+                                                            sponsored_positions=[-1])),
+     "rerank.sponsored_positions.0"),
+    (pb.RecommendRequest(user_id="u", rerank=pb.RerankRules(long_tail_boost=math.inf)), "rerank.long_tail_boost"),
+    (pb.RecommendRequest(user_id="u", rerank=pb.RerankRules(pinned={_huge("pin-"): -1})), "rerank.pinned.'pin-xxx"),
+])
+def test_out_of_range_rerank_rules_over_grpc(stub, request_, key):
+    err = rpc_error(stub.Recommend, request_)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.details() and len(err.details()) < 1000
+
+
+@pytest.mark.parametrize("reranking, key", [
+    ({"pinned": {"item-0001": -1}}, "reranking.pinned.item-0001"),
+    ({"pinned": {"item-0001": 10**9}}, "reranking.pinned.item-0001"),
+    ({"sponsored_positions": [-1]}, "reranking.sponsored_positions.0"),
+    ({"sponsored_positions": [10**9]}, "reranking.sponsored_positions"),
+    ({"long_tail_boost": math.inf}, "reranking.long_tail_boost"),
+    ({"freshness_boost": math.inf}, "reranking.freshness_boost"),
+])
+def test_out_of_range_rerank_rules_in_config_are_refused(tmp_path, reranking, key):
+    from recsvc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        small_config(tmp_path, reranking=reranking)
+
+
+def test_pinned_item_that_was_not_a_candidate_has_score_zero_not_nan(greedy_engine, stub):
+    from recsvc.engine import RecommendQuery
+
+    """A pinned item that retrieval had not proposed came back with score NaN."""
+    eng = greedy_engine
+    candidates = set(eng.candidates(RecommendQuery(user_id="p", n=5)).rows.tolist())
+    far = next(eng.catalog.item_ids[r] for r in range(eng.catalog.n_rows) if r not in candidates)
+    near = eng.catalog.item_ids[min(candidates)]
+    rec = eng.recommend(RecommendQuery(user_id="p", n=5, rerank={"pinned": {far: 0, near: 1}}))
+    assert [i.item_id for i in rec.items[:2]] == [far, near]
+    assert rec.items[0].score == 0.0  # placed, not ranked
+    assert all(math.isfinite(i.score) for i in rec.items)
+    resp = stub.Recommend(pb.RecommendRequest(user_id="p", n=5, rerank=pb.RerankRules(
+        pinned={"item-0001": 0}, sponsored_item_ids=["item-0002"], sponsored_positions=[1])), timeout=10)
+    assert [i.item_id for i in resp.items[:2]] == ["item-0001", "item-0002"]
+    assert all(math.isfinite(i.score) for i in resp.items)
+
+
+def test_category_ending_in_nul_is_refused(tmp_path, clock, stub):
+    """"cat\\x00" came back as "cat" after a restart: the snapshot's catalog is loaded through numpy strings,
+    which drop trailing NULs (the log replay kept it)."""
+    from recsvc.engine import Engine, ItemIn
+    from recsvc.errors import InvalidArgument
+
+    eng = Engine.from_config(small_config(tmp_path), clock=clock)
+    with pytest.raises(InvalidArgument, match="category must not end with a NUL character"):
+        eng.upsert_items([ItemIn("n1", [1.0] * 16, category="cat\x00")])
+    eng.upsert_items([ItemIn("n2", [1.0] * 16, category="a\x00b")])  # an inner NUL survives a restart
+    eng.close()
+    eng = Engine.from_config(small_config(tmp_path), clock=clock)
+    c = eng.catalog
+    assert "n1" not in c.row_of and c.category_names[c.categories[c.row_of["n2"]]] == "a\x00b"
+    eng.close(snapshot=False)
+    err = rpc_error(stub.UpsertItems, pb.UpsertItemsRequest(items=[
+        pb.Item(item_id="n3", embedding=[1.0] * 16, category="\x00")]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "NUL" in err.details()
+
+
+def test_huge_conversion_value_is_refused_and_reports_stay_finite(tmp_path, clock):
+    """A conversion value of 1.7e308 was accepted and the experiment report showed inf and nan."""
+    from recsvc.engine import Engine, FeedbackEventIn, FeedbackRejected, RecommendQuery
+    from recsvc.feedback import MAX_EVENT_VALUE
+
+    (tmp_path / "experiments.toml").write_text(EXPERIMENTS)
+    eng = Engine.from_config(small_config(tmp_path, experiments={"file": str(tmp_path / "experiments.toml")}),
+                             clock=clock)
+    events = []
+    for u in range(6):
+        rec = eng.recommend(RecommendQuery(user_id=f"v{u}", n=2))
+        item = rec.items[0].item_id
+        events += [FeedbackEventIn(f"i{u}", f"v{u}", item, "impression", request_id=rec.request_id),
+                   FeedbackEventIn(f"c{u}", f"v{u}", item, "conversion", request_id=rec.request_id,
+                                   value=MAX_EVENT_VALUE if u % 2 else -MAX_EVENT_VALUE)]
+    with pytest.raises(FeedbackRejected, match=r"value must be finite and at most 1e\+15 in magnitude"):
+        eng.feedback([FeedbackEventIn("big", "v0", events[0].item_id, "conversion", value=1.7e308)])
+    assert eng.feedback(events).accepted == len(events)
+    data, text, _ = eng.experiment_report("policy")
+    json.dumps(data, allow_nan=False)  # every number finite (or None)
+    assert "inf" not in text and "nan" not in text
+    eng.close(snapshot=False)
