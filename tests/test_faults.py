@@ -400,3 +400,39 @@ def test_huge_conversion_value_is_refused_and_reports_stay_finite(tmp_path, cloc
     json.dumps(data, allow_nan=False)  # every number finite (or None)
     assert "inf" not in text and "nan" not in text
     eng.close(snapshot=False)
+
+
+# -- 9. two servers on one port -----------------------------------------------------------------------------
+
+def test_second_server_on_a_taken_port_refuses_to_start(tmp_path):
+    """gRPC's SO_REUSEPORT let two servers share a port and split the traffic between two states."""
+    from conftest import free_port
+    from recsvc.server import serve
+
+    port = free_port()
+    channel, close = start_server(small_config(tmp_path / "a", server={"port": port}))
+    try:
+        errors, second_ready, stop_second = [], threading.Event(), threading.Event()
+
+        def second():
+            try:
+                serve(small_config(tmp_path / "b", server={"port": port}), stop_event=stop_second,
+                      on_ready=lambda _: second_ready.set())
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                errors.append(exc)
+
+        t = threading.Thread(target=second, daemon=True)
+        t.start()
+        while t.is_alive() and not second_ready.wait(0.05):
+            pass
+        stop_second.set()
+        t.join(30)
+        assert not second_ready.is_set(), "a second server started on a taken port"
+        assert isinstance(errors[0], OSError)
+        assert f"127.0.0.1:{port} is already in use" in str(errors[0]) and "server.port" in str(errors[0])
+        # the first server still answers every call
+        stub = pb_grpc.RecommenderStub(channel)
+        for k in range(5):
+            assert len(stub.Recommend(pb.RecommendRequest(user_id=f"p{k}", n=2), timeout=10).items) == 2
+    finally:
+        close()

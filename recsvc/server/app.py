@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -33,10 +34,17 @@ def add_to_server(server: grpc.Server, engine) -> None:
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(engine), server)
 
 
+class PortInUse(OSError):
+    """The configured address is taken (by another recsvc or anything else): the server refuses to start."""
+
+
 def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server with health (NOT_SERVING until the engine is mounted) and reflection.
 
-    ``reuse_port``: share the port with the other workers of ``recsvc serve --workers`` (SO_REUSEPORT)."""
+    ``reuse_port``: share the port with the other workers of ``recsvc serve --workers`` (SO_REUSEPORT).
+    Otherwise a taken ``server.host:server.port`` raises :class:`PortInUse`: with gRPC's default SO_REUSEPORT
+    two servers would share the port and split traffic between two states.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="recsvc"),
         interceptors=[ErrorMappingInterceptor()],
@@ -51,9 +59,15 @@ def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, in
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    address = f"{cfg.server.host}:{cfg.server.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {cfg.server.host}:{cfg.server.port}")
+        raise PortInUse(errno.EADDRINUSE,
+                        f"{address} is already in use (another recsvc?) or cannot be bound here; stop the "
+                        "other server or set server.port (0 picks a free port)")
     return server, port, health_servicer
 
 
