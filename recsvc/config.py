@@ -33,6 +33,21 @@ class ServerConfig(_Section):
     max_workers: int = Field(8, ge=1, le=256, description="gRPC worker threads (requests run in parallel).")
     grace_period_s: float = Field(5.0, ge=0, description="On shutdown, in-flight calls get this long to finish.")
     max_batch: int = Field(10_000, ge=1, description="Most events or items accepted in one Feedback/Upsert call.")
+    shed_overload: bool = Field(
+        True,
+        description="Refuse what cannot be served in time with RESOURCE_EXHAUSTED (retryable) instead of "
+        "queueing it (max_queued_rpcs, min_deadline_ms); false: calls wait for a worker without bound.",
+    )
+    max_queued_rpcs: int = Field(
+        8, ge=0,
+        description="Calls that may wait for a worker beyond the max_workers running (health checks count too); "
+        "more are refused at once with RESOURCE_EXHAUSTED.",
+    )
+    min_deadline_ms: float = Field(
+        5.0, ge=0, allow_inf_nan=False,
+        description="A call whose deadline leaves less than this when a worker takes it up is refused with "
+        "RESOURCE_EXHAUSTED instead of started (0: never).",
+    )
 
 
 class DemoCatalogConfig(_Section):

@@ -22,6 +22,11 @@ class FailedPrecondition(RecsvcError):
     """The operation is valid but not in the current state (e.g. no experiments)."""
 
 
+class Overloaded(RecsvcError):
+    """The server sheds this call: too many are waiting, or its deadline leaves too little time to serve it.
+    Retryable (with backoff, or on another replica)."""
+
+
 #: Characters of a caller-supplied value that error messages quote (see :func:`echo`).
 ECHO_CHARS = 100
 

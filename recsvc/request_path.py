@@ -148,7 +148,11 @@ class RequestPath:
             raise InvalidArgument(f"filter.max_maturity must be >= 0, got {q.max_maturity}")
         rules = request_rules(cfg.reranking, q.rerank, cfg.recommend.max_n)
         b = cfg.budgets
-        budget_ms = b.total_ms if q.budget_ms <= 0 else min(q.budget_ms, b.total_ms)
+        # The time the request waited before reaching us counts against the configured budget (a caller's
+        # deadline in budget_ms already counts it).
+        budget_ms = b.total_ms - (q.queued_ms if q.queued_ms > 0 else 0.0)  # (NaN: not > 0)
+        if q.budget_ms > 0:
+            budget_ms = min(q.budget_ms, budget_ms)
         deadline_ns = t_start + int(budget_ms * 1e6)
         degraded = False
 

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -226,11 +227,14 @@ def test_recommend_over_grpc_on_a_full_disk_is_ok_and_feedback_unavailable(tmp_p
 
 # -- 10. validation gaps ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def greedy_engine(tmp_path, clock):
+@pytest.fixture(scope="module")
+def greedy_engine(tmp_path_factory):
+    """One in-process engine for the validation tests (they change nothing)."""
+    from conftest import FakeClock
     from recsvc.engine import Engine
 
-    eng = Engine.from_config(small_config(tmp_path, exploration={"policy": "greedy"}), clock=clock)
+    eng = Engine.from_config(small_config(tmp_path_factory.mktemp("greedy"), exploration={"policy": "greedy"}),
+                             clock=FakeClock())
     yield eng
     eng.close(snapshot=False)
 
@@ -267,12 +271,12 @@ def test_user_embedding_of_1e45_is_not_all_zeros(greedy_engine):
     ([math.nan] * 16, "finite"),
     ([1e39] * 16, "float32 range"),
 ])
-def test_user_embedding_refused_only_when_not_finite_or_zero(engine, values, match):
+def test_user_embedding_refused_only_when_not_finite_or_zero(greedy_engine, values, match):
     from recsvc.engine import RecommendQuery
     from recsvc.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=match):
-        engine.recommend(RecommendQuery(user_id="u", user_embedding=values))
+        greedy_engine.recommend(RecommendQuery(user_id="u", user_embedding=values))
 
 
 def test_item_embeddings_of_extreme_magnitude_over_grpc(stub):
@@ -300,13 +304,13 @@ def test_item_embeddings_of_extreme_magnitude_over_grpc(stub):
     ({"long_tail_boost": math.nan}, "rerank.long_tail_boost"),
     ({"freshness_boost": math.inf}, "rerank.freshness_boost"),
 ])
-def test_out_of_range_rerank_rules_are_invalid_argument(engine, rules, key):
+def test_out_of_range_rerank_rules_are_invalid_argument(greedy_engine, rules, key):
     """Positions of -1 or 10^9 and an infinite boost were accepted (the boost made NaN scores)."""
     from recsvc.engine import RecommendQuery
     from recsvc.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=re.escape(key)):
-        engine.recommend(RecommendQuery(user_id="u", rerank=rules))
+        greedy_engine.recommend(RecommendQuery(user_id="u", rerank=rules))
 
 
 @pytest.mark.parametrize("request_, key", [
@@ -436,3 +440,112 @@ def test_second_server_on_a_taken_port_refuses_to_start(tmp_path):
             assert len(stub.Recommend(pb.RecommendRequest(user_id=f"p{k}", n=2), timeout=10).items) == 2
     finally:
         close()
+
+
+# -- 7. overload is shed, not queued ------------------------------------------------------------------------
+
+def slow_engine_factory(delay_s: float, slow: threading.Event):
+    """Engines whose Recommend takes ``delay_s`` longer while ``slow`` is set (a stand-in for a busy CPU)."""
+    from recsvc.engine import Engine
+
+    def factory(c):
+        eng = Engine.from_config(c)
+        real = eng.recommend
+
+        def recommend(q, *a, **kw):
+            if slow.is_set():
+                time.sleep(delay_s)
+            return real(q, *a, **kw)
+
+        eng.recommend = recommend
+        return eng
+
+    return factory
+
+
+def _concurrently(calls):
+    """Run the zero-argument ``calls`` at once; [(outcome, seconds)] in order (outcome: response or status)."""
+    out = [None] * len(calls)
+
+    def run(i):
+        t0 = time.monotonic()
+        try:
+            res = calls[i]()
+        except grpc.RpcError as exc:
+            res = exc.code()
+        out[i] = (res, time.monotonic() - t0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for k, t in enumerate(threads):
+        t.start()
+        time.sleep(0.02)  # arrive in this order
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_overload_beyond_the_queue_is_refused_at_once(tmp_path):
+    """64 callers queued in the thread pool until their deadlines passed; now what cannot wait is refused."""
+    slow = threading.Event()
+    cfg = small_config(tmp_path, server={"port": 0, "max_workers": 1, "max_queued_rpcs": 1})
+    channel, close = start_server(cfg, engine_factory=slow_engine_factory(0.3, slow))
+    try:
+        stub = pb_grpc.RecommenderStub(channel)
+        slow.set()
+        results = _concurrently([lambda k=k: stub.Recommend(pb.RecommendRequest(user_id=f"o{k}", n=3), timeout=5)
+                                 for k in range(6)])
+        ok = [r for r, _ in results if isinstance(r, pb.RecommendResponse)]
+        refused = [s for r, s in results if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(ok) == 2 and len(refused) == 4, results  # one running, one waiting
+        assert max(refused) < 0.25  # refused at once: waiting would take >= 0.3 s
+    finally:
+        slow.clear()
+        close()
+
+
+def test_call_whose_deadline_ran_out_in_the_queue_is_refused_not_started(tmp_path):
+    """A call that waited until its deadline left less than server.min_deadline_ms used to start anyway and
+    end in DEADLINE_EXCEEDED; it is refused with RESOURCE_EXHAUSTED (retryable) before its deadline."""
+    slow = threading.Event()
+    cfg = small_config(tmp_path, server={"port": 0, "max_workers": 1, "max_queued_rpcs": 4,
+                                         "min_deadline_ms": 250})
+    channel, close = start_server(cfg, engine_factory=slow_engine_factory(0.3, slow))
+    try:
+        stub = pb_grpc.RecommenderStub(channel)
+        slow.set()
+        (first, _), (second, took) = _concurrently([
+            lambda: stub.Recommend(pb.RecommendRequest(user_id="first", n=3), timeout=5),
+            lambda: stub.Recommend(pb.RecommendRequest(user_id="second", n=3), timeout=0.45),
+        ])
+        assert isinstance(first, pb.RecommendResponse)
+        assert second == grpc.StatusCode.RESOURCE_EXHAUSTED and took < 0.45
+    finally:
+        slow.clear()
+        close()
+
+
+def test_time_queued_counts_against_the_budget(tmp_path):
+    """Without a caller deadline, a call that waited past budgets.total_ms for a worker still planned a full
+    pipeline; the wait now counts, so it comes back degraded."""
+    slow = threading.Event()
+    cfg = small_config(tmp_path, server={"port": 0, "max_workers": 1, "max_queued_rpcs": 4})
+    channel, close = start_server(cfg, engine_factory=slow_engine_factory(0.3, slow))
+    try:
+        stub = pb_grpc.RecommenderStub(channel)
+        slow.set()
+        (first, _), (second, _) = _concurrently([
+            lambda: stub.Recommend(pb.RecommendRequest(user_id="first", n=3)),
+            lambda: stub.Recommend(pb.RecommendRequest(user_id="second", n=3)),
+        ])
+        assert not first.degraded and second.degraded and len(second.items) == 3
+    finally:
+        slow.clear()
+        close()
+
+
+def test_queued_ms_counts_against_the_budget_in_process(greedy_engine):
+    from recsvc.engine import RecommendQuery
+
+    assert not greedy_engine.recommend(RecommendQuery(user_id="q", n=5)).degraded
+    rec = greedy_engine.recommend(RecommendQuery(user_id="q", n=5, queued_ms=greedy_engine.cfg.budgets.total_ms + 1))
+    assert rec.degraded and len(rec.items) == 5

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.config import Config
 from recsvc.errors import Unavailable
+from recsvc.server.admission import AdmissionInterceptor
 from recsvc.server.interceptors import ErrorMappingInterceptor
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -45,11 +46,16 @@ def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, in
     Otherwise a taken ``server.host:server.port`` raises :class:`PortInUse`: with gRPC's default SO_REUSEPORT
     two servers would share the port and split traffic between two states.
     """
+    sc = cfg.server
+    shed = sc.shed_overload
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="recsvc"),
-        interceptors=[ErrorMappingInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=sc.max_workers, thread_name_prefix="recsvc"),
+        interceptors=[ErrorMappingInterceptor(),
+                      AdmissionInterceptor(SERVICE_NAME, sc.min_deadline_ms if shed else 0.0)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                  ("grpc.so_reuseport", 1 if reuse_port else 0)],
+        # calls beyond this are refused by gRPC at once (RESOURCE_EXHAUSTED), see recsvc.server.admission
+        maximum_concurrent_rpcs=sc.max_workers + sc.max_queued_rpcs if shed else None,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,8 +1,9 @@
 """One place that maps domain errors to gRPC status codes.
 
 invalid input -> INVALID_ARGUMENT, unknown ids -> NOT_FOUND, not ready ->
-UNAVAILABLE, wrong state -> FAILED_PRECONDITION, anything else -> INTERNAL with
-a generic message (the traceback is logged, never sent to the caller).
+UNAVAILABLE, wrong state -> FAILED_PRECONDITION, shed under overload ->
+RESOURCE_EXHAUSTED, anything else -> INTERNAL with a generic message (the
+traceback is logged, never sent to the caller).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 
 import grpc
 
-from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, Overloaded, Unavailable
 
 log = logging.getLogger("recsvc.server")
 
@@ -25,7 +26,9 @@ _STATUS = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
+_DOMAIN_ERRORS = tuple(cls for cls, _ in _STATUS)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -75,7 +78,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                                       f"(string fields must be UTF-8): {request.reason}"))
             try:
                 return inner(request, context)
-            except (InvalidArgument, NotFound, Unavailable, FailedPrecondition) as exc:
+            except _DOMAIN_ERRORS as exc:
                 context.abort(status_for(exc), bounded(str(exc)))
             except Exception:  # noqa: BLE001 - the last line of defence
                 # (handlers never call context.abort themselves: they raise domain errors)
