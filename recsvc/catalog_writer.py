@@ -7,13 +7,12 @@ per-category rows) are rebuilt outside the ingest lock, so feedback need not wai
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from recsvc.catalog import Catalog, CatalogError, ItemRecord
-from recsvc.errors import InvalidArgument, Unavailable
+from recsvc.errors import InvalidArgument, Unavailable, echo
 from recsvc.messages import ItemIn
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.sources import Retriever
@@ -23,6 +22,41 @@ from recsvc.state.records import CatalogDelete, CatalogUpsert
 
 _INT32_MAX = 2**31 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+#: Magnitudes (largest |value|) whose norm each dtype computes without overflow or underflow, for up to 4096
+#: dimensions; outside them the vector is scaled by its largest magnitude first, in float64.
+_SAFE_NORM = {np.dtype(np.float32): (1e-18, 1e17), np.dtype(np.float64): (1e-150, 1e150)}
+
+
+def validated_embedding(values: Sequence[float], dim: int, what: str, normalize: bool,
+                        dtype: type = np.float64) -> np.ndarray:
+    """An item's or a user's embedding as float32, unit length when ``normalize`` — one rule for both.
+
+    Refused (``InvalidArgument`` naming ``what``) only when it has the wrong dimension, is not finite, lies
+    outside float32 range or is exactly zero: any other magnitude keeps its direction. The norm is taken in
+    ``dtype`` when its magnitude is ordinary (item embeddings in float64, user embeddings in float32, as each
+    has always been served), and in float64 after scaling by the largest magnitude otherwise: 1e19 overflows
+    a float32 norm and 1e-45 underflows it to 0.
+    """
+    emb = np.asarray(values, np.float64).reshape(-1)
+    if emb.size != dim:
+        raise InvalidArgument(f"{what} has {emb.size} values; the catalog's dimension is {dim}")
+    if not np.isfinite(emb).all():
+        raise InvalidArgument(f"{what} must be finite, non-zero and within float32 range: it holds NaN or infinity")
+    peak = float(np.abs(emb).max()) if emb.size else 0.0
+    if peak > _FLOAT32_MAX:
+        raise InvalidArgument(f"{what} must be finite, non-zero and within float32 range: |value| reaches {peak:.3g}")
+    if peak == 0.0:
+        raise InvalidArgument(f"{what} must be finite, non-zero and within float32 range: it is all zeros")
+    if not normalize:
+        return emb.astype(np.float32)
+    low, high = _SAFE_NORM[np.dtype(dtype)]
+    if low <= peak <= high:
+        vec = emb.astype(dtype)
+        return (vec / vec.dtype.type(np.linalg.norm(vec))).astype(np.float32)
+    emb /= peak
+    return (emb / np.linalg.norm(emb)).astype(np.float32)
 
 
 class CatalogWriter:
@@ -70,7 +104,7 @@ class CatalogWriter:
     def _validated(self, items: Sequence[ItemIn]) -> list[ItemRecord]:
         records, seen = [], set()
         for i, it in enumerate(items):
-            where = f"items[{i}] ({it.item_id!r})"
+            where = f"items[{i}] ({echo(it.item_id)})"
             if not it.item_id:
                 raise InvalidArgument(f"items[{i}].item_id is required")
             if it.item_id.startswith("\x00"):
@@ -78,18 +112,15 @@ class CatalogWriter:
             if it.item_id in seen:
                 raise InvalidArgument(f"{where}: the id appears twice in one call")
             seen.add(it.item_id)
-            emb = np.asarray(it.embedding, np.float64).reshape(-1)
-            if emb.size != self.catalog.dim:
-                raise InvalidArgument(
-                    f"{where}: embedding has {emb.size} values; the catalog's dimension is {self.catalog.dim}")
-            norm = float(np.linalg.norm(emb)) if np.isfinite(emb).all() else math.nan
-            if not math.isfinite(norm) or norm == 0.0 or np.abs(emb).max() > _FLOAT32_MAX:
-                raise InvalidArgument(f"{where}: embedding must be finite, non-zero and within float32 range")
-            if self.catalog.normalize:
-                emb = emb / norm  # in float64, so huge or tiny values keep their direction
+            emb = validated_embedding(it.embedding, self.catalog.dim, f"{where}: embedding", self.catalog.normalize)
             if not 0 <= it.maturity <= _INT32_MAX:
                 raise InvalidArgument(f"{where}: maturity must be between 0 and {_INT32_MAX}")
-            records.append(ItemRecord(it.item_id, emb.astype(np.float32), it.category, int(it.maturity),
+            if it.category.endswith("\x00"):
+                # A saved catalog is read back through numpy strings, which drop trailing NULs: after a
+                # restart from a snapshot the item would be in another category.
+                raise InvalidArgument(f"{where}: category must not end with a NUL character (it would not "
+                                      "survive a restart)")
+            records.append(ItemRecord(it.item_id, emb, it.category, int(it.maturity),
                                       int(it.created_at_ms) or self.clock(), 0.0, dict(it.attributes)))
         return records
 

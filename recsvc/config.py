@@ -33,6 +33,21 @@ class ServerConfig(_Section):
     max_workers: int = Field(8, ge=1, le=256, description="gRPC worker threads (requests run in parallel).")
     grace_period_s: float = Field(5.0, ge=0, description="On shutdown, in-flight calls get this long to finish.")
     max_batch: int = Field(10_000, ge=1, description="Most events or items accepted in one Feedback/Upsert call.")
+    shed_overload: bool = Field(
+        True,
+        description="Refuse what cannot be served in time with RESOURCE_EXHAUSTED (retryable) instead of "
+        "queueing it (max_queued_rpcs, min_deadline_ms); false: calls wait for a worker without bound.",
+    )
+    max_queued_rpcs: int = Field(
+        8, ge=0,
+        description="Calls that may wait for a worker beyond the max_workers running (health checks count too); "
+        "more are refused at once with RESOURCE_EXHAUSTED.",
+    )
+    min_deadline_ms: float = Field(
+        5.0, ge=0, allow_inf_nan=False,
+        description="A call whose deadline leaves less than this when a worker takes it up is refused with "
+        "RESOURCE_EXHAUSTED instead of started (0: never).",
+    )
 
 
 class DemoCatalogConfig(_Section):
@@ -141,18 +156,32 @@ class RerankingConfig(_Section):
     mmr_lambda: float = Field(
         0.0, ge=0.0, le=1.0, description="MMR diversity weight: 0 off, 1 pure diversity."
     )
-    freshness_boost: float = Field(0.0, ge=0.0, description="Added score * freshness (0..1).")
-    long_tail_boost: float = Field(0.0, ge=0.0, description="Added score * (1 - popularity percentile).")
+    freshness_boost: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="Added score * freshness (0..1); finite."
+    )
+    long_tail_boost: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="Added score * (1 - popularity percentile); finite."
+    )
     max_maturity: int = Field(
         18, ge=0, description="Service-wide ceiling: items rated above this are never served."
     )
-    pinned: dict[str, int] = Field(
-        default_factory=dict, description="item_id -> fixed 0-based position, when eligible."
+    pinned: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="item_id -> fixed 0-based position (below recommend.max_n), when eligible.",
     )
     sponsored_items: list[str] = Field(default_factory=list, description="Sponsored item ids.")
-    sponsored_positions: list[int] = Field(
-        default_factory=list, description="0-based positions reserved for sponsored items."
+    sponsored_positions: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="0-based positions (below recommend.max_n) reserved for sponsored items."
     )
+
+    def position_errors(self, max_n: int) -> list[tuple[str, str]]:
+        """(key, message) for every pinned or sponsored position no slate can have (``>= max_n``)."""
+        errors = [(f"pinned.{item}", f"position {pos} is beyond the largest slate (recommend.max_n = {max_n})")
+                  for item, pos in self.pinned.items() if pos >= max_n]
+        errors += [(f"sponsored_positions.{i}",
+                    f"position {pos} is beyond the largest slate (recommend.max_n = {max_n})")
+                   for i, pos in enumerate(self.sponsored_positions) if pos >= max_n]
+        return errors
 
 
 class BudgetConfig(_Section):
@@ -198,7 +227,9 @@ class StateConfig(_Section):
         1_000_000, ge=1, description="Event ids remembered for idempotency (most recent)."
     )
     served_log_size: int = Field(
-        200_000, ge=1, description="Served slates kept for attribution (most recent)."
+        200_000, ge=1,
+        description="Served slates kept for attribution (most recent); each costs ~0.9 KB + 0.14 KB per item of "
+        "memory (~2.6 KB resident for 10 items: ~0.5 GB at the default).",
     )
     attribution_window_s: float = Field(
         1800.0, gt=0, description="An impression with no click within this window counts as a failure."
@@ -233,6 +264,10 @@ class Config(_Section):
             raise ValueError("recommend.default_n must not exceed recommend.max_n")
         if sum(self.retrieval.shares.values()) <= 0:
             raise ValueError("retrieval.shares must give at least one source a positive share")
+        errors = self.reranking.position_errors(self.recommend.max_n)
+        if errors:
+            key, msg = errors[0]
+            raise ValueError(f"reranking.{key}: {msg}")
         return self
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> "Config":
@@ -285,6 +320,10 @@ def _validate(data: dict[str, Any], source: str) -> Config:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            if not err["loc"] and err["type"] == "value_error":
+                # a check across sections (Config._check_consistency): its message names the key
+                lines.append(f"{source}: {msg.removeprefix('Value error, ')}")
+                continue
             lines.append(f"{source}: {key}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from recsvc.catalog import Catalog
 from recsvc.catalog_writer import CatalogWriter
 from recsvc.config import Config
-from recsvc.errors import Unavailable
+from recsvc.errors import InvalidArgument, NotFound, Unavailable, echo
 from recsvc.feedback import FeedbackPath, FeedbackRejected
 from recsvc.messages import (
     FeedbackEventIn,
@@ -192,8 +192,15 @@ class Engine:
     # -- experiments ----------------------------------------------------------------------------------
     def experiment_report(self, name: str = "", plot_metric: str = "") -> tuple[dict[str, Any], str, bytes]:
         """(report as JSON-safe dict, as text, PNG of ``plot_metric`` over time or b"")."""
+        from recsvc.experiments import METRICS
         from recsvc.experiments.render import render_report
 
+        # The caller's strings are quoted cut to size here (render_report would quote them whole).
+        names = [e.name for e in self.experiments]
+        if name and name not in names:
+            raise NotFound(f"no experiment named {echo(name)}; known: {', '.join(names) or '(none)'}")
+        if plot_metric and name and plot_metric not in METRICS:
+            raise InvalidArgument(f"unknown metric {echo(plot_metric)}; choose from {', '.join(METRICS)}")
         return render_report(self.aggregates, self.experiments, name, plot_metric, self.clock(),
                              self.catalog.n_alive)
 

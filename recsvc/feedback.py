@@ -12,21 +12,23 @@ A batch that is empty, or in which nothing was accepted or a duplicate, is an in
 (:class:`FeedbackRejected`, an ``InvalidArgument`` carrying the per-event reasons) for in-process and
 gRPC callers alike; a mixed batch succeeds and lists its rejections.
 
-Served slates come from the request path; :meth:`FeedbackPath.record_served` puts them into the state,
-the aggregates and the log together. Log replay applies the same records through :meth:`apply`.
+Served slates come from the request path; :meth:`FeedbackPath.record_served` puts them into the log, then
+the state and the aggregates (best effort: a slate the log refuses is dropped and counted, never half-kept).
+Log replay applies the same records through :meth:`apply`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Sequence
 
 import numpy as np
 
 from recsvc.catalog import Catalog
 from recsvc.config import Config
-from recsvc.errors import InvalidArgument, Unavailable
+from recsvc.errors import InvalidArgument, Unavailable, echo
 from recsvc.messages import FeedbackEventIn, FeedbackResult, RejectedEvent
 from recsvc.state.interface import OnlineState
 from recsvc.state.journal import Journal
@@ -36,6 +38,10 @@ log = logging.getLogger("recsvc.feedback")
 
 DAY_MS = 86_400_000
 FUTURE_SLACK_MS = 3_600_000  # events may be stamped up to an hour ahead of the server's clock
+#: Largest |value| an event may carry (a revenue of 10^15 in any currency unit is beyond any real one):
+#: experiment reports sum values and their squares per user, and those sums must stay finite.
+MAX_EVENT_VALUE = 1e15
+DROP_LOG_INTERVAL_S = 60.0  # at most one log line a minute about served slates the log refused
 
 
 class FeedbackRejected(InvalidArgument):
@@ -56,6 +62,9 @@ class FeedbackPath:
         self.journal = journal
         self.aggregates = aggregates
         self.clock = clock
+        #: served slates that could not be logged (and so were not remembered): see :meth:`record_served`
+        self.served_dropped = 0
+        self._dropped_logged_at = -math.inf
 
     # -- Feedback ------------------------------------------------------------------------------------
     def ingest(self, events: Sequence[FeedbackEventIn]) -> FeedbackResult:
@@ -119,24 +128,24 @@ class FeedbackPath:
             elif not ev.user_id:
                 reason = "user_id is required"
             elif etype is None:
-                reason = f"unknown event type {ev.type!r}; expected IMPRESSION, CLICK or CONVERSION"
+                reason = f"unknown event type {echo(ev.type)}; expected IMPRESSION, CLICK or CONVERSION"
             elif row is None:
-                reason = f"unknown item_id {ev.item_id!r}"
+                reason = f"unknown item_id {echo(ev.item_id)}"
             elif ts < oldest or ts > newest:
                 reason = (f"timestamp_ms {ts} is outside the accepted range "
                           f"[now - {self._max_age_days:g} days, now + 1 h]")
-            elif not math.isfinite(ev.value):
-                reason = "value must be finite"
+            elif not (math.isfinite(ev.value) and abs(ev.value) <= MAX_EVENT_VALUE):
+                reason = f"value must be finite and at most {MAX_EVENT_VALUE:g} in magnitude"
             elif ev.request_id:
                 slate = self.state.served_slate(ev.request_id)
                 if slate is None and self.journal.shared:  # served by another replica, not applied here yet
                     slate = self.journal.fetch_served(ev.request_id)
                 if slate is None:
-                    reason = f"request_id {ev.request_id!r} is unknown or has expired"
+                    reason = f"request_id {echo(ev.request_id)} is unknown or has expired"
                 elif row not in slate.rows:
-                    reason = f"item {ev.item_id!r} was not served in request {ev.request_id!r}"
+                    reason = f"item {echo(ev.item_id)} was not served in request {echo(ev.request_id)}"
                 elif slate.user_id != ev.user_id:
-                    reason = f"request {ev.request_id!r} was served to another user"
+                    reason = f"request {echo(ev.request_id)} was served to another user"
             if reason is not None:
                 rejected.append(RejectedEvent(i, ev.event_id, reason))
                 continue
@@ -152,18 +161,39 @@ class FeedbackPath:
                 self.aggregates.record_event(slate.arms, ev.user_id, ev.type.label, ev.value, ev.ts_ms)
 
     # -- served slates ---------------------------------------------------------------------------------
-    def record_served(self, slate: ServedSlate) -> None:
-        """A slate the request path served: into the state, the aggregates and the log (not fsync'd:
-        a slate lost in a crash only loses the attribution of its feedback)."""
+    def record_served(self, slate: ServedSlate) -> bool:
+        """A slate the request path served: into the log, then the state and the aggregates (not fsync'd:
+        a slate lost in a crash only loses the attribution of its feedback).
+
+        Best effort: when the log cannot be written (a full disk), the slate is dropped — counted in
+        :attr:`served_dropped` and logged — and neither the state nor the aggregates see it, so memory
+        agrees with the log and a restart rebuilds the same slates. The Recommend is still answered; feedback
+        naming its request_id is refused as unknown. Returns whether the slate was recorded.
+        """
         if slate.arms:
             slate.diversity, slate.novelty = self.slate_diversity_novelty(slate.rows)
         if self.journal.shared:  # the consumer applies it, here and on every replica
             self.journal.publish_served(slate)
-            return
+            return True
         with self.journal.served:
+            try:
+                self.journal.append([slate], durable=False)
+            except OSError as exc:
+                self._dropped_served(exc)
+                return False
             self.state.remember_served(slate)
             self._record_served_aggregates(slate)
-            self.journal.append([slate], durable=False)
+        return True
+
+    def _dropped_served(self, exc: OSError) -> None:
+        """Count a served slate the log refused; log the first and then at most one line a minute."""
+        self.served_dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= DROP_LOG_INTERVAL_S:
+            self._dropped_logged_at = now
+            log.warning("could not log a served slate (%s); %d served slate(s) dropped so far: Recommend keeps "
+                        "serving, feedback on those slates cannot be attributed", exc.strerror or exc,
+                        self.served_dropped)
 
     def slate_diversity_novelty(self, rows_list: list[int]) -> tuple[float | None, float | None]:
         """Intra-list diversity and novelty of a slate (``recsvc.evaluation.metrics``' definitions, with the

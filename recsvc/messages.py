@@ -20,6 +20,9 @@ class RecommendQuery:
     #: Time budget for this call in ms (0: the configured budget). The gRPC
     #: layer passes the caller's deadline here.
     budget_ms: float = 0.0
+    #: How long the request already waited to be served, in ms (the gRPC layer: for a worker); it counts
+    #: against ``budgets.total_ms``.
+    queued_ms: float = 0.0
     #: Per-request re-ranking rules (keys of ``RerankingConfig``: max_per_category,
     #: mmr_lambda, freshness_boost, long_tail_boost, pinned, sponsored_items,
     #: sponsored_positions), applied on top of the configured/variant rules.
@@ -29,6 +32,8 @@ class RecommendQuery:
 @dataclass
 class SlateItem:
     item_id: str
+    #: the item's score after exploration and boosts; 0 for a pinned or sponsored item that was not among
+    #: the ranked candidates (placed, not ranked)
     score: float
     category: str
     sources: list[str]

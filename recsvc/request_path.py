@@ -22,8 +22,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from recsvc.catalog import Catalog
+from recsvc.catalog_writer import validated_embedding
 from recsvc.config import Config, RerankingConfig
-from recsvc.errors import FailedPrecondition, InvalidArgument
+from recsvc.errors import ECHO_CHARS, FailedPrecondition, InvalidArgument, echo
 from recsvc.messages import RecommendQuery, Recommendation, SlateItem
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
@@ -145,8 +146,13 @@ class RequestPath:
         n = self.resolve_n(q, cfg)
         if q.max_maturity < 0:
             raise InvalidArgument(f"filter.max_maturity must be >= 0, got {q.max_maturity}")
+        rules = request_rules(cfg.reranking, q.rerank, cfg.recommend.max_n)
         b = cfg.budgets
-        budget_ms = b.total_ms if q.budget_ms <= 0 else min(q.budget_ms, b.total_ms)
+        # The time the request waited before reaching us counts against the configured budget (a caller's
+        # deadline in budget_ms already counts it).
+        budget_ms = b.total_ms - (q.queued_ms if q.queued_ms > 0 else 0.0)  # (NaN: not > 0)
+        if q.budget_ms > 0:
+            budget_ms = min(q.budget_ms, budget_ms)
         deadline_ns = t_start + int(budget_ms * 1e6)
         degraded = False
 
@@ -197,7 +203,6 @@ class RequestPath:
         t3 = time.perf_counter_ns()
 
         # -- stage 3: re-ranking
-        rules = request_rules(cfg.reranking, q.rerank)
         if (min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3
                 and rules.mmr_lambda > 0):
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
@@ -227,7 +232,8 @@ class RequestPath:
                 sources = cands.source_names(ci)
             item = SlateItem(
                 item_id=cat.item_ids[row],
-                score=float(slate.scores[pos]),
+                # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
+                score=float(slate.scores[pos]) if pi >= 0 else 0.0,
                 category=cat.category_names[cat.categories[row]],
                 sources=sources,
                 position=pos,
@@ -272,16 +278,7 @@ class RequestPath:
         user's history (recency-weighted with the variant's ``history_half_life``), or None."""
         cat = self.catalog
         if given is not None and len(given) > 0:
-            vec = np.asarray(given, np.float32).reshape(-1)
-            if vec.size != cat.dim:
-                raise InvalidArgument(
-                    f"user_embedding has {vec.size} values; the catalog's dimension is {cat.dim}")
-            if not np.isfinite(vec).all():
-                raise InvalidArgument("user_embedding contains NaN or infinite values")
-            norm = float(np.linalg.norm(vec))
-            if norm == 0.0:
-                raise InvalidArgument("user_embedding is all zeros")
-            return vec / norm if cat.normalize else vec
+            return validated_embedding(given, cat.dim, "user_embedding", cat.normalize, dtype=np.float32)
         history = self.state.history(user_id)
         if not history:
             return None
@@ -313,8 +310,8 @@ class RequestPath:
         allowed = self._category_mask(q.allowed_categories)
         if allowed is not None and not allowed.any():
             raise InvalidArgument(
-                f"filter.allowed_categories: none of {list(q.allowed_categories)[:5]} is a category of "
-                f"this catalog (it has {cat.n_categories}, e.g. {cat.category_names[:3]})")
+                f"filter.allowed_categories: none of {echo(list(q.allowed_categories))} is a category of "
+                f"this catalog (it has {cat.n_categories}, e.g. {echo(cat.category_names[:3])})")
         blocked = self._category_mask(q.blocked_categories)
         max_mat = cfg.reranking.max_maturity
         if q.max_maturity > 0:
@@ -388,21 +385,31 @@ class RequestPath:
         )
 
 
-def request_rules(configured: RerankingConfig, overrides: Mapping[str, Any]) -> RerankingConfig:
-    """The (variant's) re-ranking rules with the request's own on top, validated."""
+def request_rules(configured: RerankingConfig, overrides: Mapping[str, Any], max_n: int) -> RerankingConfig:
+    """The (variant's) re-ranking rules with the request's own on top, validated (positions below ``max_n``)."""
     if not overrides:
         return configured
     from pydantic import ValidationError
 
     unknown = set(overrides) - REQUEST_RULES
     if unknown:
-        raise InvalidArgument(f"rerank: unknown rule(s) {sorted(unknown)}; known: {sorted(REQUEST_RULES)}")
+        raise InvalidArgument(f"rerank: unknown rule(s) {echo(sorted(map(str, unknown)))}; "
+                              f"known: {sorted(REQUEST_RULES)}")
     try:
-        return type(configured).model_validate({**configured.model_dump(), **overrides})
+        rules = type(configured).model_validate({**configured.model_dump(), **overrides})
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise InvalidArgument(f"rerank.{key}: {err['msg']}") from None
+        raise InvalidArgument(f"rerank.{_rule_key(err['loc'])}: {err['msg']}") from None
+    errors = rules.position_errors(max_n)
+    if errors:
+        key, msg = errors[0]
+        raise InvalidArgument(f"rerank.{_rule_key(key.split('.', 1))}: {msg}")
+    return rules
+
+
+def _rule_key(loc: Sequence[Any]) -> str:
+    """A rule's key for a message; a caller's item id in it is quoted cut to size."""
+    return ".".join(str(p) if len(str(p)) <= ECHO_CHARS else echo(str(p)) for p in loc)
 
 
 _ZEROS: dict[int, np.ndarray] = {}

@@ -8,7 +8,8 @@ Mount recsvc beside your own services on your own server::
     recsvc.server.add_to_server(server, engine)
 """
 
-from recsvc.server.app import add_to_server, build_server, serve
+from recsvc.server.admission import AdmissionInterceptor
+from recsvc.server.app import PortInUse, add_to_server, build_server, serve
 from recsvc.server.interceptors import ErrorMappingInterceptor
 
-__all__ = ["add_to_server", "build_server", "serve", "ErrorMappingInterceptor"]
+__all__ = ["add_to_server", "build_server", "serve", "AdmissionInterceptor", "ErrorMappingInterceptor", "PortInUse"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.config import Config
 from recsvc.errors import Unavailable
+from recsvc.server.admission import AdmissionInterceptor
 from recsvc.server.interceptors import ErrorMappingInterceptor
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -33,15 +35,27 @@ def add_to_server(server: grpc.Server, engine) -> None:
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(engine), server)
 
 
+class PortInUse(OSError):
+    """The configured address is taken (by another recsvc or anything else): the server refuses to start."""
+
+
 def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server with health (NOT_SERVING until the engine is mounted) and reflection.
 
-    ``reuse_port``: share the port with the other workers of ``recsvc serve --workers`` (SO_REUSEPORT)."""
+    ``reuse_port``: share the port with the other workers of ``recsvc serve --workers`` (SO_REUSEPORT).
+    Otherwise a taken ``server.host:server.port`` raises :class:`PortInUse`: with gRPC's default SO_REUSEPORT
+    two servers would share the port and split traffic between two states.
+    """
+    sc = cfg.server
+    shed = sc.shed_overload
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.server.max_workers, thread_name_prefix="recsvc"),
-        interceptors=[ErrorMappingInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=sc.max_workers, thread_name_prefix="recsvc"),
+        interceptors=[ErrorMappingInterceptor(),
+                      AdmissionInterceptor(SERVICE_NAME, sc.min_deadline_ms if shed else 0.0)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                  ("grpc.so_reuseport", 1 if reuse_port else 0)],
+        # calls beyond this are refused by gRPC at once (RESOURCE_EXHAUSTED), see recsvc.server.admission
+        maximum_concurrent_rpcs=sc.max_workers + sc.max_queued_rpcs if shed else None,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -51,9 +65,15 @@ def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, in
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    address = f"{cfg.server.host}:{cfg.server.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {cfg.server.host}:{cfg.server.port}")
+        raise PortInUse(errno.EADDRINUSE,
+                        f"{address} is already in use (another recsvc?) or cannot be bound here; stop the "
+                        "other server or set server.port (0 picks a free port)")
     return server, port, health_servicer
 
 

@@ -1,8 +1,9 @@
 """One place that maps domain errors to gRPC status codes.
 
 invalid input -> INVALID_ARGUMENT, unknown ids -> NOT_FOUND, not ready ->
-UNAVAILABLE, wrong state -> FAILED_PRECONDITION, anything else -> INTERNAL with
-a generic message (the traceback is logged, never sent to the caller).
+UNAVAILABLE, wrong state -> FAILED_PRECONDITION, shed under overload ->
+RESOURCE_EXHAUSTED, anything else -> INTERNAL with a generic message (the
+traceback is logged, never sent to the caller).
 """
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ import logging
 
 import grpc
 
-from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from recsvc.errors import FailedPrecondition, InvalidArgument, NotFound, Overloaded, Unavailable
 
 log = logging.getLogger("recsvc.server")
+
+#: Longest status message sent (characters). gRPC carries it in a header, and a caller's client drops a
+#: response whose headers pass 8-16 KB ("Stream removed", RESOURCE_EXHAUSTED) instead of showing its status.
+#: Messages quote caller-supplied values cut to size (``recsvc.errors.echo``); this is the backstop.
+MAX_DETAILS = 2000
 
 _STATUS = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
+_DOMAIN_ERRORS = tuple(cls for cls, _ in _STATUS)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -28,6 +36,13 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         if isinstance(exc, cls):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def bounded(details: str) -> str:
+    """A status message cut to :data:`MAX_DETAILS` characters."""
+    if len(details) <= MAX_DETAILS:
+        return details
+    return f"{details[:MAX_DETAILS - 40]}... (message cut from {len(details)} characters)"
 
 
 class _Undecodable:
@@ -59,12 +74,12 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def guarded(request, context):
             if isinstance(request, _Undecodable):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid {method.rsplit('/', 1)[-1]} message "
-                              f"(string fields must be UTF-8): {request.reason}")
+                              bounded(f"the request is not a valid {method.rsplit('/', 1)[-1]} message "
+                                      f"(string fields must be UTF-8): {request.reason}"))
             try:
                 return inner(request, context)
-            except (InvalidArgument, NotFound, Unavailable, FailedPrecondition) as exc:
-                context.abort(status_for(exc), str(exc))
+            except _DOMAIN_ERRORS as exc:
+                context.abort(status_for(exc), bounded(str(exc)))
             except Exception:  # noqa: BLE001 - the last line of defence
                 # (handlers never call context.abort themselves: they raise domain errors)
                 log.exception("unhandled error in %s", method)

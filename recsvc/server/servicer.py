@@ -7,6 +7,7 @@ import json
 import grpc
 
 from recsvc.engine import Engine, FeedbackEventIn, ItemIn, RecommendQuery
+from recsvc.server.admission import queued_ms
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -17,7 +18,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
         budget_ms = float(request.budget_ms)
-        remaining = context.time_remaining()
+        remaining = context.time_remaining()  # what the caller's deadline leaves (time queued is spent)
         if remaining is not None:
             # Leave a little room for serialisation and the network.
             deadline_ms = max(remaining * 1000.0 - 1.0, 0.1)
@@ -34,6 +35,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_maturity=f.max_maturity,
             debug=request.debug,
             budget_ms=budget_ms,
+            queued_ms=queued_ms(),
             rerank=_rules(request.rerank) if request.HasField("rerank") else {},
         ))
         return pb.RecommendResponse(
