@@ -126,6 +126,25 @@ async def _load(port: int, seconds: float, callers: int, connections: int, users
             "client_cpu_per_s": round(((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / elapsed, 2)}
 
 
+def _cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of a process and each of its children, by pid (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    out = {}
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def run(items: int, seconds: float, callers: int, connections: int) -> dict:
     from recsvc.catalog import demo_catalog
     from recsvc.config import DemoCatalogConfig
@@ -148,7 +167,13 @@ def run(items: int, seconds: float, callers: int, connections: int) -> dict:
                 cmd = [sys.executable, "-m", "recsvc.cli", "serve", "--config", str(conf), "--workers", str(n)]
             proc, port = _start(cmd, ready)
             try:
+                before, t0 = _cpu_seconds(proc.pid), time.perf_counter()
                 out[name] = asyncio.run(_load(port, seconds, callers, connections, users))
+                after, dt = _cpu_seconds(proc.pid), time.perf_counter() - t0
+                # each server process's CPU cores in use over the run (workers: one entry each)
+                out[name]["server_cpu_per_s"] = sorted(
+                    (round((after[p] - before.get(p, 0.0)) / dt, 2) for p in after if after[p] - before.get(p, 0.0) > 0.01),
+                    reverse=True)
             finally:
                 proc.terminate()
                 proc.wait(60)

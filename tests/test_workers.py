@@ -201,3 +201,22 @@ def test_two_workers_share_one_port_and_learn_as_one(tmp_path):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
         redis.stop()
+
+
+def test_workers_refuse_a_port_another_process_listens_on(tmp_path):
+    import socket
+
+    redis = RedisServer(tmp_path / "redis")
+    try:
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            cfg = write_config(tmp_path, "redis", redis.url)
+            res = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--config", str(cfg),
+                                  "--workers", "2", "--port", str(port)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1
+        assert f"127.0.0.1:{port} is already in use" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1  # one line, no traceback
+    finally:
+        redis.stop()
