@@ -215,10 +215,26 @@ class FeedbackPath:
             self.aggregates.record_served(slate.arms, slate.user_id, slate.rows, slate.served_at_ms,
                                           diversity=slate.diversity, novelty=slate.novelty)
 
+    def _local_rows(self, batch: FeedbackBatch) -> FeedbackBatch:
+        """A shared log's events with this replica's catalog rows (the same when replicas apply the same catalog
+        changes from the same base, as they must; an item deleted meanwhile drops its event, logged)."""
+        events = []
+        for ev in batch.events:
+            row = self.catalog.row_of.get(ev.item_id, -1) if ev.item_id else ev.row
+            if row < 0:
+                log.warning("skipping event %s: item %s is not in this replica's catalog", echo(ev.event_id),
+                            echo(ev.item_id))
+                continue
+            ev.row = row
+            events.append(ev)
+        return FeedbackBatch(events)
+
     # -- log replay ----------------------------------------------------------------------------------------
     def apply(self, record: FeedbackBatch | ServedSlate) -> None:
         """Apply a logged feedback batch or served slate (recovery; a replica tailing a shared log)."""
         if isinstance(record, FeedbackBatch):
+            if self.journal.shared:
+                record = self._local_rows(record)
             self._apply_feedback(record)
         else:
             self.state.remember_served(record)

@@ -135,8 +135,11 @@ def test_a_restarted_replica_converges_from_snapshot_and_stream(cfg, clock, repl
     for k in range(30):
         item = a.catalog.item_ids[k]
         a.feedback([FeedbackEventIn(f"s{k}", f"u{k % 4}", item, "click")])
-    a.snapshot()  # in Redis; the stream is trimmed below it
-    for k in range(30, 45):
+    a.snapshot()  # in Redis
+    for k in range(30, 40):
+        b.feedback([FeedbackEventIn(f"s{k}", f"u{k % 4}", a.catalog.item_ids[k], "click")])
+    a.snapshot()  # the stream is trimmed below the previous snapshot
+    for k in range(40, 45):
         b.feedback([FeedbackEventIn(f"s{k}", f"u{k % 4}", a.catalog.item_ids[k], "click")])
     c = Engine.from_config(cfg, clock=clock)  # a new replica: snapshot + the stream after it
     try:
@@ -144,7 +147,7 @@ def test_a_restarted_replica_converges_from_snapshot_and_stream(cfg, clock, repl
         eventually(lambda: c.state.interaction_counts(rows).tolist() == a.state.interaction_counts(rows).tolist())
         assert c.state.history("u1") == a.state.history("u1") == b.state.history("u1")
         r = a.journal._redis if hasattr(a.journal, "_redis") else None
-        assert r is not None and r.xlen(a.journal.key_log) <= 16  # trimmed to what the snapshot does not cover
+        assert r is not None and r.xlen(a.journal.key_log) <= 16  # trimmed: the last two snapshots' gap and after
     finally:
         c.close(snapshot=False)
 
@@ -176,3 +179,15 @@ def test_redis_down_recommend_serves_feedback_is_unavailable_then_resumes(cfg, c
         eventually(lambda: not a.recommend(RecommendQuery(user_id="u", n=5)).degraded)
     finally:
         a.close(snapshot=False)
+
+
+def test_a_replica_behind_the_trimmed_history_says_so(cfg, clock, replicas):
+    a, b = replicas
+    for k in range(3):
+        a.feedback([FeedbackEventIn(f"t{k}", "u", a.catalog.item_ids[k], "click")])
+        a.snapshot()
+    journal = b.journal
+    journal._applied = "1-0"  # as if b had been cut off since long before the trimmed entries
+    journal._check_trim()
+    assert journal.behind_trim and journal.stale()
+    assert b.recommend(RecommendQuery(user_id="u", n=3)).degraded

@@ -7,6 +7,7 @@ Keys (all under ``state.redis_prefix``, default ``recsvc``)::
     {p}:slate:{req_id}   a served slate, TTL = state.attribution_window_s (any replica validates feedback on it)
     {p}:snapshot         hash: ``id`` (the stream id it covers), ``data`` (a tar of the snapshot directory)
     {p}:snapshot-lock    held (with a TTL) by the replica writing a snapshot
+    {p}:trimmed-to       every stream entry below this id has been trimmed
 
 Writes:
 - **Feedback** goes through one Lua script: ``SET NX`` of each event's marker, then one ``XADD`` of the
@@ -26,7 +27,9 @@ consumer has not heard from Redis for ``state.max_staleness_ms``, responses are 
 
 Start-up: the newest snapshot (from Redis), then the stream after the id it covers. Snapshots are written by
 one replica at a time (a lock with a TTL) every ``state.snapshot_every_events`` entries; the stream is trimmed
-only below the id a snapshot covers (``XTRIM MINID``).
+only below the id the *previous* snapshot covers (``XTRIM MINID``), so a replica a little behind still finds
+every entry it has not applied; one cut off for longer (its next entry was trimmed) says so, marks its
+responses degraded and must be restarted (it then recovers from the newest snapshot).
 
 Faults: Redis unreachable — reads keep serving from the read model; Feedback, UpsertItems and DeleteItems
 raise ``Unavailable`` (nothing is acknowledged that was not stored); served slates wait in a bounded queue
@@ -100,6 +103,7 @@ class RedisJournal:
             st.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=10)
         p = st.redis_prefix
         self.key_log, self.key_snapshot, self.key_lock = f"{p}:log", f"{p}:snapshot", f"{p}:snapshot-lock"
+        self.key_trimmed = f"{p}:trimmed-to"
         self._ev_prefix, self._slate_prefix = f"{p}:ev:", f"{p}:slate:"
         ttl_s = st.dedupe_ttl_s if st.dedupe_ttl_s is not None else st.max_event_age_days * 86_400 + 3600
         self._dedupe_ttl_ms = int(ttl_s * 1000)
@@ -120,6 +124,8 @@ class RedisJournal:
         self._served_queue: deque[ServedSlate] = deque()
         self._served_wake = threading.Event()
         self.served_dropped = 0  # served slates lost while Redis was unreachable and the queue full
+        #: set when entries this replica never applied were trimmed (it must restart); responses are degraded
+        self.behind_trim = False
         self._snapshot_tmp: list[Path] = []
         self._latest: tuple[str | int, Path | None] | None = None
 
@@ -130,7 +136,22 @@ class RedisJournal:
         return self._applied
 
     def stale(self) -> bool:
-        return time.monotonic() - self._last_contact > self._staleness_s
+        return self.behind_trim or time.monotonic() - self._last_contact > self._staleness_s
+
+    def _check_trim(self) -> None:
+        """Whether entries this replica has not applied were trimmed away (it was cut off for longer than a
+        snapshot interval): then it can never catch up from the stream and must restart from the snapshot."""
+        try:
+            trimmed = self._redis.get(self.key_trimmed)  # every entry below this id is gone
+        except Exception:
+            return
+        if trimmed is not None and stream_id(trimmed) > stream_id(self._applied):
+            deleted = trimmed.decode()
+            if not self.behind_trim:
+                log.error("this replica is behind the shared log's trimmed history (applied %s, trimmed up to "
+                          "%s): its state can no longer catch up; restart it to recover from the newest "
+                          "snapshot", self._applied, deleted)
+            self.behind_trim = True
 
     def staleness_s(self) -> float:
         """Seconds since the consumer last heard from Redis."""
@@ -229,7 +250,11 @@ class RedisJournal:
 
     def _consume(self) -> None:
         backoff = 0.05
+        check_at = 0.0
         while not self._closed.is_set():
+            if time.monotonic() >= check_at:  # at start, after every reconnect, and every few seconds
+                self._check_trim()
+                check_at = time.monotonic() + 5.0
             try:
                 resp = self._redis.xread({self.key_log: self._applied}, count=1000, block=100)
             except Exception as exc:
@@ -238,6 +263,7 @@ class RedisJournal:
                 log.warning("redis consumer: %s; retrying in %.2f s", exc, backoff)
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+                check_at = 0.0
                 continue
             backoff = 0.05
             self._last_contact = time.monotonic()
@@ -322,7 +348,13 @@ class RedisJournal:
             if current is not None and stream_id(current) >= stream_id(lsn):
                 return  # a newer snapshot is already there
             self._redis.hset(self.key_snapshot, mapping={"id": lsn, "data": buf.getvalue()})
-            self._redis.xtrim(self.key_log, minid=lsn, approximate=False)
+            if current is not None:
+                # Trim below the previous snapshot, not this one: a replica a little behind this cut still
+                # finds every entry it has not applied (one that fell further behind is told so: _check_trim).
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.xtrim(self.key_log, minid=current.decode(), approximate=False)
+                pipe.set(self.key_trimmed, current)
+                pipe.execute()
         finally:
             if self._redis.get(self.key_lock) == token.encode():
                 self._redis.delete(self.key_lock)
