@@ -104,17 +104,25 @@ class Engine:
         from recsvc.experiments import ExperimentSet
 
         if cfg.state.backend == "redis":
-            from recsvc.state.redis_journal import RedisJournal
+            from recsvc.state.redis_journal import RedisJournal, TrimmedAway
 
             journal: Any = RedisJournal(cfg)
         else:
+            TrimmedAway = ()  # noqa: N806 (nothing to retry with a local log)
             journal = Journal(LocalStateStore(Path(cfg.state.dir).expanduser(), fsync=cfg.state.fsync == "batch"))
         try:
-            catalog, ann, diverged = open_catalog(cfg, journal, progress=progress)
             experiments = (ExperimentSet.load(cfg.experiments.file, cfg)
                            if cfg.experiments.file is not None else None)
-            return cls(cfg, catalog, ann, clock=clock, experiments=experiments, catalog_diverged=diverged,
-                       journal=journal)
+            for attempt in range(3):
+                catalog, ann, diverged = open_catalog(cfg, journal, progress=progress)
+                try:
+                    return cls(cfg, catalog, ann, clock=clock, experiments=experiments, catalog_diverged=diverged,
+                               journal=journal)
+                except TrimmedAway:  # another replica snapshotted (twice) while this one started: again
+                    if attempt == 2:
+                        raise
+                    journal.forget_snapshot()
+            raise AssertionError("unreachable")
         except BaseException:
             journal.close()
             raise

@@ -115,6 +115,10 @@ class FeedbackPath:
         duplicates = 0
         accepted: list[FeedbackEvent] = []
         batch_ids: set[str] = set()
+        remote: dict = {}
+        if self.journal.shared:  # slates served by another replica (or queued here), not applied here yet
+            unknown = {ev.request_id for ev in events if ev.request_id and self.state.served_slate(ev.request_id) is None}
+            remote = self.journal.fetch_served(unknown) if unknown else {}
         for i, ev in enumerate(events):
             etype = EventType.parse(ev.type)
             ts = int(ev.timestamp_ms) or now
@@ -137,9 +141,7 @@ class FeedbackPath:
             elif not (math.isfinite(ev.value) and abs(ev.value) <= MAX_EVENT_VALUE):
                 reason = f"value must be finite and at most {MAX_EVENT_VALUE:g} in magnitude"
             elif ev.request_id:
-                slate = self.state.served_slate(ev.request_id)
-                if slate is None and self.journal.shared:  # served by another replica, not applied here yet
-                    slate = self.journal.fetch_served(ev.request_id)
+                slate = self.state.served_slate(ev.request_id) or remote.get(ev.request_id)
                 if slate is None:
                     reason = f"request_id {echo(ev.request_id)} is unknown or has expired"
                 elif row not in slate.rows:
@@ -236,6 +238,6 @@ class FeedbackPath:
             if self.journal.shared:
                 record = self._local_rows(record)
             self._apply_feedback(record)
-        else:
+        elif self.state.served_slate(record.request_id) is None:  # (once: a slate is never counted twice)
             self.state.remember_served(record)
             self._record_served_aggregates(record)

@@ -182,12 +182,43 @@ def test_redis_down_recommend_serves_feedback_is_unavailable_then_resumes(cfg, c
 
 
 def test_a_replica_behind_the_trimmed_history_says_so(cfg, clock, replicas):
+    """A replica whose consumer fell more than a snapshot interval behind must not skip the trimmed entries."""
     a, b = replicas
-    for k in range(3):
-        a.feedback([FeedbackEventIn(f"t{k}", "u", a.catalog.item_ids[k], "click")])
+    with b.journal.ingest:  # b's consumer reads a batch, then waits to apply it
+        for k in range(20):
+            a.feedback([FeedbackEventIn(f"t{k}", "u", a.catalog.item_ids[k], "click")])
         a.snapshot()
-    journal = b.journal
-    journal._applied = "1-0"  # as if b had been cut off since long before the trimmed entries
-    journal._check_trim()
-    assert journal.behind_trim and journal.stale()
-    assert b.recommend(RecommendQuery(user_id="u", n=3)).degraded
+        for k in range(20, 30):
+            a.feedback([FeedbackEventIn(f"t{k}", "u", a.catalog.item_ids[k], "click")])
+        a.snapshot()  # trims below the first snapshot: entries b has not read are gone
+    eventually(lambda: b.journal.behind_trim)
+    assert b.journal.stale() and b.recommend(RecommendQuery(user_id="u", n=3)).degraded
+    b.snapshot()  # refused: b's state is incomplete
+    c = Engine.from_config(cfg, clock=clock)  # a restart recovers from the newest snapshot
+    try:
+        rows = np.arange(40)
+        eventually(lambda: c.state.interaction_counts(rows).tolist() == a.state.interaction_counts(rows).tolist())
+        assert not c.journal.stale()
+    finally:
+        c.close(snapshot=False)
+
+
+def test_a_served_slate_resent_after_a_lost_reply_counts_once(replicas):
+    a, b = replicas
+    rec = a.recommend(RecommendQuery(user_id="dup", n=3))
+    slate = a.state.served_slate(rec.request_id) or a.journal.fetch_served({rec.request_id})[rec.request_id]
+    a.journal._send_slates([slate])  # as if the writer resent a batch whose reply was lost
+    a.journal.flush_served()
+    length = a.journal._redis.xlen(a.journal.key_log)
+    a.journal._send_slates([slate])
+    assert a.journal._redis.xlen(a.journal.key_log) == length
+
+
+def test_feedback_on_a_slate_still_queued_here_is_accepted(replicas, redis_server):
+    """Redis writes stalled (CLIENT PAUSE WRITE) right after a Recommend: its slate is still queued here, so a
+    click on it used to be refused as an unknown request_id (not retryable) once a 0.2 s wait ran out."""
+    a, _ = replicas
+    rec = a.recommend(RecommendQuery(user_id="q", n=3))
+    redis_server.client().client_pause(600, all=False)
+    res = a.feedback([FeedbackEventIn("q-click", "q", rec.items[0].item_id, "click", request_id=rec.request_id)])
+    assert (res.accepted, res.rejected) == (1, [])

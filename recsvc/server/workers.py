@@ -9,8 +9,9 @@ and the kernel spreads connections over them (``SO_REUSEPORT``). The supervisor:
 - refuses a port another process already listens on (a plain bind without ``SO_REUSEPORT`` first), so
   callers' traffic is never split with an unrelated server;
 - starts the workers (``spawn``: no forked gRPC state), restarts one that dies (each restart recovers from
-  the snapshot and the stream, so nothing is counted twice), and on SIGTERM/SIGINT stops them all, each
-  draining its in-flight calls within ``server.grace_period_s``.
+  the snapshot and the stream, so nothing is counted twice), forwards SIGHUP (ranker reload) to them, and on
+  SIGTERM/SIGINT stops them all, each draining its in-flight calls within ``server.grace_period_s``; a worker
+  whose supervisor dies is sent SIGTERM by the kernel (Linux), so none is left serving as an orphan.
 
 Health is per worker: each answers ``grpc.health.v1`` for itself (NOT_SERVING while it loads or drains).
 """
@@ -40,6 +41,7 @@ def check_port_free(host: str, port: int) -> int:
     """Bind without ``SO_REUSEPORT``: fails when any other process listens there. Returns the port (a free one for 0)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # old TIME_WAIT connections are no listener
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -50,9 +52,20 @@ def check_port_free(host: str, port: int) -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies (no orphans serving on the port)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(cfg: Config, index: int, ready: "mp.synchronize.Event") -> None:
     from recsvc.server.app import serve
 
+    _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
     serve(cfg, on_ready=lambda port: ready.set(), reuse_port=True)
 
@@ -69,10 +82,17 @@ def serve_workers(cfg: Config, workers: int, stop_event: threading.Event | None 
     cfg = cfg.with_overrides({"server": {"port": port}})
     ctx = mp.get_context("spawn")
     stop = stop_event or threading.Event()
+    procs: list = [None] * n
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-    procs: list = [None] * n
+
+        def forward_hup(*_):  # each worker reloads its ranker weights
+            for p in procs:
+                if p is not None and p.exitcode is None:
+                    os.kill(p.pid, signal.SIGHUP)
+
+        signal.signal(signal.SIGHUP, forward_hup)
     events = [ctx.Event() for _ in range(n)]
 
     def start(i: int) -> None:

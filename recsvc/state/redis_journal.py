@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from recsvc.config import Config
-from recsvc.errors import Unavailable
+from recsvc.catalog import CatalogError
+from recsvc.errors import InvalidArgument, Unavailable
 from recsvc.state.records import (
     FeedbackBatch,
     FeedbackEvent,
@@ -79,7 +80,44 @@ local id = redis.call('XADD', KEYS[1], '*', 'r', '{"t":"fb","e":[' .. table.conc
 return {id, ids}
 """
 
+# KEYS: stream, slate-key prefix. ARGV: ttl ms, then (request id, slate JSON) pairs. A slate is appended
+# only if its key was new: a batch resent after a lost reply adds nothing twice.
+_PUBLISH_SERVED = """
+for i = 2, #ARGV, 2 do
+  if redis.call('SET', KEYS[2] .. ARGV[i], ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], '*', 'r', ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+# KEYS: snapshot hash, stream, trimmed-to. ARGV: new id, data. Store only a newer snapshot; trim the stream
+# below the previous one and record where it was trimmed — all or nothing.
+_STORE_SNAPSHOT = """
+local function newer(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+local cur = redis.call('HGET', KEYS[1], 'id')
+if cur and not newer(ARGV[1], cur) then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'data', ARGV[2])
+if cur then
+  redis.call('XTRIM', KEYS[2], 'MINID', cur)
+  redis.call('SET', KEYS[3], cur)
+end
+return 1
+"""
+
+# KEYS: lock. ARGV: token. Delete the lock only if this writer still holds it.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _SERVED_QUEUE_MAX = 50_000
+_SKIPPABLE = (KeyError, ValueError, TypeError)  # a record that cannot apply here (as recovery skips them)
 _APPLY_WAIT_S = 5.0
 
 
@@ -110,6 +148,9 @@ class RedisJournal:
         self._slate_ttl_ms = max(int(st.attribution_window_s * 1000), 1)
         self._staleness_s = st.max_staleness_ms / 1000.0
         self._commit = self._redis.register_script(_COMMIT_FEEDBACK)
+        self._publish = self._redis.register_script(_PUBLISH_SERVED)
+        self._store_snapshot = self._redis.register_script(_STORE_SNAPSHOT)
+        self._release = self._redis.register_script(_RELEASE_LOCK)
         self.ingest = threading.Lock()  # the consumer applies under it; snapshots take their cut under it
         self.served = threading.Lock()
         self.since_snapshot = 0
@@ -122,6 +163,11 @@ class RedisJournal:
         self._consumer: threading.Thread | None = None
         self._writer: threading.Thread | None = None
         self._served_queue: deque[ServedSlate] = deque()
+        self._pending: dict[str, ServedSlate] = {}  # queued, not yet in Redis, by request id
+        self._publish_lock = threading.Lock()  # the writer thread and a synchronous flush of one slate
+        #: set when the consumer met an error it must not skip: it stops applying, responses are degraded,
+        #: and this replica writes no snapshot (its state may be wrong); restart it
+        self.failed = False
         self._served_wake = threading.Event()
         self.served_dropped = 0  # served slates lost while Redis was unreachable and the queue full
         #: set when entries this replica never applied were trimmed (it must restart); responses are degraded
@@ -136,22 +182,19 @@ class RedisJournal:
         return self._applied
 
     def stale(self) -> bool:
-        return self.behind_trim or time.monotonic() - self._last_contact > self._staleness_s
+        return self.behind_trim or self.failed or time.monotonic() - self._last_contact > self._staleness_s
 
-    def _check_trim(self) -> None:
-        """Whether entries this replica has not applied were trimmed away (it was cut off for longer than a
-        snapshot interval): then it can never catch up from the stream and must restart from the snapshot."""
-        try:
-            trimmed = self._redis.get(self.key_trimmed)  # every entry below this id is gone
-        except Exception:
-            return
-        if trimmed is not None and stream_id(trimmed) > stream_id(self._applied):
-            deleted = trimmed.decode()
-            if not self.behind_trim:
-                log.error("this replica is behind the shared log's trimmed history (applied %s, trimmed up to "
-                          "%s): its state can no longer catch up; restart it to recover from the newest "
-                          "snapshot", self._applied, deleted)
-            self.behind_trim = True
+    def _read_after(self, after: str, count: int) -> list:
+        """Up to ``count`` entries after ``after``, read in one transaction with the trim point: raises
+        ``TrimmedAway`` when entries this replica has not applied were trimmed (they would be skipped
+        silently otherwise)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self.key_trimmed)
+        pipe.xrange(self.key_log, min="-" if after in ("0", "0-0") else f"({after}", max="+", count=count)
+        trimmed, entries = pipe.execute()
+        if trimmed is not None and stream_id(trimmed) > stream_id(after):
+            raise TrimmedAway(trimmed.decode(), after)
+        return entries
 
     def staleness_s(self) -> float:
         """Seconds since the consumer last heard from Redis."""
@@ -187,25 +230,41 @@ class RedisJournal:
         if len(self._served_queue) >= _SERVED_QUEUE_MAX:
             self.served_dropped += 1
             return
+        self._pending[slate.request_id] = slate
         self._served_queue.append(slate)
         self._served_wake.set()
 
-    def fetch_served(self, request_id: str, wait_s: float = 0.2) -> ServedSlate | None:
-        """A slate another replica served (feedback may reach this replica before the stream does).
+    def fetch_served(self, request_ids: set[str], wait_s: float = 0.2) -> dict[str, ServedSlate]:
+        """Slates served by this or another replica that this read model has not applied yet (feedback may
+        reach a replica before the stream does): one ``MGET`` for a batch, then one bounded wait for the rest.
 
-        Waits up to ``wait_s`` for one this process has queued or one just served elsewhere."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                raw = self._redis.get(self._slate_prefix + request_id)
-            except Exception as exc:
-                raise _unavailable(exc, "the request_id could not be checked") from None
-            if raw is not None:
-                slate = decode(json.loads(raw))
-                return slate if isinstance(slate, ServedSlate) else None
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.005)
+        A slate this replica still has queued is sent first, synchronously, so it precedes the feedback in the
+        stream. Raises ``Unavailable`` (retryable) when some are missing while this replica's writer is behind:
+        they may be among the slates it has not sent yet."""
+        found: dict[str, ServedSlate] = {}
+        try:
+            mine = [self._pending[r] for r in request_ids if r in self._pending]
+            if mine:
+                self._send_slates(mine)
+                found.update((sl.request_id, sl) for sl in mine)
+            missing = [r for r in request_ids if r not in found]
+            deadline = time.monotonic() + wait_s
+            while missing:
+                for rid, raw in zip(missing, self._redis.mget([self._slate_prefix + r for r in missing])):
+                    if raw is not None:
+                        slate = decode(json.loads(raw))
+                        if isinstance(slate, ServedSlate):
+                            found[rid] = slate
+                missing = [r for r in missing if r not in found]
+                if not missing or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.01)
+        except Exception as exc:
+            raise _unavailable(exc, "the request_ids could not be checked") from None
+        if missing and self._served_queue:
+            raise Unavailable(f"{len(missing)} request_id(s) are not in the shared log yet ({len(self._served_queue)} "
+                              "served slates are waiting to be written); retry shortly")
+        return found
 
     def wait_applied(self, entry: str | None, timeout: float = _APPLY_WAIT_S) -> bool:
         """Wait until the consumer has applied ``entry`` (read-your-writes on this replica)."""
@@ -217,12 +276,13 @@ class RedisJournal:
 
     # -- the consumer -----------------------------------------------------------------------------------
     def replay(self, after: str | int) -> Iterator[tuple[str, LogRecord | Exception]]:
-        """The stream after ``after`` (start-up), in order; the consumer later continues from the last one."""
-        start = "-" if after in (0, "0", "0-0") else f"({after}"
-        if start != "-":
-            self._applied = str(after)
+        """The stream after ``after`` (start-up), in order; the consumer later continues from the last one.
+
+        Raises ``TrimmedAway`` when the stream was trimmed past ``after`` (a newer snapshot was written while
+        this replica started): start again from the newest snapshot."""
+        self._applied = "0-0" if after in (0, "0", "0-0") else str(after)
         while True:
-            entries = self._redis.xrange(self.key_log, min=start, max="+", count=1000)
+            entries = self._read_after(self._applied, 1000)
             if not entries:
                 return
             for entry_id, fields in entries:
@@ -233,7 +293,10 @@ class RedisJournal:
                     rec = exc
                 self._applied = eid
                 yield eid, rec
-            start = f"({self._applied}"
+
+    def forget_snapshot(self) -> None:
+        """Read the newest snapshot again at the next ``latest_snapshot`` (after ``TrimmedAway``)."""
+        self._latest = None
 
     def start(self, apply: Callable[[LogRecord], None], on_batch: Callable[[], None] | None = None) -> None:
         """Start the consumer (from the last id replayed) and the served-slate writer.
@@ -250,38 +313,48 @@ class RedisJournal:
 
     def _consume(self) -> None:
         backoff = 0.05
-        check_at = 0.0
-        while not self._closed.is_set():
-            if time.monotonic() >= check_at:  # at start, after every reconnect, and every few seconds
-                self._check_trim()
-                check_at = time.monotonic() + 5.0
+        while not self._closed.is_set() and not self.failed and not self.behind_trim:
             try:
-                resp = self._redis.xread({self.key_log: self._applied}, count=1000, block=100)
+                entries = self._read_after(self._applied, 1000)
+                if not entries:  # wait for new entries, then read them with the trim point
+                    self._redis.xread({self.key_log: self._applied}, count=1, block=100)
+                    self._last_contact = time.monotonic()
+                    continue
+            except TrimmedAway as exc:
+                log.error("this replica is behind the shared log's trimmed history (applied %s, trimmed up to %s): "
+                          "its state can no longer catch up; restart it to recover from the newest snapshot",
+                          exc.after, exc.trimmed)
+                self.behind_trim = True
+                return
             except Exception as exc:
                 if self._closed.is_set():
                     return
                 log.warning("redis consumer: %s; retrying in %.2f s", exc, backoff)
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
-                check_at = 0.0
                 continue
             backoff = 0.05
             self._last_contact = time.monotonic()
-            for _, entries in resp or ():
-                for entry_id, fields in entries:
-                    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    with self.ingest:  # the record and its position move together (a snapshot's cut)
-                        try:
-                            rec = decode(json.loads(fields[b"r"]))
-                            self._apply(rec)  # type: ignore[misc]
-                            self.since_snapshot += len(rec.events) if isinstance(rec, FeedbackBatch) else 1
-                        except Exception:
-                            log.exception("skipping stream entry %s: it cannot be applied", eid)
-                        self._applied = eid
-                    with self._applied_cond:
-                        self._applied_cond.notify_all()
-                if self._on_batch is not None:
-                    self._on_batch()
+            for entry_id, fields in entries:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                with self.ingest:  # the record and its position move together (a snapshot's cut)
+                    try:
+                        rec = decode(json.loads(fields[b"r"]))
+                        self._apply(rec)  # type: ignore[misc]
+                        self.since_snapshot += len(rec.events) if isinstance(rec, FeedbackBatch) else 1
+                    except (InvalidArgument, CatalogError, *_SKIPPABLE) as exc:
+                        # validated before it was logged: it applies on no replica (recovery skips it too)
+                        log.error("skipping stream entry %s: %s", eid, exc)
+                    except Exception:
+                        log.exception("stream entry %s failed to apply; this replica stops applying the log and "
+                                      "serves degraded: restart it", eid)
+                        self.failed = True
+                        return
+                    self._applied = eid
+                with self._applied_cond:
+                    self._applied_cond.notify_all()
+            if self._on_batch is not None:
+                self._on_batch()
 
     def _write_served(self) -> None:
         while not self._closed.is_set():
@@ -291,18 +364,23 @@ class RedisJournal:
                 continue
             batch = [self._served_queue[i] for i in range(min(len(self._served_queue), 200))]
             try:
-                pipe = self._redis.pipeline(transaction=True)
-                for s in batch:
-                    doc = _json(encode_served(s, with_outcome=False))
-                    pipe.set(self._slate_prefix + s.request_id, doc, px=self._slate_ttl_ms)
-                    pipe.xadd(self.key_log, {"r": doc})
-                pipe.execute()
+                self._send_slates(batch)
             except Exception as exc:
                 log.warning("redis served-slate writer: %s; %d slates waiting", exc, len(self._served_queue))
                 self._closed.wait(0.2)
                 continue
             for _ in batch:
                 self._served_queue.popleft()
+
+    def _send_slates(self, slates: list[ServedSlate]) -> None:
+        """Store slates (key with TTL, and the stream) idempotently; they leave the pending set."""
+        args: list[Any] = [self._slate_ttl_ms]
+        for sl in slates:
+            args += [sl.request_id, _json(encode_served(sl, with_outcome=False))]
+        with self._publish_lock:
+            self._publish(keys=[self.key_log, self._slate_prefix], args=args)
+            for sl in slates:
+                self._pending.pop(sl.request_id, None)
 
     def flush_served(self, timeout: float = 5.0) -> bool:
         """Wait until every queued served slate was sent (tests, shutdown)."""
@@ -334,6 +412,9 @@ class RedisJournal:
     def write_snapshot(self, lsn: str, write: Callable[[Path], None]) -> None:
         """Write the snapshot's files locally, then store them in Redis (one replica at a time) and trim the
         stream below the id it covers."""
+        if self.failed or self.behind_trim:
+            log.error("no snapshot from this replica: its state is not known to be right (restart it)")
+            return
         token = f"{time.time_ns()}"
         if not self._redis.set(self.key_lock, token, nx=True, px=120_000):
             return  # another replica is writing one
@@ -344,20 +425,11 @@ class RedisJournal:
                 with tarfile.open(fileobj=buf, mode="w") as tar:
                     for path in sorted(Path(tmp).rglob("*")):
                         tar.add(path, arcname=str(path.relative_to(tmp)), recursive=False)
-            current = self._redis.hget(self.key_snapshot, "id")
-            if current is not None and stream_id(current) >= stream_id(lsn):
-                return  # a newer snapshot is already there
-            self._redis.hset(self.key_snapshot, mapping={"id": lsn, "data": buf.getvalue()})
-            if current is not None:
-                # Trim below the previous snapshot, not this one: a replica a little behind this cut still
-                # finds every entry it has not applied (one that fell further behind is told so: _check_trim).
-                pipe = self._redis.pipeline(transaction=True)
-                pipe.xtrim(self.key_log, minid=current.decode(), approximate=False)
-                pipe.set(self.key_trimmed, current)
-                pipe.execute()
+            # Stored only if newer than the one there; the stream is trimmed below the previous one, so a
+            # replica a little behind this cut still finds every entry it has not applied.
+            self._store_snapshot(keys=[self.key_snapshot, self.key_log, self.key_trimmed], args=[lsn, buf.getvalue()])
         finally:
-            if self._redis.get(self.key_lock) == token.encode():
-                self._redis.delete(self.key_lock)
+            self._release(keys=[self.key_lock], args=[token])
 
     def sync(self) -> None:
         return None
@@ -375,6 +447,14 @@ class RedisJournal:
             self._redis.close()
         except Exception:
             pass
+
+
+class TrimmedAway(RuntimeError):
+    """Entries after the replica's position were trimmed from the stream: it must restart from a snapshot."""
+
+    def __init__(self, trimmed: str, after: str) -> None:
+        super().__init__(f"the shared log was trimmed up to {trimmed}, past this replica's position {after}")
+        self.trimmed, self.after = trimmed, after
 
 
 def _json(doc: dict) -> str:
