@@ -40,13 +40,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.accept_loss:
         os.environ[ACCEPT_LOSS_ENV] = "1"  # read where the state directory is opened
     cfg = _config(args)
+    from recsvc.logs import configure
+
+    configure(cfg.logging.format, "debug" if args.verbose else cfg.logging.level)
     try:
         if args.workers != 1:
             from recsvc.server.workers import serve_workers
 
-            serve_workers(cfg, args.workers)
+            serve_workers(cfg, args.workers, config_path=args.config)
         else:
-            serve(cfg)
+            serve(cfg, config_path=args.config)
     except (CatalogError, StateUnusable, OSError) as exc:
         # A refused start: the message names the file and the fix; a traceback would only bury it.
         message = str(exc).replace("\n", " ")
@@ -66,12 +69,23 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stub(target: str):
-    import grpc
+def _client_config(args: argparse.Namespace):
+    """The ``[client]`` settings of ``--config`` (default: none), with ``--target`` on top."""
+    from recsvc.config import load_config
 
+    cfg = load_config(args.config)
+    if getattr(args, "target", None):
+        cfg = cfg.with_overrides({"client": {"target": args.target}}, source="--target")
+    return cfg
+
+
+def _stub(args: argparse.Namespace):
+    from recsvc.server.security import client_channel, normalise_target
     from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(target)
+    cfg = _client_config(args)
+    args.resolved_target = normalise_target(cfg.client.target)
+    channel = client_channel(cfg.client)
     return channel, pb_grpc.RecommenderStub(channel)
 
 
@@ -80,7 +94,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     from recsvc.v1 import recommender_pb2 as pb
 
-    channel, stub = _stub(args.target)
+    channel, stub = _stub(args)
     req = pb.RecommendRequest(user_id=args.user, n=args.n, debug=args.debug,
                               context=dict(kv.split("=", 1) for kv in args.context or []))
     if args.category:
@@ -105,7 +119,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_feedback(args: argparse.Namespace) -> int:
     from recsvc.v1 import recommender_pb2 as pb
 
-    channel, stub = _stub(args.target)
+    channel, stub = _stub(args)
     ev = pb.FeedbackEvent(event_id=args.event_id or uuid.uuid4().hex, request_id=args.request_id or "",
                           user_id=args.user, item_id=args.item, type=pb.EventType.Value(args.type.upper()),
                           value=args.value, timestamp_ms=int(time.time() * 1000))
@@ -118,13 +132,26 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from recsvc.config import defaults_as_toml
+    from recsvc.config import as_toml
 
-    if args.config:
-        cfg = _config(args)
+    cfg = _config(args)
+    if args.json:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    elif args.config:
+        sys.stdout.write(as_toml(cfg, f"recsvc configuration: {args.config} resolved, every key with its value."))
     else:
-        sys.stdout.write(defaults_as_toml())
+        sys.stdout.write(as_toml(cfg))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from recsvc.v1 import recommender_pb2 as pb
+
+    channel, stub = _stub(args)
+    resp = stub.ReloadRanker(pb.ReloadRankerRequest(), timeout=args.timeout)
+    print("reloaded the config's reloadable keys (see the server log) and the ranker weights: "
+          + ", ".join(f or "(default)" for f in resp.reloaded))
+    channel.close()
     return 0
 
 
@@ -144,7 +171,7 @@ def cmd_train_ranker(args: argparse.Namespace) -> int:
 def cmd_experiment_report(args: argparse.Namespace) -> int:
     from recsvc.v1 import recommender_pb2 as pb
 
-    channel, stub = _stub(args.target)
+    channel, stub = _stub(args)
     resp = stub.GetExperimentReport(
         pb.GetExperimentReportRequest(experiment=args.name or "",
                                       plot_metric=args.metric if args.plot else ""),
@@ -174,9 +201,39 @@ def cmd_ope(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recsvc")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _rpc_error(args: argparse.Namespace, exc) -> str:
+    """One line for a failed call; a refused connection says whether anything listens there and what to do."""
+    import grpc
+
+    code, details = exc.code(), exc.details() or ""
+    target = getattr(args, "resolved_target", "?")
+    if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "refused" in details.lower()
+                                                or "dns" in details.lower()):
+        return (f"error: no recsvc server answers at {target} ({details.splitlines()[0][:200]}). Start one with "
+                f"`recsvc serve` (it listens on 127.0.0.1:50051 by default), or pass --target HOST:PORT or "
+                "--config FILE (its [client] target).")
+    if code == grpc.StatusCode.UNAVAILABLE and ("ssl" in details.lower() or "handshake" in details.lower()
+                                                or "tls" in details.lower()):
+        return (f"error: UNAVAILABLE: {details} (a TLS mismatch? the server and [client] tls / tls_ca must "
+                "agree)")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"error: UNAUTHENTICATED: {details}"
+    return f"error: {code.name}: {details}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recsvc", description="A multi-stage recommendation service over gRPC.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"recsvc {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -186,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     def client(sp):
-        sp.add_argument("--target", default="127.0.0.1:50051", help="host:port of a recsvc server")
+        sp.add_argument("--config", type=Path,
+                        help="TOML config file: its [client] section (target, token, TLS) is used")
+        sp.add_argument("--target", help="host[:port] of a recsvc server (default: client.target of --config, "
+                                         "else 127.0.0.1:50051; no port: 50051)")
         sp.add_argument("--timeout", type=float, default=10.0, help="seconds")
         return sp
 
@@ -223,8 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--value", type=float, default=0.0)
     s.set_defaults(fn=cmd_feedback)
 
-    s = with_config(sub.add_parser("config", help="print the default config as TOML (or a file's, resolved)"))
+    s = with_config(sub.add_parser("config", help="print the default config as commented TOML (or a file's, resolved)"))
+    s.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     s.set_defaults(fn=cmd_config)
+
+    s = client(sub.add_parser("reload", help="make a running server re-read its config's reloadable keys and "
+                                             "its ranker weights (like SIGHUP)"))
+    s.set_defaults(fn=cmd_reload)
 
     s = with_config(sub.add_parser("train-ranker", help="train the ranker from the feedback log"))
     s.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
@@ -268,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from recsvc.logs import configure
+
+    configure("text", "debug" if args.verbose else "info")
     from recsvc.config import ConfigError
 
     try:
@@ -279,11 +345,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `recsvc recommend bob | head -1`: the reader left; say nothing (and let Python's exit flush nothing)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1  # as Python documents for SIGPIPE (signal module, "Note on SIGPIPE")
     except Exception as exc:
         import grpc
 
         if isinstance(exc, grpc.RpcError):
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_rpc_error(args, exc), file=sys.stderr)
             return 1
         raise
 

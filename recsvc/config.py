@@ -243,6 +243,94 @@ class ExperimentsConfig(_Section):
     file: Path | None = Field(None, description="Experiment definitions (TOML). None: no experiments.")
 
 
+def _check_secret_source(value: str | None, key: str) -> None:
+    if value and not (value.startswith("file:") or value.startswith("env:")):
+        raise ValueError(f"{key} must be 'file:PATH' or 'env:VARIABLE' (a token never sits in a config file "
+                         "or on the command line)")
+
+
+class MetricsConfig(_Section):
+    port: int = Field(
+        9464, ge=0, le=65535,
+        description="Prometheus endpoint (/metrics) of `recsvc serve`; 0 = off. With --workers the supervisor "
+        "serves it for all workers (prometheus_client multiprocess mode).",
+    )
+    host: str = Field("", description="Address of the metrics endpoint; empty: server.host.")
+    sample_interval_s: float = Field(
+        5.0, gt=0, description="How often sizes, lag and experiment totals are read into gauges."
+    )
+
+
+class LoggingConfig(_Section):
+    format: Literal["text", "json"] = Field(
+        "text", description="'text' for people at a terminal; 'json': one JSON object per line (with request ids)."
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    requests: bool = Field(
+        False, description="Log one line per RPC (method, status, latency, request id); off by default."
+    )
+
+
+class TlsConfig(_Section):
+    cert: Path | None = Field(None, description="Server certificate chain (PEM). With key: serve TLS only.")
+    key: Path | None = Field(None, description="Private key of the server certificate (PEM).")
+    client_ca: Path | None = Field(
+        None, description="CA bundle (PEM) of client certificates: set, every caller must present one (mutual TLS)."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key go together: set both or neither")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("tls.client_ca (mutual TLS) needs tls.cert and tls.key")
+        return self
+
+
+class AuthConfig(_Section):
+    read_tokens: list[str] = Field(
+        default_factory=list,
+        description="Where the tokens of the read scope (Recommend, GetExperimentReport) are: 'file:PATH' "
+        "(one token per line) or 'env:VARIABLE'. Empty read and write lists: no authentication.",
+    )
+    write_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens of the write scope (Feedback, UpsertItems, DeleteItems, ReloadRanker; they may "
+        "read too), as 'file:PATH' or 'env:VARIABLE'.",
+    )
+
+    @model_validator(mode="after")
+    def _sources(self) -> "AuthConfig":
+        for name in ("read_tokens", "write_tokens"):
+            for i, v in enumerate(getattr(self, name)):
+                _check_secret_source(v, f"{name}.{i}")
+        return self
+
+
+class ClientConfig(_Section):
+    target: str = Field(
+        "127.0.0.1:50051", description="host:port the client verbs (recommend, feedback, ...) call; no port: 50051."
+    )
+    token: str = Field(
+        "env:RECSVC_TOKEN", description="Bearer token of the client verbs: 'file:PATH' or 'env:VARIABLE' "
+        "(unset or empty: none)."
+    )
+    tls: bool = Field(False, description="Call over TLS (implied by tls_ca).")
+    tls_ca: Path | None = Field(None, description="CA (PEM) that signed the server's certificate; None: system roots.")
+    tls_cert: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    tls_key: Path | None = Field(None, description="Private key of the client certificate (PEM).")
+    server_name: str = Field(
+        "", description="Name the server's certificate is checked against, when it differs from the target host."
+    )
+
+    @model_validator(mode="after")
+    def _token_source(self) -> "ClientConfig":
+        _check_secret_source(self.token, "token")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("client.tls_cert and client.tls_key go together: set both or neither")
+        return self
+
+
 class Config(_Section):
     """The whole configuration; ``Config()`` is the documented default."""
 
@@ -257,6 +345,11 @@ class Config(_Section):
     recommend: RecommendConfig = RecommendConfig()
     state: StateConfig = StateConfig()
     experiments: ExperimentsConfig = ExperimentsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    client: ClientConfig = ClientConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Config":
@@ -274,6 +367,46 @@ class Config(_Section):
         """A copy with nested overrides applied (validated like a file)."""
         merged = deep_merge(self.model_dump(mode="python"), overrides)
         return _validate(merged, source)
+
+
+#: What SIGHUP and ``recsvc reload`` (ReloadRanker) apply from the re-read config file without a restart:
+#: everything the request path reads per request (ranking, re-ranking, exploration policy, budgets, slate
+#: sizes, the experiments file), the tokens and the logging. Anything else that changed is reported as needing
+#: a restart and keeps its running value.
+RELOADABLE = ("ranking", "reranking", "budgets", "recommend", "exploration", "experiments", "auth", "logging")
+#: ... except these keys inside the sections above.
+NOT_RELOADABLE = ("exploration.seed", "logging.requests")
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        here = f"{prefix}{key}"
+        if isinstance(value, Mapping) and tuple(here.split(".")) not in DATA_MAPPINGS:
+            out.update(_leaves(value, here + "."))
+        else:
+            out[here] = value
+    return out
+
+
+def reloaded(running: Config, fresh: Config) -> tuple[Config, list[str], list[str]]:
+    """(the config to run with, reloadable keys that changed, changed keys that need a restart)."""
+    old, new = _leaves(running.model_dump(mode="python")), _leaves(fresh.model_dump(mode="python"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+    def reloadable(key: str) -> bool:
+        return key.split(".")[0] in RELOADABLE and not any(key == k or key.startswith(k + ".")
+                                                          for k in NOT_RELOADABLE)
+
+    applied = [k for k in changed if reloadable(k)]
+    restart = [k for k in changed if not reloadable(k)]
+    data = running.model_dump(mode="python")
+    fresh_data = fresh.model_dump(mode="python")
+    for section in RELOADABLE:
+        data[section] = fresh_data[section]
+    data["exploration"]["seed"] = running.exploration.seed
+    data["logging"]["requests"] = running.logging.requests
+    return _validate(data, "reloaded config"), applied, restart
 
 
 def _data_mappings(model: type[BaseModel], path: tuple[str, ...] = ()) -> frozenset[tuple[str, ...]]:
@@ -360,7 +493,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def defaults_as_toml() -> str:
     """The default configuration as commented TOML (for docs and `recsvc config`)."""
-    lines: list[str] = ["# recsvc configuration: every key with its default."]
+    return as_toml(Config())
+
+
+def as_toml(cfg: Config, header: str = "recsvc configuration: every key with its default.") -> str:
+    """``cfg`` as TOML, each key after its description (`recsvc config [--config FILE]`)."""
+    lines: list[str] = [f"# {header}"]
 
     def emit(model: type[BaseModel], instance: BaseModel, prefix: str) -> None:
         scalars, sections = [], []
@@ -380,7 +518,7 @@ def defaults_as_toml() -> str:
         for name, sub_model, value in sections:
             emit(sub_model, value, f"{prefix}.{name}" if prefix else name)
 
-    emit(Config, Config(), "")
+    emit(Config, cfg, "")
     return "\n".join(line for line in lines if line != "[]") + "\n"
 
 

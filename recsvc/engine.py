@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from recsvc import metrics
 from recsvc.catalog import Catalog
 from recsvc.catalog_writer import CatalogWriter
 from recsvc.config import Config
@@ -91,6 +92,9 @@ class Engine:
         self.snapshots = Snapshotter(self.journal, self._state, self.feedback_path, catalog, ann,
                                      self.catalog_writer, cfg.state.snapshot_every_events)
         self._closed = False
+        #: the config file :meth:`reload` re-reads (set by ``recsvc serve``), and who else applies it
+        self.config_path: Path | None = None
+        self.on_reload: list[Callable[[Config], None]] = []
         recover(catalog, self._state, self.journal, self.feedback_path, self.catalog_writer, clock())
         if self.journal.shared:  # tail the shared log from where recovery stopped
             self.journal.start(lambda rec: apply_record(rec, self.feedback_path, self.catalog_writer, rebuild=True),
@@ -150,7 +154,9 @@ class Engine:
         rec, served = self.requests.recommend(q, assignment.config, assignment.variant, assignment.arms, now)
         if self.journal.stale():  # the shared log has not been heard from within the staleness bound
             rec.degraded = True
+            rec.degraded_reasons.append("stale_state")
         if _record:
+            metrics.observe_recommendation(rec.timings_us, rec.degraded_reasons)
             self.feedback_path.record_served(served)
             self.snapshots.maybe_snapshot()
         return rec
@@ -171,15 +177,52 @@ class Engine:
             self.recommend(RecommendQuery(user_id=user, user_embedding=vec.tolist()), _record=False)
 
     def reload_ranker(self) -> list[str]:
-        """Reload every ranker weights file from disk (SIGHUP / admin); all or nothing."""
+        """Reload every ranker weights file from disk; all or nothing."""
         return self.requests.rankers.reload()
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """SIGHUP and ReloadRanker: re-read :attr:`config_path` (its reloadable keys, see
+        :data:`recsvc.config.RELOADABLE`), then every ranker weights file. All or nothing: a bad file leaves the
+        running settings in place. Returns (the weights files reloaded, "" = the default; what happened, one
+        line per item, also logged)."""
+        from recsvc.config import load_config, reloaded
+        from recsvc.experiments import ExperimentSet
+
+        done: list[str] = []
+        if self.config_path is not None:
+            cfg, applied, restart = reloaded(self.cfg, load_config(self.config_path))
+            if applied:
+                experiments = (ExperimentSet.load(cfg.experiments.file, cfg)
+                               if cfg.experiments.file is not None else ExperimentSet.empty(cfg))
+                self.requests.rankers.get(cfg.ranking.model_path)  # loads (or refuses) the new weights first
+                for hook in self.on_reload:
+                    hook(cfg)
+                self.cfg, self.experiments = cfg, experiments
+                done.append(f"config {self.config_path}: applied {', '.join(applied)}")
+            else:
+                done.append(f"config {self.config_path}: no reloadable key changed")
+            if restart:
+                done.append(f"needs a restart (running values kept): {', '.join(restart)}")
+        files = self.requests.rankers.reload()
+        done.append("ranker weights " + ", ".join(f or "(default)" for f in files))
+        import logging
+
+        logging.getLogger("recsvc.engine").info("reloaded: %s", "; ".join(done))
+        return files, done
 
     # -- writes ---------------------------------------------------------------------------------------
     def feedback(self, events: Sequence[FeedbackEventIn]) -> FeedbackResult:
         """Ingest a batch; raises :class:`FeedbackRejected` (an ``InvalidArgument``) when nothing was usable."""
         self._check_open()
         try:
-            return self.feedback_path.ingest(events)
+            result = self.feedback_path.ingest(events)
+        except FeedbackRejected as exc:
+            r = exc.result
+            metrics.observe_feedback(r.accepted, r.duplicates, [e.reason for e in r.rejected])
+            raise
+        else:
+            metrics.observe_feedback(result.accepted, result.duplicates, [e.reason for e in result.rejected])
+            return result
         finally:
             self.snapshots.maybe_snapshot()
 

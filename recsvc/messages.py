@@ -50,6 +50,8 @@ class Recommendation:
     variant: str
     timings_us: dict[str, int]
     degraded: bool
+    #: why ``degraded``: "candidates_cut", "ranking_skipped", "mmr_skipped", "stale_state"
+    degraded_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass

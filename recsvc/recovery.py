@@ -140,7 +140,7 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
         state.applied_lsn = lsn
         replayed += 1
     if replayed:
-        log.info("replayed %d log records after snapshot lsn %d", replayed, snap_lsn)
+        log.info("replayed %d log records after snapshot lsn %s", replayed, snap_lsn)
     journal.since_snapshot = replayed
     highest = state.max_referenced_row()
     if highest >= catalog.n_rows:

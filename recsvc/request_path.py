@@ -155,6 +155,7 @@ class RequestPath:
             budget_ms = min(q.budget_ms, budget_ms)
         deadline_ns = t_start + int(budget_ms * 1e6)
         degraded = False
+        reasons: list[str] = []  # why degraded (metrics)
 
         user_vec = self.user_vector(user_id, q.user_embedding, cfg)
         history = self.state.history(user_id)
@@ -165,6 +166,7 @@ class RequestPath:
         n_cand = cfg.retrieval.n_candidates
         if min(deadline_ns - t0, b.candidates_ms * 1e6) < 2 * self._stage_ewma_us["candidates"] * 1e3:
             n_cand, degraded = max(n, min(n_cand, 200)), True
+            reasons.append("candidates_cut")
         recent_rows, recent_w = self.recent(history, cfg)
         cands = self.retriever.candidates(user_vec, recent_rows, recent_w, flt, now, n_min=n,
                                           cfg=cfg.retrieval, n_candidates=n_cand)
@@ -182,6 +184,7 @@ class RequestPath:
               or b.ranking_ms * 1e6 < 2 * self._stage_ewma_us["ranking"] * 1e3):
             scores = _retrieval_order_scores(cands)
             degraded = True
+            reasons.append("ranking_skipped")
         else:
             inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg)
             features = gather_features(inputs, cfg.ranking.freshness_half_life_days)
@@ -207,6 +210,7 @@ class RequestPath:
                 and rules.mmr_lambda > 0):
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
             degraded = True
+            reasons.append("mmr_skipped")
         slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
         t4 = time.perf_counter_ns()
 
@@ -266,7 +270,7 @@ class RequestPath:
         timings = {"candidates_us": (t1 - t0) // 1000, "ranking_us": (t2 - t1) // 1000,
                    "exploration_us": (t3 - t2) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
-        return Recommendation(request_id, items, variant, timings, degraded), served
+        return Recommendation(request_id, items, variant, timings, degraded, reasons), served
 
     def _observe(self, stage: str, ns: int) -> None:
         old = self._stage_ewma_us[stage]

@@ -40,6 +40,7 @@ def small_config(tmp_path: Path, **overrides) -> Config:
         "retrieval": {"n_candidates": 300, "shares": {"ann": 180, "cooccurrence": 60, "popular": 30, "fresh": 30}},
         "exploration": {"seed": 1234},
         "index": {"ef_construction": 100},
+        "metrics": {"port": 0},  # tests run side by side on one machine: no fixed metrics port
     }
     cfg = Config()
     return cfg.with_overrides(deep_merge(base, overrides))

@@ -16,6 +16,9 @@ from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 CONFIG = """
+[metrics]
+port = 0  # tests run side by side: no fixed metrics port
+
 [server]
 port = 0
 [catalog]

@@ -403,6 +403,9 @@ def test_accepting_a_damaged_snapshot_sets_it_aside(tmp_path, clock, monkeypatch
 
 
 SERVE_CONFIG = """
+[metrics]
+port = 0  # tests run side by side: no fixed metrics port
+
 [server]
 port = 0
 [catalog]

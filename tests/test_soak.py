@@ -63,6 +63,9 @@ def _start_server(tmp) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = tmp / "recsvc.toml"
     cfg.write_text(f"""
+[metrics]
+port = 0  # tests run side by side: no fixed metrics port
+
 [server]
 port = {port}
 [catalog]

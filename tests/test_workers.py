@@ -19,6 +19,9 @@ from redis_server import RedisServer
 pytest.importorskip("redis")
 
 CONFIG = """
+[metrics]
+port = 0  # tests run side by side: no fixed metrics port
+
 [server]
 port = 0
 [catalog]

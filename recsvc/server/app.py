@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from recsvc.config import Config
 from recsvc.errors import Unavailable
 from recsvc.server.admission import AdmissionInterceptor
-from recsvc.server.interceptors import ErrorMappingInterceptor
+from recsvc.server.interceptors import ErrorMappingInterceptor, MetricsInterceptor
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -46,17 +46,24 @@ def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, in
     Otherwise a taken ``server.host:server.port`` raises :class:`PortInUse`: with gRPC's default SO_REUSEPORT
     two servers would share the port and split traffic between two states.
     """
+    from recsvc.server.security import AuthInterceptor, TokenSet, server_credentials
+
     sc = cfg.server
     shed = sc.shed_overload
+    credentials = server_credentials(cfg.tls)  # before binding: a missing certificate refuses the start
+    metrics_interceptor = MetricsInterceptor(log_requests=cfg.logging.requests)
+    auth = AuthInterceptor(SERVICE_NAME, TokenSet(cfg.auth))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=sc.max_workers, thread_name_prefix="recsvc"),
-        interceptors=[ErrorMappingInterceptor(),
+        interceptors=[metrics_interceptor, auth, ErrorMappingInterceptor(),
                       AdmissionInterceptor(SERVICE_NAME, sc.min_deadline_ms if shed else 0.0)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                  ("grpc.so_reuseport", 1 if reuse_port else 0)],
         # calls beyond this are refused by gRPC at once (RESOURCE_EXHAUSTED), see recsvc.server.admission
         maximum_concurrent_rpcs=sc.max_workers + sc.max_queued_rpcs if shed else None,
     )
+    metrics_interceptor.server_state = getattr(server, "_state", None)  # gRPC's own counts (see the interceptor)
+    server.recsvc_auth = auth  # type: ignore[attr-defined]  # SIGHUP re-reads the tokens
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -67,7 +74,8 @@ def build_server(cfg: Config, reuse_port: bool = False) -> tuple[grpc.Server, in
     )
     address = f"{cfg.server.host}:{cfg.server.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError:  # grpc's "Failed to bind to address"
         port = 0
     if port == 0:
@@ -106,24 +114,56 @@ for _name in _RPCS:
     setattr(_Switch, _name, _forward(_name))
 
 
+def start_metrics(cfg: Config):
+    """Start the Prometheus endpoint; a taken port is logged and the server serves without it."""
+    from recsvc.metrics import start_endpoint
+
+    host = cfg.metrics.host or cfg.server.host
+    try:
+        exporter, port = start_endpoint(host, cfg.metrics.port)
+    except OSError as exc:
+        log.error("metrics: cannot listen on %s:%d (%s); serving without the metrics endpoint (set "
+                  "metrics.port, 0 = off)", host, cfg.metrics.port, exc.strerror or exc)
+        return None
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return exporter
+
+
 def serve(
     cfg: Config,
     engine_factory: Callable[[Config], object] | None = None,
     on_ready: Callable[[int], None] | None = None,
     stop_event: threading.Event | None = None,
     reuse_port: bool = False,
+    metrics_endpoint: bool = True,
+    config_path=None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop_event``): listen first, load, then serve.
 
-    SIGHUP reloads the ranker weights.
+    SIGHUP re-reads ``config_path`` (the reloadable keys, see :data:`recsvc.config.RELOADABLE`), the token
+    files and the ranker weights. ``metrics_endpoint``: serve ``metrics.port`` from this process (the
+    supervisor of ``--workers`` serves it instead).
     """
-    from recsvc.engine import Engine
-    from recsvc.server.servicer import RecommenderServicer
-
     server, port, health_servicer = build_server(cfg, reuse_port=reuse_port)
     switch = _Switch()
     pb_grpc.add_RecommenderServicer_to_server(switch, server)
     server.start()
+    exporter = start_metrics(cfg) if metrics_endpoint and cfg.metrics.port else None
+    try:
+        _serve_started(cfg, server, port, health_servicer, switch, engine_factory, on_ready, stop_event,
+                       config_path)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+
+
+def _serve_started(cfg, server, port, health_servicer, switch, engine_factory, on_ready, stop_event,
+                   config_path) -> None:
+    from recsvc.engine import Engine
+    from recsvc.metrics import StateSampler
+    from recsvc.server.servicer import RecommenderServicer
+
     log.info("listening on %s:%d (loading)", cfg.server.host, port)
     print(f"recsvc listening on {cfg.server.host}:{port}", flush=True)
     stop = stop_event or threading.Event()
@@ -132,14 +172,17 @@ def serve(
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     engine = (engine_factory or (lambda c: Engine.from_config(c, progress=True)))(cfg)
     engine.warm_up()
+    engine.config_path = config_path
+    engine.on_reload.append(lambda new: _reload_server(server, new))
     if threading.current_thread() is threading.main_thread():
         def reload(*_):
             try:
-                log.info("SIGHUP: reloaded ranker weights %s", engine.reload_ranker())
-            except Exception as exc:  # a broken weights file must not stop the server
-                log.error("SIGHUP: ranker reload refused, still serving the previous weights: %s", exc)
+                engine.reload()  # logs what it applied
+            except Exception as exc:  # a broken config or weights file must not stop the server
+                log.error("SIGHUP: reload refused, still serving with the previous settings: %s", exc)
 
         signal.signal(signal.SIGHUP, reload)
+    sampler = StateSampler(engine, cfg.metrics.sample_interval_s).start()
     switch.target = RecommenderServicer(engine)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -153,5 +196,15 @@ def serve(
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.stop(grace=cfg.server.grace_period_s).wait()
+        sampler.stop()
         engine.close()
         print("recsvc stopped", flush=True)
+
+
+def _reload_server(server, cfg: Config) -> None:
+    """The server's reloadable settings: the tokens (their sources re-read) and the log format and level."""
+    server.recsvc_auth.tokens.reload(cfg.auth)
+    from recsvc.logs import configure, is_configured
+
+    if is_configured():
+        configure(cfg.logging.format, cfg.logging.level)

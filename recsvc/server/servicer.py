@@ -78,7 +78,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return pb.GetExperimentReportResponse(report_json=json.dumps(data), report_text=text, plot_png=png)
 
     def ReloadRanker(self, request, context):
-        return pb.ReloadRankerResponse(reloaded=self.engine.reload_ranker())
+        files, _ = self.engine.reload()  # the reloadable config keys, then the weights (logged)
+        return pb.ReloadRankerResponse(reloaded=files)
 
 
 def _rules(r: pb.RerankRules) -> dict:

@@ -9,7 +9,7 @@ and the kernel spreads connections over them (``SO_REUSEPORT``). The supervisor:
 - refuses a port another process already listens on (a plain bind without ``SO_REUSEPORT`` first), so
   callers' traffic is never split with an unrelated server;
 - starts the workers (``spawn``: no forked gRPC state), restarts one that dies (each restart recovers from
-  the snapshot and the stream, so nothing is counted twice), forwards SIGHUP (ranker reload) to them, and on
+  the snapshot and the stream, so nothing is counted twice), forwards SIGHUP (config and ranker reload) to them, and on
   SIGTERM/SIGINT stops them all, each draining its in-flight calls within ``server.grace_period_s``; a worker
   whose supervisor dies is sent SIGTERM by the kernel (Linux), so none is left serving as an orphan.
 
@@ -22,8 +22,10 @@ import errno
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 
@@ -62,16 +64,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(cfg: Config, index: int, ready: "mp.synchronize.Event") -> None:
+def _worker(cfg: Config, index: int, ready: "mp.synchronize.Event", config_path=None) -> None:
+    from recsvc.logs import configure
     from recsvc.server.app import serve
 
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
-    serve(cfg, on_ready=lambda port: ready.set(), reuse_port=True)
+    configure(cfg.logging.format, cfg.logging.level, worker=f"worker-{index}")
+    serve(cfg, on_ready=lambda port: ready.set(), reuse_port=True, metrics_endpoint=False,
+          config_path=config_path)
 
 
 def serve_workers(cfg: Config, workers: int, stop_event: threading.Event | None = None,
-                  on_ready=None) -> None:
+                  on_ready=None, config_path=None) -> None:
     """Run ``workers`` server processes on ``cfg.server.port`` until SIGTERM/SIGINT (or ``stop_event``)."""
     n = resolve_workers(workers)
     if n > 1 and cfg.state.backend != "redis":
@@ -81,13 +85,39 @@ def serve_workers(cfg: Config, workers: int, stop_event: threading.Event | None 
     port = check_port_free(cfg.server.host, cfg.server.port)
     cfg = cfg.with_overrides({"server": {"port": port}})
     ctx = mp.get_context("spawn")
+    exporter, metrics_dir = _start_metrics(cfg)
+    try:
+        _supervise(cfg, n, port, ctx, stop_event, on_ready, config_path, metrics_dir)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def _start_metrics(cfg: Config):
+    """(endpoint, directory) of prometheus_client's multiprocess mode: the workers (spawned after this) write
+    their values under the directory, the supervisor's endpoint sums them. (None, None) when metrics are off."""
+    if not cfg.metrics.port:
+        return None, None
+    from recsvc.server.app import start_metrics
+
+    metrics_dir = tempfile.mkdtemp(prefix="recsvc-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    return start_metrics(cfg), metrics_dir
+
+
+def _supervise(cfg: Config, n: int, port: int, ctx, stop_event, on_ready, config_path, metrics_dir) -> None:
     stop = stop_event or threading.Event()
     procs: list = [None] * n
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-        def forward_hup(*_):  # each worker reloads its ranker weights
+        def forward_hup(*_):  # each worker re-reads its config's reloadable keys and its ranker weights
+            # (a ReloadRanker call reaches only the one worker that takes it)
             for p in procs:
                 if p is not None and p.exitcode is None:
                     os.kill(p.pid, signal.SIGHUP)
@@ -97,7 +127,8 @@ def serve_workers(cfg: Config, workers: int, stop_event: threading.Event | None 
 
     def start(i: int) -> None:
         events[i].clear()
-        procs[i] = ctx.Process(target=_worker, args=(cfg, i, events[i]), name=f"recsvc-worker-{i}", daemon=False)
+        procs[i] = ctx.Process(target=_worker, args=(cfg, i, events[i], config_path), name=f"recsvc-worker-{i}",
+                               daemon=False)
         procs[i].start()
 
     for i in range(n):
@@ -115,6 +146,10 @@ def serve_workers(cfg: Config, workers: int, stop_event: threading.Event | None 
             for i, p in enumerate(procs):
                 if p.exitcode is not None and not stop.is_set():
                     restarts[i] += 1
+                    if metrics_dir is not None:
+                        from prometheus_client import multiprocess
+
+                        multiprocess.mark_process_dead(p.pid, metrics_dir)
                     log.error("worker %d (pid %d) exited with %s; restarting (restart %d)", i, p.pid, p.exitcode,
                               restarts[i])
                     time.sleep(min(0.2 * restarts[i], 5.0))
