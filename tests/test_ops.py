@@ -423,3 +423,19 @@ def test_broken_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True,
                           text=True, timeout=60)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_the_grafana_dashboard_queries_metrics_that_exist():
+    import re
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    import recsvc.metrics  # noqa: F401 - registers the metrics
+
+    dash = json.loads((Path(__file__).parent.parent / "examples" / "grafana" / "recsvc-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"recsvc_[a-z_]+", e)}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    known = {m.name + s for m in REGISTRY.collect() for s in suffixes.get(m.type, ())}
+    assert used and used <= known, used - known
