@@ -445,6 +445,20 @@ def _merge_at(path: tuple[str, ...], base: Mapping[str, Any], extra: Mapping[str
     return out
 
 
+def _suggestion(loc: tuple) -> str:
+    """``"; did you mean 'retrieval'?"`` for an unknown key close to a known one at the same place."""
+    import difflib
+
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _validate(data: dict[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(data)
@@ -452,7 +466,7 @@ def _validate(data: dict[str, Any], source: str) -> Config:
         lines = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = (f"unknown key{_suggestion(err['loc'])}" if err["type"] == "extra_forbidden" else err["msg"])
             if not err["loc"] and err["type"] == "value_error":
                 # a check across sections (Config._check_consistency): its message names the key
                 lines.append(f"{source}: {msg.removeprefix('Value error, ')}")

@@ -439,3 +439,23 @@ def test_the_grafana_dashboard_queries_metrics_that_exist():
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     known = {m.name + s for m in REGISTRY.collect() for s in suffixes.get(m.type, ())}
     assert used and used <= known, used - known
+
+
+def test_config_typos_get_a_suggestion(tmp_path):
+    from recsvc.config import ConfigError, load_config
+
+    p = tmp_path / "typo.toml"
+    p.write_text("[retrival]\nn_candidates = 5\n[ranking]\nmodel_pth = 'x'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert f"{p}: retrival: unknown key; did you mean 'retrieval'?" in str(err.value)
+    assert f"{p}: ranking.model_pth: unknown key; did you mean 'model_path'?" in str(err.value)
+
+
+def test_an_unbuilt_source_tree_is_explained():
+    import recsvc
+
+    exc = recsvc._explained(ImportError("cannot import name '_retrieval'", name="recsvc._fastpath._retrieval"))
+    assert "source tree" in str(exc) and "pip install -e ." in str(exc) and "another directory" in str(exc)
+    other = ImportError("No module named 'hnswlib'", name="hnswlib")
+    assert recsvc._explained(other) is other
