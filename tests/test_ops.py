@@ -459,3 +459,20 @@ def test_an_unbuilt_source_tree_is_explained():
     assert "source tree" in str(exc) and "pip install -e ." in str(exc) and "another directory" in str(exc)
     other = ImportError("No module named 'hnswlib'", name="hnswlib")
     assert recsvc._explained(other) is other
+
+
+def test_simulate_against_a_server_takes_the_catalog_from_its_config(tmp_path):
+    from recsvc.config import as_toml
+
+    cfg = small_config(tmp_path, server={"port": 0}, state={"fsync": "none"})
+    config = tmp_path / "server.toml"
+    config.write_text(as_toml(cfg))
+    port, stop, t = _start(cfg)
+    try:
+        out = _cli("simulate", "--target", f"127.0.0.1:{port}", "--config", str(config), "--rounds", "2",
+                   "--users", "4", "--no-progress", "--items", "500")
+    finally:
+        stop.set()
+        t.join(30)
+    assert out.returncode == 0, out.stderr
+    assert "--items/--dim/--catalog-seed are ignored" in out.stderr and "Traceback" not in out.stderr

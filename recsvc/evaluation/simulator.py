@@ -288,16 +288,19 @@ class GrpcTarget:
 
     stamps_events = False
 
-    def __init__(self, target: str, timeout: float = 10.0, max_batch: int = 5000) -> None:
+    def __init__(self, target: str, timeout: float = 10.0, max_batch: int = 5000, client: Any = None) -> None:
         import grpc
 
+        from recsvc.config import ClientConfig
+        from recsvc.server.security import client_channel, normalise_target
         from recsvc.v1 import recommender_pb2 as pb
         from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
         self._pb = pb
         self.timeout = timeout
         self.max_batch = max_batch
-        self.channel = grpc.insecure_channel(target)
+        target = normalise_target(target)
+        self.channel = client_channel(client if client is not None else ClientConfig(), target)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -704,15 +707,28 @@ def ranker_study(settings: SimulationSettings, *, log_rounds: int = 20, log_epsi
 
 
 def simulate_grpc(settings: SimulationSettings, target_address: str, *, catalog_dir: Path | None = None,
-                  timeout: float = 10.0, progress: bool = False) -> dict[str, Any]:
+                  timeout: float = 10.0, progress: bool = False, config: Any = None) -> dict[str, Any]:
     """Against a live server: the server's experiments and clock; users and event ids carry a random
-    run tag so that repeated runs against one server start from clean users."""
+    run tag so that repeated runs against one server start from clean users.
+
+    The simulated users need the server's catalog (its embeddings): ``catalog_dir``, else the catalog of
+    ``config`` (the server's config: its ``catalog.path``, or the demo catalog its ``catalog.demo`` settings
+    make, from the same cache), else the simulator's own demo world (``settings``). ``config``'s ``[client]``
+    section gives the TLS and token settings of the calls.
+    """
     from recsvc.catalog import Catalog
 
-    catalog = Catalog.load(catalog_dir) if catalog_dir is not None else build_world(settings)
+    if catalog_dir is not None:
+        catalog = Catalog.load(catalog_dir)
+    elif config is not None:
+        from recsvc.recovery import load_catalog_and_index
+
+        catalog = load_catalog_and_index(config, progress=progress)[0]
+    else:
+        catalog = build_world(settings)
     tag = uuid.uuid4().hex[:8]
     bar = _bar(progress, settings.rounds * settings.users)
-    target = GrpcTarget(target_address, timeout=timeout)
+    target = GrpcTarget(target_address, timeout=timeout, client=config.client if config is not None else None)
     try:
         report = simulate(target, catalog, settings, run_tag=tag, user_prefix=f"sim-{tag}-u",
                           progress=bar.update if bar is not None else None)
@@ -829,7 +845,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="users, clicks and exploration draws")
     parser.add_argument("--experiments", type=Path,
                         help="experiment file (default: the built-in sim_policy, see examples/simulate_experiments.toml)")
-    parser.add_argument("--config", type=Path, help="base config TOML for the in-process engine")
+    parser.add_argument("--config", type=Path, help="base config TOML for the in-process engine; with --target: "
+                        "the server's config (its catalog, and its [client] section for TLS and tokens)")
     parser.add_argument("--isolated", action="store_true",
                         help="one engine per variant of the first experiment, all users each (no shared state)")
     parser.add_argument("--target", help="host:port of a live recsvc server (default: the engine in process)")
@@ -867,11 +884,23 @@ def run(args: argparse.Namespace) -> int:
         report = ranker_study(settings, log_rounds=args.log_rounds, log_epsilon=args.log_epsilon,
                               config_path=args.config, progress=not args.no_progress)
     elif args.target:
-        if args.isolated or args.experiments or args.config:
-            print("note: --isolated/--experiments/--config apply in process only; the server's own config "
-                  "and experiments decide over gRPC", file=sys.stderr)
-        report = simulate_grpc(settings, args.target, catalog_dir=args.catalog, timeout=args.timeout,
-                               progress=not args.no_progress)
+        from recsvc.config import load_config
+
+        if args.isolated or args.experiments:
+            print("note: --isolated/--experiments apply in process only; the server's own config and "
+                  "experiments decide over gRPC", file=sys.stderr)
+        d = SimulationSettings()
+        if args.catalog is None and (args.items, args.dim, args.catalog_seed) != (d.items, d.dim, d.catalog_seed):
+            print("note: with --target the catalog is the server's (from --config, or the default demo "
+                  "catalog); --items/--dim/--catalog-seed are ignored", file=sys.stderr)
+        # the server's catalog: --catalog, else the one --config (the server's config file) names or makes
+        config = load_config(args.config)
+        try:
+            report = simulate_grpc(settings, args.target, catalog_dir=args.catalog, timeout=args.timeout,
+                                   progress=not args.no_progress, config=config)
+        except (ConnectionError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     else:
         report = simulate_in_process(settings, experiments_path=args.experiments, config_path=args.config,
                                      isolated=args.isolated, progress=not args.no_progress)
