@@ -155,16 +155,60 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Below these, held-out metrics swing by more than the differences between models (train-ranker warns).
+SMALL_DATA_EXAMPLES = 5000
+SMALL_DATA_POSITIVES = 100
+
+
 def cmd_train_ranker(args: argparse.Namespace) -> int:
-    from recsvc.training import train_from_state_dir
+    import numpy as np
+
+    from recsvc.ranking import Ranker
+    from recsvc.training import log_loss, roc_auc, served_examples, train_ranker
 
     cfg = _config(args)
-    ranker, metrics = train_from_state_dir(Path(cfg.state.dir).expanduser(), kind=args.kind,
-                                           ipw=not args.no_ipw, seed=args.seed,
-                                           attribution_window_s=cfg.state.attribution_window_s)
-    ranker.save(args.output)
+    ex = served_examples(Path(cfg.state.dir).expanduser(), cfg.state.attribution_window_s)
+    ipw = not args.no_ipw
+    ranker, metrics = train_ranker(ex.X, ex.y, ex.propensity, kind=args.kind, ipw=ipw, seed=args.seed,
+                                   feature_names=ex.feature_names)
+    metrics = dict(metrics, examples=len(ex), positives=int(ex.y.sum()))
     print(json.dumps(metrics, indent=2))
-    print(f"wrote {args.output}; point ranking.model_path at it and send SIGHUP (or ReloadRanker)")
+    if len(ex) < SMALL_DATA_EXAMPLES or metrics["positives"] < SMALL_DATA_POSITIVES:
+        print(f"warning: small data: {len(ex)} examples, {metrics['positives']} positives (fewer than "
+              f"{SMALL_DATA_EXAMPLES} examples or {SMALL_DATA_POSITIVES} positives); held-out metrics on "
+              f"{metrics['n_holdout']} examples are noisy and the model may be poorly calibrated",
+              file=sys.stderr)
+
+    # The incumbent (ranking.model_path, else the shipped default) on the same held-out split (train_ranker's:
+    # the first round(n * 0.2) of a permutation seeded by --seed; n >= 10).
+    n = len(ex)
+    hold = np.random.default_rng(args.seed).permutation(n)[:int(round(n * 0.2)) if n >= 10 else 0]
+    current_name = str(cfg.ranking.model_path) if cfg.ranking.model_path else "the shipped default weights"
+    verdict = None
+    if hold.size and 0 < ex.y[hold].sum() < hold.size:
+        try:
+            current = Ranker.load(cfg.ranking.model_path) if cfg.ranking.model_path else Ranker.default()
+        except (OSError, ValueError) as exc:
+            current = None
+            print(f"note: the current model ({current_name}) does not load ({exc}); not compared",
+                  file=sys.stderr)
+        if current is not None and tuple(current.feature_names) == tuple(ex.feature_names):
+            w = (1.0 / np.maximum(ex.propensity[hold], 0.01)) if ipw else None
+            new_p, old_p = ranker.score_features(ex.X[hold]), current.score_features(ex.X[hold])
+            new_ll, old_ll = log_loss(ex.y[hold], new_p, w), log_loss(ex.y[hold], old_p, w)
+            new_auc, old_auc = roc_auc(ex.y[hold], new_p, w), roc_auc(ex.y[hold], old_p, w)
+            kind = "IPW-weighted " if ipw else ""
+            print(f"held-out {kind}log loss: new {new_ll:.4f}, current ({current_name}) {old_ll:.4f} (lower is "
+                  f"better); AUC: new {new_auc:.3f}, current {old_auc:.3f} (higher is better)", file=sys.stderr)
+            verdict = new_ll <= old_ll
+        elif current is not None:
+            print(f"note: the current model ({current_name}) uses other features; not compared", file=sys.stderr)
+    if verdict is False and not args.force:
+        print(f"refused: the new model is worse than the current one ({current_name}) on the held-out split; "
+              f"nothing written. --force writes it anyway.", file=sys.stderr)
+        return 1
+    ranker.save(args.output)
+    print(f"wrote {args.output}; point ranking.model_path at it and send SIGHUP (or run `recsvc reload`)")
     return 0
 
 
@@ -296,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ipw", action="store_true", help="do not weight by inverse propensity")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", type=Path, required=True, help="weights file to write")
+    s.add_argument("--force", action="store_true",
+                   help="write the model even when it is worse than the current one on the held-out split")
     s.set_defaults(fn=cmd_train_ranker)
 
     s = sub.add_parser("experiment", help="A/B experiments")

@@ -476,3 +476,28 @@ def test_simulate_against_a_server_takes_the_catalog_from_its_config(tmp_path):
         t.join(30)
     assert out.returncode == 0, out.stderr
     assert "--items/--dim/--catalog-seed are ignored" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_ranker_warns_on_small_data_and_refuses_a_worse_model(tmp_path, clock, capsys):
+    from test_train_from_log import _traffic
+
+    from recsvc.cli import main
+    from recsvc.engine import Engine
+
+    cfg = small_config(tmp_path)
+    engine = Engine.from_config(cfg, clock=clock)
+    _traffic(engine)
+    engine.close(snapshot=False)
+    first = tmp_path / "a.json"
+    assert main(["train-ranker", "--state-dir", str(cfg.state.dir), "-o", str(first)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: small data: 480 examples" in err
+    assert "current (the shipped default weights)" in err
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[state]\ndir = "{cfg.state.dir}"\n[ranking]\nmodel_path = "{first}"\n')
+    worse = tmp_path / "mlp.json"
+    assert main(["train-ranker", "--config", str(conf), "--kind", "mlp", "-o", str(worse)]) == 1
+    assert "refused: the new model is worse than the current one" in capsys.readouterr().err
+    assert not worse.exists()
+    assert main(["train-ranker", "--config", str(conf), "--kind", "mlp", "--force", "-o", str(worse)]) == 0
+    assert worse.exists()
