@@ -144,6 +144,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: exit 0 when the server is SERVING (container health checks)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel, _ = _stub(args)
+    resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                     timeout=args.timeout)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{args.resolved_target}: {status}")
+    channel.close()
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     from recsvc.v1 import recommender_pb2 as pb
 
@@ -334,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = client(sub.add_parser("reload", help="make a running server re-read its config's reloadable keys and "
                                              "its ranker weights (like SIGHUP)"))
     s.set_defaults(fn=cmd_reload)
+
+    s = client(sub.add_parser("health", help="ask a server's grpc.health.v1 service; exit 0 when SERVING"))
+    s.add_argument("--service", default="", help="service name ('' = the whole server)")
+    s.set_defaults(fn=cmd_health)
 
     s = with_config(sub.add_parser("train-ranker", help="train the ranker from the feedback log"))
     s.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")

@@ -501,3 +501,28 @@ def test_train_ranker_warns_on_small_data_and_refuses_a_worse_model(tmp_path, cl
     assert not worse.exists()
     assert main(["train-ranker", "--config", str(conf), "--kind", "mlp", "--force", "-o", str(worse)]) == 0
     assert worse.exists()
+
+
+def test_health_verb_exits_0_when_serving(tmp_path):
+    cfg = small_config(tmp_path, server={"port": 0})
+    port, stop, t = _start(cfg)
+    try:
+        out = _cli("health", "--target", f"127.0.0.1:{port}")
+    finally:
+        stop.set()
+        t.join(30)
+    assert out.returncode == 0 and out.stdout.strip() == f"127.0.0.1:{port}: SERVING", out.stderr
+
+
+def test_dockerfile_wraps_the_readme_commands():
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    docker = (root / "Dockerfile").read_text()
+    assert "pip wheel --no-cache-dir --wheel-dir /wheels ." in docker  # README: pip install .
+    assert '"recsvc", "health"' in docker and 'CMD ["serve"' in docker
+    compose = (root / "docker-compose.yml").read_text()
+    assert compose.count("<<: *replica") == 1 and "redis:7" in compose
+    from recsvc.config import load_config
+
+    assert load_config(root / "examples" / "docker" / "recsvc.toml").state.backend == "redis"
