@@ -526,3 +526,44 @@ def test_dockerfile_wraps_the_readme_commands():
     from recsvc.config import load_config
 
     assert load_config(root / "examples" / "docker" / "recsvc.toml").state.backend == "redis"
+
+
+def test_workers_serve_one_metrics_endpoint_for_the_whole_server_and_log_json(tmp_path):
+    import signal
+
+    from redis_server import RedisServer
+    from test_workers import children, write_config
+
+    redis = RedisServer(tmp_path / "redis")
+    mport = free_port()
+    config = write_config(tmp_path, "redis", redis.url)
+    text = config.read_text().replace("[metrics]\nport = 0", f"[metrics]\nport = {mport}")
+    config.write_text(text + '\n[logging]\nformat = "json"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--config", str(config), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port, deadline = None, time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("recsvc serving with"):
+                port = int(line.rsplit(":", 1)[1])
+                break
+            assert line, proc.stderr.read()
+        assert port is not None and len(children(proc.pid)) == 2
+        for k in range(8):  # a connection each: the kernel spreads them over the workers
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                stub = pb_grpc.RecommenderStub(ch)
+                for j in range(3):
+                    stub.Recommend(pb.RecommendRequest(user_id=f"w{k}-{j}", n=3), timeout=10)
+        time.sleep(1)
+        scraped = _scrape(mport)
+        assert _value(scraped, "recsvc_rpcs_total", method="Recommend", code="OK") == 24
+        assert _value(scraped, "recsvc_recommend_stage_duration_seconds_count", stage="total") == 24
+        assert _value(scraped, "recsvc_catalog_items") == 2000  # each replica's, not their sum
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        redis.stop()
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert records and {r["worker"] for r in records if "worker" in r} == {"worker-0", "worker-1"}
+    assert all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
