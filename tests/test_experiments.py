@@ -512,3 +512,31 @@ def test_report_with_an_arm_nobody_reached_yet(tmp_path):
     agg.record_event([("e", "a")], "u1", "impression", 0.0, 1_000)
     rep = report(agg, exps, now_ms=2_000)
     assert "e" in report_to_text(rep)
+
+
+@pytest.mark.parametrize("days", [1, 10])
+def test_plot_report_reads_at_a_glance_with_one_look_or_many(ab, tmp_path, days, monkeypatch):
+    """One daily look: bars with interval whiskers on a one-day axis (a line through one point drew no band on
+    a 2025-2029 axis). Many looks: lines with bands on an axis spanning the looks, not years."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    agg = _simulate(ab, 300, {"control": 0.05, "treatment": 0.07}, seed=6, days=days)
+    plot_report(agg, "ab", "ctr", tmp_path / "ctr.png", experiments=ab)
+    top, bottom = figures[0].axes
+    if days == 1:
+        assert len(top.patches) == 2 and len(bottom.patches) == 1  # a bar per variant, one lift bar
+        assert [t.get_text() for t in bottom.get_xticklabels()] == ["2026-01-01"]
+        assert "lift vs control" in bottom.get_title()
+    else:
+        assert len(top.lines) == 2 and len(top.collections) == 2  # a line and a band per variant
+        lo, hi = bottom.get_xlim()
+        assert hi - lo < days + 1  # days on the axis, not years

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -639,33 +639,86 @@ def plot_report(
     axes = fig.subplots(2 if experiments is not None else 1, 1, sharex=True, squeeze=False)[:, 0]
     scale = 100.0 if metric in _RATE_NUMERATOR else 1.0
     unit = " (%)" if scale == 100.0 else ""
-    ax = axes[0]
-    for name, series in zip(names, aligned):
-        est, lo, hi = _arm_sequence(metric, series, tau, alpha)
-        (line,) = ax.plot(dates, est * scale, marker="o", ms=3, label=name)
-        ax.fill_between(dates, lo * scale, hi * scale, color=line.get_color(), alpha=0.15, lw=0)
-    ax.set_title(f"{experiment}: {metric}, cumulative, with {100 * (1 - alpha):g}% confidence sequences")
-    ax.set_ylabel(metric + unit)
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    if experiments is not None:
-        ax = axes[1]
-        ax.axhline(0.0, color="black", lw=0.8)
-        for j, name in enumerate(names[1:], start=1):
-            diff, lo, hi, ci_lo, ci_hi = _diff_sequence(metric, aligned[0], aligned[j], tau, alpha)
-            (line,) = ax.plot(dates, diff * scale, marker="o", ms=3, label=f"{name} − {names[0]}")
+    arms = [_arm_sequence(metric, series, tau, alpha) for series in aligned]
+    diffs = ([_diff_sequence(metric, aligned[0], aligned[j], tau, alpha) for j in range(1, len(names))]
+             if experiments is not None else [])
+    pct = f"{100 * (1 - alpha):g}%"
+    if days.size < FEW_LOOKS:
+        # A line through one or two points shows no band and stretches the date axis over years: bars per
+        # look, each with its interval, read at a glance.
+        labels = [d.strftime("%Y-%m-%d") for d in dates]
+        x = np.arange(days.size, dtype=float)
+        width = 0.8 / max(len(names), 1)
+        ax = axes[0]
+        for k, (name, (est, lo, hi)) in enumerate(zip(names, arms)):
+            pos = x - 0.4 + width * (k + 0.5)
+            ax.bar(pos, est * scale, width * 0.9, label=name, alpha=0.8)
+            ax.errorbar(pos, est * scale, yerr=_yerr(est, lo, hi, scale), fmt="none", ecolor="black", capsize=4)
+        ax.set_title(f"{experiment}: {metric} so far ({days.size} daily look{'s' if days.size > 1 else ''})\n"
+                     f"bars: estimate; whiskers: {pct} confidence sequence", fontsize=10)
+        ax.set_ylabel(metric + unit)
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        if diffs:
+            ax = axes[1]
+            ax.axhline(0.0, color="black", lw=0.8)
+            width = 0.8 / max(len(diffs), 1)
+            for k, (name, (diff, lo, hi, ci_lo, ci_hi)) in enumerate(zip(names[1:], diffs)):
+                pos = x - 0.4 + width * (k + 0.5)
+                ax.bar(pos, diff * scale, width * 0.9, label=f"{name} − {names[0]}", alpha=0.8)
+                ax.errorbar(pos, diff * scale, yerr=_yerr(diff, lo, hi, scale), fmt="none", ecolor="black",
+                            capsize=4)
+            ax.set_title(f"lift vs {names[0]}; whiskers: {pct} confidence sequence (valid at every look)\n"
+                         "a whisker clear of 0 is a significant difference", fontsize=10)
+            ax.set_ylabel("lift" + (" (percentage points)" if scale == 100.0 else ""))
+            ax.legend(loc="best", fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+        axes[-1].set_xticks(x, labels)
+        axes[-1].set_xlim(-0.6, days.size - 0.4)
+    else:
+        ax = axes[0]
+        for name, (est, lo, hi) in zip(names, arms):
+            (line,) = ax.plot(dates, est * scale, marker="o", ms=3, label=name)
             ax.fill_between(dates, lo * scale, hi * scale, color=line.get_color(), alpha=0.15, lw=0)
-            ax.plot(dates, ci_lo * scale, ls="--", lw=0.8, color=line.get_color())
-            ax.plot(dates, ci_hi * scale, ls="--", lw=0.8, color=line.get_color())
-        ax.set_title("difference vs control: confidence sequence (band), fixed-horizon CI (dashed)")
-        ax.set_ylabel("difference" + (" (pp)" if scale == 100.0 else ""))
+        ax.set_title(f"{experiment}: {metric}, cumulative, with {pct} confidence sequences")
+        ax.set_ylabel(metric + unit)
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
+        if diffs:
+            ax = axes[1]
+            ax.axhline(0.0, color="black", lw=0.8)
+            for name, (diff, lo, hi, ci_lo, ci_hi) in zip(names[1:], diffs):
+                (line,) = ax.plot(dates, diff * scale, marker="o", ms=3, label=f"{name} − {names[0]}")
+                ax.fill_between(dates, lo * scale, hi * scale, color=line.get_color(), alpha=0.15, lw=0)
+                ax.plot(dates, ci_lo * scale, ls="--", lw=0.8, color=line.get_color())
+                ax.plot(dates, ci_hi * scale, ls="--", lw=0.8, color=line.get_color())
+            ax.set_title(f"cumulative lift vs {names[0]}; band: {pct} confidence sequence (valid at every look)\n"
+                         "dashed: fixed-horizon CI (valid at one planned look only); clear of 0 = significant",
+                         fontsize=10)
+            ax.set_ylabel("lift" + (" (percentage points)" if scale == 100.0 else ""))
+            ax.legend(loc="best", fontsize=8)
+            ax.grid(alpha=0.3)
+        half_day = timedelta(hours=12)
+        axes[-1].set_xlim(dates[0] - half_day, dates[-1] + half_day)
+        import matplotlib.dates as mdates
+
+        axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
     fig.autofmt_xdate()
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, format="png")
     return out
+
+
+#: Fewer daily looks than this are drawn as bars with intervals instead of lines with bands.
+FEW_LOOKS = 3
+
+
+def _yerr(est: np.ndarray, lo: np.ndarray, hi: np.ndarray, scale: float) -> np.ndarray:
+    """Whisker lengths below and above ``est`` (0 where the interval is unknown)."""
+    below = np.nan_to_num((est - lo) * scale, nan=0.0, posinf=0.0, neginf=0.0)
+    above = np.nan_to_num((hi - est) * scale, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.vstack([np.maximum(below, 0.0), np.maximum(above, 0.0)])
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
