@@ -745,6 +745,19 @@ _HEADERS = {"ndcg": "NDCG", "map": "MAP", "precision": "Prec", "recall": "Recall
             "serendipity": "Serend", "gini": "Gini"}
 
 
+#: Metrics where a smaller value is the better one (every other metric: larger is better).
+_LOWER_IS_BETTER = frozenset({"gini"})
+_PLOT_GLOSSARY = (
+    "Accuracy: how many of each user's held-out liked items the top k found, and how high (all ↑ better).  "
+    "ILD (intra-list diversity): mean embedding distance between the items of one list; higher = more varied "
+    "lists (cosine distance).\nCover (coverage): share of the catalogue recommended to anyone; higher = less of "
+    "the catalogue is never shown.  Serend (serendipity): share of the top k that is relevant and that the "
+    "popularity baseline would not have recommended (unexpected hits).\nGini: concentration of exposure over items, 0 = every item shown equally, "
+    "towards 1 = a few items get everything (↓ better).  Novelty: mean self-information of recommended items "
+    "(bits; higher = less popular)."
+)
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as a fixed-width text table (metrics @k; novelty in bits)."""
     k = report["k"]
@@ -790,12 +803,13 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         for j, name in enumerate(names):
             vals = [report["pipelines"][name]["metrics"][m] for m in metrics]
             ax.bar(x + (j - (len(names) - 1) / 2) * width, vals, width, label=name, color=colors[j % 10])
-        ax.set_xticks(x, [_HEADERS[m] for m in metrics])
+        ax.set_xticks(x, [f"{_HEADERS[m]}\n{'↓' if m in _LOWER_IS_BETTER else '↑'} better" for m in metrics])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"recsvc replay: {report['users_evaluated']} users, {report['data']['catalog_items']} items")
-    fig.tight_layout()
+    fig.text(0.01, 0.01, _PLOT_GLOSSARY, fontsize=8, va="bottom", ha="left", wrap=True)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -787,11 +787,13 @@ def plot_report(report: dict[str, Any], path: str | Path, window: int = 3) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    panels = [("ctr", f"CTR (clicks / served, {window}-round moving mean)"),
-              ("cumulative_regret_per_user", "cumulative regret per user (expected clicks)"),
-              ("gini", "Gini of exposure per round"),
-              ("coverage", "catalog coverage (cumulative)")]
+    # Every axis starts at 0 (and Gini and coverage end at 1) so that a small gap looks small.
+    panels = [("ctr", f"CTR (clicks / served, {window}-round moving mean), higher is better"),
+              ("cumulative_regret_per_user", "cumulative regret per user (expected clicks lost), lower is better"),
+              ("gini", "Gini of exposure per round (0 = even, 1 = one item), lower = less concentrated"),
+              ("coverage", "catalog coverage (cumulative share ever served), higher is better")]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name, v in report["variants"].items():
@@ -805,6 +807,11 @@ def plot_report(report: dict[str, Any], path: str | Path, window: int = 3) -> Pa
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key in ("gini", "coverage"):
+            ax.set_ylim(0.0, 1.0)
+        else:
+            ax.set_ylim(bottom=0.0, top=max(ax.get_ylim()[1], 1e-9))
     axes[0, 0].legend(fontsize=8)
     s = report["settings"]
     fig.suptitle(f"recsvc closed-loop simulation: {s['users']} users, {report['n_items']} items, seed {s['seed']}")
