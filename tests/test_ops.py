@@ -567,3 +567,37 @@ def test_workers_serve_one_metrics_endpoint_for_the_whole_server_and_log_json(tm
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert records and {r["worker"] for r in records if "worker" in r} == {"worker-0", "worker-1"}
     assert all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
+
+
+def test_sighup_rereads_the_config_file(tmp_path):
+    import signal
+
+    from recsvc.config import as_toml
+
+    cfg = small_config(tmp_path, server={"port": free_port()})
+    config = tmp_path / "recsvc.toml"
+    config.write_text(as_toml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "serve", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if line.startswith("recsvc serving"):
+                break
+        with grpc.insecure_channel(f"127.0.0.1:{cfg.server.port}") as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            assert len(stub.Recommend(pb.RecommendRequest(user_id="h", n=0), timeout=10).items) == 10
+            config.write_text(as_toml(cfg.with_overrides({"recommend": {"default_n": 3},
+                                                          "server": {"max_workers": 2}})))
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while len(stub.Recommend(pb.RecommendRequest(user_id="h", n=0), timeout=10).items) != 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert "applied recommend.default_n" in err
+    assert "needs a restart (running values kept): server.max_workers" in err
