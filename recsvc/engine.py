@@ -189,20 +189,22 @@ class Engine:
         from recsvc.experiments import ExperimentSet
 
         done: list[str] = []
+        cfg, applied, restart = self.cfg, [], []
         if self.config_path is not None:
             cfg, applied, restart = reloaded(self.cfg, load_config(self.config_path))
-            if applied:
-                experiments = (ExperimentSet.load(cfg.experiments.file, cfg)
-                               if cfg.experiments.file is not None else ExperimentSet.empty(cfg))
-                self.requests.rankers.get(cfg.ranking.model_path)  # loads (or refuses) the new weights first
-                for hook in self.on_reload:
-                    hook(cfg)
-                self.cfg, self.experiments = cfg, experiments
-                done.append(f"config {self.config_path}: applied {', '.join(applied)}")
-            else:
-                done.append(f"config {self.config_path}: no reloadable key changed")
-            if restart:
-                done.append(f"needs a restart (running values kept): {', '.join(restart)}")
+        experiments = self.experiments
+        if applied:
+            experiments = (ExperimentSet.load(cfg.experiments.file, cfg)
+                           if cfg.experiments.file is not None else ExperimentSet.empty(cfg))
+            self.requests.rankers.get(cfg.ranking.model_path)  # loads (or refuses) the new weights first
+        for hook in self.on_reload:  # e.g. the server re-reads its token files, changed or not
+            hook(cfg)
+        self.cfg, self.experiments = cfg, experiments
+        if self.config_path is not None:
+            done.append(f"config {self.config_path}: " + (f"applied {', '.join(applied)}" if applied
+                                                           else "no reloadable key changed"))
+        if restart:
+            done.append(f"needs a restart (running values kept): {', '.join(restart)}")
         files = self.requests.rankers.reload()
         done.append("ranker weights " + ", ".join(f or "(default)" for f in files))
         import logging

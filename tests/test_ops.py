@@ -601,3 +601,23 @@ def test_sighup_rereads_the_config_file(tmp_path):
         _, err = proc.communicate(timeout=60)
     assert "applied recommend.default_n" in err
     assert "needs a restart (running values kept): server.max_workers" in err
+
+
+def test_tokens_over_plaintext_and_token_files_reread_on_reload(tmp_path):
+    tokens = tmp_path / "write.tokens"
+    tokens.write_text("first\n")
+    cfg = small_config(tmp_path, server={"port": 0}, auth={"write_tokens": [f"file:{tokens}"]})
+    port, stop, t = _start(cfg)
+    try:
+        env = dict(os.environ, RECSVC_TOKEN="first")
+        out = _cli("recommend", "bob", "-n", "2", "--target", f"127.0.0.1:{port}", env=env)
+        assert out.returncode == 0, out.stderr
+        tokens.write_text("second\n")
+        assert _cli("reload", "--target", f"127.0.0.1:{port}", env=env).returncode == 0
+        out = _cli("recommend", "bob", "--target", f"127.0.0.1:{port}", env=env)
+        assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
+        env["RECSVC_TOKEN"] = "second"
+        assert _cli("recommend", "bob", "--target", f"127.0.0.1:{port}", env=env).returncode == 0
+    finally:
+        stop.set()
+        t.join(30)
