@@ -8,11 +8,13 @@
   token is UNAUTHENTICATED, a known token without the method's scope is PERMISSION_DENIED (gRPC's meanings).
   Health and reflection stay open, so load balancers and grpcurl's discovery need no token.
 - Tokens come from files (``file:PATH``, one per line) or environment variables (``env:NAME``), never from the
-  command line or the config file itself; they are compared in constant time and never logged.
+  command line or the config file itself; they are kept as SHA-256 digests, compared in constant time against
+  every configured token (no early exit), and never logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -59,8 +61,10 @@ class TokenSet:
 
     def reload(self, cfg: AuthConfig | None = None) -> None:
         cfg = cfg or self.cfg
-        read = tuple(t.encode() for s in cfg.read_tokens for t in read_secrets(s))
-        write = tuple(t.encode() for s in cfg.write_tokens for t in read_secrets(s))
+        # kept as SHA-256 digests: every comparison is between 32-byte strings, so its time reveals
+        # neither a token's bytes nor its length
+        read = tuple(_digest(t.encode()) for s in cfg.read_tokens for t in read_secrets(s))
+        write = tuple(_digest(t.encode()) for s in cfg.write_tokens for t in read_secrets(s))
         if (cfg.read_tokens or cfg.write_tokens) and not (read or write):
             raise ConfigError("auth: the token sources are configured but hold no token (empty files or unset "
                               "variables); every call would be refused")
@@ -68,12 +72,17 @@ class TokenSet:
 
     def scope(self, token: bytes) -> str | None:
         """'write', 'read' or None; compares against every token in constant time (no early exit)."""
+        token = _digest(token)
         is_write = is_read = False
         for t in self.write:
             is_write |= hmac.compare_digest(t, token)
         for t in self.read:
             is_read |= hmac.compare_digest(t, token)
         return "write" if is_write else "read" if is_read else None
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 def _bearer(metadata) -> bytes | None:
