@@ -70,13 +70,13 @@ def cmd_build_index(args: argparse.Namespace) -> int:
 
 
 def _client_config(args: argparse.Namespace):
-    """The ``[client]`` settings of ``--config`` (default: none), with ``--target`` on top."""
+    """The settings of ``--config`` (default: none) for the client verbs, with ``--target`` on top (the target:
+    ``client.target``, else the file's ``server.host:server.port``)."""
     from recsvc.config import load_config
 
     cfg = load_config(args.config)
-    if getattr(args, "target", None):
-        cfg = cfg.with_overrides({"client": {"target": args.target}}, source="--target")
-    return cfg
+    target = getattr(args, "target", None) or cfg.client_target()
+    return cfg.with_overrides({"client": {"target": target}}, source="--target")
 
 
 def _stub(args: argparse.Namespace):
@@ -277,7 +277,7 @@ def _rpc_error(args: argparse.Namespace, exc) -> str:
                                                 or "dns" in details.lower()):
         return (f"error: no recsvc server answers at {target} ({details.splitlines()[0][:200]}). Start one with "
                 f"`recsvc serve` (it listens on 127.0.0.1:50051 by default), or pass --target HOST:PORT or "
-                "--config FILE (its [client] target).")
+                "--config FILE (its client.target, else its server.host:server.port).")
     if code == grpc.StatusCode.UNAVAILABLE and ("ssl" in details.lower() or "handshake" in details.lower()
                                                 or "tls" in details.lower()):
         return (f"error: UNAVAILABLE: {details} (a TLS mismatch? the server and [client] tls / tls_ca must "

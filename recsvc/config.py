@@ -309,7 +309,8 @@ class AuthConfig(_Section):
 
 class ClientConfig(_Section):
     target: str = Field(
-        "127.0.0.1:50051", description="host:port the client verbs (recommend, feedback, ...) call; no port: 50051."
+        "", description="host[:port] the client verbs (recommend, feedback, ...) call (no port: 50051); empty: this "
+        "config's server.host:server.port (0.0.0.0 as 127.0.0.1), so a server's config file serves its clients too."
     )
     token: str = Field(
         "env:RECSVC_TOKEN", description="Bearer token of the client verbs: 'file:PATH' or 'env:VARIABLE' "
@@ -333,6 +334,13 @@ class ClientConfig(_Section):
 
 class Config(_Section):
     """The whole configuration; ``Config()`` is the documented default."""
+
+    def client_target(self) -> str:
+        """Where the client verbs call: ``client.target``, else this config's server address."""
+        if self.client.target:
+            return self.client.target
+        host = self.server.host if self.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"[{host}]:{self.server.port}" if ":" in host else f"{host}:{self.server.port}"
 
     server: ServerConfig = ServerConfig()
     catalog: CatalogConfig = CatalogConfig()

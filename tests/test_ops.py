@@ -621,3 +621,18 @@ def test_tokens_over_plaintext_and_token_files_reread_on_reload(tmp_path):
     finally:
         stop.set()
         t.join(30)
+
+
+def test_client_verbs_call_the_server_of_a_server_config(tmp_path):
+    from recsvc.config import as_toml
+
+    cfg = small_config(tmp_path, server={"port": free_port()})
+    config = tmp_path / "recsvc.toml"
+    config.write_text(as_toml(cfg))
+    port, stop, t = _start(cfg)
+    try:
+        out = _cli("recommend", "bob", "-n", "2", "--config", str(config))
+    finally:
+        stop.set()
+        t.join(30)
+    assert out.returncode == 0, out.stderr

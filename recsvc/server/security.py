@@ -162,8 +162,9 @@ def normalise_target(target: str, default_port: int = 50051) -> str:
 
 
 def client_channel(cfg: ClientConfig, target: str | None = None) -> grpc.Channel:
-    """A channel to ``target`` (default ``cfg.target``) with the client's TLS and token settings."""
-    target = normalise_target(target or cfg.target)
+    """A channel to ``target`` (default ``cfg.target``, else 127.0.0.1:50051) with the client's TLS and token
+    settings."""
+    target = normalise_target(target or cfg.target or "127.0.0.1:50051")
     tokens = read_secrets(cfg.token) if cfg.token else []
     use_tls = cfg.tls or cfg.tls_ca is not None or cfg.tls_cert is not None
     options = [("grpc.ssl_target_name_override", cfg.server_name)] if cfg.server_name else []
