@@ -347,7 +347,7 @@ def test_json_logs_one_object_per_line_with_request_id_and_no_secrets():
 # -- reload ---------------------------------------------------------------------------------------------------
 
 def test_reload_rereads_the_reloadable_keys_and_reports_the_rest(tmp_path):
-    from recsvc.config import load_config, reloaded
+    from recsvc.config import reloaded
 
     running = small_config(tmp_path)
     fresh = running.with_overrides({"reranking": {"max_per_category": 1}, "server": {"max_workers": 3}})
