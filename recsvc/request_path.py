@@ -96,6 +96,15 @@ class RequestPath:
             rng = self._local.rng = np.random.default_rng(child)
         return rng
 
+    def _propensity_rng(self) -> np.random.Generator:
+        """A second per-thread generator, for Monte-Carlo propensity draws that must not move the serving one."""
+        rng = getattr(self._local, "prop_rng", None)
+        if rng is None:
+            with self._seed_lock:
+                child = self._seed_seq.spawn(1)[0]
+            rng = self._local.prop_rng = np.random.default_rng(child)
+        return rng
+
     def policy(self, cfg: Config) -> Any:
         from recsvc.exploration import make_policy
 
@@ -196,9 +205,9 @@ class RequestPath:
         kappa = cfg.exploration.prior_strength
         alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
         policy = self.policy(cfg)
-        explored = policy.explore(
-            scores.astype(np.float32), alpha, beta, pulls, float(self.state.total_impressions()),
-            min(n, len(cands)), self._rng())
+        rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
+        explored = policy.explore(scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore, rng,
+                                  with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
         t3 = time.perf_counter_ns()
 
@@ -209,6 +218,28 @@ class RequestPath:
             degraded = True
         slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
         t4 = time.perf_counter_ns()
+
+        # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
+        reserved = slate.sponsored | slate.pinned
+        organic_ci = order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+        if policy.deterministic or len(cands) == 0:
+            final_prop = None
+        else:
+            from recsvc.exploration import ThompsonPolicy
+            from recsvc.slate_propensity import slate_propensities
+
+            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
+            # Where Thompson's top-k estimate drew from the serving generator (k < M), its Monte-Carlo
+            # rounds still do: the same Beta draws in the same order, so the stream, and every later
+            # slate, is what it was. Otherwise (and for epsilon-greedy) a generator of their own, so
+            # estimating a propensity never changes what is served.
+            thompson = isinstance(policy, ThompsonPolicy)
+            draws = policy.n_propensity_draws if thompson else cfg.exploration.propensity_draws
+            serving_stream = thompson and k_explore < min(policy.top_m, len(cands))
+            final_prop = slate_propensities(
+                policy, scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore,
+                rng if serving_stream else self._propensity_rng(), explored, plan, organic_ci, draws)
+        t4b = time.perf_counter_ns()
 
         # -- response and the served-slate record
         request_id = uuid.uuid4().hex
@@ -223,12 +254,12 @@ class RequestPath:
             ci = int(pool_of_row[pi]) if pi >= 0 else -1
             if slate.sponsored[pos] or ci < 0:
                 propensity, sources = 1.0, []
-            elif policy.deterministic:
-                # retrieval, ranking and re-ranking are deterministic given the
-                # request and the state, so the slate is certain
+            elif slate.pinned[pos] or final_prop is None:
+                # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
+                # deterministic given the request and the state, so the item is served for certain
                 propensity, sources = 1.0, cands.source_names(ci)
             else:
-                propensity = max(float(explored.propensity[ci]), floor)
+                propensity = max(float(final_prop[ci]), floor)
                 sources = cands.source_names(ci)
             item = SlateItem(
                 item_id=cat.item_ids[row],
@@ -264,7 +295,7 @@ class RequestPath:
             self._observe("ranking", t2 - t1)
         self._observe("reranking", t4 - t3)
         timings = {"candidates_us": (t1 - t0) // 1000, "ranking_us": (t2 - t1) // 1000,
-                   "exploration_us": (t3 - t2) // 1000, "reranking_us": (t4 - t3) // 1000,
+                   "exploration_us": (t3 - t2 + t4b - t4) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
         return Recommendation(request_id, items, variant, timings, degraded), served
 
@@ -364,6 +395,24 @@ class RequestPath:
             source_scores=cands.source_scores,
             context=dict(context),
             sources=cands.sources,
+        )
+
+    def _selection_plan(self, rows, n, rules, flt: RowFilter, now_ms, cfg: Config):
+        from recsvc.reranking import selection_plan
+
+        cat = self.catalog
+        embeddings, categories, maturity, created = cat.columns()
+        size = categories.shape[0]
+        pct = self.state.popularity_percentile(now_ms, size) if rules.long_tail_boost > 0 else _zeros_f32(size)
+
+        def eligible(row: int) -> bool:
+            return bool(flt.eligible(cat, np.asarray([row], np.int32))[0])
+
+        return selection_plan(
+            rows.astype(np.int32), n, rules, embeddings=embeddings, categories=categories, maturity=maturity,
+            created_at_ms=created, now_ms=now_ms, popularity_percentile=pct, row_of=cat.row_of.get,
+            eligible=eligible, max_maturity=flt.max_maturity,
+            freshness_half_life_days=cfg.ranking.freshness_half_life_days,
         )
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):

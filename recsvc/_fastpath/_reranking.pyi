@@ -42,3 +42,25 @@ def mmr_select(
     lowest index. Candidate i's embedding is ``emb[emb_rows[i]]``, normalised inside.
     ``max_sim`` (m,) is the cosine similarity to the slate so far (-inf: nothing yet),
     updated in place; emb_t (d, m), vec (d,), taken (m,) are scratch."""
+
+def slate_inclusion_counts(
+    explored: npt.NDArray[np.float32],
+    boost: _F32,
+    categories: _I32,
+    max_per_category: int,
+    need: int,
+    lam: float,
+    sim: _F32,
+    max_sim0: _F32,
+    counts0: _I32,
+    adj: _F32,
+    heap: _I32,
+    skipped: _I32,
+    taken: _U8,
+    max_sim: _F32,
+    counts: _I32,
+    hits: npt.NDArray[np.float64],
+) -> int:
+    """Re-run rerank's selection (boosts, quotas or MMR, the quota-ignoring fill) on each row of
+    ``explored`` (D, m) and add 1 to ``hits[i]`` per draw whose slate holds pool candidate i.
+    ``sim`` (m, m) is read only when lam > 0; the rest of the (m,)/(C,) arrays are scratch."""

@@ -283,3 +283,187 @@ cdef intp_t _check(intp_t count) except -100:
     if count == BAD_INDEX:
         raise IndexError("re-ranking kernel: an index is outside the candidate pool or the embeddings")
     return count
+
+
+# --------------------------------------------------------------------------
+# Inclusion counts of the final slate over Monte-Carlo draws of the explored scores
+#
+# recsvc.slate_propensity draws D independent explored-score vectors from the
+# serving policy and calls this kernel, which re-runs the selection step of
+# recsvc.reranking.rerank on each draw (boosts, quotas or MMR with quotas, and
+# the fill that ignores quotas when they cannot be met) and counts, per pool
+# candidate, the draws whose slate holds it. Reserved (pinned, sponsored)
+# items are outside the pool and enter through ``counts0`` and ``max_sim0``.
+#
+# Order, as in rerank: the pool is sorted by explored score (descending, ties
+# to the lower candidate index), so "i before j" is adj desc, then explored
+# desc, then index asc; MMR ties go to the earlier candidate in that pool order.
+
+cdef inline bint _before(intp_t i, intp_t j, const float32_t* adj, const float32_t* e) noexcept nogil:
+    if adj[i] != adj[j]:
+        return adj[i] > adj[j]
+    if e[i] != e[j]:
+        return e[i] > e[j]
+    return i < j
+
+
+cdef inline bint _pool_before(intp_t i, intp_t j, const float32_t* e) noexcept nogil:
+    if e[i] != e[j]:
+        return e[i] > e[j]
+    return i < j
+
+
+cdef inline void _sift_down(int32_t* heap, intp_t size, intp_t pos,
+                            const float32_t* adj, const float32_t* e) noexcept nogil:
+    cdef intp_t child
+    cdef int32_t top = heap[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _before(heap[child + 1], heap[child], adj, e):
+            child += 1
+        if not _before(heap[child], top, adj, e):
+            break
+        heap[pos] = heap[child]
+        pos = child
+    heap[pos] = top
+
+
+cdef intp_t _slate_inclusion_counts(
+    const float32_t[:, ::1] explored,    # IN  (D, m) explored score of each pool candidate, one row per draw
+    const float32_t[::1] boost,          # IN  (m,) added to the explored score (freshness, long tail)
+    const int32_t[::1] categories,       # IN  (m,) negative: no quota
+    int32_t max_per_category,            # IN  <= 0: no quota
+    intp_t need,                         # IN  organic positions to fill
+    double lam,                          # IN  MMR weight; 0: greedy selection under quotas
+    const float32_t[:, ::1] sim,         # IN  (m, m) cosine similarities when lam > 0, else any shape
+    const float32_t[::1] max_sim0,       # IN  (m,) similarity to the reserved items; -inf: none
+    const int32_t[::1] counts0,          # IN  (C,) reserved items per category
+    float32_t[::1] adj,                  # SCRATCH (m,)
+    int32_t[::1] heap,                   # SCRATCH (m,)
+    int32_t[::1] skipped,                # SCRATCH (m,)
+    uint8_t[::1] taken,                  # SCRATCH (m,)
+    float32_t[::1] max_sim,              # SCRATCH (m,)
+    int32_t[::1] counts,                 # SCRATCH (C,)
+    double[::1] hits,                    # IN/OUT (m,) += 1 for every draw whose slate holds the candidate
+) noexcept nogil:
+    cdef intp_t D = explored.shape[0], m = explored.shape[1], C = counts0.shape[0]
+    cdef intp_t d, i, j, size, n_skip, chosen, best, step
+    cdef int32_t c
+    cdef int32_t* cnt = &counts[0] if C > 0 else NULL
+    cdef const float32_t* e
+    cdef float32_t* a
+    cdef double val, best_val, pen
+    if (boost.shape[0] != m or categories.shape[0] != m or max_sim0.shape[0] != m
+            or adj.shape[0] != m or heap.shape[0] != m or skipped.shape[0] != m
+            or taken.shape[0] != m or max_sim.shape[0] != m or counts.shape[0] != C
+            or hits.shape[0] != m or need < 0):
+        return BAD_SHAPE
+    if lam > 0 and (sim.shape[0] != m or sim.shape[1] != m):
+        return BAD_SHAPE
+    if m == 0 or need == 0 or D == 0:
+        return 0
+    a = &adj[0]
+    for d in range(D):
+        e = &explored[d, 0]
+        for i in range(m):
+            a[i] = e[i] + boost[i]
+            taken[i] = 0
+        for j in range(C):
+            cnt[j] = counts0[j]
+        chosen = 0
+        if lam <= 0:
+            # heap-ordered walk: O(m + popped * log m) per draw
+            for i in range(m):
+                heap[i] = <int32_t> i
+            size = m
+            i = m // 2
+            while i > 0:
+                i -= 1
+                _sift_down(&heap[0], size, i, a, e)
+            n_skip = 0
+            while chosen < need and size > 0:
+                best = heap[0]
+                size -= 1
+                if size > 0:
+                    heap[0] = heap[size]
+                    _sift_down(&heap[0], size, 0, a, e)
+                c = categories[best]
+                if _at_quota(c, max_per_category, cnt, C):
+                    skipped[n_skip] = <int32_t> best
+                    n_skip += 1
+                    continue
+                _count(c, cnt, C)
+                taken[best] = 1
+                chosen += 1
+            # quotas could not fill the slate: the skipped ones, in order, ignoring them
+            j = 0
+            while chosen < need and j < n_skip:
+                taken[skipped[j]] = 1
+                chosen += 1
+                j += 1
+        else:
+            for i in range(m):
+                max_sim[i] = max_sim0[i]
+            for step in range(need):
+                best = -1
+                best_val = -INFINITY
+                for i in range(m):
+                    if taken[i] or _at_quota(categories[i], max_per_category, cnt, C):
+                        continue
+                    pen = max_sim[i] if max_sim[i] != -INFINITY else 0.0
+                    val = (1.0 - lam) * a[i] - lam * pen
+                    if best < 0 or val > best_val or (val == best_val and _pool_before(i, best, e)):
+                        best = i
+                        best_val = val
+                if best < 0:
+                    break
+                taken[best] = 1
+                chosen += 1
+                _count(categories[best], cnt, C)
+                for i in range(m):
+                    if sim[best, i] > max_sim[i]:
+                        max_sim[i] = sim[best, i]
+            while chosen < need:  # the fill ignoring quotas, in score order
+                best = -1
+                for i in range(m):
+                    if not taken[i] and (best < 0 or _before(i, best, a, e)):
+                        best = i
+                if best < 0:
+                    break
+                taken[best] = 1
+                chosen += 1
+        for i in range(m):
+            if taken[i]:
+                hits[i] += 1.0
+    return 0
+
+
+def slate_inclusion_counts(
+    const float32_t[:, ::1] explored,
+    const float32_t[::1] boost,
+    const int32_t[::1] categories,
+    int32_t max_per_category,
+    intp_t need,
+    double lam,
+    const float32_t[:, ::1] sim,
+    const float32_t[::1] max_sim0,
+    const int32_t[::1] counts0,
+    float32_t[::1] adj,
+    int32_t[::1] heap,
+    int32_t[::1] skipped,
+    uint8_t[::1] taken,
+    float32_t[::1] max_sim,
+    int32_t[::1] counts,
+    double[::1] hits,
+):
+    """Re-run the selection on each row of ``explored`` and add 1 to ``hits[i]``
+    for every draw whose slate holds candidate i."""
+    cdef intp_t status
+    with nogil:
+        status = _slate_inclusion_counts(
+            explored, boost, categories, max_per_category, need, lam, sim, max_sim0, counts0,
+            adj, heap, skipped, taken, max_sim, counts, hits,
+        )
+    return _check(status)

@@ -114,3 +114,67 @@ def mmr_select(
             break
         np.maximum(max_sim, unit @ unit[best], out=max_sim)
     return count
+
+
+def slate_inclusion_counts(
+    explored: np.ndarray,
+    boost: np.ndarray,
+    categories: np.ndarray,
+    max_per_category: int,
+    need: int,
+    lam: float,
+    sim: np.ndarray,
+    max_sim0: np.ndarray,
+    counts0: np.ndarray,
+    adj: np.ndarray,
+    heap: np.ndarray,
+    skipped: np.ndarray,
+    taken: np.ndarray,
+    max_sim: np.ndarray,
+    counts: np.ndarray,
+    hits: np.ndarray,
+) -> int:
+    """Per draw: the pool in explored order, then the selection exactly as rerank runs it."""
+    D, m = explored.shape
+    if need < 0 or boost.shape[0] != m or categories.shape[0] != m or hits.shape[0] != m:
+        raise ValueError("re-ranking kernel: array shapes disagree (call it through recsvc.reranking)")
+    if m == 0 or need == 0:
+        return 0
+    idx = np.arange(m)
+    for d in range(D):
+        e = explored[d]
+        pool = np.lexsort((idx, -e))  # pool position -> candidate, explored desc, ties lower index
+        a = (e + boost).astype(np.float32)[pool]
+        cnt = counts0.copy()
+        cats = categories[pool].astype(np.int32)
+        out = np.empty(need, np.int32)
+        if lam <= 0:
+            order = np.argsort(-a, kind="stable").astype(np.int32)
+            count = select_with_quotas(order, cats, max_per_category, need, cnt, out)
+        else:
+            ms = max_sim0[pool].astype(np.float32)
+            s = sim[np.ix_(pool, pool)]
+            free = np.ones(m, bool)
+            count = 0
+            for _ in range(need):
+                ok = free & ~np.array([_at_quota(int(c), max_per_category, cnt) for c in cats])
+                if not ok.any():
+                    break
+                val = (1.0 - lam) * a.astype(np.float64) - lam * np.where(ms == -np.inf, 0.0, ms)
+                val[~ok] = -np.inf
+                best = int(np.flatnonzero(ok)[np.argmax(val[ok])])
+                out[count] = best
+                count += 1
+                free[best] = False
+                if 0 <= cats[best] < cnt.shape[0]:
+                    cnt[cats[best]] += 1
+                ms = np.maximum(ms, s[best])
+        chosen = out[:count]
+        if count < need and count < m:
+            rest = np.ones(m, bool)
+            rest[chosen] = False
+            rest_idx = np.flatnonzero(rest)
+            rest_idx = rest_idx[np.argsort(-a[rest_idx], kind="stable")][: need - count]
+            chosen = np.concatenate([chosen, rest_idx])
+        hits[pool[chosen]] += 1.0
+    return 0
