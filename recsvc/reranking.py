@@ -488,23 +488,49 @@ def selection_plan(
                          int(rules.max_per_category), lam, sim, max_sim0)
 
 
-def slate_inclusion_counts(explored: np.ndarray, plan: SelectionPlan, *, use_native: bool = True) -> np.ndarray:
-    """float64[p]: for each organic pool item, how many rows of ``explored`` (float32[D, p], the
-    pool's explored scores per Monte-Carlo draw) give a slate that holds it, re-running
-    rerank's selection (boosts, quotas or MMR, the fill ignoring quotas) on every row."""
-    explored = np.ascontiguousarray(explored, dtype=np.float32)
+def slate_inclusion_counts(
+    top_scores: np.ndarray,
+    top_pool: np.ndarray,
+    top_col: np.ndarray,
+    base: np.ndarray,
+    shift: np.ndarray,
+    plan: SelectionPlan,
+    *,
+    use_native: bool = True,
+) -> np.ndarray:
+    """float64[p]: for each organic pool item, in how many of D Monte-Carlo draws of the explored scores
+    the slate holds it, re-running rerank's selection (boosts, quotas or MMR, the fill ignoring quotas)
+    on every draw.
+
+    Draw d's explored scores: ``top_scores[d, top_col[j]]`` (float32[D, M]) for pool item ``top_pool[j]``
+    (the policy's random items), ``float32(base[i] + shift[d])`` for every other pool item i (base
+    float64[p], shift float64[D]): their order is the same in every draw, so a quota walk only merges.
+    """
     p = plan.categories.shape[0]
-    if explored.ndim != 2 or explored.shape[1] != p:
-        raise ValueError(f"explored must have shape (D, {p}), got {explored.shape}")
+    top_scores = np.ascontiguousarray(top_scores, dtype=np.float32)
+    top_pool = _int_vector(top_pool, np.int32, "top_pool")
+    top_col = _int_vector(top_col, np.int32, "top_col")
+    base = np.ascontiguousarray(base, dtype=np.float64)
+    shift = np.ascontiguousarray(shift, dtype=np.float64)
+    if top_scores.ndim != 2 or shift.shape != (top_scores.shape[0],) or base.shape != (p,):
+        raise ValueError(f"top_scores (D, M), shift (D,) and base ({p},) disagree: "
+                         f"{top_scores.shape}, {shift.shape}, {base.shape}")
+    if top_pool.shape != top_col.shape:
+        raise ValueError("top_pool and top_col must have the same length")
+    fixed = np.ones(p, bool)
+    fixed[top_pool] = False
+    fixed_idx = np.flatnonzero(fixed)
+    fb = base[fixed_idx]
+    fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + plan.boost[fixed_idx])))].astype(np.int32)
     hits = np.zeros(p, np.float64)
     impl = _native if use_native else _twin
     impl.slate_inclusion_counts(
-        explored, plan.boost, plan.categories, plan.max_per_category, plan.need, plan.lam, plan.sim,
-        plan.max_sim0, plan.counts0, np.empty(p, np.float32), np.empty(p, np.int32), np.empty(p, np.int32),
-        np.empty(p, np.uint8), np.empty(p, np.float32), np.empty_like(plan.counts0), hits,
-    )
+        top_scores, top_pool, top_col, base, shift, fixed_order, plan.boost, plan.categories,
+        plan.max_per_category, plan.need, plan.lam, plan.sim, plan.max_sim0, plan.counts0,
+        np.empty(p, np.float32), np.empty(p, np.float32), np.empty(p, np.int32), np.empty(p, np.int32),
+        np.empty(p, np.int32), np.empty(p, np.uint8), np.empty(p, np.float32), np.empty_like(plan.counts0), hits,
+    )  # fmt: skip
     return hits
-
 
 def _unit_rows(emb: np.ndarray) -> np.ndarray:
     emb = np.ascontiguousarray(emb, dtype=np.float32)

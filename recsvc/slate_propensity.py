@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsvc.exploration import EpsilonGreedyPolicy, Exploration, ExplorationPolicy
+from recsvc.exploration import EpsilonGreedyPolicy, Exploration, ExplorationPolicy, ScoreDraws
 from recsvc.reranking import SelectionPlan, slate_inclusion_counts
 
 __all__ = ["slate_propensities"]
@@ -68,18 +68,26 @@ def slate_propensities(
     p = np.ascontiguousarray(pulls, np.float64)
     served_mask = np.zeros(n, bool)
     served_mask[served] = True
+    pool_of = np.full(n, -1, np.intp)  # candidate -> pool index
+    pool_of[pool] = np.arange(pool.size)
+
+    def hits_of(draws: ScoreDraws) -> np.ndarray:
+        in_pool = pool_of[draws.top] >= 0
+        return slate_inclusion_counts(draws.top_scores, pool_of[draws.top][in_pool], np.flatnonzero(in_pool),
+                                      draws.base[pool], draws.shift, plan)
+
     if isinstance(policy, EpsilonGreedyPolicy):
         eps = float(policy.epsilon)
-        greedy = slate_inclusion_counts(s[None, pool], plan)
+        greedy = hits_of(ScoreDraws(np.empty(0, np.intp), np.empty((1, 0), np.float32), s.astype(np.float64),
+                                    np.zeros(1)))
         explored_round = not np.array_equal(explored.scores, s)
-        hits = slate_inclusion_counts(policy.draw_explore_scores(s, k, rng, n_draws)[:, pool], plan)
+        hits = hits_of(policy.draw_explore_scores(s, k, rng, n_draws))
         if explored_round:
             hits += served_mask[pool]
         q = hits / (n_draws + int(explored_round))
         prop[pool] = (1.0 - eps) * greedy + eps * q
         return prop
-    draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws)
-    hits = slate_inclusion_counts(draws[:, pool], plan)
+    hits = hits_of(policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws))
     hits += served_mask[pool]
     prop[pool] = hits / (n_draws + 1)
     return prop

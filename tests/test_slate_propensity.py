@@ -109,6 +109,16 @@ def test_deterministic_policies_report_one(engines, policy):
         assert len(slates) == 1 and all(p == 1.0 for _, p in next(iter(slates)))
 
 
+def _plan(cat, rows, k, rules, rng=None):
+    emb, cats, maturity, created = cat.columns()
+    pct = (rng.random(len(cat.item_ids)).astype(np.float32) if rng is not None
+           else np.zeros(len(cat.item_ids), np.float32))
+    kw = dict(embeddings=emb, categories=cats, maturity=maturity, created_at_ms=created,
+              now_ms=1_795_910_400_000, popularity_percentile=pct, row_of=cat.row_of.get,
+              eligible=lambda r: True, max_maturity=18, freshness_half_life_days=7.0)
+    return selection_plan(rows, k, rules, **kw), kw
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.4])
 @pytest.mark.parametrize("reserved", [False, True])
 def test_inclusion_kernel_matches_its_twin(small_catalog, lam, reserved):
@@ -117,16 +127,18 @@ def test_inclusion_kernel_matches_its_twin(small_catalog, lam, reserved):
     rows = rng.choice(len(cat.item_ids), 80, replace=False).astype(np.int32)
     rules = RerankingConfig(max_per_category=2, mmr_lambda=lam, freshness_boost=0.2,
                             pinned={cat.item_ids[int(rows[3])]: 1} if reserved else {})
-    emb, cats, maturity, created = cat.columns()
-    plan = selection_plan(rows, 8, rules, embeddings=emb, categories=cats, maturity=maturity, created_at_ms=created,
-                          now_ms=1_795_910_400_000, popularity_percentile=np.zeros(len(cat.item_ids), np.float32),
-                          row_of=cat.row_of.get, eligible=lambda r: True, max_maturity=18,
-                          freshness_half_life_days=7.0)
+    plan, _ = _plan(cat, rows, 8, rules)
     p = int(plan.keep.sum())
-    explored = rng.random((40, p)).astype(np.float32)
-    explored[:, ::7] = 0.5  # ties
-    native = slate_inclusion_counts(explored, plan)
-    twin = slate_inclusion_counts(explored, plan, use_native=False)
+    # 30 random items (Thompson's top M) above the fixed ones, which keep their order shifted per draw
+    top_pool = rng.choice(p, 30, replace=False).astype(np.int32)
+    top_col = rng.permutation(30).astype(np.int32)
+    top_scores = rng.random((40, 30)).astype(np.float32)
+    top_scores[:, ::7] = 0.5  # ties
+    base = -1.0 - rng.random(p)
+    shift = rng.random(40)
+    args = (top_scores, top_pool, top_col, base, shift, plan)
+    native = slate_inclusion_counts(*args)
+    twin = slate_inclusion_counts(*args, use_native=False)
     np.testing.assert_array_equal(native, twin)
     assert native.sum() == 40 * plan.need
 
@@ -137,16 +149,17 @@ def test_inclusion_kernel_reproduces_the_served_slate(small_catalog):
 
     cat = small_catalog
     rng = np.random.default_rng(11)
-    emb, cats, maturity, created = cat.columns()
     for lam, maxpc in ((0.0, 1), (0.0, 3), (0.3, 2)):
         rows = rng.choice(len(cat.item_ids), 60, replace=False).astype(np.int32)
         scores = rng.random(60).astype(np.float32)
-        kw = dict(embeddings=emb, categories=cats, maturity=maturity, created_at_ms=created,
-                  now_ms=1_795_910_400_000, popularity_percentile=rng.random(len(cat.item_ids)).astype(np.float32),
-                  row_of=cat.row_of.get, eligible=lambda r: True, max_maturity=18, freshness_half_life_days=7.0)
         rules = RerankingConfig(max_per_category=maxpc, mmr_lambda=lam, long_tail_boost=0.3)
+        plan, kw = _plan(cat, rows, 10, rules, rng)
         order = np.argsort(-scores, kind="stable")
         slate = rerank(rows[order], scores[order], 10, rules, **kw)
-        plan = selection_plan(rows, 10, rules, **kw)
-        hits = slate_inclusion_counts(scores[None, plan.keep], plan)
-        assert set(rows[plan.keep][hits > 0].tolist()) == set(slate.rows.tolist())
+        p = int(plan.keep.sum())
+        for split in (0, 20):  # all fixed; 20 random
+            top_pool = np.arange(split, dtype=np.int32)
+            hits = slate_inclusion_counts(scores[plan.keep][None, :split], top_pool, top_pool,
+                                          scores[plan.keep].astype(np.float64), np.zeros(1), plan)
+            assert set(rows[plan.keep][hits > 0].tolist()) == set(slate.rows.tolist())
+            assert hits.sum() == min(10, p)

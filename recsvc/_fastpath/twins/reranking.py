@@ -117,33 +117,21 @@ def mmr_select(
 
 
 def slate_inclusion_counts(
-    explored: np.ndarray,
-    boost: np.ndarray,
-    categories: np.ndarray,
-    max_per_category: int,
-    need: int,
-    lam: float,
-    sim: np.ndarray,
-    max_sim0: np.ndarray,
-    counts0: np.ndarray,
-    adj: np.ndarray,
-    heap: np.ndarray,
-    skipped: np.ndarray,
-    taken: np.ndarray,
-    max_sim: np.ndarray,
-    counts: np.ndarray,
-    hits: np.ndarray,
+    top_scores, top_pool, top_col, base, shift, fixed_order, boost, categories, max_per_category, need, lam,
+    sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, hits,
 ) -> int:
-    """Per draw: the pool in explored order, then the selection exactly as rerank runs it."""
-    D, m = explored.shape
-    if need < 0 or boost.shape[0] != m or categories.shape[0] != m or hits.shape[0] != m:
+    """Per draw: the full explored vector, the pool in explored order, then the selection as rerank runs it."""
+    D = top_scores.shape[0]
+    p = base.shape[0]
+    if need < 0 or boost.shape[0] != p or categories.shape[0] != p or hits.shape[0] != p:
         raise ValueError("re-ranking kernel: array shapes disagree (call it through recsvc.reranking)")
-    if m == 0 or need == 0:
+    if p == 0 or need == 0:
         return 0
-    idx = np.arange(m)
+    idx = np.arange(p)
     for d in range(D):
-        e = explored[d]
-        pool = np.lexsort((idx, -e))  # pool position -> candidate, explored desc, ties lower index
+        e = (base + shift[d]).astype(np.float32)
+        e[top_pool] = top_scores[d, top_col]
+        pool = np.lexsort((idx, -e))  # pool position -> item, explored desc, ties lower index
         a = (e + boost).astype(np.float32)[pool]
         cnt = counts0.copy()
         cats = categories[pool].astype(np.int32)
@@ -154,7 +142,7 @@ def slate_inclusion_counts(
         else:
             ms = max_sim0[pool].astype(np.float32)
             s = sim[np.ix_(pool, pool)]
-            free = np.ones(m, bool)
+            free = np.ones(p, bool)
             count = 0
             for _ in range(need):
                 ok = free & ~np.array([_at_quota(int(c), max_per_category, cnt) for c in cats])
@@ -170,8 +158,8 @@ def slate_inclusion_counts(
                     cnt[cats[best]] += 1
                 ms = np.maximum(ms, s[best])
         chosen = out[:count]
-        if count < need and count < m:
-            rest = np.ones(m, bool)
+        if count < need and count < p:
+            rest = np.ones(p, bool)
             rest[chosen] = False
             rest_idx = np.flatnonzero(rest)
             rest_idx = rest_idx[np.argsort(-a[rest_idx], kind="stable")][: need - count]
