@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from recsvc.evaluation.ope import BanditLog, ips, on_policy_estimate, snips
+from recsvc.evaluation.ope import (BanditLog, clipped_ips, ips, on_policy_estimate, snips, weight_diagnostics)
 from recsvc.state.served_log import ServedImpressions, read_served_impressions
 
 
@@ -58,6 +58,9 @@ def evaluate_service_log(state_dir: str | Path, target_ranker: str | Path | None
         "logged_ctr": _est(on_policy_estimate(log.reward)),
         # the logging policy evaluated off-policy must give back its own CTR
         "logging_policy_ips": _est(ips(log, pi_logged=log.propensity)),
+        # logged propensities: their spread, and how many sit at the floor (exploration.min_propensity)
+        "propensity": {"min": float(imp.propensity.min()), "median": float(np.median(imp.propensity)),
+                       "share_at_or_below_1e-4": float((imp.propensity <= 1e-4).mean())},
     }
     if target_ranker is not None:
         from recsvc.ranking import Ranker
@@ -66,8 +69,15 @@ def evaluate_service_log(state_dir: str | Path, target_ranker: str | Path | None
         scores = ranker.score_gathered(imp.features) if tuple(ranker.feature_names) != imp.feature_names \
             else ranker.score_features(imp.features)
         pi = soft_topk_policy(np.asarray(scores), imp.slate, temperature)
+        clipped, c = clipped_ips(log, pi_logged=pi)
+        d = weight_diagnostics(pi / log.propensity)
         report["target"] = {"ranker": str(target_ranker), "temperature": temperature,
-                            "ips": _est(ips(log, pi_logged=pi)), "snips": _est(snips(log, pi_logged=pi))}
+                            "ips": _est(ips(log, pi_logged=pi)), "snips": _est(snips(log, pi_logged=pi)),
+                            "clipped_ips": {**_est(clipped), "clip": c},
+                            "diagnostics": {"ess": d.ess, "ess_share": d.ess_share,
+                                            "largest_weights": list(d.largest_weights),
+                                            "largest_share": d.largest_share, "mean_weight": d.mean_weight},
+                            "warnings": list(d.warnings)}
     return report
 
 
