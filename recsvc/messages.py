@@ -50,6 +50,7 @@ class Recommendation:
     variant: str
     timings_us: dict[str, int]
     degraded: bool
+    random_slice: bool = False  # served uniformly at random (exploration.random_share); in-process only for now
 
 
 @dataclass

@@ -164,6 +164,8 @@ class RequestPath:
             budget_ms = min(q.budget_ms, budget_ms)
         deadline_ns = t_start + int(budget_ms * 1e6)
         degraded = False
+        request_id = uuid.uuid4().hex
+        random_slice = _in_random_slice(request_id, cfg.exploration.random_share)
 
         user_vec = self.user_vector(user_id, q.user_embedding, cfg)
         history = self.state.history(user_id)
@@ -206,8 +208,18 @@ class RequestPath:
         alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
         policy = self.policy(cfg)
         rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
-        explored = policy.explore(scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore, rng,
-                                  with_propensity=False)
+        if random_slice:
+            # uniformly at random from the eligible candidates: random scores, and below only the hard
+            # rules (filters, maturity, pinned and sponsored slots); a generator of its own
+            from recsvc.exploration import Exploration
+
+            explored = Exploration(self._propensity_rng().random(len(cands)).astype(np.float32),
+                                   np.zeros(len(cands)))
+            rules = rules.model_copy(update={"max_per_category": 0, "mmr_lambda": 0.0, "freshness_boost": 0.0,
+                                             "long_tail_boost": 0.0})
+        else:
+            explored = policy.explore(scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore, rng,
+                                      with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
         t3 = time.perf_counter_ns()
 
@@ -222,7 +234,13 @@ class RequestPath:
         # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
         reserved = slate.sponsored | slate.pinned
         organic_ci = order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
-        if policy.deterministic or len(cands) == 0:
+        if random_slice and len(cands):
+            # exact: each of the pool's eligible items fills one of the `need` organic slots with equal chance
+            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
+            final_prop = np.zeros(len(cands))
+            pool_size = int(plan.keep.sum())
+            final_prop[plan.keep] = min(1.0, plan.need / pool_size) if pool_size else 1.0
+        elif policy.deterministic or len(cands) == 0:
             final_prop = None
         else:
             from recsvc.exploration import ThompsonPolicy
@@ -242,7 +260,6 @@ class RequestPath:
         t4b = time.perf_counter_ns()
 
         # -- response and the served-slate record
-        request_id = uuid.uuid4().hex
         pool_of_row = order  # pool index -> candidate index
         items: list[SlateItem] = []
         rows_out, props_out = [], []
@@ -287,7 +304,7 @@ class RequestPath:
             block[idx >= 0] = features[idx[idx >= 0]]
             feat, feat_names = block.tobytes(), list(FEATURE_NAMES)
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
-                             now, feat, feat_names)
+                             now, feat, feat_names, random_slice=random_slice)
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -297,7 +314,7 @@ class RequestPath:
         timings = {"candidates_us": (t1 - t0) // 1000, "ranking_us": (t2 - t1) // 1000,
                    "exploration_us": (t3 - t2 + t4b - t4) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
-        return Recommendation(request_id, items, variant, timings, degraded), served
+        return Recommendation(request_id, items, variant, timings, degraded, random_slice), served
 
     def _observe(self, stage: str, ns: int) -> None:
         old = self._stage_ewma_us[stage]
@@ -454,6 +471,15 @@ def request_rules(configured: RerankingConfig, overrides: Mapping[str, Any], max
         key, msg = errors[0]
         raise InvalidArgument(f"rerank.{_rule_key(key.split('.', 1))}: {msg}")
     return rules
+
+
+def _in_random_slice(request_id: str, share: float) -> bool:
+    """Whether a request is in the random-exposure slice: a hash of its id, like experiment assignment."""
+    if share <= 0:
+        return False
+    from recsvc.experiments.assignment import N_BUCKETS, bucket_of
+
+    return bucket_of("recsvc-random-slice", request_id) < round(share * N_BUCKETS)
 
 
 def _rule_key(loc: Sequence[Any]) -> str:

@@ -163,3 +163,33 @@ def test_inclusion_kernel_reproduces_the_served_slate(small_catalog):
                                           scores[plan.keep].astype(np.float64), np.zeros(1), plan)
             assert set(rows[plan.keep][hits > 0].tolist()) == set(slate.rows.tolist())
             assert hits.sum() == min(10, p)
+
+
+def test_random_slice_is_uniform_with_exact_propensities_and_marked(tmp_path):
+    """exploration.random_share: that share of requests (by a hash of the request id) is served uniformly
+    at random from the eligible candidates with exact propensities, marked in the response and the log."""
+    from recsvc.state.records import decode, encode
+
+    cfg = small_config(tmp_path, exploration={"random_share": 0.5}, retrieval={"n_candidates": 60})
+    eng = Engine.from_config(cfg, clock=lambda: 1_795_910_400_000)
+    try:
+        q = RecommendQuery(user_id="u1", n=10)
+        count, props, n_slice = {}, {}, 0
+        for _ in range(1200):
+            rec, served = eng.requests.recommend(q, cfg, "", [], 1_795_910_400_000)
+            if not rec.random_slice:
+                continue
+            n_slice += 1
+            assert decode(encode(served)).random_slice
+            for it in rec.items:
+                count[it.item_id] = count.get(it.item_id, 0) + 1
+                props.setdefault(it.item_id, set()).add(it.propensity)
+        assert 0.45 < n_slice / 1200 < 0.55
+        p = {next(iter(v)) for v in props.values()}
+        assert len(p) == 1  # one exact value: need / eligible pool
+        (p,) = p
+        assert abs(10 / p - round(10 / p)) < 1e-9 and len(count) <= round(10 / p)
+        for i, c in count.items():
+            assert abs(c / n_slice - p) <= 4.5 * np.sqrt(p * (1 - p) / n_slice), (i, c / n_slice, p)
+    finally:
+        eng.close(snapshot=False)

@@ -154,6 +154,8 @@ class ServedSlate:
     outcome: dict[int, int] = field(default_factory=dict)
     #: row -> what the experiment aggregates have counted for it (count_for_experiment's flags)
     counted: dict[int, int] = field(default_factory=dict)
+    #: served uniformly at random (exploration.random_share): its propensities are exact
+    random_slice: bool = False
 
     def feature_block(self) -> np.ndarray | None:
         """The logged features as float32 [k, F], or None when the slate was not ranked."""
@@ -197,6 +199,8 @@ def encode_served(s: ServedSlate, with_outcome: bool) -> dict[str, Any]:
                          "arms": [list(a) for a in s.arms], "rows": s.rows, "p": s.propensities,
                          "ts": s.served_at_ms, "f": base64.b64encode(s.features).decode() if s.features else "",
                          "fn": s.feature_names, "div": s.diversity, "nov": s.novelty}
+    if s.random_slice:
+        d["rs"] = True
     if with_outcome:
         d["o"] = {str(k): int(v) for k, v in s.outcome.items()}
         d["c"] = {str(k): int(v) for k, v in s.counted.items()}
@@ -216,7 +220,7 @@ def decode(d: dict[str, Any]) -> LogRecord:
                            base64.b64decode(d["f"]) if d.get("f") else b"", list(d.get("fn", [])),
                            d.get("div"), d.get("nov"),
                            {int(k): int(v) for k, v in d.get("o", {}).items()},
-                           {int(k): int(v) for k, v in d.get("c", {}).items()})
+                           {int(k): int(v) for k, v in d.get("c", {}).items()}, bool(d.get("rs", False)))
     if t == "upsert":
         return CatalogUpsert([_item_from_json(x) for x in d["items"]])
     if t == "delete":
