@@ -304,7 +304,8 @@ class RequestPath:
             block[idx >= 0] = features[idx[idx >= 0]]
             feat, feat_names = block.tobytes(), list(FEATURE_NAMES)
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
-                             now, feat, feat_names, random_slice=random_slice)
+                             now, feat, feat_names, random_slice=random_slice,
+                             random_p=self._random_p(cands.rows, slate, rules, flt))
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -413,6 +414,19 @@ class RequestPath:
             context=dict(context),
             sources=cands.sources,
         )
+
+    def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
+        """What the random slice would give each eligible item of this request: need / eligible pool
+        (the organic pool of the slate's re-ranking: candidates within the maturity ceiling, reserved out)."""
+        if rows.size == 0:
+            return None
+        reserved = slate.sponsored | slate.pinned
+        ceiling = min(int(rules.max_maturity), int(flt.max_maturity))
+        keep = self.catalog.maturity[rows] <= ceiling
+        if reserved.any():
+            keep &= ~np.isin(rows, slate.rows[reserved])
+        pool, need = int(keep.sum()), int((~reserved).sum())
+        return min(1.0, need / pool) if pool else None
 
     def _selection_plan(self, rows, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import selection_plan

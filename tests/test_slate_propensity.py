@@ -193,3 +193,35 @@ def test_random_slice_is_uniform_with_exact_propensities_and_marked(tmp_path):
             assert abs(c / n_slice - p) <= 4.5 * np.sqrt(p * (1 - p) / n_slice), (i, c / n_slice, p)
     finally:
         eng.close(snapshot=False)
+
+
+def test_ope_validate_on_the_service_log(tmp_path, capsys):
+    """recsvc ope --state-dir DIR --validate: the random slice's click rate from the main policy's log, with
+    coverage verdicts and a positivity warning when the main policy cannot serve what the slice serves."""
+    import json
+
+    from recsvc.cli import main as cli_main
+    from recsvc.engine import FeedbackEventIn
+
+    now = [1_795_910_400_000]
+    cfg = small_config(tmp_path, exploration={"random_share": 0.3, "top_m": 10}, retrieval={"n_candidates": 60})
+    eng = Engine.from_config(cfg, clock=lambda: now[0])
+    rng = np.random.default_rng(0)
+    e = 0
+    for r in range(300):
+        now[0] += 1000
+        rec = eng.recommend(RecommendQuery(user_id=f"u{r % 40}", n=5))
+        fb = []
+        for it in rec.items:
+            e += 1
+            fb.append(FeedbackEventIn(f"i{e}", f"u{r % 40}", it.item_id, "impression", request_id=rec.request_id))
+            if rng.random() < 0.1:
+                fb.append(FeedbackEventIn(f"c{e}", f"u{r % 40}", it.item_id, "click", request_id=rec.request_id))
+        eng.feedback(fb)
+    eng.close(snapshot=False)
+    assert cli_main(["ope", "--state-dir", str(cfg.state.dir), "--validate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["slice_impressions"] > 0 and out["main_impressions"] > 0
+    for est in out["slice_ctr_from_main_log"].values():
+        assert {"covers_observed", "intervals_overlap", "ci_low", "ci_high"} <= set(est)
+    assert out["diagnostics"]["mean_weight"] < 0.9 and any("never served" in w for w in out["warnings"])

@@ -156,6 +156,8 @@ class ServedSlate:
     counted: dict[int, int] = field(default_factory=dict)
     #: served uniformly at random (exploration.random_share): its propensities are exact
     random_slice: bool = False
+    #: what the random slice gives each eligible item of this request: need / eligible pool (OPE validation)
+    random_p: float | None = None
 
     def feature_block(self) -> np.ndarray | None:
         """The logged features as float32 [k, F], or None when the slate was not ranked."""
@@ -201,6 +203,8 @@ def encode_served(s: ServedSlate, with_outcome: bool) -> dict[str, Any]:
                          "fn": s.feature_names, "div": s.diversity, "nov": s.novelty}
     if s.random_slice:
         d["rs"] = True
+    if s.random_p is not None:
+        d["rp"] = s.random_p
     if with_outcome:
         d["o"] = {str(k): int(v) for k, v in s.outcome.items()}
         d["c"] = {str(k): int(v) for k, v in s.counted.items()}
@@ -220,7 +224,8 @@ def decode(d: dict[str, Any]) -> LogRecord:
                            base64.b64decode(d["f"]) if d.get("f") else b"", list(d.get("fn", [])),
                            d.get("div"), d.get("nov"),
                            {int(k): int(v) for k, v in d.get("o", {}).items()},
-                           {int(k): int(v) for k, v in d.get("c", {}).items()}, bool(d.get("rs", False)))
+                           {int(k): int(v) for k, v in d.get("c", {}).items()}, bool(d.get("rs", False)),
+                           d.get("rp"))
     if t == "upsert":
         return CatalogUpsert([_item_from_json(x) for x in d["items"]])
     if t == "delete":
