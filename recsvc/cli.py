@@ -244,7 +244,12 @@ def cmd_ope(args: argparse.Namespace) -> int:
     if args.state_dir is not None:
         from recsvc.evaluation.service_log import evaluate_service_log
 
-        report = evaluate_service_log(args.state_dir, args.target_ranker, args.temperature)
+        if args.validate:
+            from recsvc.evaluation.service_log import validate_random_slice
+
+            report = validate_random_slice(args.state_dir)
+        else:
+            report = evaluate_service_log(args.state_dir, args.target_ranker, args.temperature)
         print(json.dumps(report, indent=2, default=float))
         return 0
     from recsvc.evaluation.datasets import format_obd_report, validate_on_obd
@@ -389,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--target-ranker", type=Path, help="with --state-dir: weights file of the policy to evaluate")
     s.add_argument("--temperature", type=float, default=0.1, help="soft top-k temperature of the target")
+    s.add_argument("--validate", action="store_true",
+                   help="with --state-dir: estimate the random-exposure slice's click rate (exploration.random_share) "
+                        "from the main policy's log and report whether the intervals cover the observed value")
     s.set_defaults(fn=cmd_ope)
     return p
 

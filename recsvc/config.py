@@ -149,6 +149,11 @@ class ExplorationConfig(_Section):
         1e-4, gt=0, le=1, description="Floor on reported propensities (keeps IPS weights finite)."
     )
     seed: int | None = Field(None, description="Seed of the per-worker generators (None: entropy).")
+    random_share: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of requests (by a hash of the request id) served uniformly at random from the eligible "
+                    "candidates, filters and pinned/sponsored slots kept, with exact propensities (0: none).",
+    )
 
 
 class RerankingConfig(_Section):

@@ -100,6 +100,7 @@ __all__ = [
     "EpsilonGreedyPolicy",
     "Exploration",
     "ExplorationPolicy",
+    "ScoreDraws",
     "GreedyPolicy",
     "ThompsonPolicy",
     "UCB1Policy",
@@ -389,6 +390,27 @@ class Exploration:
     propensity: F64
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreDraws:
+    """D independent draws of a policy's explored scores over n candidates, stored compactly.
+
+    Draw d: candidate ``top[j]`` scores ``top_scores[d, j]`` (float32[D, M]); every other candidate i
+    scores ``float32(base[i] + shift[d])`` (base float64[n], shift float64[D]), so the others keep
+    one order in every draw.
+    """
+
+    top: IntP
+    top_scores: F32
+    base: F64
+    shift: F64
+
+    def dense(self) -> F32:
+        """The draws as float32[D, n] (tests, small inputs)."""
+        out = (self.base[None, :] + self.shift[:, None]).astype(np.float32)
+        out[:, self.top] = self.top_scores
+        return out
+
+
 class ExplorationPolicy(ABC):
     """One interface for every policy: ``explore`` validates, ``_explore`` decides.
 
@@ -407,7 +429,11 @@ class ExplorationPolicy(ABC):
         total_pulls: float,
         k: int,
         rng: np.random.Generator,
+        with_propensity: bool = True,
     ) -> Exploration:
+        """``with_propensity=False`` skips the (top-k) propensity estimate where it costs draws
+        (Thompson; ``propensity`` is then all zeros): the request path logs the final slate's
+        propensities instead (:mod:`recsvc.slate_propensity`)."""
         rng = _check_rng(rng)
         s = _vector(scores, "scores", np.float32)
         n = s.shape[0]
@@ -424,7 +450,32 @@ class ExplorationPolicy(ABC):
         k = _count(k, "k", 0)
         if n == 0:
             return Exploration(np.empty(0, np.float32), np.empty(0, np.float64))
+        if not with_propensity and isinstance(self, ThompsonPolicy):
+            return self._explore(s, a, b, p, total, min(k, n), rng, with_propensity=False)
         return self._explore(s, a, b, p, total, min(k, n), rng)
+
+    def draw_scores(
+        self,
+        scores: F32,
+        alpha: F64,
+        beta: F64,
+        pulls: F64,
+        total_pulls: float,
+        k: int,
+        rng: np.random.Generator,
+        n_draws: int,
+    ) -> ScoreDraws:
+        """``n_draws`` independent copies of ``explore(...).scores``.
+
+        Inputs as ``_explore`` receives them (validated, 0 <= k <= n). The final slate's propensities
+        (:mod:`recsvc.slate_propensity`) re-run the re-ranking on each draw. This default calls
+        ``_explore`` once per draw; policies override it with a vectorised draw from the same distribution.
+        """
+        n = scores.shape[0]
+        out = np.empty((n_draws, n), dtype=np.float32)
+        for d in range(n_draws):
+            out[d] = self._explore(scores, alpha, beta, pulls, total_pulls, k, rng).scores
+        return ScoreDraws(np.arange(n, dtype=np.intp), out, np.zeros(n), np.zeros(n_draws))
 
     @abstractmethod
     def _explore(
@@ -511,7 +562,7 @@ class ThompsonPolicy(ExplorationPolicy):
         if not 0.0 < float(self.discount) <= 1.0:
             raise ValueError(f"discount must be in (0, 1], got {self.discount!r}")
 
-    def _explore(self, scores, alpha, beta, pulls, total_pulls, k, rng) -> Exploration:
+    def _explore(self, scores, alpha, beta, pulls, total_pulls, k, rng, with_propensity=True) -> Exploration:
         n = scores.shape[0]
         m = min(self.top_m, n)
         # In index order, so the kernel's ties (lower position first) agree
@@ -522,6 +573,8 @@ class ThompsonPolicy(ExplorationPolicy):
         ts = np.empty(m, dtype=np.float64)
         _sampling.thompson_scores(rng, a, b, w, ts)  # the served round
         adjusted = _rank_top_m(scores, top, ts)
+        if not with_propensity:
+            return Exploration(adjusted, np.zeros(n, dtype=np.float64))
         if k >= m:
             return Exploration(adjusted, _deterministic_propensity(adjusted, k))
         draws = self.n_propensity_draws
@@ -532,6 +585,25 @@ class ThompsonPolicy(ExplorationPolicy):
         propensity = np.zeros(n, dtype=np.float64)
         propensity[top] = counts / (draws + 1)
         return Exploration(adjusted, propensity)
+
+    def draw_scores(self, scores, alpha, beta, pulls, total_pulls, k, rng, n_draws) -> ScoreDraws:
+        n = scores.shape[0]
+        m = min(self.top_m, n)
+        top = np.sort(top_k_indices(scores, m))
+        theta = np.empty(n_draws * m, dtype=np.float64)  # in the order thompson_topk_propensities draws
+        _sampling.sample_beta_batch(rng, np.tile(alpha[top], n_draws), np.tile(beta[top], n_draws), theta)
+        ts = theta.reshape(n_draws, m)
+        w = _weights(scores[top], self.temperature)
+        if w is not None:
+            ts *= w
+        # as _rank_top_m: the rest keep the ranker's order, ending 1 below the draw's lowest top-M score
+        base = np.zeros(n, dtype=np.float64)
+        if m < n:
+            rest = np.ones(n, dtype=bool)
+            rest[top] = False
+            s_rest = scores[rest].astype(np.float64)
+            base[rest] = s_rest - s_rest.max() - 1.0
+        return ScoreDraws(top, ts.astype(np.float32), base, ts.min(axis=1))
 
 
 @dataclass(frozen=True)
@@ -596,6 +668,28 @@ class EpsilonGreedyPolicy(ExplorationPolicy):
             step = max(1.0, abs(s_max)) * 2.0**-10  # well above float32 resolution
             adjusted[chosen] = s_max + step * np.arange(k_top, 0, -1, dtype=np.float64)
         return Exploration(adjusted, propensity)
+
+    def draw_explore_scores(self, scores: F32, k: int, rng: np.random.Generator, n_draws: int) -> ScoreDraws:
+        """``n_draws`` copies of the scores of an exploring round (the epsilon branch)."""
+        n = scores.shape[0]
+        m = min(self.top_m, n)
+        k_top = min(k, m)
+        top = top_k_indices(scores, m)
+        out = np.tile(scores[top], (n_draws, 1))
+        if k_top > 0:
+            # a uniformly random ordered k-subset of the top M per draw (as rng.choice without replacement)
+            chosen = np.argsort(rng.random((n_draws, m)), axis=1)[:, :k_top]
+            s_max = float(scores.max())
+            step = max(1.0, abs(s_max)) * 2.0**-10
+            lifted = (s_max + step * np.arange(k_top, 0, -1, dtype=np.float64)).astype(np.float32)
+            np.put_along_axis(out, chosen, np.broadcast_to(lifted, chosen.shape), axis=1)
+        return ScoreDraws(top, out, scores.astype(np.float64), np.zeros(n_draws))
+
+    def draw_scores(self, scores, alpha, beta, pulls, total_pulls, k, rng, n_draws) -> ScoreDraws:
+        draws = self.draw_explore_scores(scores, k, rng, n_draws)
+        greedy = rng.random(n_draws) >= float(self.epsilon)
+        draws.top_scores[greedy] = scores[draws.top]
+        return draws
 
 
 POLICIES: dict[str, type[ExplorationPolicy]] = {

@@ -32,7 +32,7 @@ from recsvc.errors import InvalidArgument, Unavailable, echo
 from recsvc.messages import FeedbackEventIn, FeedbackResult, RejectedEvent
 from recsvc.state.interface import OnlineState
 from recsvc.state.journal import Journal
-from recsvc.state.records import EventType, FeedbackBatch, FeedbackEvent, ServedSlate
+from recsvc.state.records import EventType, FeedbackBatch, FeedbackEvent, ServedSlate, count_for_experiment
 
 log = logging.getLogger("recsvc.feedback")
 
@@ -148,6 +148,9 @@ class FeedbackPath:
                     reason = f"item {echo(ev.item_id)} was not served in request {echo(ev.request_id)}"
                 elif slate.user_id != ev.user_id:
                     reason = f"request {echo(ev.request_id)} was served to another user"
+                elif ts < slate.served_at_ms:
+                    reason = (f"timestamp_ms {ts} is before request {echo(ev.request_id)} was served "
+                              f"({slate.served_at_ms}): feedback cannot precede its slate")
             if reason is not None:
                 rejected.append(RejectedEvent(i, ev.event_id, reason))
                 continue
@@ -160,7 +163,12 @@ class FeedbackPath:
         slates = self.state.apply_feedback(batch.events)
         for ev, slate in zip(batch.events, slates):
             if slate is not None and slate.arms:
-                self.aggregates.record_event(slate.arms, ev.user_id, ev.type.label, ev.value, ev.ts_ms)
+                # per (slate, item) at most one impression, click and conversion (records.count_for_experiment)
+                counted, labels = count_for_experiment(slate.counted.get(ev.row, 0), ev.type)
+                slate.counted[ev.row] = counted
+                for label in labels:
+                    value = ev.value if label == ev.type.label else 0.0
+                    self.aggregates.record_event(slate.arms, ev.user_id, label, value, ev.ts_ms)
 
     # -- served slates ---------------------------------------------------------------------------------
     def record_served(self, slate: ServedSlate) -> bool:

@@ -52,6 +52,7 @@ class Recommendation:
     degraded: bool
     #: why ``degraded``: "candidates_cut", "ranking_skipped", "mmr_skipped", "stale_state"
     degraded_reasons: list[str] = field(default_factory=list)
+    random_slice: bool = False  # served uniformly at random (exploration.random_share); in-process only for now
 
 
 @dataclass

@@ -96,6 +96,15 @@ class RequestPath:
             rng = self._local.rng = np.random.default_rng(child)
         return rng
 
+    def _propensity_rng(self) -> np.random.Generator:
+        """A second per-thread generator, for Monte-Carlo propensity draws that must not move the serving one."""
+        rng = getattr(self._local, "prop_rng", None)
+        if rng is None:
+            with self._seed_lock:
+                child = self._seed_seq.spawn(1)[0]
+            rng = self._local.prop_rng = np.random.default_rng(child)
+        return rng
+
     def policy(self, cfg: Config) -> Any:
         from recsvc.exploration import make_policy
 
@@ -155,6 +164,8 @@ class RequestPath:
             budget_ms = min(q.budget_ms, budget_ms)
         deadline_ns = t_start + int(budget_ms * 1e6)
         degraded = False
+        request_id = uuid.uuid4().hex
+        random_slice = _in_random_slice(request_id, cfg.exploration.random_share)
         reasons: list[str] = []  # why degraded (metrics)
 
         user_vec = self.user_vector(user_id, q.user_embedding, cfg)
@@ -199,9 +210,19 @@ class RequestPath:
         kappa = cfg.exploration.prior_strength
         alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
         policy = self.policy(cfg)
-        explored = policy.explore(
-            scores.astype(np.float32), alpha, beta, pulls, float(self.state.total_impressions()),
-            min(n, len(cands)), self._rng())
+        rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
+        if random_slice:
+            # uniformly at random from the eligible candidates: random scores, and below only the hard
+            # rules (filters, maturity, pinned and sponsored slots); a generator of its own
+            from recsvc.exploration import Exploration
+
+            explored = Exploration(self._propensity_rng().random(len(cands)).astype(np.float32),
+                                   np.zeros(len(cands)))
+            rules = rules.model_copy(update={"max_per_category": 0, "mmr_lambda": 0.0, "freshness_boost": 0.0,
+                                             "long_tail_boost": 0.0})
+        else:
+            explored = policy.explore(scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore, rng,
+                                      with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
         t3 = time.perf_counter_ns()
 
@@ -214,8 +235,35 @@ class RequestPath:
         slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
         t4 = time.perf_counter_ns()
 
+        # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
+        reserved = slate.sponsored | slate.pinned
+        organic_ci = order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+        if random_slice and len(cands):
+            # exact: each of the pool's eligible items fills one of the `need` organic slots with equal chance
+            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
+            final_prop = np.zeros(len(cands))
+            pool_size = int(plan.keep.sum())
+            final_prop[plan.keep] = min(1.0, plan.need / pool_size) if pool_size else 1.0
+        elif policy.deterministic or len(cands) == 0:
+            final_prop = None
+        else:
+            from recsvc.exploration import ThompsonPolicy
+            from recsvc.slate_propensity import slate_propensities
+
+            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
+            # Where Thompson's top-k estimate drew from the serving generator (k < M), its Monte-Carlo
+            # rounds still do: the same Beta draws in the same order, so the stream, and every later
+            # slate, is what it was. Otherwise (and for epsilon-greedy) a generator of their own, so
+            # estimating a propensity never changes what is served.
+            thompson = isinstance(policy, ThompsonPolicy)
+            draws = policy.n_propensity_draws if thompson else cfg.exploration.propensity_draws
+            serving_stream = thompson and k_explore < min(policy.top_m, len(cands))
+            final_prop = slate_propensities(
+                policy, scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore,
+                rng if serving_stream else self._propensity_rng(), explored, plan, organic_ci, draws)
+        t4b = time.perf_counter_ns()
+
         # -- response and the served-slate record
-        request_id = uuid.uuid4().hex
         pool_of_row = order  # pool index -> candidate index
         items: list[SlateItem] = []
         rows_out, props_out = [], []
@@ -227,12 +275,12 @@ class RequestPath:
             ci = int(pool_of_row[pi]) if pi >= 0 else -1
             if slate.sponsored[pos] or ci < 0:
                 propensity, sources = 1.0, []
-            elif policy.deterministic:
-                # retrieval, ranking and re-ranking are deterministic given the
-                # request and the state, so the slate is certain
+            elif slate.pinned[pos] or final_prop is None:
+                # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
+                # deterministic given the request and the state, so the item is served for certain
                 propensity, sources = 1.0, cands.source_names(ci)
             else:
-                propensity = max(float(explored.propensity[ci]), floor)
+                propensity = max(float(final_prop[ci]), floor)
                 sources = cands.source_names(ci)
             item = SlateItem(
                 item_id=cat.item_ids[row],
@@ -260,7 +308,8 @@ class RequestPath:
             block[idx >= 0] = features[idx[idx >= 0]]
             feat, feat_names = block.tobytes(), list(FEATURE_NAMES)
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
-                             now, feat, feat_names)
+                             now, feat, feat_names, random_slice=random_slice,
+                             random_p=self._random_p(cands.rows, slate, rules, flt))
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -268,9 +317,9 @@ class RequestPath:
             self._observe("ranking", t2 - t1)
         self._observe("reranking", t4 - t3)
         timings = {"candidates_us": (t1 - t0) // 1000, "ranking_us": (t2 - t1) // 1000,
-                   "exploration_us": (t3 - t2) // 1000, "reranking_us": (t4 - t3) // 1000,
+                   "exploration_us": (t3 - t2 + t4b - t4) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
-        return Recommendation(request_id, items, variant, timings, degraded, reasons), served
+        return Recommendation(request_id, items, variant, timings, degraded, reasons, random_slice), served
 
     def _observe(self, stage: str, ns: int) -> None:
         old = self._stage_ewma_us[stage]
@@ -370,6 +419,37 @@ class RequestPath:
             sources=cands.sources,
         )
 
+    def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
+        """What the random slice would give each eligible item of this request: need / eligible pool
+        (the organic pool of the slate's re-ranking: candidates within the maturity ceiling, reserved out)."""
+        if rows.size == 0:
+            return None
+        reserved = slate.sponsored | slate.pinned
+        ceiling = min(int(rules.max_maturity), int(flt.max_maturity))
+        keep = self.catalog.maturity[rows] <= ceiling
+        if reserved.any():
+            keep &= ~np.isin(rows, slate.rows[reserved])
+        pool, need = int(keep.sum()), int((~reserved).sum())
+        return min(1.0, need / pool) if pool else None
+
+    def _selection_plan(self, rows, n, rules, flt: RowFilter, now_ms, cfg: Config):
+        from recsvc.reranking import selection_plan
+
+        cat = self.catalog
+        embeddings, categories, maturity, created = cat.columns()
+        size = categories.shape[0]
+        pct = self.state.popularity_percentile(now_ms, size) if rules.long_tail_boost > 0 else _zeros_f32(size)
+
+        def eligible(row: int) -> bool:
+            return bool(flt.eligible(cat, np.asarray([row], np.int32))[0])
+
+        return selection_plan(
+            rows.astype(np.int32), n, rules, embeddings=embeddings, categories=categories, maturity=maturity,
+            created_at_ms=created, now_ms=now_ms, popularity_percentile=pct, row_of=cat.row_of.get,
+            eligible=eligible, max_maturity=flt.max_maturity,
+            freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+        )
+
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import rerank
 
@@ -409,6 +489,15 @@ def request_rules(configured: RerankingConfig, overrides: Mapping[str, Any], max
         key, msg = errors[0]
         raise InvalidArgument(f"rerank.{_rule_key(key.split('.', 1))}: {msg}")
     return rules
+
+
+def _in_random_slice(request_id: str, share: float) -> bool:
+    """Whether a request is in the random-exposure slice: a hash of its id, like experiment assignment."""
+    if share <= 0:
+        return False
+    from recsvc.experiments.assignment import N_BUCKETS, bucket_of
+
+    return bucket_of("recsvc-random-slice", request_id) < round(share * N_BUCKETS)
 
 
 def _rule_key(loc: Sequence[Any]) -> str:

@@ -48,7 +48,8 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`python setup.py build_ext --inplace` (or `pip install -e .`)"
     ) from exc
 
-__all__ = ["Slate", "mmr_select", "rerank", "select_with_quotas"]
+__all__ = ["SelectionPlan", "Slate", "mmr_select", "rerank", "select_with_quotas", "selection_plan",
+           "slate_inclusion_counts"]
 
 
 @dataclass(frozen=True)
@@ -323,15 +324,7 @@ def rerank(
     reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
 
     # organic pool: maturity, duplicates, reserved rows out
-    keep = maturity[rows] <= ceiling
-    if reserved_rows.size:
-        keep &= ~np.isin(rows, reserved_rows)
-    if m > 1:
-        sorted_rows = np.sort(rows)
-        if (sorted_rows[1:] == sorted_rows[:-1]).any():  # keep each row's first (best) occurrence
-            first = np.zeros(m, bool)
-            first[np.unique(rows, return_index=True)[1]] = True
-            keep &= first
+    keep = _organic(rows, maturity, ceiling, reserved_rows)
     if keep.all():  # the usual case: nothing to drop, no gathers
         pool, prow = np.arange(m, dtype=np.int32), rows
     else:
@@ -340,40 +333,20 @@ def rerank(
 
     # 3. boosts
     adj = scores[pool] if pool.size != m else scores.copy()
-    if rules.freshness_boost > 0 and pool.size:
-        fresh = freshness(created_at_ms[prow], now_ms, half_life)
-        fresh *= np.float32(rules.freshness_boost)
-        adj += fresh
-    if rules.long_tail_boost > 0 and pool.size:
-        tail = popularity_percentile[prow].astype(np.float32)
-        np.clip(tail, 0.0, 1.0, out=tail)
-        np.subtract(np.float32(1.0), tail, out=tail)
-        tail *= np.float32(rules.long_tail_boost)
-        adj += tail
+    _add_boosts(adj, prow, rules, created_at_ms, now_ms, half_life, popularity_percentile)
 
     # 4. selection
     need = max(0, k - len(slots))
     chosen = np.empty(0, np.int32)
     if need and pool.size:
-        pcat = np.ascontiguousarray(categories[prow], dtype=np.int32)
-        rcat = categories[reserved_rows].astype(np.int32)
-        C = max(int(pcat.max()), int(rcat.max()) if rcat.size else -1) + 1
-        if C > 65_536:  # sparse category ids: count over the ids actually present
-            ids, inverse = np.unique(np.concatenate([pcat, rcat]), return_inverse=True)
-            inverse = np.where(np.concatenate([pcat, rcat]) < 0, -1, inverse - int((ids < 0).sum()))
-            pcat, rcat = inverse[: pcat.size].astype(np.int32), inverse[pcat.size :].astype(np.int32)
-            C = int(max(pcat.max(), rcat.max() if rcat.size else -1)) + 1
-        counts = np.zeros(max(C, 1), np.int32)
-        np.add.at(counts, rcat[rcat >= 0], 1)
+        pcat, counts = _pool_categories(categories, prow, reserved_rows)
         out = np.empty(need, np.int32)
         maxpc = int(rules.max_per_category)
         if rules.mmr_lambda > 0:
             emb = np.ascontiguousarray(embeddings, dtype=np.float32)
             if emb.ndim != 2 or emb.shape[0] != N:
                 raise ValueError(f"embeddings must have shape ({N}, d) like categories, got {emb.shape}")
-            max_sim = np.full(pool.size, -np.inf, np.float32)
-            if reserved_rows.size:  # diversify against the pinned/sponsored items too
-                max_sim[:] = (_unit_rows(emb[prow]) @ _unit_rows(emb[reserved_rows]).T).max(axis=1)
+            max_sim = _reserved_similarity(emb, prow, reserved_rows)
             count = _mmr(
                 adj, emb, prow, _check_lambda(rules.mmr_lambda), need, pcat, maxpc, counts, max_sim, out, use_native
             )
@@ -394,6 +367,170 @@ def rerank(
 
     return _assemble(k, slots, chosen, pool, rows, scores)
 
+
+def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows: np.ndarray) -> np.ndarray:
+    """bool[m]: which of ``rows`` make the organic pool (maturity, reserved rows out, first occurrence only)."""
+    m = rows.shape[0]
+    keep = maturity[rows] <= ceiling
+    if reserved_rows.size:
+        keep &= ~np.isin(rows, reserved_rows)
+    if m > 1:
+        sorted_rows = np.sort(rows)
+        if (sorted_rows[1:] == sorted_rows[:-1]).any():  # keep each row's first (best) occurrence
+            first = np.zeros(m, bool)
+            first[np.unique(rows, return_index=True)[1]] = True
+            keep &= first
+    return keep
+
+
+def _add_boosts(adj, prow, rules, created_at_ms, now_ms, half_life, popularity_percentile) -> None:
+    """adj (float32, the pool's scores) += freshness and long-tail boosts, in place."""
+    if rules.freshness_boost > 0 and prow.size:
+        fresh = freshness(created_at_ms[prow], now_ms, half_life)
+        fresh *= np.float32(rules.freshness_boost)
+        adj += fresh
+    if rules.long_tail_boost > 0 and prow.size:
+        tail = popularity_percentile[prow].astype(np.float32)
+        np.clip(tail, 0.0, 1.0, out=tail)
+        np.subtract(np.float32(1.0), tail, out=tail)
+        tail *= np.float32(rules.long_tail_boost)
+        adj += tail
+
+
+def _pool_categories(categories: np.ndarray, prow: np.ndarray, reserved_rows: np.ndarray):
+    """(pool categories int32, per-category counts of the reserved items int32), sparse ids compacted."""
+    pcat = np.ascontiguousarray(categories[prow], dtype=np.int32)
+    rcat = categories[reserved_rows].astype(np.int32)
+    C = max(int(pcat.max()) if pcat.size else -1, int(rcat.max()) if rcat.size else -1) + 1
+    if C > 65_536:  # sparse category ids: count over the ids actually present
+        ids, inverse = np.unique(np.concatenate([pcat, rcat]), return_inverse=True)
+        inverse = np.where(np.concatenate([pcat, rcat]) < 0, -1, inverse - int((ids < 0).sum()))
+        pcat, rcat = inverse[: pcat.size].astype(np.int32), inverse[pcat.size :].astype(np.int32)
+        C = int(max(pcat.max(), rcat.max() if rcat.size else -1)) + 1
+    counts = np.zeros(max(C, 1), np.int32)
+    np.add.at(counts, rcat[rcat >= 0], 1)
+    return pcat, counts
+
+
+def _reserved_similarity(emb: np.ndarray, prow: np.ndarray, reserved_rows: np.ndarray) -> np.ndarray:
+    """float32[pool]: each pool item's largest cosine similarity to a reserved item (-inf: none)."""
+    max_sim = np.full(prow.size, -np.inf, np.float32)
+    if reserved_rows.size:  # diversify against the pinned/sponsored items too
+        max_sim[:] = (_unit_rows(emb[prow]) @ _unit_rows(emb[reserved_rows]).T).max(axis=1)
+    return max_sim
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """What :func:`rerank` would do that does not depend on the pool's order.
+
+    keep:     bool[m] which of the given candidate rows make the organic pool
+    reserved: {position: (row, sponsored)} pinned and sponsored slots
+    need:     organic positions to fill (k minus the reserved slots)
+    boost, categories, counts0, max_sim0: per pool item (``keep`` rows, in the given order);
+    sim:      float32[p, p] cosine similarities of the pool when ``lam > 0`` (else (0, 0))
+    """
+
+    keep: np.ndarray
+    reserved: dict[int, tuple[int, bool]]
+    need: int
+    boost: np.ndarray
+    categories: np.ndarray
+    counts0: np.ndarray
+    max_per_category: int
+    lam: float
+    sim: np.ndarray
+    max_sim0: np.ndarray
+
+
+def selection_plan(
+    rows: Any,
+    k: int,
+    rules: RerankingConfig,
+    *,
+    embeddings: np.ndarray,
+    categories: np.ndarray,
+    maturity: np.ndarray,
+    created_at_ms: np.ndarray,
+    now_ms: int,
+    popularity_percentile: np.ndarray,
+    row_of: Callable[[str], int | None],
+    eligible: Callable[[int], bool],
+    max_maturity: int,
+    freshness_half_life_days: float,
+) -> SelectionPlan:
+    """The order-independent part of :func:`rerank` for candidate ``rows`` (any order; arguments as
+    rerank's): the organic pool, boosts, quota counts and, for MMR, the pool's pairwise similarities
+    (computed once per request so that each Monte-Carlo draw of the final slate costs O(k * p))."""
+    k = _check_k(k)
+    rows = _int_vector(rows, np.int32, "rows")
+    N = np.asarray(categories).shape[0]
+    if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= N):
+        raise ValueError(f"rows must be catalog rows in [0, {N})")
+    ceiling = min(int(rules.max_maturity), int(max_maturity))
+    slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N) if k else {}
+    reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
+    keep = _organic(rows, maturity, ceiling, reserved_rows)
+    prow = rows[keep]
+    boost = np.zeros(prow.size, np.float32)
+    _add_boosts(boost, prow, rules, created_at_ms, now_ms, float(freshness_half_life_days), popularity_percentile)
+    pcat, counts0 = _pool_categories(categories, prow, reserved_rows)
+    lam = float(rules.mmr_lambda)
+    if lam > 0 and prow.size:
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        unit = _unit_rows(emb[prow])
+        sim = np.ascontiguousarray(unit @ unit.T, dtype=np.float32)
+        max_sim0 = _reserved_similarity(emb, prow, reserved_rows)
+    else:
+        sim = np.zeros((0, 0), np.float32)
+        max_sim0 = np.full(prow.size, -np.inf, np.float32)
+    return SelectionPlan(keep, slots, max(0, k - len(slots)), boost, pcat, counts0,
+                         int(rules.max_per_category), lam, sim, max_sim0)
+
+
+def slate_inclusion_counts(
+    top_scores: np.ndarray,
+    top_pool: np.ndarray,
+    top_col: np.ndarray,
+    base: np.ndarray,
+    shift: np.ndarray,
+    plan: SelectionPlan,
+    *,
+    use_native: bool = True,
+) -> np.ndarray:
+    """float64[p]: for each organic pool item, in how many of D Monte-Carlo draws of the explored scores
+    the slate holds it, re-running rerank's selection (boosts, quotas or MMR, the fill ignoring quotas)
+    on every draw.
+
+    Draw d's explored scores: ``top_scores[d, top_col[j]]`` (float32[D, M]) for pool item ``top_pool[j]``
+    (the policy's random items), ``float32(base[i] + shift[d])`` for every other pool item i (base
+    float64[p], shift float64[D]): their order is the same in every draw, so a quota walk only merges.
+    """
+    p = plan.categories.shape[0]
+    top_scores = np.ascontiguousarray(top_scores, dtype=np.float32)
+    top_pool = _int_vector(top_pool, np.int32, "top_pool")
+    top_col = _int_vector(top_col, np.int32, "top_col")
+    base = np.ascontiguousarray(base, dtype=np.float64)
+    shift = np.ascontiguousarray(shift, dtype=np.float64)
+    if top_scores.ndim != 2 or shift.shape != (top_scores.shape[0],) or base.shape != (p,):
+        raise ValueError(f"top_scores (D, M), shift (D,) and base ({p},) disagree: "
+                         f"{top_scores.shape}, {shift.shape}, {base.shape}")
+    if top_pool.shape != top_col.shape:
+        raise ValueError("top_pool and top_col must have the same length")
+    fixed = np.ones(p, bool)
+    fixed[top_pool] = False
+    fixed_idx = np.flatnonzero(fixed)
+    fb = base[fixed_idx]
+    fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + plan.boost[fixed_idx])))].astype(np.int32)
+    hits = np.zeros(p, np.float64)
+    impl = _native if use_native else _twin
+    impl.slate_inclusion_counts(
+        top_scores, top_pool, top_col, base, shift, fixed_order, plan.boost, plan.categories,
+        plan.max_per_category, plan.need, plan.lam, plan.sim, plan.max_sim0, plan.counts0,
+        np.empty(p, np.float32), np.empty(p, np.float32), np.empty(p, np.int32), np.empty(p, np.int32),
+        np.empty(p, np.int32), np.empty(p, np.uint8), np.empty(p, np.float32), np.empty_like(plan.counts0), hits,
+    )  # fmt: skip
+    return hits
 
 def _unit_rows(emb: np.ndarray) -> np.ndarray:
     emb = np.ascontiguousarray(emb, dtype=np.float32)

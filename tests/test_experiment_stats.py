@@ -298,3 +298,52 @@ def test_always_valid_confidence_sequence_covers_a_true_nonzero_effect():
     y1, m1, y2, m2 = _daily_counts(rng, 0.05, 0.06, looks=30, per_day=2000)
     power = float(np.mean(msprt_two_proportions(y1, m1, y2, m2, alpha=ALPHA).p_value[:, -1] < ALPHA))
     assert power > 0.8, power
+
+
+def test_aa_with_returning_users_keeps_false_positives_at_alpha():
+    """Regression (issue 17): at a design effect ~1.5 (users return, each with their own click rate) the
+    per-impression z-test rejected ~10% of A/A tests at alpha = 0.05; the user-clustered test keeps alpha."""
+    import numpy as np
+
+    from recsvc.experiments.stats import clustered_ratio_test, two_proportion_ztest
+
+    rng = np.random.default_rng(17)
+
+    def arm():
+        n = rng.poisson(10, 1500) + 1
+        return rng.binomial(n, rng.beta(1.0, 19.0, n.size)), n
+
+    runs, clustered, naive, deff = 800, 0, 0, []
+    for _ in range(runs):
+        (x1, n1), (x2, n2) = arm(), arm()
+        t = clustered_ratio_test(x1, n1, x2, n2)
+        clustered += t.p_value < 0.05
+        naive += two_proportion_ztest(x1.sum(), n1.sum(), x2.sum(), n2.sum()).p_value < 0.05
+        deff.append(t.design_effect_control)
+    assert 1.3 < np.mean(deff) < 1.7
+    assert 0.03 <= clustered / runs <= 0.072, clustered / runs  # alpha within ~2.5 binomial SE
+    assert naive / runs > 0.08  # what the naive test did
+
+
+def test_relative_lift_interval_holds_coverage_or_is_withheld():
+    """Regression (issue 17): the delta-method lift interval covered 83% at ~3 expected events. The
+    log-ratio interval is withheld below MIN_EVENTS_FOR_LIFT_CI events and covers >= 93% above."""
+    import math
+
+    import numpy as np
+
+    from recsvc.experiments.stats import MIN_EVENTS_FOR_LIFT_CI, clustered_ratio_test
+
+    rng = np.random.default_rng(3)
+    for users, rate in ((300, 0.01), (1000, 0.01), (1000, 0.03)):
+        shown = covered = 0
+        for _ in range(1500):
+            x1, x2 = rng.binomial(1, rate, users), rng.binomial(1, rate * 1.2, users)
+            t = clustered_ratio_test(x1, np.ones(users), x2, np.ones(users))
+            if min(x1.sum(), x2.sum()) < MIN_EVENTS_FOR_LIFT_CI:
+                assert math.isnan(t.rel_ci_low)
+                continue
+            shown += 1
+            covered += t.rel_ci_low <= 0.2 <= t.rel_ci_high
+        if shown > 200:
+            assert covered / shown >= 0.93, (users, rate, covered / shown)

@@ -127,7 +127,7 @@ def test_served_log_reader_applies_the_attribution_window(tmp_path, clock):
     eng.feedback([FeedbackEventIn("late", "w", a, "click", request_id=rec.request_id)])
     clock.advance(-window_ms)
     eng.feedback([FeedbackEventIn("in-time", "w", b, "click", request_id=rec.request_id,
-                                  timestamp_ms=clock() - 10)])
+                                  timestamp_ms=clock() + 10)])
     rows = np.array([eng.catalog.row_of[a], eng.catalog.row_of[b]])
     assert eng.state.bandit_evidence(rows)[0].tolist() == [0.0, 1.0]  # the live state: a late, b in time
     imp = read_served_impressions(cfg.state.dir, cfg.state.attribution_window_s)

@@ -55,6 +55,7 @@ CASES = {
     "exploration.prior_alpha": ({}, {"exploration": {"prior_alpha": 30.0}}),
     "exploration.prior_beta": ({}, {"exploration": {"prior_beta": 1.0}}),
     "exploration.min_propensity": ({}, {"exploration": {"min_propensity": 0.5}}),
+    "exploration.random_share": ({}, {"exploration": {"random_share": 1.0}}),
     "reranking.max_per_category": ({}, {"reranking": {"max_per_category": 1}}),
     "reranking.mmr_lambda": ({}, {"reranking": {"mmr_lambda": 0.7}}),
     "reranking.freshness_boost": ({}, {"reranking": {"freshness_boost": 2.0}}),

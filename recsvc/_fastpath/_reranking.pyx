@@ -283,3 +283,235 @@ cdef intp_t _check(intp_t count) except -100:
     if count == BAD_INDEX:
         raise IndexError("re-ranking kernel: an index is outside the candidate pool or the embeddings")
     return count
+
+
+# --------------------------------------------------------------------------
+# Inclusion counts of the final slate over Monte-Carlo draws of the explored scores
+#
+# recsvc.slate_propensity draws D independent explored-score vectors from the
+# serving policy and calls this kernel, which re-runs the selection step of
+# recsvc.reranking.rerank on each draw (boosts, quotas or MMR with quotas, and
+# the fill that ignores quotas when they cannot be met) and counts, per pool
+# item, the draws whose slate holds it. Reserved (pinned, sponsored) items are
+# outside the pool and enter through ``counts0`` and ``max_sim0``.
+#
+# A draw's explored scores: the T random items (the policy's top M) take
+# top_scores[d, top_col[j]]; every other ("fixed") item i takes
+# (float) (base[i] + shift[d]), so the fixed items keep one order in every
+# draw (``fixed_order``, best first) and a quota walk merges the T random items
+# (a heap) with that list: O(T + walked * log T) per draw instead of O(p).
+#
+# Order, as in rerank: the pool is sorted by explored score (descending, ties
+# to the lower pool index), so "i before j" is adj desc, then explored desc,
+# then index asc; MMR ties go to the earlier item in that pool order.
+
+cdef inline bint _before(intp_t i, intp_t j, const float32_t* adj, const float32_t* e) noexcept nogil:
+    if adj[i] != adj[j]:
+        return adj[i] > adj[j]
+    if e[i] != e[j]:
+        return e[i] > e[j]
+    return i < j
+
+
+cdef inline bint _pool_before(intp_t i, intp_t j, const float32_t* e) noexcept nogil:
+    if e[i] != e[j]:
+        return e[i] > e[j]
+    return i < j
+
+
+cdef inline void _sift_down(int32_t* heap, intp_t size, intp_t pos,
+                            const float32_t* adj, const float32_t* e) noexcept nogil:
+    cdef intp_t child
+    cdef int32_t top = heap[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _before(heap[child + 1], heap[child], adj, e):
+            child += 1
+        if not _before(heap[child], top, adj, e):
+            break
+        heap[pos] = heap[child]
+        pos = child
+    heap[pos] = top
+
+
+cdef intp_t _slate_inclusion_counts(
+    const float32_t[:, ::1] top_scores,  # IN  (D, M) explored scores of the random items, one row per draw
+    const int32_t[::1] top_pool,         # IN  (T,) pool index of each random item in the pool
+    const int32_t[::1] top_col,          # IN  (T,) its column of top_scores
+    const double[::1] base,              # IN  (p,) fixed items' explored score is (float) (base + shift[d])
+    const double[::1] shift,             # IN  (D,)
+    const int32_t[::1] fixed_order,      # IN  (F,) the fixed items, best first (same order in every draw)
+    const float32_t[::1] boost,          # IN  (p,) added to the explored score (freshness, long tail)
+    const int32_t[::1] categories,       # IN  (p,) negative: no quota
+    int32_t max_per_category,            # IN  <= 0: no quota
+    intp_t need,                         # IN  organic positions to fill
+    double lam,                          # IN  MMR weight; 0: greedy selection under quotas
+    const float32_t[:, ::1] sim,         # IN  (p, p) cosine similarities when lam > 0, else any shape
+    const float32_t[::1] max_sim0,       # IN  (p,) similarity to the reserved items; -inf: none
+    const int32_t[::1] counts0,          # IN  (C,) reserved items per category
+    float32_t[::1] adj,                  # SCRATCH (p,)
+    float32_t[::1] expl,                 # SCRATCH (p,)
+    int32_t[::1] heap,                   # SCRATCH (p,)
+    int32_t[::1] skipped,                # SCRATCH (p,)
+    int32_t[::1] picked,                 # SCRATCH (p,)
+    uint8_t[::1] taken,                  # SCRATCH (p,)
+    float32_t[::1] max_sim,              # SCRATCH (p,)
+    int32_t[::1] counts,                 # SCRATCH (C,)
+    double[::1] hits,                    # IN/OUT (p,) += 1 for every draw whose slate holds the item
+) noexcept nogil:
+    cdef intp_t D = top_scores.shape[0], M = top_scores.shape[1], T = top_pool.shape[0]
+    cdef intp_t p = base.shape[0], F = fixed_order.shape[0], C = counts0.shape[0]
+    cdef intp_t d, i, j, size, n_skip, chosen, best, step, r, f
+    cdef int32_t c
+    cdef int32_t* cnt = &counts[0] if C > 0 else NULL
+    cdef float32_t* e
+    cdef float32_t* a
+    cdef double val, best_val, pen, sh
+    if (boost.shape[0] != p or categories.shape[0] != p or max_sim0.shape[0] != p or top_col.shape[0] != T
+            or shift.shape[0] != D or adj.shape[0] != p or expl.shape[0] != p or heap.shape[0] != p
+            or skipped.shape[0] != p or picked.shape[0] != p or taken.shape[0] != p
+            or max_sim.shape[0] != p or counts.shape[0] != C or hits.shape[0] != p or need < 0
+            or T + F != p):
+        return BAD_SHAPE
+    if lam > 0 and (sim.shape[0] != p or sim.shape[1] != p):
+        return BAD_SHAPE
+    for j in range(T):
+        if top_pool[j] < 0 or top_pool[j] >= p or top_col[j] < 0 or top_col[j] >= M:
+            return BAD_INDEX
+    for j in range(F):
+        if fixed_order[j] < 0 or fixed_order[j] >= p:
+            return BAD_INDEX
+    if p == 0 or need == 0 or D == 0:
+        return 0
+    a = &adj[0]
+    e = &expl[0]
+    for d in range(D):
+        sh = shift[d]
+        if lam > 0:
+            for i in range(p):
+                e[i] = <float32_t> (base[i] + sh)
+        for j in range(T):
+            i = top_pool[j]
+            e[i] = top_scores[d, top_col[j]]
+            a[i] = e[i] + boost[i]
+        for j in range(C):
+            cnt[j] = counts0[j]
+        chosen = 0
+        if lam <= 0:
+            # merge the random items (a heap) with the fixed ones (already in order)
+            for j in range(T):
+                heap[j] = top_pool[j]
+            size = T
+            j = T // 2
+            while j > 0:
+                j -= 1
+                _sift_down(&heap[0], size, j, a, e)
+            n_skip = 0
+            r = 0
+            while chosen < need:
+                f = -1
+                if r < F:
+                    f = fixed_order[r]
+                    e[f] = <float32_t> (base[f] + sh)
+                    a[f] = e[f] + boost[f]
+                if size > 0 and (f < 0 or _before(heap[0], f, a, e)):
+                    best = heap[0]
+                    size -= 1
+                    if size > 0:
+                        heap[0] = heap[size]
+                        _sift_down(&heap[0], size, 0, a, e)
+                elif f >= 0:
+                    best = f
+                    r += 1
+                else:
+                    break
+                c = categories[best]
+                if _at_quota(c, max_per_category, cnt, C):
+                    skipped[n_skip] = <int32_t> best
+                    n_skip += 1
+                    continue
+                _count(c, cnt, C)
+                picked[chosen] = <int32_t> best
+                chosen += 1
+            # quotas could not fill the slate: the skipped ones, in order, ignoring them
+            j = 0
+            while chosen < need and j < n_skip:
+                picked[chosen] = skipped[j]
+                chosen += 1
+                j += 1
+        else:
+            for i in range(p):
+                a[i] = e[i] + boost[i]
+                taken[i] = 0
+                max_sim[i] = max_sim0[i]
+            for step in range(need):
+                best = -1
+                best_val = -INFINITY
+                for i in range(p):
+                    if taken[i] or _at_quota(categories[i], max_per_category, cnt, C):
+                        continue
+                    pen = max_sim[i] if max_sim[i] != -INFINITY else 0.0
+                    val = (1.0 - lam) * a[i] - lam * pen
+                    if best < 0 or val > best_val or (val == best_val and _pool_before(i, best, e)):
+                        best = i
+                        best_val = val
+                if best < 0:
+                    break
+                taken[best] = 1
+                picked[chosen] = <int32_t> best
+                chosen += 1
+                _count(categories[best], cnt, C)
+                for i in range(p):
+                    if sim[best, i] > max_sim[i]:
+                        max_sim[i] = sim[best, i]
+            while chosen < need:  # the fill ignoring quotas, in score order
+                best = -1
+                for i in range(p):
+                    if not taken[i] and (best < 0 or _before(i, best, a, e)):
+                        best = i
+                if best < 0:
+                    break
+                taken[best] = 1
+                picked[chosen] = <int32_t> best
+                chosen += 1
+        for j in range(chosen):
+            hits[picked[j]] += 1.0
+    return 0
+
+
+def slate_inclusion_counts(
+    const float32_t[:, ::1] top_scores,
+    const int32_t[::1] top_pool,
+    const int32_t[::1] top_col,
+    const double[::1] base,
+    const double[::1] shift,
+    const int32_t[::1] fixed_order,
+    const float32_t[::1] boost,
+    const int32_t[::1] categories,
+    int32_t max_per_category,
+    intp_t need,
+    double lam,
+    const float32_t[:, ::1] sim,
+    const float32_t[::1] max_sim0,
+    const int32_t[::1] counts0,
+    float32_t[::1] adj,
+    float32_t[::1] expl,
+    int32_t[::1] heap,
+    int32_t[::1] skipped,
+    int32_t[::1] picked,
+    uint8_t[::1] taken,
+    float32_t[::1] max_sim,
+    int32_t[::1] counts,
+    double[::1] hits,
+):
+    """Re-run rerank's selection on each draw of the explored scores and add 1 to
+    ``hits[i]`` for every draw whose slate holds pool item i."""
+    cdef intp_t status
+    with nogil:
+        status = _slate_inclusion_counts(
+            top_scores, top_pool, top_col, base, shift, fixed_order, boost, categories, max_per_category,
+            need, lam, sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, hits,
+        )
+    return _check(status)

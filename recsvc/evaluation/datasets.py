@@ -48,6 +48,7 @@ from recsvc.evaluation.ope import (
     RidgeRewardModel,
     effective_sample_size,
     estimate_all,
+    weight_diagnostics,
     importance_weights,
     on_policy_estimate,
 )
@@ -421,6 +422,7 @@ def validate_on_obd(
             n_folds=n_folds,
             confidence=confidence,
             seed=seed,
+            clipped=True,
         )
         rel = {k: (e.value - truth.value) / truth.value if truth.value else float("nan") for k, e in ests.items()}
         z = {k: (e.value - truth.value) / float(np.hypot(e.stderr, truth.stderr)) for k, e in ests.items()}
@@ -437,6 +439,7 @@ def validate_on_obd(
         weight_mean=on_policy_estimate(w, confidence=confidence),
         weight_max=float(w.max()),
         effective_sample_size=effective_sample_size(w),
+        diagnostics=weight_diagnostics(w),
     )
     if bts.position is not None and rnd.position is not None:
         report["by_position"] = {
@@ -460,6 +463,11 @@ def format_obd_report(report: Mapping[str, Any]) -> str:
         f"weights: mean {fmt(report['weight_mean'])}, max {report['weight_max']:.1f}, "
         f"ESS {report['effective_sample_size']:.0f}",
     ]
+    diag = report.get("diagnostics")
+    if diag is not None:
+        lines.append(f"largest weights {', '.join(f'{x:.3g}' for x in diag.largest_weights)} "
+                     f"({diag.largest_share:.1%} of the total weight)")
+        lines += [f"WARNING: {w}" for w in diag.warnings]
     for name, e in report["estimates"].items():
         lines.append(
             f"{name:>5}: {fmt(e)}  rel.err {report['relative_error'][name]:+.1%}  z {report['z'][name]:+.2f}"

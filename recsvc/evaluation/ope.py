@@ -30,6 +30,7 @@ DM and DR need the full distribution ``pi``; with only ``pi_logged`` you get IPS
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Protocol
@@ -37,6 +38,11 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
+    "WeightDiagnostics",
+    "clip_level",
+    "clipped_ips",
+    "doubly_robust_clipped",
+    "weight_diagnostics",
     "BanditLog",
     "Estimate",
     "RewardModel",
@@ -350,6 +356,95 @@ def effective_sample_size(weights: Any) -> float:
     return float(w.sum() ** 2 / (w**2).sum())
 
 
+#: Diagnostics warn when the effective sample size is below this share of the rows ...
+ESS_WARNING_SHARE = 0.01
+#: ... or when the largest ``TOP_WEIGHTS`` weights carry more than this share of the total weight.
+TOP_WEIGHTS = 5
+TOP_WEIGHT_WARNING_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class WeightDiagnostics:
+    """How far an off-policy estimate can be trusted, from its importance weights alone."""
+
+    n: int
+    ess: float  # Kish's effective sample size (sum w)^2 / sum w^2
+    ess_share: float  # ess / n
+    max_weight: float
+    largest_weights: tuple[float, ...]  # the TOP_WEIGHTS largest, descending
+    largest_share: float  # their share of sum w
+    mean_weight: float  # E[w] = 1 when the target's support is covered and the propensities are right
+    warnings: tuple[str, ...]
+
+
+def weight_diagnostics(weights: Any) -> WeightDiagnostics:
+    """ESS, the largest weights and plain warnings: ESS below ``ESS_WARNING_SHARE`` of the rows, or the
+    ``TOP_WEIGHTS`` largest weights carrying more than ``TOP_WEIGHT_WARNING_SHARE`` of the weight."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    n = w.size
+    total = float(w.sum())
+    if n == 0 or total <= 0:
+        return WeightDiagnostics(n, 0.0, 0.0, 0.0, (), 0.0, float("nan"),
+                                 ("no positive importance weight: the target never picks a logged action",))
+    ess = effective_sample_size(w)
+    top = np.sort(w)[::-1][:TOP_WEIGHTS]
+    share = float(top.sum() / total)
+    warnings = []
+    if ess < ESS_WARNING_SHARE * n:
+        warnings.append(f"effective sample size {ess:.1f} of {n} rows ({ess / n:.2%}) is below "
+                        f"{ESS_WARNING_SHARE:.0%}: the estimate rests on a few rows; do not trust it")
+    if share > TOP_WEIGHT_WARNING_SHARE:
+        warnings.append(f"the {top.size} largest weights carry {share:.0%} of the total weight "
+                        f"(largest {top[0]:.3g}): a handful of rows decide the estimate")
+    return WeightDiagnostics(n, ess, ess / n, float(top[0]), tuple(map(float, top)), share, float(w.mean()),
+                             tuple(warnings))
+
+
+def clip_level(weights: Any) -> float:
+    """The clip level of :func:`clipped_ips` and :func:`doubly_robust_clipped`, by a stated rule:
+    truncated importance sampling's ``c = sqrt(n) * mean(w)`` (Ionides 2008): the estimate stays
+    consistent, its variance is bounded by ``c * mean(w) / n``-order terms, and weights below c (every
+    weight when the tails are light) are left alone."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if w.size == 0:
+        return math.inf
+    return float(math.sqrt(w.size) * w.mean())
+
+
+def clipped_ips(
+    log: BanditLog,
+    pi: Any = None,
+    *,
+    pi_logged: Any = None,
+    clip: float | None = None,
+    confidence: float = 0.95,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+) -> tuple[Estimate, float]:
+    """(``mean_i min(w_i, c) r_i``, c): IPS with weights clipped at ``clip`` (default: :func:`clip_level`).
+    Biased down by at most ``mean(max(w - c, 0))`` times the largest reward."""
+    w = importance_weights(log, pi, pi_logged=pi_logged)
+    r = log.reward
+    c = clip_level(w) if clip is None else float(clip)
+    return _ratio_estimate(np.minimum(w, c) * r, None, confidence=confidence, n_bootstrap=n_bootstrap,
+                           seed=seed), c
+
+
+def doubly_robust_clipped(
+    log: BanditLog, pi: Any, q_hat: Any, *, clip: float | None = None, confidence: float = 0.95,
+    n_bootstrap: int = 0, seed: int = 0,
+) -> tuple[Estimate, float]:
+    """(DR with weights clipped at c, c): ``mean_i [sum_a pi q_hat + min(w_i, c)(r_i - q_hat[i, a_i])]``;
+    c by :func:`clip_level` on the weights (the reward model absorbs what clipping drops)."""
+    p, pl = _target(log, pi, None)
+    q = _check_q(log, q_hat)
+    w = pl / log.propensity
+    c = clip_level(w) if clip is None else float(clip)
+    rows = np.arange(log.n)
+    terms = (p * q).sum(axis=1) + np.minimum(w, c) * (log.reward - q[rows, log.action])
+    return _ratio_estimate(terms, None, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed), c
+
+
 def _z(confidence: float) -> float:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -464,14 +559,18 @@ def estimate_all(
     confidence: float = 0.95,
     n_bootstrap: int = 0,
     seed: int = 0,
+    clipped: bool = False,
 ) -> dict[str, Estimate]:
-    """Every estimator the inputs allow: ``{"IPS", "SNIPS"}`` always, plus ``{"DM", "DR"}`` when ``pi`` is given.
+    """Every estimator the inputs allow: ``{"IPS", "SNIPS"}`` always, plus ``{"DM", "DR"}`` when ``pi`` is given;
+    ``clipped=True`` adds ``"IPS-clip"`` (and ``"DR-clip"`` with ``pi``), clip level by :func:`clip_level`.
 
     ``reward_model`` (default :class:`RidgeRewardModel`) is cross-fitted over ``n_folds`` folds for DM and DR.
     """
     p, pl = _target(log, pi, pi_logged)
     kw = dict(confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
     out = {"IPS": ips(log, pi_logged=pl, **kw), "SNIPS": snips(log, pi_logged=pl, **kw)}
+    if clipped:
+        out["IPS-clip"] = clipped_ips(log, pi_logged=pl, **kw)[0]
     if p is None:
         if reward_model is not None:
             raise ValueError("DM and DR need the target policy's full distribution pi[N, A], not only pi_logged")
@@ -479,4 +578,6 @@ def estimate_all(
     q = cross_fit_predict(reward_model or RidgeRewardModel(), log, n_folds=n_folds, seed=seed)
     out["DM"] = direct_method(log, p, q, **kw)
     out["DR"] = doubly_robust(log, p, q, **kw)
+    if clipped:
+        out["DR-clip"] = doubly_robust_clipped(log, p, q, **kw)[0]
     return out

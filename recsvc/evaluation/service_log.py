@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from recsvc.evaluation.ope import BanditLog, ips, on_policy_estimate, snips
+from recsvc.evaluation.ope import (BanditLog, clipped_ips, ips, on_policy_estimate, snips, weight_diagnostics)
 from recsvc.state.served_log import ServedImpressions, read_served_impressions
 
 
@@ -58,6 +58,9 @@ def evaluate_service_log(state_dir: str | Path, target_ranker: str | Path | None
         "logged_ctr": _est(on_policy_estimate(log.reward)),
         # the logging policy evaluated off-policy must give back its own CTR
         "logging_policy_ips": _est(ips(log, pi_logged=log.propensity)),
+        # logged propensities: their spread, and how many sit at the floor (exploration.min_propensity)
+        "propensity": {"min": float(imp.propensity.min()), "median": float(np.median(imp.propensity)),
+                       "share_at_or_below_1e-4": float((imp.propensity <= 1e-4).mean())},
     }
     if target_ranker is not None:
         from recsvc.ranking import Ranker
@@ -66,10 +69,65 @@ def evaluate_service_log(state_dir: str | Path, target_ranker: str | Path | None
         scores = ranker.score_gathered(imp.features) if tuple(ranker.feature_names) != imp.feature_names \
             else ranker.score_features(imp.features)
         pi = soft_topk_policy(np.asarray(scores), imp.slate, temperature)
+        clipped, c = clipped_ips(log, pi_logged=pi)
+        d = weight_diagnostics(pi / log.propensity)
         report["target"] = {"ranker": str(target_ranker), "temperature": temperature,
-                            "ips": _est(ips(log, pi_logged=pi)), "snips": _est(snips(log, pi_logged=pi))}
+                            "ips": _est(ips(log, pi_logged=pi)), "snips": _est(snips(log, pi_logged=pi)),
+                            "clipped_ips": {**_est(clipped), "clip": c},
+                            "diagnostics": {"ess": d.ess, "ess_share": d.ess_share,
+                                            "largest_weights": list(d.largest_weights),
+                                            "largest_share": d.largest_share, "mean_weight": d.mean_weight},
+                            "warnings": list(d.warnings)}
     return report
 
 
 def _est(e) -> dict[str, float]:
     return {"value": e.value, "stderr": e.stderr, "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n}
+
+
+def validate_random_slice(state_dir: str | Path, confidence: float = 0.95) -> dict[str, Any]:
+    """``recsvc ope --state-dir DIR --validate``: estimate the random-exposure slice's click rate per
+    impression from the main policy's log and check it against what the slice observed.
+
+    Each main-policy impression is weighted by ``w = q / p``: q is the probability the slice would have
+    served that item in that request (need / eligible pool, logged with every slate), p its logged
+    propensity. SNIPS, ``sum w r / sum w``, estimates the slice's click rate per impression; IPS divides
+    by the number of main-policy impressions instead. The report says whether each interval covers the
+    slice's observed rate. The reverse direction (the main policy's rate from the slice's log) needs the
+    main policy's propensities for the slice's slates, which are not logged: not reported.
+    """
+    log, imp = service_bandit_log(state_dir)
+    if imp.random_slice is None or not imp.random_slice.any():
+        raise ValueError(f"{state_dir}: no impression from the random-exposure slice; set "
+                         "exploration.random_share > 0, serve and send impressions first")
+    main = ~imp.random_slice & np.isfinite(imp.random_p)
+    if not main.any():
+        raise ValueError(f"{state_dir}: no main-policy impression with the slice's probability logged")
+    observed = on_policy_estimate(imp.clicked[imp.random_slice], confidence=confidence)
+    sub = log.take(np.flatnonzero(main))
+    q = imp.random_p[main]
+    ests = {"ips": ips(sub, pi_logged=q, confidence=confidence),
+            "snips": snips(sub, pi_logged=q, confidence=confidence)}
+    d = weight_diagnostics(q / sub.propensity)
+    warnings = list(d.warnings)
+    if d.mean_weight < 0.9:
+        # E[q / p] over logged impressions is the share of the slice's exposure on items the main policy
+        # can serve at all (positivity): the rest is invisible to any estimate from the main log
+        warnings.append(f"mean weight {d.mean_weight:.3f}: about {1 - d.mean_weight:.0%} of what the random slice "
+                        "serves is never served by the main policy (outside its top_m, or ruled out), so no "
+                        "estimate from the main log can recover the slice's click rate; IPS is biased low and "
+                        "SNIPS estimates the rate on the main policy's support only")
+    return {
+        "slice_impressions": int(imp.random_slice.sum()),
+        "main_impressions": int(main.sum()),
+        "slice_ctr_observed": _est(observed),
+        "slice_ctr_from_main_log": {k: {**_est(e), "covers_observed": e.covers(observed.value),
+                                        "intervals_overlap": bool(e.ci_low <= observed.ci_high
+                                                                  and observed.ci_low <= e.ci_high)}
+                                    for k, e in ests.items()},
+        "diagnostics": {"ess": d.ess, "ess_share": d.ess_share, "largest_weights": list(d.largest_weights),
+                        "mean_weight": d.mean_weight},
+        "warnings": warnings,
+        "reverse": "not reported: the main policy's propensities for the slice's slates are not logged",
+    }
+

@@ -14,9 +14,12 @@ For every experiment in the :class:`ExperimentSet` (or the one asked for):
 
    * ``ctr`` = clicks / impressions and ``conversion_rate`` = conversions /
      impressions: two-proportion z-test (pooled SE for the test, unpooled SE for
-     the CI; see :mod:`recsvc.experiments.stats`). Impressions are treated as
-     independent; the report gives each arm's design effect (user-clustered
-     delta-method variance ÷ binomial variance) and warns when it exceeds 2;
+     the CI; see :mod:`recsvc.experiments.stats`) with user-clustered
+     (delta-method) variances, since a returning user's impressions are not
+     independent; the relative lift's interval is a log-ratio interval, withheld
+     below ``MIN_EVENTS_FOR_LIFT_CI`` events per arm. The report gives each arm's
+     design effect (clustered ÷ binomial variance) and warns above 1.2, since the
+     sequential test still treats impressions as independent;
    * ``value_per_user``: Welch's t-test over users (users with no value count as 0).
 
    Fixed-horizon p-values are Holm-adjusted across all (variant × metric)
@@ -49,6 +52,8 @@ from recsvc.experiments.stats import (
     SRM_ALPHA,
     holm,
     msprt,
+    MIN_EVENTS_FOR_LIFT_CI,
+    clustered_ratio_test,
     msprt_two_proportions,
     srm_test,
     two_proportion_ztest,
@@ -81,7 +86,7 @@ _MIN_USERS_SEQUENTIAL = 30  # per arm, before a look at value_per_user counts
 #: logarithmically after, so 0.01 suits rates (~100k impressions per arm; 0.01 SD ≈ a 4% lift on
 #: a 5% CTR) and 0.03 per-user metrics (~12k users per arm).
 DEFAULT_SEQUENTIAL_TAU: dict[str, float] = {"ctr": 0.01, "conversion_rate": 0.01, "value_per_user": 0.03}
-_DESIGN_EFFECT_WARNING = 2.0
+_DESIGN_EFFECT_WARNING = 1.2
 
 
 @dataclass(frozen=True)
@@ -121,12 +126,14 @@ class ArmSummary:
 class Comparison:
     metric: str
     variant: str
-    test: str  # "two-proportion z" | "welch t"
+    test: str  # "clustered ratio z" | "welch t"
     control_value: float | None
     treatment_value: float | None
     diff: float | None  # treatment - control
     rel_lift: float | None  # diff / control
-    ci_low: float | None  # fixed-horizon CI of diff at 1 - alpha
+    rel_ci_low: float | None  # CI of the relative lift (rates: log-ratio, None below MIN_EVENTS_FOR_LIFT_CI events)
+    rel_ci_high: float | None
+    ci_low: float | None  # fixed-horizon CI of diff at 1 - alpha (rates: user-clustered delta-method SE)
     ci_high: float | None
     statistic: float | None  # z or t
     df: float | None  # Welch–Satterthwaite df (t-test only)
@@ -308,7 +315,9 @@ def _experiment_report(
         if a.ctr_design_effect is not None and a.ctr_design_effect > _DESIGN_EFFECT_WARNING:
             warnings.append(
                 f"{a.variant!r}: clicks cluster by user (CTR design effect {a.ctr_design_effect:.1f}); the "
-                "per-impression z-test understates uncertainty by about that factor in variance"
+                "fixed-horizon tests use user-clustered variances, but the always-valid (mSPRT) p-values and "
+                "confidence sequences treat impressions as independent and understate uncertainty by about "
+                "that factor in variance"
             )
     return ExperimentReport(
         exp.name, control, status, exp.start_ms, exp.stop_ms, srm, arms, comparisons, int(days.size), tuple(warnings)
@@ -383,17 +392,21 @@ def _compare(
 ) -> dict[str, Any]:
     row: dict[str, Any] = dict(
         metric=metric, variant=variant, control_value=None, treatment_value=None, diff=None, rel_lift=None,
-        ci_low=None, ci_high=None, statistic=None, df=None, p_value=None, always_valid_p=None,
+        rel_ci_low=None, rel_ci_high=None, ci_low=None, ci_high=None, statistic=None, df=None, p_value=None, always_valid_p=None,
         cs_low=None, cs_high=None,
     )
     if metric in _RATE_NUMERATOR:
         num = _RATE_NUMERATOR[metric]
-        row["test"] = "two-proportion z"
+        row["test"] = "clustered ratio z"
         x1, n1, x2, n2 = c.totals[num], c.totals["impressions"], t.totals[num], t.totals["impressions"]
-        if n1 > 0 and n2 > 0 and x1 <= n1 and x2 <= n2:
-            z = two_proportion_ztest(x1, n1, x2, n2, alpha)
+        if n1 > 0 and n2 > 0 and x1 <= n1 and x2 <= n2 and min(c.per_user[num].size, t.per_user[num].size) >= 2:
+            # per-user sums: a returning user's impressions are correlated, so the variance is the
+            # delta method's over users (an A/A with returning users keeps false positives at alpha)
+            z = clustered_ratio_test(c.per_user[num], c.per_user["impressions"], t.per_user[num],
+                                     t.per_user["impressions"], alpha)
             row.update(
                 control_value=z.p_control, treatment_value=z.p_treatment, diff=z.diff, rel_lift=_none(z.rel_lift),
+                rel_ci_low=_none(z.rel_ci_low), rel_ci_high=_none(z.rel_ci_high),
                 ci_low=_none(z.ci_low), ci_high=_none(z.ci_high), statistic=_none(z.z), p_value=_none(z.p_value),
             )
             if c_daily[num].size:
@@ -567,7 +580,7 @@ def report_to_text(rep: Report) -> str:
         lines += _table(header, rows)
         if e.comparisons:
             lines.append("")
-            header = ["metric", "variant", "control", "treatment", "diff", "lift", f"{level:g}% CI",
+            header = ["metric", "variant", "control", "treatment", "diff", "lift", f"lift {level:g}% CI", f"{level:g}% CI",
                       "p", "p Holm", "AV p", "AV p Holm", f"{level:g}% conf. sequence", ""]
             rows = []
             for c in e.comparisons:
@@ -576,11 +589,15 @@ def report_to_text(rep: Report) -> str:
                 mark += "†" if c.sequential_significant else ""
                 rows.append([c.metric, c.variant, fmt(c.control_value), fmt(c.treatment_value), _diff(c.metric, c.diff),
                              _pct(c.rel_lift, 1) if c.rel_lift is not None else "n/a",
+                             (f"[{_pct(c.rel_ci_low, 1)}, {_pct(c.rel_ci_high, 1)}]" if c.rel_ci_low is not None
+                              else "n/a"),
                              _interval(c.metric, c.ci_low, c.ci_high), _p(c.p_value), _p(c.p_holm),
                              _p(c.always_valid_p), _p(c.always_valid_p_holm),
                              _interval(c.metric, c.cs_low, c.cs_high), mark])
             lines += _table(header, rows)
             lines.append(f"  * Holm-adjusted p < {rep.alpha:g}: valid for ONE look at a horizon fixed in advance")
+            lines.append(f"  rates: user-clustered (delta-method) SEs; lift CI: log-ratio, n/a below "
+                         f"{MIN_EVENTS_FOR_LIFT_CI} events per arm")
             lines.append(f"  † always-valid (AV, mSPRT) Holm-adjusted p < {rep.alpha:g}: valid however often the "
                          "report is read; so is the confidence sequence (per comparison, not Holm-adjusted)")
         if e.warnings:

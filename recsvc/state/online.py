@@ -37,7 +37,6 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import islice
-from operator import attrgetter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -48,7 +47,6 @@ from recsvc.exploration import update_evidence_row
 from recsvc.state.records import FeedbackEvent, ServedSlate, attributed, decode, encode_served, settle
 from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
-_OUTCOME = attrgetter("outcome")
 _MAX_EXPONENT = 60.0  # rebase popularity before 2^exponent loses precision
 _PERCENTILE_TTL_MS = 10_000
 
@@ -337,7 +335,7 @@ class ReadModel:
                 cooc=dict(zip(self._cooc.keys(), map(dict.copy, self._cooc.values()))),
                 histories=dict(zip(self._histories.keys(), map(tuple, self._histories.values()))),
                 served=served,  # a slate changes after it is recorded only in its outcome ...
-                outcomes=list(map(dict.copy, map(_OUTCOME, served))),  # ... copied here
+                outcomes=[(dict(s.outcome), dict(s.counted)) for s in served],  # ... copied here
                 seen_events=list(dict.keys(self._seen_events)),
             )
 
@@ -345,7 +343,7 @@ class ReadModel:
         """Cut and write in one go (the caller pauses every writer meanwhile)."""
         cut = self.snapshot_cut(self.applied_lsn)
         if served is not None:
-            cut.served, cut.outcomes = served, [dict(s.outcome) for s in served]
+            cut.served, cut.outcomes = served, [(dict(s.outcome), dict(s.counted)) for s in served]
         cut.write(directory)
 
     def read_snapshot(self, directory: Path) -> None:
@@ -407,7 +405,7 @@ class OnlineSnapshot:
     cooc: dict[int, dict[int, float]]
     histories: dict[str, tuple[tuple[int, int], ...]]
     served: list[ServedSlate]
-    outcomes: list[dict[int, int]]  # each served slate's outcomes as of the cut
+    outcomes: list[tuple[dict[int, int], dict[int, int]]]  # each served slate's (outcome, counted) as of the cut
     seen_events: list[str]
 
     def write(self, directory: Path) -> None:
@@ -430,9 +428,10 @@ def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _served_json(slate: ServedSlate, outcome: dict[int, int]) -> dict:
+def _served_json(slate: ServedSlate, outcome: tuple[dict[int, int], dict[int, int]]) -> dict:
     d = encode_served(slate, with_outcome=False)
-    d["o"] = {str(k): int(v) for k, v in outcome.items()}
+    d["o"] = {str(k): int(v) for k, v in outcome[0].items()}
+    d["c"] = {str(k): int(v) for k, v in outcome[1].items()}
     return d
 
 

@@ -14,7 +14,12 @@ Outcome rules (one place; the live state and the read-only served-log reader bot
 (slate, item) the outcome goes ``NOTHING -> IMPRESSED -> CLICKED``. An attributed impression is a
 failure at once; a click or conversion on an impressed item turns that failure into a success; a click
 whose impression never came counts as an impression and a success. An event is attributed to a slate
-only within ``attribution_window_ms`` after the slate was served.
+only within the half-open window ``[served_at, served_at + attribution_window_ms)``; the feedback path
+refuses an event stamped before its slate was served.
+
+Experiment counts (:func:`count_for_experiment`): per (slate, item) at most one impression, one click and
+one conversion, what a two-proportion test assumes; a click or conversion whose impression never came
+counts that impression too (as the bandit does).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from recsvc.catalog import ItemRecord
 
 __all__ = [
     "EventType", "FeedbackEvent", "FeedbackBatch", "ServedSlate", "CatalogUpsert", "CatalogDelete",
-    "LogRecord", "Outcome", "encode", "decode", "encode_served", "settle", "attributed",
+    "LogRecord", "Outcome", "encode", "decode", "encode_served", "settle", "attributed", "count_for_experiment",
 ]
 
 
@@ -85,8 +90,30 @@ def settle(outcome: int, etype: EventType) -> tuple[Outcome, float, float, bool]
 
 
 def attributed(served_at_ms: int, event_ms: int, window_ms: float) -> bool:
-    """Whether an event at ``event_ms`` still counts for a slate served at ``served_at_ms``."""
-    return event_ms - served_at_ms <= window_ms
+    """Whether an event at ``event_ms`` counts for a slate served at ``served_at_ms``: the half-open window
+    ``[served_at_ms, served_at_ms + window_ms)`` (an event stamped before its slate was served never does)."""
+    return 0 <= event_ms - served_at_ms < window_ms
+
+
+_COUNTED_BIT = {"impression": 1, "click": 2, "conversion": 4}
+
+
+def count_for_experiment(counted: int, etype: EventType) -> tuple[int, tuple[str, ...]]:
+    """(flags after ``etype``, what the experiment aggregates count for it) for one (slate, item).
+
+    ``counted`` holds what was already counted (bits: impression 1, click 2, conversion 4). Each of an
+    impression, a click and a conversion is counted at most once; a click or conversion counts the
+    impression too when none was counted yet.
+    """
+    bit = _COUNTED_BIT[etype.label]
+    labels: list[str] = []
+    if etype.positive and not counted & 1:
+        labels.append("impression")
+        counted |= 1
+    if not counted & bit:
+        labels.append(etype.label)
+        counted |= bit
+    return counted, tuple(labels)
 
 
 @dataclass(slots=True)
@@ -125,6 +152,12 @@ class ServedSlate:
     novelty: float | None = None
     #: row -> Outcome, per served item, updated as feedback arrives
     outcome: dict[int, int] = field(default_factory=dict)
+    #: row -> what the experiment aggregates have counted for it (count_for_experiment's flags)
+    counted: dict[int, int] = field(default_factory=dict)
+    #: served uniformly at random (exploration.random_share): its propensities are exact
+    random_slice: bool = False
+    #: what the random slice gives each eligible item of this request: need / eligible pool (OPE validation)
+    random_p: float | None = None
 
     def feature_block(self) -> np.ndarray | None:
         """The logged features as float32 [k, F], or None when the slate was not ranked."""
@@ -168,8 +201,13 @@ def encode_served(s: ServedSlate, with_outcome: bool) -> dict[str, Any]:
                          "arms": [list(a) for a in s.arms], "rows": s.rows, "p": s.propensities,
                          "ts": s.served_at_ms, "f": base64.b64encode(s.features).decode() if s.features else "",
                          "fn": s.feature_names, "div": s.diversity, "nov": s.novelty}
+    if s.random_slice:
+        d["rs"] = True
+    if s.random_p is not None:
+        d["rp"] = s.random_p
     if with_outcome:
         d["o"] = {str(k): int(v) for k, v in s.outcome.items()}
+        d["c"] = {str(k): int(v) for k, v in s.counted.items()}
     return d
 
 
@@ -185,7 +223,9 @@ def decode(d: dict[str, Any]) -> LogRecord:
                            [int(r) for r in d["rows"]], [float(p) for p in d["p"]], int(d["ts"]),
                            base64.b64decode(d["f"]) if d.get("f") else b"", list(d.get("fn", [])),
                            d.get("div"), d.get("nov"),
-                           {int(k): int(v) for k, v in d.get("o", {}).items()})
+                           {int(k): int(v) for k, v in d.get("o", {}).items()},
+                           {int(k): int(v) for k, v in d.get("c", {}).items()}, bool(d.get("rs", False)),
+                           d.get("rp"))
     if t == "upsert":
         return CatalogUpsert([_item_from_json(x) for x in d["items"]])
     if t == "delete":

@@ -41,6 +41,9 @@ class ServedImpressions:
     slate: np.ndarray
     position: np.ndarray
     feature_names: tuple[str, ...]
+    #: per row: served in the random-exposure slice; the slice's probability for it (nan: not logged)
+    random_slice: np.ndarray | None = None
+    random_p: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.clicked.shape[0])
@@ -81,7 +84,7 @@ def impressions_from_state(state: OnlineStateReader) -> ServedImpressions:
 
 def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the log") -> ServedImpressions:
     """One row per impressed item of served slates (those with logged features and some feedback)."""
-    feats, clicked, props, rows, slates, positions = [], [], [], [], [], []
+    feats, clicked, props, rows, slates, positions, in_slice, rand_p = [], [], [], [], [], [], [], []
     names: list[str] | None = None
     n_slates = 0
     for slate in served:
@@ -104,6 +107,8 @@ def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the lo
                 rows.append(int(row))
                 slates.append(n_slates)
                 positions.append(i)
+                in_slice.append(bool(slate.random_slice))
+                rand_p.append(float("nan") if slate.random_p is None else float(slate.random_p))
                 took = True
         n_slates += took
     if not feats:
@@ -112,4 +117,5 @@ def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the lo
             "clicks with their request_id first")
     return ServedImpressions(np.stack(feats), np.asarray(clicked), np.asarray(props),
                              np.asarray(rows, np.int64), np.asarray(slates, np.int64),
-                             np.asarray(positions, np.int64), tuple(names or ()))
+                             np.asarray(positions, np.int64), tuple(names or ()),
+                             np.asarray(in_slice, bool), np.asarray(rand_p, np.float64))

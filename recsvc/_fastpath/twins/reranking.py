@@ -114,3 +114,55 @@ def mmr_select(
             break
         np.maximum(max_sim, unit @ unit[best], out=max_sim)
     return count
+
+
+def slate_inclusion_counts(
+    top_scores, top_pool, top_col, base, shift, fixed_order, boost, categories, max_per_category, need, lam,
+    sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, hits,
+) -> int:
+    """Per draw: the full explored vector, the pool in explored order, then the selection as rerank runs it."""
+    D = top_scores.shape[0]
+    p = base.shape[0]
+    if need < 0 or boost.shape[0] != p or categories.shape[0] != p or hits.shape[0] != p:
+        raise ValueError("re-ranking kernel: array shapes disagree (call it through recsvc.reranking)")
+    if p == 0 or need == 0:
+        return 0
+    idx = np.arange(p)
+    for d in range(D):
+        e = (base + shift[d]).astype(np.float32)
+        e[top_pool] = top_scores[d, top_col]
+        pool = np.lexsort((idx, -e))  # pool position -> item, explored desc, ties lower index
+        a = (e + boost).astype(np.float32)[pool]
+        cnt = counts0.copy()
+        cats = categories[pool].astype(np.int32)
+        out = np.empty(need, np.int32)
+        if lam <= 0:
+            order = np.argsort(-a, kind="stable").astype(np.int32)
+            count = select_with_quotas(order, cats, max_per_category, need, cnt, out)
+        else:
+            ms = max_sim0[pool].astype(np.float32)
+            s = sim[np.ix_(pool, pool)]
+            free = np.ones(p, bool)
+            count = 0
+            for _ in range(need):
+                ok = free & ~np.array([_at_quota(int(c), max_per_category, cnt) for c in cats])
+                if not ok.any():
+                    break
+                val = (1.0 - lam) * a.astype(np.float64) - lam * np.where(ms == -np.inf, 0.0, ms)
+                val[~ok] = -np.inf
+                best = int(np.flatnonzero(ok)[np.argmax(val[ok])])
+                out[count] = best
+                count += 1
+                free[best] = False
+                if 0 <= cats[best] < cnt.shape[0]:
+                    cnt[cats[best]] += 1
+                ms = np.maximum(ms, s[best])
+        chosen = out[:count]
+        if count < need and count < p:
+            rest = np.ones(p, bool)
+            rest[chosen] = False
+            rest_idx = np.flatnonzero(rest)
+            rest_idx = rest_idx[np.argsort(-a[rest_idx], kind="stable")][: need - count]
+            chosen = np.concatenate([chosen, rest_idx])
+        hits[pool[chosen]] += 1.0
+    return 0
