@@ -270,3 +270,27 @@ def test_per_request_rerank_rules_over_grpc(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(user_id="rules", rerank=pb.RerankRules(mmr_lambda=2.0)), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rerank.mmr_lambda" in err.value.details()
+
+
+def test_degraded_reasons_and_the_random_slice_reach_grpc_callers(stub, tmp_path):
+    """Both lived only on the in-process Recommendation: gRPC callers could not tell a random-slice slate."""
+    rec = stub.Recommend(pb.RecommendRequest(user_id="slow", n=5, budget_ms=1), timeout=10)
+    assert rec.degraded and set(rec.degraded_reasons) <= {"candidates_cut", "ranking_skipped", "mmr_skipped",
+                                                          "stale_state"} and rec.degraded_reasons
+    assert not rec.random_slice
+    from recsvc.server import serve
+
+    cfg = small_config(tmp_path, server={"port": 0}, exploration={"random_share": 1.0})
+    stop, ready = threading.Event(), {}
+    started = threading.Event()
+    t = threading.Thread(target=serve, args=(cfg,), daemon=True,
+                         kwargs={"on_ready": lambda port: (ready.update(port=port), started.set()), "stop_event": stop})
+    t.start()
+    try:
+        assert started.wait(120)
+        with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as ch:
+            resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(user_id="r", n=5), timeout=10)
+        assert resp.random_slice and len(resp.items) == 5
+    finally:
+        stop.set()
+        t.join(30)

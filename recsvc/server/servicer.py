@@ -46,6 +46,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             variant=rec.variant,
             timings=pb.StageTimings(**rec.timings_us),
             degraded=rec.degraded,
+            degraded_reasons=rec.degraded_reasons,
+            random_slice=rec.random_slice,
         )
 
     def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackResponse:
