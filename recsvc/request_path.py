@@ -165,7 +165,7 @@ class RequestPath:
         t1 = time.perf_counter_ns()
 
         # -- stage 2: ranking (skipped when the deadline cannot cover it)
-        from recsvc.ranking import FEATURE_NAMES, gather_features
+        from recsvc.ranking import ALL_FEATURES, gather_features
 
         ranker = self.rankers.get(cfg.ranking.model_path)
         features = None
@@ -177,7 +177,8 @@ class RequestPath:
             scores = _retrieval_order_scores(cands)
             degraded = True
         else:
-            inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg)
+            inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg,
+                                         extended=ranker.uses_extended)
             features = gather_features(inputs, cfg.ranking.freshness_half_life_days)
             scores = ranker.score_gathered(features)
         t2 = time.perf_counter_ns()
@@ -248,7 +249,7 @@ class RequestPath:
             idx = np.array([pool_of_row[p] if p >= 0 else -1 for p in slate.pool_index], np.int64)
             block = np.zeros((idx.size, features.shape[1]), np.float32)
             block[idx >= 0] = features[idx[idx >= 0]]
-            feat, feat_names = block.tobytes(), list(FEATURE_NAMES)
+            feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
                              now, feat, feat_names)
         t5 = time.perf_counter_ns()
@@ -338,7 +339,10 @@ class RequestPath:
         return mask
 
     # -- ranking and re-ranking inputs ----------------------------------------------------------------------
-    def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config):
+    def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config,
+                       extended: bool = False):
+        """The ranking stage's inputs; ``extended``: with what the extended features need (a ranker
+        that uses them)."""
         from recsvc.ranking import FeatureInputs
 
         cat = self.catalog
@@ -367,6 +371,27 @@ class RequestPath:
             source_scores=cands.source_scores,
             context=dict(context),
             sources=cands.sources,
+            extended=self._extended_inputs(cands, history, cfg) if extended else None,
+        )
+
+    def _extended_inputs(self, cands: Candidates, history, cfg: Config):
+        """Co-occurrence counts with the user's recent items, their embeddings, interaction counts."""
+        from recsvc.ranking import RECENT_SIMILARITY_ITEMS, ExtendedInputs
+
+        state = self.state
+        recent_rows, recent_w = self.recent(history, cfg)
+        recent = np.asarray(recent_rows, np.int64)
+        nb_rows, nb_counts, nb_owner = state.neighbour_counts(recent_rows)
+        return ExtendedInputs(
+            item_rows=cands.rows,
+            item_counts=state.interaction_counts(cands.rows).astype(np.float32),
+            recent_weights=np.asarray(recent_w, np.float32),
+            recent_counts=state.interaction_counts(recent).astype(np.float32),
+            neighbour_rows=nb_rows,
+            neighbour_counts=nb_counts.astype(np.float32),
+            neighbour_owner=nb_owner,
+            recent_embeddings=self.catalog.embeddings[recent[:RECENT_SIMILARITY_ITEMS]],
+            user_interactions=float(len(history)),
         )
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
