@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_config)
 
     s = with_config(sub.add_parser("train-ranker", help="train the ranker from the feedback log"))
-    s.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
+    s.add_argument("--kind", choices=["logistic", "mlp", "gbdt"], default="logistic",
+                   help="gbdt: LambdaRank trees over each served slate (needs the 'train' extra: LightGBM)")
     s.add_argument("--no-ipw", action="store_true", help="do not weight by inverse propensity")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", type=Path, required=True, help="weights file to write")
