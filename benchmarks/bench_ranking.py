@@ -118,6 +118,7 @@ def extended_inputs(inputs) -> FeatureInputs:
         neighbour_owner=np.repeat(np.arange(W), per).astype(np.int32),
         recent_embeddings=inputs.embeddings[rng.integers(0, N_ITEMS, 5)],
         user_interactions=57.0,
+        profile=inputs.embeddings[rng.integers(0, N_ITEMS, 20)].sum(axis=0),
     ))
 
 

@@ -104,6 +104,7 @@ EXTENDED_FEATURES: tuple[str, ...] = (
     "recent_mean_cosine",
     "user_activity",  # log1p(the user's positive interactions)
     "log_item_count",  # log1p(the item's positive interactions), not decayed
+    "profile_cosine",  # to the user's history profile (recency-weighted mean of the history's embeddings)
     *(f"rank_{s}" for s in SOURCE_NAMES),  # 0-based rank among that source's candidates; n if absent
     "log_age_days",  # sign(age) * log1p(|age| in days) against the request's clock
 )
@@ -188,6 +189,7 @@ class ExtendedInputs:
     neighbour_owner:   int32[M]    ... and which recent item (index into recent_*) each belongs to
     recent_embeddings: float32[R, d]  embeddings of the user's R most recent distinct items (any norm)
     user_interactions: float       the user's positive interactions
+    profile:           float32[d] | None  the user's history profile (any norm; normalised here), or None
     """
 
     item_rows: np.ndarray
@@ -199,6 +201,7 @@ class ExtendedInputs:
     neighbour_owner: np.ndarray
     recent_embeddings: np.ndarray
     user_interactions: float = 0.0
+    profile: np.ndarray | None = None
 
 
 def context_features(context: Mapping[str, Any] | None) -> np.ndarray:
@@ -383,8 +386,16 @@ def _prepare_extended(ext: ExtendedInputs, n: int, d: int) -> tuple:
     activity = float(ext.user_interactions)
     if not math.isfinite(activity):
         raise ValueError(f"extended.user_interactions must be finite, got {ext.user_interactions!r}")
-    return (item_rows, by_row, counts, nb_rows, nb_counts, nb_owner, weights, recent_counts, recent, activity,
-            np.empty(n, np.uint64))
+    profile = np.zeros(d, np.float32)
+    if ext.profile is not None:
+        raw = _array(ext.profile, np.float32, "extended.profile", 1)
+        if raw.shape[0] != d or not np.isfinite(raw).all():
+            raise ValueError(f"extended.profile must be {d} finite values, got shape {raw.shape}")
+        norm = float(np.linalg.norm(raw))
+        if norm > 0:
+            profile = (raw / norm).astype(np.float32)
+    return (item_rows, by_row, counts, nb_rows, nb_counts, nb_owner, weights, recent_counts, recent, profile,
+            activity, np.empty(n, np.uint64))
 
 
 def gather_features(

@@ -283,13 +283,9 @@ class RequestPath:
             if norm == 0.0:
                 raise InvalidArgument("user_embedding is all zeros")
             return vec / norm if cat.normalize else vec
-        history = self.state.history(user_id)
-        if not history:
+        vec = self._history_profile(self.state.history(user_id), cfg)
+        if vec is None:
             return None
-        rows = np.fromiter((r for r, _ in history), np.int64, len(history))
-        h = cfg.retrieval.history_half_life
-        w = 0.5 ** (np.arange(rows.size)[::-1] / h)
-        vec = (w[:, None] * cat.embeddings[rows]).sum(axis=0)
         norm = float(np.linalg.norm(vec))
         return (vec / norm).astype(np.float32) if norm > 0 else None
 
@@ -375,7 +371,8 @@ class RequestPath:
         )
 
     def _extended_inputs(self, cands: Candidates, history, cfg: Config):
-        """Co-occurrence counts with the user's recent items, their embeddings, interaction counts."""
+        """Co-occurrence counts with the user's recent items, their embeddings, interaction counts, the
+        history profile (the user vector the history alone gives, also when the request brought one)."""
         from recsvc.ranking import RECENT_SIMILARITY_ITEMS, ExtendedInputs
 
         state = self.state
@@ -392,7 +389,16 @@ class RequestPath:
             neighbour_owner=nb_owner,
             recent_embeddings=self.catalog.embeddings[recent[:RECENT_SIMILARITY_ITEMS]],
             user_interactions=float(len(history)),
+            profile=self._history_profile(history, cfg),
         )
+
+    def _history_profile(self, history, cfg: Config) -> np.ndarray | None:
+        """The recency-weighted sum of the history's embeddings (``history_half_life``), or None."""
+        if not history:
+            return None
+        rows = np.fromiter((r for r, _ in history), np.int64, len(history))
+        w = 0.5 ** (np.arange(rows.size)[::-1] / cfg.retrieval.history_half_life)
+        return (w[:, None] * self.catalog.embeddings[rows]).sum(axis=0)
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import rerank

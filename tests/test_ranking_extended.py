@@ -53,6 +53,7 @@ def extended_inputs(seed: int, n: int = 120, N: int = 300, d: int = 24, W: int =
         neighbour_owner=rng.integers(0, W, M).astype(np.int32),
         recent_embeddings=rng.normal(size=(3, d)).astype(np.float32),
         user_interactions=float(rng.integers(0, 300)),
+        profile=rng.normal(size=d).astype(np.float32),
     )
     return replace(base, extended=replace(ext, **over))
 
@@ -153,8 +154,8 @@ def test_extended_gather_with_no_history_and_no_candidates() -> None:
     empty = dict(recent_weights=np.empty(0, np.float32), recent_counts=np.empty(0, np.float32),
                  neighbour_rows=np.empty(0, np.int32), neighbour_counts=np.empty(0, np.float32),
                  neighbour_owner=np.empty(0, np.int32), recent_embeddings=np.empty((0, 24), np.float32))
-    X = gather_features(extended_inputs(1, **empty), 14.0)
-    assert not X[:, COL["cooc_cosine"]:COL["user_activity"]].any()
+    X = gather_features(extended_inputs(1, profile=None, **empty), 14.0)
+    assert not X[:, COL["cooc_cosine"]:COL["user_activity"]].any() and not X[:, COL["profile_cosine"]].any()
     inputs = extended_inputs(2, n=0, M=0, item_rows=np.empty(0, np.int32), item_counts=np.empty(0, np.float32))
     assert gather_features(inputs, 14.0).shape == (0, len(ALL_FEATURES))
 
@@ -173,6 +174,7 @@ def test_extended_features_known_values() -> None:
         neighbour_owner=np.array([0, 0, 0, 1], np.int32),
         recent_embeddings=np.array([[2, 0]], np.float32),
         user_interactions=float(np.e - 1),
+        profile=np.array([0, -3], np.float32),
     )
     inputs = replace(base, user_vec=np.array([0.6, 0.8], np.float32), embeddings=emb,
                      rows=np.array([0, 1, 2], np.int32), now_ms=NOW_MS,
@@ -196,6 +198,7 @@ def test_extended_features_known_values() -> None:
         np.testing.assert_allclose(col("recent_mean_cosine"), [1.0, 0.0, 0.6], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(col("user_activity"), 1.0, rtol=1e-6)
         np.testing.assert_allclose(col("log_item_count"), np.log1p([4, 0, 9]), rtol=1e-6)
+        np.testing.assert_allclose(col("profile_cosine"), [0, -1, -0.8], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(col("rank_ann"), [1, 0, 3])  # candidate 2 is not from ann: n = 3
         np.testing.assert_array_equal(col("rank_cooccurrence"), [3, 3, 0])
         np.testing.assert_array_equal(col("rank_popular"), [1, 2, 0])  # a tie keeps candidate order
@@ -211,6 +214,7 @@ def test_extended_features_known_values() -> None:
         (dict(neighbour_owner=np.full(80, 9, np.int32)), "extended.neighbour_owner must index the 4 recent items"),
         (dict(recent_embeddings=np.zeros((2, 5), np.float32)), r"must have shape \(R, 24\)"),
         (dict(neighbour_counts=np.full(80, np.nan, np.float32)), "extended.neighbour_counts contains NaN"),
+        (dict(profile=np.zeros(3, np.float32)), "extended.profile must be 24 finite values"),
     ],
 )
 def test_extended_inputs_are_validated(over, message) -> None:
@@ -225,7 +229,7 @@ def test_a_ranker_with_extended_features_needs_them() -> None:
     inputs = extended_inputs(4)
     with pytest.raises(ValueError, match="uses extended features"):
         ranker.score(replace(inputs, extended=None), 14.0)
-    with pytest.raises(ValueError, match="must have the 36 columns of ALL_FEATURES"):
+    with pytest.raises(ValueError, match=f"must have the {len(ALL_FEATURES)} columns of ALL_FEATURES"):
         ranker.score_gathered(np.zeros((3, B), np.float32))
     X = gather_features(inputs, 14.0)
     np.testing.assert_array_equal(ranker.score(inputs, 14.0), ranker.score_gathered(X))

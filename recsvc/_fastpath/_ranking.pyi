@@ -80,16 +80,17 @@ def gather_extended_features(
     recent_weights: _F32,
     recent_counts: _F32,
     recent_emb: _F32,
+    profile: _F32,
     user_interactions: float,
     keys: npt.NDArray[np.uint64],
     X: _F32,
 ) -> None:
-    """Fill X (n, 5 + 2S + Fc + 13 + S): the columns of ``gather_features``, then
+    """Fill X (n, 5 + 2S + Fc + 14 + S): the columns of ``gather_features``, then
     item_norm, cosine, six co-occurrence columns (neighbour ``m`` of recent item
     ``nb_owner[m]`` adds to the candidate whose ``item_rows`` is ``nb_rows[m]``,
     found by binary search over ``by_item_row``), the max and mean cosine to
-    ``recent_emb``, user_activity, log_item_count, S per-source ranks and
-    log_age_days. ``keys`` is scratch."""
+    ``recent_emb``, user_activity, log_item_count, the cosine to ``profile``,
+    S per-source ranks and log_age_days. ``keys`` is scratch."""
 
 def forest_score(
     X: _F32,

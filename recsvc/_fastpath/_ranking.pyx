@@ -30,9 +30,10 @@
 #   B+9   recent_mean_cosine  mean of the same (0 when R = 0)
 #   B+10  user_activity       the request's log1p(positive interactions of the user)
 #   B+11  log_item_count      log1p(n_j)
-#   B+12 .. B+12+S-1          rank_<source>: 0-based rank by that source's score among the
+#   B+12  profile_cosine      profile . embeddings[row] / |embeddings[row]| (profile: unit-norm or 0)
+#   B+13 .. B+13+S-1          rank_<source>: 0-based rank by that source's score among the
 #                             candidates it proposed (ties: candidate order); n when it did not
-#   B+12+S                    log_age_days: sign(age) * log1p(|age| in days), age = now - created
+#   B+13+S                    log_age_days: sign(age) * log1p(|age| in days), age = now - created
 #
 # Dot products and dense layers run in SIMD C (below); their summation order
 # differs from numpy's, so the twin in twins/ranking.py matches to float32
@@ -48,7 +49,7 @@ from recsvc._fastpath._typedefs cimport (
 cdef enum:
     N_BASE = 5          # columns before the per-source features
     PREFETCH_AHEAD = 8  # candidates: catalog rows are random, so fetch early
-    N_EXT_FIXED = 12    # extended columns before the per-source ranks
+    N_EXT_FIXED = 13    # extended columns before the per-source ranks
     MAX_FOREST_DEPTH = 12
 
 cdef double MS_PER_DAY = 86400000.0
@@ -388,9 +389,10 @@ cdef int _gather_extended(
     const float32_t[::1] recent_weights,     # IN  (W,) w_i
     const float32_t[::1] recent_counts,      # IN  (W,) n_i
     const float32_t[:, ::1] recent_emb,      # IN  (R, d) unit-norm embeddings of the R most recent items
+    const float32_t[::1] profile,            # IN  (d,) unit-norm history profile, or zeros
     double user_interactions,                # IN  the user's positive interactions
     uint64_t[::1] keys,                      # SCRATCH (n,)
-    float32_t[:, ::1] X,                     # OUT (n, 5 + 2S + Fc + 13 + S)
+    float32_t[:, ::1] X,                     # OUT (n, 5 + 2S + Fc + 14 + S)
 ) noexcept nogil:
     cdef intp_t n = rows.shape[0], N = embeddings.shape[0], d = embeddings.shape[1]
     cdef intp_t S = source_scores.shape[1], Fc = context.shape[0]
@@ -410,7 +412,7 @@ cdef int _gather_extended(
                               bandit_alpha, bandit_beta, source_scores, source_mask)
             or item_rows.shape[0] != n or by_item_row.shape[0] != n or item_counts.shape[0] != n
             or nb_counts.shape[0] != M or nb_owner.shape[0] != M or recent_counts.shape[0] != W
-            or (R > 0 and recent_emb.shape[1] != d) or keys.shape[0] != n):
+            or (R > 0 and recent_emb.shape[1] != d) or keys.shape[0] != n or profile.shape[0] != d):
         return BAD_SHAPE
     for i in range(n):
         if by_item_row[i] < 0 or by_item_row[i] >= n:
@@ -449,6 +451,7 @@ cdef int _gather_extended(
         x[9] = <float32_t> (total / R) if R > 0 else 0
         x[10] = <float32_t> activity
         x[11] = <float32_t> log1p(item_counts[i] if item_counts[i] > 0 else 0.0)
+        x[12] = <float32_t> (recsvc_dot(&profile[0], &embeddings[r, 0], d) / norm) if norm > 0 else 0
         age = <double> (now_ms - created_at_ms[r]) / MS_PER_DAY
         x[N_EXT_FIXED + S] = <float32_t> (log1p(age) if age >= 0 else -log1p(-age))
 
@@ -512,11 +515,12 @@ def gather_extended_features(
     const float32_t[::1] recent_weights,
     const float32_t[::1] recent_counts,
     const float32_t[:, ::1] recent_emb,
+    const float32_t[::1] profile,
     double user_interactions,
     uint64_t[::1] keys,
     float32_t[:, ::1] X,
 ):
-    """Fill X (n, 5 + 2S + Fc + 13 + S): the base columns, then the extended
+    """Fill X (n, 5 + 2S + Fc + 14 + S): the base columns, then the extended
     ones; see the module comment for the layout."""
     cdef int status
     with nogil:
@@ -525,7 +529,7 @@ def gather_extended_features(
             half_life_days, categories, category_affinity, bandit_alpha,
             bandit_beta, source_scores, source_mask, context, item_rows, by_item_row,
             item_counts, nb_rows, nb_counts, nb_owner, recent_weights, recent_counts,
-            recent_emb, user_interactions, keys, X,
+            recent_emb, profile, user_interactions, keys, X,
         )
     _check(status)
 

@@ -104,7 +104,7 @@ def mlp_score(
     out[:] = _sigmoid(h @ w_out + np.float32(b_out))
 
 
-N_EXT_FIXED = 12
+N_EXT_FIXED = 13
 
 
 def _float_keys(v: np.ndarray) -> np.ndarray:
@@ -137,6 +137,7 @@ def gather_extended_features(
     recent_weights: np.ndarray,
     recent_counts: np.ndarray,
     recent_emb: np.ndarray,
+    profile: np.ndarray,
     user_interactions: float,
     keys: np.ndarray,
     X: np.ndarray,
@@ -149,6 +150,7 @@ def gather_extended_features(
         or any(a.shape[0] != n for a in (item_rows, by_item_row, item_counts, keys))
         or nb_counts.shape[0] != M or nb_owner.shape[0] != M or recent_counts.shape[0] != W
         or (R > 0 and recent_emb.shape[1] != d)
+        or profile.shape[0] != d
         or (n and (by_item_row.min() < 0 or by_item_row.max() >= n))
         or (M and (nb_owner.min() < 0 or nb_owner.max() >= W))
     ):
@@ -172,6 +174,8 @@ def gather_extended_features(
     E[:, 2:8] = 0.0
     E[:, 10] = math.log1p(max(user_interactions, 0.0))
     E[:, 11] = np.log1p(np.maximum(item_counts.astype(np.float64), 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        E[:, 12] = np.where(norm > 0, (emb @ profile.astype(np.float64)) / np.where(norm > 0, norm, 1.0), 0.0)
     age = (np.int64(now_ms) - created_at_ms[rows]).astype(np.float64) / _MS_PER_DAY
     E[:, N_EXT_FIXED + S] = np.sign(age) * np.log1p(np.abs(age))
     # co-occurrence: one neighbour entry at a time, in order (as the kernel adds them)
