@@ -4,7 +4,9 @@
    and online state from each user's train events minus the last ``validation_fraction`` of them), every
    user with a positive in that held-out window asks for a slate at its own clock; the request path's
    own candidates and extended features (:func:`recsvc.ranking.gather_features`, the compiled gather the
-   server runs) are logged for every candidate: :func:`log_candidates`.
+   server runs) are logged for every candidate: :func:`log_candidates`. Like a production job that
+   trains on several days of logs, earlier windows can be logged too (each carved from the end of
+   what the later one left): more requests to learn from.
 2. **Label** each logged candidate 1 when the user liked it in the validation window, else 0.
 3. **Fit** LambdaRank trees (:func:`recsvc.training.train_gbdt`, one group per request) and export them
    for the compiled scorer: :func:`fit_ranker`.
@@ -44,6 +46,14 @@ class CandidateLog:
         """Only the rows of the users whose index is in ``keep``."""
         m = np.isin(self.user, keep)
         return CandidateLog(self.X[m], self.y[m], self.user[m], self.rows[m], self.users)
+
+    @staticmethod
+    def concat(logs: "list[CandidateLog]") -> "CandidateLog":
+        """One log of several (e.g. windows): each log's users become their own groups."""
+        offsets = np.cumsum([0] + [lg.users.size for lg in logs])
+        return CandidateLog(np.concatenate([lg.X for lg in logs]), np.concatenate([lg.y for lg in logs]),
+                            np.concatenate([lg.user + off for lg, off in zip(logs, offsets)]),
+                            np.concatenate([lg.rows for lg in logs]), np.concatenate([lg.users for lg in logs]))
 
 
 def log_candidates(setup: Any, cfg: Any, *, user_vector: str = "history",
@@ -111,15 +121,17 @@ def fit_ranker(log: CandidateLog, path: Path, *, seed: int = 0, rounds: int | No
     return ranker, metrics
 
 
-def cross_fit(log: CandidateLog, directory: Path, folds: int = 2, seed: int = 0
-              ) -> list[tuple[np.ndarray, Path]]:
-    """``folds`` rankers, each fitted on the other folds' users: [(user indices it serves, weights file)]."""
+def cross_fit(log: CandidateLog, directory: Path, folds: int = 2, seed: int = 0,
+              earlier: list[CandidateLog] | None = None) -> list[tuple[np.ndarray, Path]]:
+    """``folds`` rankers, each fitted on the other folds' users of ``log`` (and every user of the
+    ``earlier`` windows, whose labels precede ``log``'s window): [(user indices it serves, weights file)]."""
     n_users = log.users.size
     perm = np.random.default_rng(seed).permutation(n_users)
     out = []
     for f in range(folds):
         serve = np.sort(perm[f::folds])
         path = directory / f"ranker-fold{f}.json"
-        fit_ranker(log.take_users(np.setdiff1d(np.arange(n_users), serve)), path, seed=seed)
+        fit_ranker(CandidateLog.concat([log.take_users(np.setdiff1d(np.arange(n_users), serve)),
+                                        *(earlier or [])]), path, seed=seed)
         out.append((serve, path))
     return out

@@ -101,7 +101,7 @@ from recsvc.evaluation.datasets import (
     load_movielens,
     temporal_split_per_user,
 )
-from recsvc.evaluation.learned import cross_fit, fit_ranker, log_candidates
+from recsvc.evaluation.learned import CandidateLog, cross_fit, fit_ranker, log_candidates
 from recsvc.evaluation.metrics import (
     RelevantSets,
     catalog_coverage,
@@ -155,8 +155,14 @@ ALS_GRID: tuple[tuple[int, float, float], ...] = tuple(
 EASE_GRID: tuple[float, ...] = (50.0, 100.0, 200.0, 400.0, 800.0)
 #: MMR lambdas tried on the validation window for the ``full_diversity`` row (the best NDCG among those
 #: whose intra-list diversity reaches :data:`MIN_DIVERSITY`).
-MMR_GRID: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3)
+MMR_GRID: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.1)
 MIN_DIVERSITY = 0.70
+#: Windows of train the learned ranker is fitted on: the validation window and the ones before it.
+DEFAULT_WINDOWS = 2
+#: Long-tail boosts (``reranking.long_tail_boost``) tried on validation for the learned pipelines: the
+#: best NDCG among those whose catalog coverage reaches COVERAGE_FACTOR x EASE's (the issue's target).
+LONG_TAIL_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.025, 0.03, 0.04)
+COVERAGE_FACTOR = 2.0
 
 ACCURACY_METRICS = ("ndcg", "map", "precision", "recall", "hit_rate", "mrr")
 BEYOND_METRICS = ("diversity", "coverage", "novelty", "serendipity", "gini")
@@ -794,7 +800,7 @@ class _World:
 
 
 def _run_pipeline(world: _World, pipe: Pipeline, ranker_path: Path | None, k: int, user_vector: str,
-                  users_index: np.ndarray | None = None, mmr_lambda: float | None = None,
+                  users_index: np.ndarray | None = None, extra: dict[str, Any] | None = None,
                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[str, Any], dict]:
     """Replay train into a fresh engine with the pipeline's config, then recommend to the world's users
     (or to ``users_index`` of them; the other rows stay -1)."""
@@ -804,8 +810,8 @@ def _run_pipeline(world: _World, pipe: Pipeline, ranker_path: Path | None, k: in
     overrides = pipe.overrides
     if ranker_path is not None:
         overrides = deep_merge(overrides, {"ranking": {"model_path": str(ranker_path)}})
-    if mmr_lambda is not None:
-        overrides = deep_merge(overrides, {"reranking": {"mmr_lambda": float(mmr_lambda)}})
+    if extra:
+        overrides = deep_merge(overrides, extra)
     cfg = setup.base_config.with_overrides(overrides, source=f"pipeline {pipe.name}")
     t0 = time.perf_counter()
     engine, clock = _engine(setup, cfg)
@@ -821,6 +827,13 @@ def _run_pipeline(world: _World, pipe: Pipeline, ranker_path: Path | None, k: in
     seconds = {"train_replay": round(t1 - t0, 2), "recommend": round(t2 - t1, 2),
                "per_request_ms": round(1000 * (t2 - t1) / max(idx.size, 1), 3)}
     return rec, seconds, overrides
+
+
+def _learned_extra(chosen: dict[str, Any], mmr_lambda: float | None) -> dict[str, Any]:
+    """The learned pipelines' overrides chosen on validation, with a pipeline's own MMR lambda."""
+    from recsvc.config import deep_merge
+
+    return deep_merge(chosen, {"reranking": {"mmr_lambda": float(mmr_lambda)}}) if mmr_lambda is not None else chosen
 
 
 def _baseline_lists(world: _World, k: int, ease_lambda: float) -> dict[str, np.ndarray]:
@@ -885,10 +898,11 @@ def evaluate(
     pipelines: Sequence[Pipeline] = PIPELINES,
     *,
     k: int = 10,
-    user_vector: str = "history",
+    user_vector: str = "factors",
     progress: bool = True,
     baselines: bool = True,
     folds: int = 2,
+    windows: int = DEFAULT_WINDOWS,
     bootstrap: int = 2000,
 ) -> dict[str, Any]:
     """Run every pipeline (and the EASE and ALS baselines) on the validation window and on test;
@@ -908,6 +922,8 @@ def evaluate(
     report: dict[str, Any] = {"pipelines": {}, "baselines": {}, "validation": {"pipelines": {}, "baselines": {}},
                               "choices": {}}
     per_user: dict[str, np.ndarray] = {}
+    learned_extra: dict[str, Any] = {}  # settings chosen on validation for the learned pipelines
+    mmr_choice: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="recsvc-replay-") as tmp_name:
         tmp = Path(tmp_name)
         paths: dict[str, Path | None] = {"default": None, "popularity": _popularity_ranker_file(tmp)}
@@ -934,22 +950,49 @@ def evaluate(
             cands = log_candidates(val.setup, learned_cfg, user_vector=user_vector)
             log(f"logged {cands.y.size} candidates of {cands.users.size} validation users "
                 f"({int(cands.y.sum())} liked) in {time.perf_counter() - t0:.1f} s")
-            fold_rankers = cross_fit(cands, tmp, folds=folds, seed=setup.settings.get("seed", 0))
+            earlier, world = [], val.setup
+            for w in range(2, windows + 1):  # earlier windows, each carved from the end of what is left
+                world = prepare_validation(world)
+                earlier.append(log_candidates(world, world.base_config.with_overrides(
+                    next(p for p in pipelines if p.ranker == "learned").overrides), user_vector=user_vector))
+                log(f"window {w}: logged {earlier[-1].y.size} candidates of {earlier[-1].users.size} users "
+                    f"({int(earlier[-1].y.sum())} liked)")
+            fold_rankers = cross_fit(cands, tmp, folds=folds, seed=setup.settings.get("seed", 0), earlier=earlier)
+            def cross_fitted(pipe: Pipeline, extra: dict[str, Any]) -> dict[str, float]:
+                rec = np.full((val.users.size, k), -1, np.int64)
+                for serve, path in fold_rankers:
+                    rec[serve] = _run_pipeline(val, pipe, path, k, user_vector, serve, extra)[0][serve]
+                return val.metrics(rec, k)[0]
+
+            # the long-tail boost of the learned pipelines: the best validation NDCG among the boosts whose
+            # coverage reaches COVERAGE_FACTOR x the best single model's (EASE's) validation coverage
+            full = next(p for p in pipelines if p.ranker == "learned")
+            target = COVERAGE_FACTOR * report["validation"]["baselines"].get("ease", {}).get(
+                "metrics", {}).get("coverage", 0.0)
+            tried = {b: cross_fitted(full, {"reranking": {"long_tail_boost": b}}) for b in LONG_TAIL_GRID}
+            ok = [b for b in LONG_TAIL_GRID if tried[b]["coverage"] >= target]
+            boost = max(ok, key=lambda b: (tried[b]["ndcg"], -b)) if ok else max(
+                LONG_TAIL_GRID, key=lambda b: tried[b]["coverage"])
+            learned_extra["reranking"] = {"long_tail_boost": boost}
+            report["choices"]["long_tail_boost"] = {
+                "value": boost, "coverage_target": round(target, 4),
+                "validation": {str(b): {"ndcg": round(r["ndcg"], 5), "coverage": round(r["coverage"], 4)}
+                               for b, r in tried.items()}}
+            log(f"long-tail boost {boost} (coverage target {target:.3f}; validation NDCG, coverage: "
+                f"{ {b: (round(r['ndcg'], 4), round(r['coverage'], 3)) for b, r in tried.items()} })")
             for pipe in pipelines:
                 if pipe.ranker != "learned":
                     continue
+                if pipe is full:
+                    report["validation"]["pipelines"][pipe.name] = {"metrics": tried[boost], "cross_fit_folds": folds}
+                    continue
                 lambdas = MMR_GRID if pipe.tune_mmr else (None,)
-                results = {}
-                for lam in lambdas:
-                    rec = np.full((val.users.size, k), -1, np.int64)
-                    for serve, path in fold_rankers:
-                        part, _, _ = _run_pipeline(val, pipe, path, k, user_vector, serve, lam)
-                        rec[serve] = part[serve]
-                    results[lam] = val.metrics(rec, k)[0]
+                results = {lam: cross_fitted(pipe, _learned_extra(learned_extra, lam)) for lam in lambdas}
                 if pipe.tune_mmr:
                     ok = [lam for lam in lambdas if results[lam]["diversity"] >= MIN_DIVERSITY]
                     chosen = max(ok, key=lambda v: results[v]["ndcg"]) if ok else max(
                         lambdas, key=lambda v: results[v]["diversity"])
+                    mmr_choice[pipe.name] = chosen
                     report["choices"][f"{pipe.name}.mmr_lambda"] = {
                         "value": chosen, "validation": {str(v): {"ndcg": round(r["ndcg"], 5),
                                                                  "diversity": round(r["diversity"], 4)}
@@ -959,17 +1002,18 @@ def evaluate(
                     results = {None: results[chosen]}
                 report["validation"]["pipelines"][pipe.name] = {"metrics": results[None], "cross_fit_folds": folds}
             t0 = time.perf_counter()
-            _, fit_metrics = fit_ranker(cands, tmp / "learned_ranker.json", seed=setup.settings.get("seed", 0),
-                                        description="recsvc evaluate: LambdaRank on the validation window")
+            _, fit_metrics = fit_ranker(CandidateLog.concat([cands, *earlier]), tmp / "learned_ranker.json",
+                                        seed=setup.settings.get("seed", 0),
+                                        description=f"recsvc evaluate: LambdaRank on {windows} window(s) of train")
             paths["learned"] = tmp / "learned_ranker.json"
             report["learned_ranker"] = {k_: v for k_, v in fit_metrics.items() if k_ != "params"} | {
-                "params": fit_metrics.get("params"), "logged_candidates": int(cands.y.size)}
+                "params": fit_metrics.get("params"), "windows": windows}
             log(f"fitted the learned ranker on all validation users in {time.perf_counter() - t0:.1f} s")
         # -- test: measured once with everything chosen above
         for pipe in pipelines:
-            mmr = report["choices"].get(f"{pipe.name}.mmr_lambda", {}).get("value") if pipe.tune_mmr else None
+            extra = _learned_extra(learned_extra, mmr_choice.get(pipe.name)) if pipe.ranker == "learned" else None
             rec, seconds, overrides = _run_pipeline(test, pipe, paths.get(pipe.ranker), k, user_vector,
-                                                    mmr_lambda=mmr)
+                                                    extra=extra)
             if test.baseline is None:
                 test.baseline = rec
             metrics, by_group, ndcg = test.metrics(rec, k)
@@ -1155,8 +1199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quick slice: keep N random users (catalog and model from their data only); 0 = all")
     parser.add_argument("--pipelines", type=_pipeline_list, default=list(PIPELINE_NAMES),
                         help=f"comma-separated subset of {','.join(PIPELINE_NAMES)} (popularity always runs)")
-    parser.add_argument("--user-vector", choices=("history", "factors"), default="history",
-                        help="user embedding: the engine's history mean (default) or the user's ALS factor")
+    parser.add_argument("--user-vector", choices=("history", "factors"), default="factors",
+                        help="user embedding: the user's ALS factor, passed as the request's user_embedding "
+                             "(default, chosen on validation), or the engine's history mean")
     parser.add_argument("--dim", type=int, default=DEFAULT_FACTORS, help="embedding dimension (ALS factors)")
     parser.add_argument("--als-alpha", type=float, default=DEFAULT_ALPHA, help="ALS confidence: 1 + alpha per positive")
     parser.add_argument("--als-reg", type=float, default=DEFAULT_REGULARIZATION, help="ALS L2 regularization")
@@ -1170,6 +1215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of each user's train events held out to fit and choose on "
                              "(default: --test-fraction)")
     parser.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the validation rows")
+    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                        help="train windows the learned ranker is fitted on: the validation window and the "
+                             "ones before it, each carved from the end of what the later one left")
     parser.add_argument("--no-baselines", action="store_true", help="skip the EASE and ALS rows")
     parser.add_argument("--seed", type=int, default=0, help="seeds the ALS init, user sampling and Thompson")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
@@ -1203,7 +1251,7 @@ def run(args: argparse.Namespace) -> int:
                         validation_fraction=args.validation_fraction)
     chosen = [p for p in PIPELINES if p.name in set(args.pipelines)]
     report = evaluate(setup, chosen, k=args.k, user_vector=args.user_vector, progress=not args.no_progress,
-                      baselines=not args.no_baselines, folds=args.folds)
+                      baselines=not args.no_baselines, folds=args.folds, windows=args.windows)
     if als_choice is not None:
         report["choices"] = {"als": als_choice, **report["choices"]}
     report["data"]["path"] = str(data_path)
