@@ -353,9 +353,6 @@ def _prepare_extended(ext: ExtendedInputs, n: int, d: int) -> tuple:
     item_rows = _int_array(ext.item_rows, np.int32, "extended.item_rows")
     if item_rows.shape[0] != n:
         raise ValueError(f"extended.item_rows has {item_rows.shape[0]} entries but there are {n} candidates")
-    by_row = np.argsort(item_rows, kind="stable").astype(np.int32)
-    if n > 1 and (np.diff(item_rows[by_row]) == 0).any():
-        raise ValueError("extended.item_rows must be distinct (one entry per candidate)")
     counts = _array(ext.item_counts, np.float32, "extended.item_counts", 1)
     if counts.shape[0] != n:
         raise ValueError(f"extended.item_counts has {counts.shape[0]} entries but there are {n} candidates")
@@ -377,11 +374,13 @@ def _prepare_extended(ext: ExtendedInputs, n: int, d: int) -> tuple:
         recent = np.empty((0, d), np.float32)
     if recent.ndim != 2 or recent.shape[1] != d:
         raise ValueError(f"extended.recent_embeddings must have shape (R, {d}), got {recent.shape}")
-    norms = np.linalg.norm(recent, axis=1, keepdims=True)
-    recent = np.ascontiguousarray(recent[norms[:, 0] > 0] / norms[norms[:, 0] > 0], np.float32)
+    norms = np.sqrt(np.einsum("rd,rd->r", recent, recent))
+    if not (norms > 0).all():
+        recent, norms = recent[norms > 0], norms[norms > 0]
+    recent = np.ascontiguousarray(recent / norms[:, None], np.float32)
     for name, arr in (("item_counts", counts), ("recent_weights", weights), ("recent_counts", recent_counts),
                       ("neighbour_counts", nb_counts), ("recent_embeddings", recent)):
-        if not np.isfinite(arr).all():
+        if not math.isfinite(float(arr.sum(dtype=np.float64))):  # NaN and infinity propagate to the sum
             raise ValueError(f"extended.{name} contains NaN or infinity")
     activity = float(ext.user_interactions)
     if not math.isfinite(activity):
@@ -394,8 +393,11 @@ def _prepare_extended(ext: ExtendedInputs, n: int, d: int) -> tuple:
         norm = float(np.linalg.norm(raw))
         if norm > 0:
             profile = (raw / norm).astype(np.float32)
-    return (item_rows, by_row, counts, nb_rows, nb_counts, nb_owner, weights, recent_counts, recent, profile,
-            activity, np.empty(n, np.uint64))
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    return (item_rows, counts, nb_rows, nb_counts, nb_owner, weights, recent_counts, recent, profile,
+            activity, np.empty(n, np.uint64), np.empty(2 * size, np.int32))
 
 
 def gather_features(

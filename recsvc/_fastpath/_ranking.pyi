@@ -72,7 +72,6 @@ def gather_extended_features(
     source_mask: _U8,
     context: _F32,
     item_rows: _I32,
-    by_item_row: _I32,
     item_counts: _F32,
     nb_rows: _I32,
     nb_counts: _F32,
@@ -83,12 +82,13 @@ def gather_extended_features(
     profile: _F32,
     user_interactions: float,
     keys: npt.NDArray[np.uint64],
+    slots: _I32,
     X: _F32,
 ) -> None:
     """Fill X (n, 5 + 2S + Fc + 14 + S): the columns of ``gather_features``, then
     item_norm, cosine, six co-occurrence columns (neighbour ``m`` of recent item
     ``nb_owner[m]`` adds to the candidate whose ``item_rows`` is ``nb_rows[m]``,
-    found by binary search over ``by_item_row``), the max and mean cosine to
+    found in a hash table over ``slots``), the max and mean cosine to
     ``recent_emb``, user_activity, log_item_count, the cosine to ``profile``,
     S per-source ranks and log_age_days. ``keys`` is scratch."""
 

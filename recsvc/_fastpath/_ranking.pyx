@@ -40,7 +40,6 @@
 # rounding, not bit for bit.
 
 from libc.math cimport exp, expf, log, log1p, sqrt
-from libc.stdlib cimport qsort
 
 from recsvc._fastpath._typedefs cimport (
     float32_t, float64_t, int32_t, int64_t, intp_t, uint8_t, uint32_t, uint64_t,
@@ -60,6 +59,7 @@ cdef enum Status:
     BAD_SHAPE = 1          # arrays disagree on n, N, d, S or F
     ROW_OUT_OF_RANGE = 2   # a candidate row outside [0, N)
     BAD_FOREST = 3         # a tree refers to a column outside X, or the depth is out of range
+    DUPLICATE_ROW = 4      # two candidates share a catalog row (extended gather)
 
 
 # --------------------------------------------------------------------------
@@ -120,8 +120,9 @@ cdef extern from *:
     /* out[i] = bias + sum over trees (in order) of the leaf row i reaches.
        Every tree is complete, of depth `depth`: node k's children are 2k+1
        (x <= threshold) and 2k+2 (x > threshold), leaves follow the
-       2^depth - 1 inner nodes. The walk is branch-free, and four rows walk
-       each tree together so their dependent loads overlap. */
+       2^depth - 1 inner nodes. The walk is branch-free, and eight rows walk
+       each tree together so that their dependent loads overlap. */
+    #define RECSVC_WALK_ROWS 8
     RECSVC_CLONES
     static void recsvc_forest_rows(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
                                    const int *restrict feature, const float *restrict threshold,
@@ -129,31 +130,26 @@ cdef extern from *:
                                    float bias, float *restrict out)
     {
         const ptrdiff_t inner = ((ptrdiff_t)1 << depth) - 1, stride_leaf = inner + 1;
-        ptrdiff_t i = 0, t;
+        ptrdiff_t i = 0, t, r;
         int d;
-        for (; i + 4 <= n; i += 4) {
-            const float *x0 = X + i * F, *x1 = x0 + F, *x2 = x1 + F, *x3 = x2 + F;
-            float a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+        for (; i + RECSVC_WALK_ROWS <= n; i += RECSVC_WALK_ROWS) {
+            const float *x = X + i * F;
+            float a[RECSVC_WALK_ROWS];
+            for (r = 0; r < RECSVC_WALK_ROWS; r++)
+                a[r] = bias;
             for (t = 0; t < n_trees; t++) {
                 const int *f = feature + t * inner;
                 const float *h = threshold + t * inner;
                 const float *l = leaf + t * stride_leaf - inner;
-                ptrdiff_t k0 = 0, k1 = 0, k2 = 0, k3 = 0;
-                for (d = 0; d < depth; d++) {
-                    k0 = 2 * k0 + 1 + (x0[f[k0]] > h[k0]);
-                    k1 = 2 * k1 + 1 + (x1[f[k1]] > h[k1]);
-                    k2 = 2 * k2 + 1 + (x2[f[k2]] > h[k2]);
-                    k3 = 2 * k3 + 1 + (x3[f[k3]] > h[k3]);
-                }
-                a0 += l[k0];
-                a1 += l[k1];
-                a2 += l[k2];
-                a3 += l[k3];
+                ptrdiff_t k[RECSVC_WALK_ROWS] = {0};
+                for (d = 0; d < depth; d++)
+                    for (r = 0; r < RECSVC_WALK_ROWS; r++)
+                        k[r] = 2 * k[r] + 1 + (x[r * F + f[k[r]]] > h[k[r]]);
+                for (r = 0; r < RECSVC_WALK_ROWS; r++)
+                    a[r] += l[k[r]];
             }
-            out[i] = a0;
-            out[i + 1] = a1;
-            out[i + 2] = a2;
-            out[i + 3] = a3;
+            for (r = 0; r < RECSVC_WALK_ROWS; r++)
+                out[i + r] = a[r];
         }
         for (; i < n; i++) {
             const float *x = X + i * F;
@@ -167,6 +163,42 @@ cdef extern from *:
                 a += leaf[t * stride_leaf + k - inner];
             }
             out[i] = a;
+        }
+    }
+
+
+    /* Sort a[0..n) ascending: quicksort (median of three), insertion sort below 16. */
+    static void recsvc_sort_u64(unsigned long long *a, ptrdiff_t n)
+    {
+        while (n > 16) {
+            ptrdiff_t mid = n / 2, i = 0, j = n - 1;
+            unsigned long long p, t;
+            if (a[mid] < a[0]) { t = a[mid]; a[mid] = a[0]; a[0] = t; }
+            if (a[n - 1] < a[0]) { t = a[n - 1]; a[n - 1] = a[0]; a[0] = t; }
+            if (a[n - 1] < a[mid]) { t = a[n - 1]; a[n - 1] = a[mid]; a[mid] = t; }
+            p = a[mid];
+            for (;;) {
+                while (a[i] < p) i++;
+                while (p < a[j]) j--;
+                if (i >= j) break;
+                t = a[i]; a[i] = a[j]; a[j] = t;
+                i++; j--;
+            }
+            /* [0, j] <= p <= [j + 1, n): recurse into the smaller side, loop on the larger */
+            if (j + 1 < n - j - 1) {
+                recsvc_sort_u64(a, j + 1);
+                a += j + 1;
+                n -= j + 1;
+            } else {
+                recsvc_sort_u64(a + j + 1, n - j - 1);
+                n = j + 1;
+            }
+        }
+        for (ptrdiff_t i = 1; i < n; i++) {
+            unsigned long long v = a[i];
+            ptrdiff_t j = i;
+            while (j > 0 && a[j - 1] > v) { a[j] = a[j - 1]; j--; }
+            a[j] = v;
         }
     }
 
@@ -187,6 +219,7 @@ cdef extern from *:
                             const float32_t* threshold, const float32_t* leaf, intp_t n_trees, int depth,
                             float32_t bias, float32_t* out) noexcept nogil
     uint32_t recsvc_float_key(float32_t v) noexcept nogil
+    void recsvc_sort_u64(uint64_t* a, intp_t n) noexcept nogil
 
 
 cdef inline float32_t _sigmoid(float32_t z) noexcept nogil:
@@ -345,24 +378,14 @@ def gather_features(
     _check(status)
 
 
-cdef int _cmp_uint64(const void* a, const void* b) noexcept nogil:
-    cdef uint64_t x = (<const uint64_t*> a)[0], y = (<const uint64_t*> b)[0]
-    return (x > y) - (x < y)
-
-
-cdef inline intp_t _find_row(int32_t row, const int32_t[::1] item_rows, const int32_t[::1] by_item_row
-                             ) noexcept nogil:
-    """The candidate whose catalog row is ``row`` (binary search), or -1."""
-    cdef intp_t lo = 0, hi = by_item_row.shape[0], mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if item_rows[by_item_row[mid]] < row:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < by_item_row.shape[0] and item_rows[by_item_row[lo]] == row:
-        return by_item_row[lo]
-    return -1
+cdef inline intp_t _slot(const int32_t* keys, int bits, int32_t row) noexcept nogil:
+    """Where ``row`` is in the open-addressing table, or the empty slot where it goes (Fibonacci
+    hashing, linear probing; the table is at least twice the keys, so the probe ends)."""
+    cdef intp_t mask = (<intp_t> 1 << bits) - 1
+    cdef intp_t h = <intp_t> ((<uint64_t> (<uint32_t> row) * 11400714819323198485ULL) >> (64 - bits))
+    while keys[h] != -1 and keys[h] != row:
+        h = (h + 1) & mask
+    return h
 
 
 cdef int _gather_extended(
@@ -381,7 +404,6 @@ cdef int _gather_extended(
     const uint8_t[::1] source_mask,          # IN  (n,) bitmask, or (0,): flag = score != 0
     const float32_t[::1] context,            # IN  (Fc,)
     const int32_t[::1] item_rows,            # IN  (n,) catalog row of each candidate, distinct
-    const int32_t[::1] by_item_row,          # IN  (n,) candidate indices in ascending item_rows order
     const float32_t[::1] item_counts,        # IN  (n,) n_j: positive interactions of each candidate
     const int32_t[::1] nb_rows,              # IN  (M,) co-occurrence neighbours (catalog rows)
     const float32_t[::1] nb_counts,          # IN  (M,) c_ij of each neighbour
@@ -392,6 +414,7 @@ cdef int _gather_extended(
     const float32_t[::1] profile,            # IN  (d,) unit-norm history profile, or zeros
     double user_interactions,                # IN  the user's positive interactions
     uint64_t[::1] keys,                      # SCRATCH (n,)
+    int32_t[::1] slots,                      # SCRATCH (2 * 2^bits,) with 2^bits >= 2n: row -> candidate
     float32_t[:, ::1] X,                     # OUT (n, 5 + 2S + Fc + 14 + S)
 ) noexcept nogil:
     cdef intp_t n = rows.shape[0], N = embeddings.shape[0], d = embeddings.shape[1]
@@ -406,17 +429,33 @@ cdef int _gather_extended(
     cdef double activity = log1p(user_interactions if user_interactions > 0 else 0.0)
     cdef float32_t* x
     cdef bint proposed
+    cdef int bits = 4
+    cdef intp_t size, h
+    cdef int32_t* slot_rows
+    cdef int32_t* slot_index
 
     if (X.shape[0] != n or X.shape[1] != B + N_EXT_FIXED + S + 1
             or not _shapes_ok(user_vec, embeddings, rows, log_popularity, created_at_ms, categories,
                               bandit_alpha, bandit_beta, source_scores, source_mask)
-            or item_rows.shape[0] != n or by_item_row.shape[0] != n or item_counts.shape[0] != n
+            or item_rows.shape[0] != n or item_counts.shape[0] != n
             or nb_counts.shape[0] != M or nb_owner.shape[0] != M or recent_counts.shape[0] != W
             or (R > 0 and recent_emb.shape[1] != d) or keys.shape[0] != n or profile.shape[0] != d):
         return BAD_SHAPE
+    while (<intp_t> 1 << bits) < 2 * n:
+        bits += 1
+    size = <intp_t> 1 << bits
+    if slots.shape[0] < 2 * size:
+        return BAD_SHAPE
+    slot_rows = &slots[0]
+    slot_index = &slots[size]
+    for h in range(size):
+        slot_rows[h] = -1
     for i in range(n):
-        if by_item_row[i] < 0 or by_item_row[i] >= n:
-            return BAD_SHAPE
+        h = _slot(slot_rows, bits, item_rows[i])
+        if slot_rows[h] != -1:
+            return DUPLICATE_ROW
+        slot_rows[h] = item_rows[i]
+        slot_index[h] = <int32_t> i
     for m in range(M):
         if nb_owner[m] < 0 or nb_owner[m] >= W:
             return BAD_SHAPE
@@ -457,10 +496,11 @@ cdef int _gather_extended(
 
     # co-occurrence with the recent items, one neighbour entry at a time
     for m in range(M):
-        k = _find_row(nb_rows[m], item_rows, by_item_row)
+        h = _slot(slot_rows, bits, nb_rows[m])
         c = nb_counts[m]
-        if k < 0 or not c > 0:
+        if slot_rows[h] == -1 or not c > 0:
             continue
+        k = slot_index[h]
         o = nb_owner[m]
         n_i = recent_counts[o] if recent_counts[o] > 1 else 1.0
         n_j = item_counts[k] if item_counts[k] > 1 else 1.0
@@ -485,7 +525,7 @@ cdef int _gather_extended(
                 keys[count] = ((<uint64_t> (~recsvc_float_key(source_scores[i, s]))) << 32) | <uint64_t> i
                 count += 1
             X[i, B + N_EXT_FIXED + s] = <float32_t> n
-        qsort(&keys[0], count, sizeof(uint64_t), _cmp_uint64)
+        recsvc_sort_u64(&keys[0], count)
         for q in range(count):
             X[<intp_t> (keys[q] & 0xFFFFFFFFu), B + N_EXT_FIXED + s] = <float32_t> q
     return OK
@@ -507,7 +547,6 @@ def gather_extended_features(
     const uint8_t[::1] source_mask,
     const float32_t[::1] context,
     const int32_t[::1] item_rows,
-    const int32_t[::1] by_item_row,
     const float32_t[::1] item_counts,
     const int32_t[::1] nb_rows,
     const float32_t[::1] nb_counts,
@@ -518,6 +557,7 @@ def gather_extended_features(
     const float32_t[::1] profile,
     double user_interactions,
     uint64_t[::1] keys,
+    int32_t[::1] slots,
     float32_t[:, ::1] X,
 ):
     """Fill X (n, 5 + 2S + Fc + 14 + S): the base columns, then the extended
@@ -527,9 +567,9 @@ def gather_extended_features(
         status = _gather_extended(
             user_vec, embeddings, rows, log_popularity, created_at_ms, now_ms,
             half_life_days, categories, category_affinity, bandit_alpha,
-            bandit_beta, source_scores, source_mask, context, item_rows, by_item_row,
+            bandit_beta, source_scores, source_mask, context, item_rows,
             item_counts, nb_rows, nb_counts, nb_owner, recent_weights, recent_counts,
-            recent_emb, profile, user_interactions, keys, X,
+            recent_emb, profile, user_interactions, keys, slots, X,
         )
     _check(status)
 
@@ -671,6 +711,8 @@ cdef int _check(int status) except -1:
         raise ValueError("ranking kernel: array shapes disagree (call it through recsvc.ranking)")
     if status == ROW_OUT_OF_RANGE:
         raise IndexError("ranking kernel: a candidate row is outside the catalog")
+    if status == DUPLICATE_ROW:
+        raise ValueError("ranking kernel: extended.item_rows must be distinct (one entry per candidate)")
     if status == BAD_FOREST:
         raise ValueError("ranking kernel: a tree tests a column outside X or its depth is out of range")
     return 0

@@ -129,7 +129,6 @@ def gather_extended_features(
     source_mask: np.ndarray,
     context: np.ndarray,
     item_rows: np.ndarray,
-    by_item_row: np.ndarray,
     item_counts: np.ndarray,
     nb_rows: np.ndarray,
     nb_counts: np.ndarray,
@@ -140,6 +139,7 @@ def gather_extended_features(
     profile: np.ndarray,
     user_interactions: float,
     keys: np.ndarray,
+    slots: np.ndarray,
     X: np.ndarray,
 ) -> None:
     n, d, S = rows.shape[0], embeddings.shape[1], source_scores.shape[1]
@@ -147,14 +147,17 @@ def gather_extended_features(
     W, R, M = recent_weights.shape[0], recent_emb.shape[0], nb_rows.shape[0]
     if (
         X.shape != (n, B + N_EXT_FIXED + S + 1)
-        or any(a.shape[0] != n for a in (item_rows, by_item_row, item_counts, keys))
+        or any(a.shape[0] != n for a in (item_rows, item_counts, keys))
+        or slots.shape[0] < 4 * n
         or nb_counts.shape[0] != M or nb_owner.shape[0] != M or recent_counts.shape[0] != W
         or (R > 0 and recent_emb.shape[1] != d)
         or profile.shape[0] != d
-        or (n and (by_item_row.min() < 0 or by_item_row.max() >= n))
         or (M and (nb_owner.min() < 0 or nb_owner.max() >= W))
     ):
         raise ValueError("ranking kernel: array shapes disagree (call it through recsvc.ranking)")
+    by_item_row = np.argsort(item_rows, kind="stable")
+    if n > 1 and (np.diff(item_rows[by_item_row]) == 0).any():
+        raise ValueError("ranking kernel: extended.item_rows must be distinct (one entry per candidate)")
     gather_features(user_vec, embeddings, rows, log_popularity, created_at_ms, now_ms, half_life_days, categories,
                     category_affinity, bandit_alpha, bandit_beta, source_scores, source_mask, context, X[:, :B])
     E = X[:, B:]
