@@ -581,12 +581,8 @@ class Ranker:
             self._forest_flat = (forest.feature.reshape(-1), forest.threshold.reshape(-1), forest.leaf.reshape(-1))
         else:
             W0, _ = parsed[0]
-            if names == ALL_FEATURES[: len(names)]:
-                full = np.zeros((len(ALL_FEATURES), W0.shape[1]), np.float32)
-                full[: len(names)] = W0
-            else:
-                full = np.zeros((len(ALL_FEATURES), W0.shape[1]), np.float32)
-                full[columns] = W0
+            full = np.zeros((len(ALL_FEATURES), W0.shape[1]), np.float32)
+            full[columns] = W0
             full.setflags(write=False)
             self._W0_full = full
 

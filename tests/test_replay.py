@@ -223,3 +223,11 @@ def test_evaluate_reports_baselines_validation_choices_and_a_bootstrap():
     assert report["learned_ranker"]["trees"] > 0 and report["learned_ranker"]["windows"] == replay.DEFAULT_WINDOWS
     text = replay.format_table(report)
     assert "EASE" in text and "validation window" in text and "paired bootstrap" in text
+
+
+def test_tune_als_chooses_on_the_validation_window():
+    setup = replay.prepare(synthetic_interactions(), factors=8, als_iterations=5)
+    grid = ((4, 1.0, 1.0), (8, 5.0, 1.0))
+    best, tried = replay.tune_als(setup, k=5, grid=grid)
+    assert best in grid and set(tried) == {"4/1/1", "8/5/1"}
+    assert tried[f"{best[0]}/{best[1]:g}/{best[2]:g}"] == max(tried.values())

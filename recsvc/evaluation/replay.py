@@ -836,7 +836,8 @@ def _learned_extra(chosen: dict[str, Any], mmr_lambda: float | None) -> dict[str
     return deep_merge(chosen, {"reranking": {"mmr_lambda": float(mmr_lambda)}}) if mmr_lambda is not None else chosen
 
 
-def _baseline_lists(world: _World, k: int, ease_lambda: float) -> dict[str, np.ndarray]:
+def _baseline_lists(world: _World, k: int, ease_lambda: float, names: Sequence[str] = ("ease", "als")
+                    ) -> dict[str, np.ndarray]:
     """EASE and ALS top-k lists of the world's users (users without train positives: most popular)."""
     from recsvc.evaluation.baselines import ease_item_weights, seen_rows, top_k_excluding, train_matrix
 
@@ -853,20 +854,21 @@ def _baseline_lists(world: _World, k: int, ease_lambda: float) -> dict[str, np.n
     popularity = X.sum(axis=0)
     seen = seen_rows(setup.train, world.users, setup.catalog.row_of)
     out = {}
-    ease = Xu @ ease_item_weights(X, ease_lambda)
-    factors = np.stack([setup.user_factors.get(int(u), np.zeros(setup.item_factors.shape[1], np.float32))
-                        for u in world.users])
-    als = factors @ setup.item_factors.T
-    for name, scores in (("ease", ease), ("als", als)):
-        scores = np.where(known[:, None], scores, popularity[None, :])
-        out[name] = top_k_excluding(scores, seen, k)
+    for name in names:
+        if name == "ease":
+            scores = Xu @ ease_item_weights(X, ease_lambda)
+        else:
+            factors = np.stack([setup.user_factors.get(int(u), np.zeros(setup.item_factors.shape[1], np.float32))
+                                for u in world.users])
+            scores = factors @ setup.item_factors.T
+        out[name] = top_k_excluding(np.where(known[:, None], scores, popularity[None, :]), seen, k)
     return out
 
 
 def _choose_ease_lambda(world: _World, k: int) -> tuple[float, dict[str, float]]:
     best, results = None, {}
     for lam in EASE_GRID:
-        rec = _baseline_lists(world, k, lam)["ease"]
+        rec = _baseline_lists(world, k, lam, ("ease",))["ease"]
         results[lam] = float(np.nanmean(world.metrics(rec, k)[2]))
         if best is None or results[lam] > results[best]:
             best = lam
@@ -882,7 +884,7 @@ def tune_als(setup: ReplaySetup, k: int = 10, grid: Sequence[tuple[int, float, f
     for factors, reg, alpha in grid:
         val = prepare_validation(setup, factors=factors, als_regularization=reg, als_alpha=alpha)
         world = _World.of(val)
-        value = float(np.nanmean(world.metrics(_baseline_lists(world, k, EASE_GRID[0])["als"], k)[2]))
+        value = float(np.nanmean(world.metrics(_baseline_lists(world, k, EASE_GRID[0], ("als",))["als"], k)[2]))
         results[f"{factors}/{reg:g}/{alpha:g}"] = round(value, 5)
         if progress:
             print(f"  ALS factors {factors}, reg {reg:g}, alpha {alpha:g}: validation NDCG@{k} {value:.4f}",
@@ -1089,7 +1091,7 @@ def _rows(report: dict[str, Any], part: dict[str, Any]) -> list[tuple[str, dict[
     """Table rows in report order: the popularity pipeline, the baselines, then the other pipelines."""
     pipes = list(part.get("pipelines", {}).items())
     rows = [(n, v["metrics"]) for n, v in pipes[:1]]
-    rows += [(n.upper() if n == "als" else n.upper(), v["metrics"]) for n, v in part.get("baselines", {}).items()]
+    rows += [(n.upper(), v["metrics"]) for n, v in part.get("baselines", {}).items()]
     return rows + [(n, v["metrics"]) for n, v in pipes[1:]]
 
 
