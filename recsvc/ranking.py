@@ -353,6 +353,8 @@ def _prepare_extended(ext: ExtendedInputs, n: int, d: int) -> tuple:
     item_rows = _int_array(ext.item_rows, np.int32, "extended.item_rows")
     if item_rows.shape[0] != n:
         raise ValueError(f"extended.item_rows has {item_rows.shape[0]} entries but there are {n} candidates")
+    if n and int(item_rows.min()) < 0:
+        raise ValueError("extended.item_rows must be catalog rows (>= 0)")
     counts = _array(ext.item_counts, np.float32, "extended.item_counts", 1)
     if counts.shape[0] != n:
         raise ValueError(f"extended.item_counts has {counts.shape[0]} entries but there are {n} candidates")

@@ -210,6 +210,7 @@ def test_extended_features_known_values() -> None:
     "over, message",
     [
         (dict(item_rows=np.zeros(120, np.int32)), "extended.item_rows must be distinct"),
+        (dict(item_rows=np.arange(-1, 119, dtype=np.int32)), r"extended.item_rows must be catalog rows \(>= 0\)"),
         (dict(item_counts=np.zeros(3, np.float32)), "extended.item_counts has 3 entries but there are 120"),
         (dict(neighbour_owner=np.full(80, 9, np.int32)), "extended.neighbour_owner must index the 4 recent items"),
         (dict(recent_embeddings=np.zeros((2, 5), np.float32)), r"must have shape \(R, 24\)"),

@@ -937,7 +937,8 @@ def evaluate(
             val.baseline = _run_pipeline(val, pop, paths["popularity"], k, user_vector)[0]
             for pipe in pipelines:
                 if pipe.ranker != "learned":
-                    rec, _, _ = _run_pipeline(val, pipe, paths[pipe.ranker], k, user_vector)
+                    rec = val.baseline if pipe is pop else _run_pipeline(val, pipe, paths[pipe.ranker], k,
+                                                                           user_vector)[0]
                     report["validation"]["pipelines"][pipe.name] = {"metrics": val.metrics(rec, k)[0]}
         if baselines and val is not None:
             lam, tried = _choose_ease_lambda(val, k)
