@@ -8,7 +8,10 @@ report shows both ratios::
     RECSVC_BENCH_QUICK=1 pytest benchmarks/bench_ranking.py --benchmark-only   # CI: loops run once
 
 Targets (2-core machine): gather + score of 1000 candidates <= 0.5 ms; re-ranking
-1000 -> 20 with MMR at d = 64 <= 0.5 ms.
+1000 -> 20 with MMR at d = 64 <= 0.5 ms. The learned ranker's group
+(``ranking-gbdt-extended-1000``) gathers every extended feature (co-occurrence with
+20 recent items of 200 neighbours each, similarity to the 5 most recent) and scores
+LambdaRank trees of the size ``recsvc.training.GBDT_PARAMS`` / ``GBDT_ROUNDS`` give.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import numpy as np
 import pytest
 
 from recsvc.config import RerankingConfig
-from recsvc.ranking import DEVICE_VOCABULARY, FeatureInputs, Ranker, freshness
+from dataclasses import replace
+
+from recsvc.ranking import ALL_FEATURES, DEVICE_VOCABULARY, ExtendedInputs, FeatureInputs, Forest, Ranker, freshness
 from recsvc.reranking import rerank
 from recsvc.retrieval.candidates import SOURCE_NAMES
 
@@ -95,6 +100,39 @@ def mlp() -> Ranker:
     sizes = (F, 32, 32, 1)
     layers = [(rng.normal(0, 1 / math.sqrt(a), (a, b)), rng.normal(0, 0.1, b)) for a, b in zip(sizes[:-1], sizes[1:])]
     return Ranker("mlp", layers)
+
+
+@pytest.fixture(scope="module")
+def extended_inputs(inputs) -> FeatureInputs:
+    """The same request with what the extended features need: 20 recent items, 200 neighbours each."""
+    rng = np.random.default_rng(11)
+    n, W, per = N_CANDIDATES, 20, 200
+    nb = np.where(rng.random(W * per) < 0.3, rng.choice(inputs.rows, W * per), rng.integers(0, N_ITEMS, W * per))
+    return replace(inputs, extended=ExtendedInputs(
+        item_rows=inputs.rows,
+        item_counts=rng.gamma(0.5, 40.0, n).astype(np.float32),
+        recent_weights=(0.5 ** (np.arange(W) / 10)).astype(np.float32),
+        recent_counts=rng.gamma(0.5, 40.0, W).astype(np.float32),
+        neighbour_rows=nb.astype(np.int32),
+        neighbour_counts=rng.integers(1, 20, W * per).astype(np.float32),
+        neighbour_owner=np.repeat(np.arange(W), per).astype(np.int32),
+        recent_embeddings=inputs.embeddings[rng.integers(0, N_ITEMS, 5)],
+        user_interactions=57.0,
+        profile=inputs.embeddings[rng.integers(0, N_ITEMS, 20)].sum(axis=0),
+    ))
+
+
+@pytest.fixture(scope="module")
+def gbdt() -> Ranker:
+    """Trees of the trained size: GBDT_ROUNDS trees, complete to depth 5 (max_depth), over ALL_FEATURES."""
+    from recsvc.training import GBDT_PARAMS, GBDT_ROUNDS
+
+    rng = np.random.default_rng(5)
+    depth, F = GBDT_PARAMS["max_depth"], len(ALL_FEATURES)
+    inner = (1 << depth) - 1
+    forest = Forest.validated(depth, rng.integers(0, F, (GBDT_ROUNDS, inner)), rng.normal(size=(GBDT_ROUNDS, inner)),
+                              rng.normal(0, 0.1, (GBDT_ROUNDS, inner + 1)), -3.0, F)
+    return Ranker("gbdt", forest, feature_names=ALL_FEATURES)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +281,17 @@ def test_rank_mlp_numpy_twin(benchmark, mlp, inputs):
 def test_rank_mlp_python_loop(benchmark, mlp, inputs):
     got = loop(benchmark, loop_mlp, mlp, inputs)
     np.testing.assert_allclose(got, mlp.score(inputs, HALF_LIFE), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.benchmark(group="ranking-gbdt-extended-1000")
+def test_rank_gbdt_extended_compiled(benchmark, gbdt, extended_inputs):
+    benchmark(gbdt.score, extended_inputs, HALF_LIFE)
+
+
+@pytest.mark.benchmark(group="ranking-gbdt-extended-1000")
+def test_rank_gbdt_extended_numpy_twin(benchmark, gbdt, extended_inputs):
+    got = benchmark(lambda: gbdt.score(extended_inputs, HALF_LIFE, use_native=False))
+    np.testing.assert_allclose(got, gbdt.score(extended_inputs, HALF_LIFE), rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------

@@ -184,7 +184,7 @@ class RequestPath:
         t1 = time.perf_counter_ns()
 
         # -- stage 2: ranking (skipped when the deadline cannot cover it)
-        from recsvc.ranking import FEATURE_NAMES, gather_features
+        from recsvc.ranking import ALL_FEATURES, gather_features
 
         ranker = self.rankers.get(cfg.ranking.model_path)
         features = None
@@ -197,7 +197,8 @@ class RequestPath:
             degraded = True
             reasons.append("ranking_skipped")
         else:
-            inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg)
+            inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg,
+                                         extended=ranker.uses_extended)
             features = gather_features(inputs, cfg.ranking.freshness_half_life_days)
             scores = ranker.score_gathered(features)
         t2 = time.perf_counter_ns()
@@ -306,7 +307,7 @@ class RequestPath:
             idx = np.array([pool_of_row[p] if p >= 0 else -1 for p in slate.pool_index], np.int64)
             block = np.zeros((idx.size, features.shape[1]), np.float32)
             block[idx >= 0] = features[idx[idx >= 0]]
-            feat, feat_names = block.tobytes(), list(FEATURE_NAMES)
+            feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
                              now, feat, feat_names, random_slice=random_slice,
                              random_p=self._random_p(cands.rows, slate, rules, flt))
@@ -332,13 +333,9 @@ class RequestPath:
         cat = self.catalog
         if given is not None and len(given) > 0:
             return validated_embedding(given, cat.dim, "user_embedding", cat.normalize, dtype=np.float32)
-        history = self.state.history(user_id)
-        if not history:
+        vec = self._history_profile(self.state.history(user_id), cfg)
+        if vec is None:
             return None
-        rows = np.fromiter((r for r, _ in history), np.int64, len(history))
-        h = cfg.retrieval.history_half_life
-        w = 0.5 ** (np.arange(rows.size)[::-1] / h)
-        vec = (w[:, None] * cat.embeddings[rows]).sum(axis=0)
         norm = float(np.linalg.norm(vec))
         return (vec / norm).astype(np.float32) if norm > 0 else None
 
@@ -388,7 +385,10 @@ class RequestPath:
         return mask
 
     # -- ranking and re-ranking inputs ----------------------------------------------------------------------
-    def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config):
+    def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config,
+                       extended: bool = False):
+        """The ranking stage's inputs; ``extended``: with what the extended features need (a ranker
+        that uses them)."""
         from recsvc.ranking import FeatureInputs
 
         cat = self.catalog
@@ -417,6 +417,7 @@ class RequestPath:
             source_scores=cands.source_scores,
             context=dict(context),
             sources=cands.sources,
+            extended=self._extended_inputs(cands, history, cfg) if extended else None,
         )
 
     def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
@@ -449,6 +450,36 @@ class RequestPath:
             eligible=eligible, max_maturity=flt.max_maturity,
             freshness_half_life_days=cfg.ranking.freshness_half_life_days,
         )
+
+    def _extended_inputs(self, cands: Candidates, history, cfg: Config):
+        """Co-occurrence counts with the user's recent items, their embeddings, interaction counts, the
+        history profile (the user vector the history alone gives, also when the request brought one)."""
+        from recsvc.ranking import RECENT_SIMILARITY_ITEMS, ExtendedInputs
+
+        state = self.state
+        recent_rows, recent_w = self.recent(history, cfg)
+        recent = np.asarray(recent_rows, np.int64)
+        nb_rows, nb_counts, nb_owner = state.neighbour_counts(recent_rows)
+        return ExtendedInputs(
+            item_rows=cands.rows,
+            item_counts=state.interaction_counts(cands.rows).astype(np.float32),
+            recent_weights=np.asarray(recent_w, np.float32),
+            recent_counts=state.interaction_counts(recent).astype(np.float32),
+            neighbour_rows=nb_rows,
+            neighbour_counts=nb_counts.astype(np.float32),
+            neighbour_owner=nb_owner,
+            recent_embeddings=self.catalog.embeddings[recent[:RECENT_SIMILARITY_ITEMS]],
+            user_interactions=float(len(history)),
+            profile=self._history_profile(history, cfg),
+        )
+
+    def _history_profile(self, history, cfg: Config) -> np.ndarray | None:
+        """The recency-weighted sum of the history's embeddings (``history_half_life``), or None."""
+        if not history:
+            return None
+        rows = np.fromiter((r for r, _ in history), np.int64, len(history))
+        w = 0.5 ** (np.arange(rows.size)[::-1] / cfg.retrieval.history_half_life)
+        return (w[:, None] * self.catalog.embeddings[rows]).sum(axis=0)
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import rerank

@@ -10,6 +10,11 @@ Everything is array-based and plain numpy (scipy is a test-only dependency)::
   method (IRLS) with a backtracking line search; converges in a few iterations.
 * ``kind="mlp"``: one or two ReLU hidden layers, sigmoid output, full numpy
   backprop with Adam on mini-batches.
+* ``kind="gbdt"`` (:func:`train_gbdt`): gradient-boosted trees by LightGBM (the
+  optional ``recsvc[train]`` extra) with a learning-to-rank objective
+  (LambdaRank) over groups (a request's candidates, or a served slate), exported
+  to complete trees that ``recsvc.ranking`` scores in compiled code, then
+  calibrated (Platt scaling folded into the leaves) so scores are probabilities.
 
 **Inverse propensity weighting.** A log only shows what the logging policy
 chose to show. With ``ipw=True`` each example is weighted by ``1 / p`` (``p``
@@ -29,22 +34,25 @@ into the first layer, so the saved weights apply to raw features.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from recsvc.ranking import FEATURE_NAMES, Ranker
+from recsvc.ranking import FEATURE_NAMES, MAX_TREE_DEPTH, Forest, Ranker
 
 __all__ = [
     "DEFAULT_COEFFICIENTS",
+    "GBDT_PARAMS",
     "TrainingExamples",
     "default_ranker",
     "examples_from_log",
+    "forest_from_lightgbm",
     "log_loss",
     "roc_auc",
+    "train_gbdt",
     "train_ranker",
     "write_default_ranker",
 ]
@@ -403,6 +411,215 @@ def _fit_mlp(
 
 
 # --------------------------------------------------------------------------
+# Gradient-boosted trees (LightGBM), exported for the compiled scorer
+
+#: LightGBM settings of :func:`train_gbdt` (chosen on the validation window of ``recsvc evaluate``):
+#: shallow trees, strong regularisation and few rounds, because a request's candidates are many but
+#: its positives few. ``max_depth`` bounds the exported complete trees (2^depth leaves each).
+GBDT_PARAMS: dict[str, Any] = {
+    "objective": "lambdarank",
+    "learning_rate": 0.05,
+    "num_leaves": 15,
+    "max_depth": 5,
+    "min_data_in_leaf": 200,
+    "lambda_l2": 10.0,
+    "feature_fraction": 0.7,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambdarank_truncation_level": 20,
+}
+GBDT_ROUNDS = 60
+
+
+def _lightgbm() -> Any:
+    try:
+        import lightgbm
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "kind='gbdt' trains with LightGBM, an optional dependency: pip install 'recsvc[train]'"
+        ) from None
+    return lightgbm
+
+
+def forest_from_lightgbm(model: Any, *, scale: float = 1.0, shift: float = 0.0) -> Forest:
+    """The trees of a LightGBM model (a ``Booster`` or its ``dump_model()`` dict) as a :class:`Forest`.
+
+    The score ``sigmoid(bias + sum of leaves)`` of the result is ``sigmoid(shift + scale * raw)`` where
+    ``raw`` is LightGBM's raw prediction. Thresholds are rounded down to float32, which keeps every
+    comparison of a float32 feature exactly as LightGBM makes it in double. Only numerical splits are
+    exported: a categorical split, or zero-as-missing handling, raises ValueError.
+    """
+    dump = model.dump_model() if hasattr(model, "dump_model") else model
+    trees = [t["tree_structure"] for t in dump.get("tree_info", [])]
+
+    def depth_of(node: Mapping[str, Any]) -> int:
+        if "leaf_value" in node or "split_index" not in node:
+            return 0
+        return 1 + max(depth_of(node["left_child"]), depth_of(node["right_child"]))
+
+    depth = max((depth_of(t) for t in trees), default=0)
+    if depth > MAX_TREE_DEPTH:
+        raise ValueError(f"a tree is {depth} levels deep; the compiled scorer takes at most {MAX_TREE_DEPTH} "
+                         "(set max_depth)")
+    inner = (1 << depth) - 1
+    feature = np.zeros((len(trees), inner), np.int32)
+    threshold = np.full((len(trees), inner), np.finfo(np.float32).max, np.float32)
+    leaf = np.zeros((len(trees), inner + 1), np.float64)
+    for t, root in enumerate(trees):
+        stack = [(root, 0, 0)]  # node, position in the complete tree, its level
+        while stack:
+            node, k, level = stack.pop()
+            if "split_index" not in node:  # a leaf: fill every complete-tree leaf below position k
+                first = ((k + 1) << (depth - level)) - 1 - inner
+                leaf[t, first : first + (1 << (depth - level))] = float(node.get("leaf_value", 0.0)) * scale
+                continue
+            if node.get("decision_type", "<=") != "<=":
+                raise ValueError(f"tree {t}: only numerical '<=' splits can be exported, got "
+                                 f"{node.get('decision_type')!r}")
+            if node.get("missing_type", "None") == "Zero":
+                raise ValueError(f"tree {t}: zero-as-missing splits cannot be exported (train without zero_as_missing)")
+            thr = float(node["threshold"])
+            t32 = np.float32(min(max(thr, -3.0e38), 3.0e38))
+            if float(t32) > thr:  # the largest float32 not above thr: x32 <= thr  <=>  x32 <= t32
+                t32 = np.nextafter(t32, np.float32(-np.inf))
+            feature[t, k] = int(node["split_feature"])
+            threshold[t, k] = t32
+            stack.append((node["left_child"], 2 * k + 1, level + 1))
+            stack.append((node["right_child"], 2 * k + 2, level + 1))
+    return Forest(depth, feature, threshold, leaf.astype(np.float32), float(shift))
+
+
+def _platt(raw: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(a, b) of the weighted logistic fit y ~ sigmoid(a * raw + b)."""
+    sd = float(raw.std()) or 1.0
+    mu = float(raw.mean())
+    theta, _ = _fit_logistic(((raw - mu) / sd)[:, None], y, w, 1e-6, 50)
+    a = float(theta[0] / sd)
+    return a, float(theta[1] - a * mu)
+
+
+def _groups(group: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group ids (contiguous runs) -> (run sizes, run index of each row)."""
+    g = np.asarray(group).ravel()
+    if g.shape[0] != n:
+        raise ValueError(f"group has {g.shape[0]} entries but there are {n} examples")
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    if np.unique(g[starts]).size != starts.size:
+        raise ValueError("group ids must be contiguous: sort the examples by group")
+    sizes = np.diff(np.r_[starts, n])
+    return sizes, np.repeat(np.arange(sizes.size), sizes)
+
+
+def train_gbdt(
+    X: Any,
+    y: Any,
+    group: Any,
+    weight: Any = None,
+    *,
+    feature_names: Sequence[str] = FEATURE_NAMES,
+    params: Mapping[str, Any] | None = None,
+    rounds: int = GBDT_ROUNDS,
+    holdout_fraction: float = 0.0,
+    seed: int = 0,
+    threads: int = 1,
+    trained_at: _dt.datetime | None = None,
+    version: str | None = None,
+    description: str = "",
+) -> tuple[Ranker, dict[str, Any]]:
+    """Fit gradient-boosted trees with a learning-to-rank objective; returns a ``kind="gbdt"`` ranker.
+
+    X: float[n, F] (columns ``feature_names``); y: [n] relevance labels (0/1, or graded for LambdaRank);
+    group: [n] group id of each row, rows of a group contiguous (a request's candidates, a served slate);
+    weight: [n] per-row weights (e.g. inverse propensities) or None. ``params`` update
+    :data:`GBDT_PARAMS` (LightGBM names). A random ``holdout_fraction`` of the *groups* (seeded) is held
+    out for the reported metrics. The exported forest is calibrated on the training rows (Platt scaling,
+    weighted) so that its scores are probabilities of a label >= 0.5.
+
+    metrics: n_train, n_groups, positive_rate, rounds, trees, depth, calibration (a, b), train and
+    holdout AUC, and mean NDCG@10 over holdout groups with a positive.
+    """
+    lgb = _lightgbm()
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n, F), got shape {X.shape}")
+    n, F = X.shape
+    names = tuple(feature_names)
+    if len(names) != F:
+        raise ValueError(f"X has {F} columns but there are {len(names)} feature_names")
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinity")
+    y = np.asarray(y, np.float64).ravel()
+    if y.shape[0] != n or not np.isfinite(y).all() or (y < 0).any():
+        raise ValueError(f"y must hold {n} finite, non-negative labels")
+    w = np.ones(n) if weight is None else np.asarray(weight, np.float64).ravel()
+    if w.shape[0] != n or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"weight must hold {n} finite, non-negative values")
+    sizes, run = _groups(group, n)
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be positive, got {rounds}")
+    rng = np.random.default_rng(seed)
+    hold_groups = rng.random(sizes.size) < holdout_fraction if sizes.size >= 10 else np.zeros(sizes.size, bool)
+    train = ~hold_groups[run]
+    if not (y[train] >= 0.5).any() or (y[train] >= 0.5).all():
+        raise ValueError("the training labels are all of one class: nothing to learn")
+    cfg = {**GBDT_PARAMS, **(params or {}), "verbose": -1, "seed": seed, "num_threads": threads,
+           "deterministic": True, "force_row_wise": True}
+    data = lgb.Dataset(X[train], y[train], group=sizes[~hold_groups], weight=w[train],
+                       feature_name=[f"f{i}" for i in range(F)], free_raw_data=True)
+    booster = lgb.train(cfg, data, num_boost_round=int(rounds))
+    raw = booster.predict(X, raw_score=True)
+    a, b = _platt(raw[train], (y[train] >= 0.5).astype(np.float64), w[train] / w[train].mean())
+    forest = forest_from_lightgbm(booster, scale=a, shift=b)
+    when = (trained_at or _dt.datetime.now(_dt.timezone.utc)).astimezone(_dt.timezone.utc)
+    draft = Ranker("gbdt", forest, feature_names=names)
+    scores = draft.score_features(X)
+    binary = (y >= 0.5).astype(np.float64)
+    metrics: dict[str, Any] = {
+        "kind": "gbdt",
+        "objective": cfg["objective"],
+        "n_train": int(train.sum()),
+        "n_groups": int(sizes.size),
+        "n_holdout_groups": int(hold_groups.sum()),
+        "positive_rate": float(binary[train].mean()),
+        "rounds": int(rounds),
+        "trees": forest.n_trees,
+        "depth": forest.depth,
+        "calibration": [a, b],
+        "train_auc": roc_auc(binary[train], scores[train]),
+        "params": {k: v for k, v in cfg.items() if k not in ("verbose", "num_threads")},
+    }
+    if hold_groups.any():
+        hold = ~train
+        metrics["holdout_auc"] = roc_auc(binary[hold], scores[hold])
+        metrics["holdout_ndcg_at_10"] = _mean_group_ndcg(scores[hold], binary[hold], run[hold], 10)
+    metrics = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+    ranker = Ranker("gbdt", forest, feature_names=names, version=version,
+                    trained_at=when.isoformat(timespec="seconds").replace("+00:00", "Z"), metrics=metrics,
+                    description=description or f"LightGBM {cfg['objective']}, {forest.n_trees} trees of depth "
+                                               f"{forest.depth}, trained by recsvc.training.train_gbdt on {n} rows")
+    return ranker, metrics
+
+
+def _mean_group_ndcg(scores: np.ndarray, y: np.ndarray, run: np.ndarray, k: int) -> float:
+    """Mean NDCG@k over the groups that hold a positive (binary gains)."""
+    vals = []
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    for g in np.unique(run):
+        m = run == g
+        yy = y[m]
+        if not yy.any():
+            continue
+        top = yy[np.argsort(-scores[m], kind="stable")[:k]]
+        ideal = discount[: min(int(yy.sum()), k)].sum()
+        vals.append(float((top * discount[: top.size]).sum() / ideal))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# --------------------------------------------------------------------------
 # The shipped default weights
 
 #: Hand-set logistic weights of the default ranker (features not listed: 0).
@@ -443,15 +660,27 @@ def served_examples(state_dir: str | Path, attribution_window_s: float | None = 
 
 
 def train_from_state_dir(
-    state_dir: str | Path, *, kind: Literal["logistic", "mlp"] = "logistic", ipw: bool = True, seed: int = 0,
-    attribution_window_s: float | None = None,
+    state_dir: str | Path, *, kind: Literal["logistic", "mlp", "gbdt"] = "logistic", ipw: bool = True,
+    seed: int = 0, attribution_window_s: float | None = None, min_propensity: float = 0.01,
 ) -> tuple[Ranker, dict[str, Any]]:
-    """``recsvc train-ranker``: :func:`served_examples` then :func:`train_ranker`."""
-    ex = served_examples(state_dir, attribution_window_s)
-    ranker, metrics = train_ranker(ex.X, ex.y, ex.propensity, kind=kind, ipw=ipw, seed=seed,
-                                   feature_names=ex.feature_names)
-    metrics = dict(metrics, examples=len(ex), positives=int(ex.y.sum()))
-    return ranker, metrics
+    """``recsvc train-ranker``: :func:`served_examples` then :func:`train_ranker`, or for ``kind="gbdt"``
+    :func:`train_gbdt` with each served slate as a group and the same inverse-propensity weights
+    (``1 / max(p, min_propensity)``, mean 1)."""
+    if kind != "gbdt":
+        ex = served_examples(state_dir, attribution_window_s)
+        ranker, metrics = train_ranker(ex.X, ex.y, ex.propensity, kind=kind, ipw=ipw, seed=seed,
+                                       feature_names=ex.feature_names, min_propensity=min_propensity)
+        return ranker, dict(metrics, examples=len(ex), positives=int(ex.y.sum()))
+    from recsvc.state.served_log import DEFAULT_ATTRIBUTION_WINDOW_S, read_served_impressions
+
+    window = DEFAULT_ATTRIBUTION_WINDOW_S if attribution_window_s is None else attribution_window_s
+    imp = read_served_impressions(state_dir, window)
+    ex = examples_from_log(imp.features, imp.clicked, imp.propensity, feature_names=imp.feature_names,
+                           target_features=imp.feature_names)
+    w = 1.0 / np.maximum(ex.propensity, min_propensity) if ipw else np.ones(len(ex))
+    ranker, metrics = train_gbdt(ex.X, ex.y, imp.slate, w / w.mean(), feature_names=ex.feature_names,
+                                 holdout_fraction=0.2, seed=seed)
+    return ranker, dict(metrics, ipw=bool(ipw), examples=len(ex), positives=int(ex.y.sum()))
 
 
 def default_ranker() -> Ranker:

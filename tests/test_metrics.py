@@ -280,3 +280,20 @@ def test_relevant_sets_reject_unsorted_rows():
         RelevantSets(indptr=np.array([0, 2, 3]), indices=np.array([5, 1, 0]))
     # a decrease across a row boundary is fine
     RelevantSets(indptr=np.array([0, 2, 2, 3]), indices=np.array([1, 5, 0]))
+
+
+def test_paired_bootstrap_interval():
+    from recsvc.evaluation.metrics import paired_bootstrap
+
+    b = np.linspace(0, 1, 200)
+    same = paired_bootstrap(b + 0.25, b)
+    assert same["mean"] == pytest.approx(0.25) and same["low"] == pytest.approx(0.25)
+    assert same["high"] == pytest.approx(0.25) and same["users"] == 200
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.1, 1.0, 4000)
+    res = paired_bootstrap(a, np.zeros(4000), n_boot=500, seed=1)
+    assert res["low"] < 0.1 < res["high"] and res["high"] - res["low"] == pytest.approx(2 * 1.96 / np.sqrt(4000), rel=0.2)
+    a[:10] = np.nan  # users for whom the metric is undefined are dropped from both sides
+    assert paired_bootstrap(a, np.zeros(4000), n_boot=50)["users"] == 3990
+    with pytest.raises(ValueError, match="one value per user each"):
+        paired_bootstrap([1.0, 2.0], [1.0])

@@ -353,7 +353,7 @@ def test_ranker_with_unknown_features_scores_features_but_not_requests() -> None
     "mutate, message",
     [
         (lambda d: d.update(format_version=99), "format_version 99 is not supported"),
-        (lambda d: d.update(kind="forest"), "kind must be 'logistic' or 'mlp'"),
+        (lambda d: d.update(kind="forest"), "kind must be one of \\['logistic', 'mlp', 'gbdt'\\]"),
         (lambda d: d.pop("weights"), "missing key 'weights'"),
         (lambda d: d["weights"].update(coef=[1.0, 2.0]), r"weights.coef must have shape \(19,\)"),
         (lambda d: d["weights"].update(intercept="x"), "weights.intercept must be numbers"),

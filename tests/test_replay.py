@@ -172,3 +172,62 @@ def test_movielens_slice_end_to_end(movielens_run, capsys):
     assert m["popularity"]["gini"] > m["ann"]["gini"]
     assert m["full_diversity"]["diversity"] > m["full"]["diversity"]
     assert (movielens_run / "r.png").read_bytes().startswith(b"\x89PNG")
+
+
+# -- baselines, the validation window and the learned ranker ---------------------------------------------
+
+
+def test_ease_and_top_k_excluding():
+    from recsvc.evaluation.baselines import ease_item_weights, top_k_excluding
+
+    X = block_matrix().astype(np.float32)
+    B = ease_item_weights(X, 1.0)
+    assert B.shape == (10, 10) and not np.diag(B).any()
+    scores = X @ B
+    # user 0 misses item 0 of its block: EASE puts it first, and never one it has seen
+    top = top_k_excluding(scores[:1], [np.flatnonzero(X[0])], 3)
+    assert top[0, 0] == 0 and not set(top[0].tolist()) & set(np.flatnonzero(X[0]).tolist())
+    assert top_k_excluding(np.zeros((1, 3)), [np.array([0, 1])], 3).tolist() == [[2, -1, -1]]
+    with pytest.raises(ValueError, match="lambda must be positive"):
+        ease_item_weights(X, 0.0)
+
+
+def test_the_validation_window_is_carved_from_train_only():
+    setup = replay.prepare(synthetic_interactions(), factors=8, als_iterations=5)
+    val = replay.prepare_validation(setup)
+    train_keys = set(zip(setup.train.user_id.tolist(), setup.train.item_id.tolist(), setup.train.timestamp.tolist()))
+    for part in (val.train, replay.temporal_split_per_user(setup.train, test_fraction=0.2)[1]):
+        assert set(zip(part.user_id.tolist(), part.item_id.tolist(), part.timestamp.tolist())) <= train_keys
+    # each validation user's window comes after their own remaining train events
+    for u in np.unique(val.test_positive.user_id)[:10]:
+        assert val.train.timestamp[val.train.user_id == u].max() <= val.test_positive.timestamp[
+            val.test_positive.user_id == u].min()
+    # and each user asks at their own clock: 1 s after their last train event
+    u = int(setup.eval_users[0])
+    assert replay.request_clocks(setup, setup.eval_users[:1])[0] == int(
+        setup.train.timestamp[setup.train.user_id == u].max()) * 1000 + 1000
+
+
+def test_evaluate_reports_baselines_validation_choices_and_a_bootstrap():
+    pytest.importorskip("lightgbm")
+    setup = replay.prepare(synthetic_interactions(n_users=60), factors=8, als_iterations=5)
+    chosen = [p for p in replay.PIPELINES if p.name in ("full", "full_diversity")]
+    report = replay.evaluate(setup, chosen, k=5, progress=False, bootstrap=100)
+    assert list(report["baselines"]) == ["ease", "als"]
+    assert set(report["validation"]["pipelines"]) == {"popularity", "full", "full_diversity"}
+    assert set(report["choices"]) == {"ease_lambda", "long_tail_boost", "full_diversity.mmr_lambda"}
+    assert report["choices"]["ease_lambda"]["value"] in replay.EASE_GRID
+    assert set(report["bootstrap"]) == {"full - ease", "full - als", "full_diversity - ease", "full_diversity - als"}
+    b = report["bootstrap"]["full - ease"]
+    assert b["low"] <= b["mean"] <= b["high"] and b["users"] == report["users_evaluated"]
+    assert report["learned_ranker"]["trees"] > 0 and report["learned_ranker"]["windows"] == replay.DEFAULT_WINDOWS
+    text = replay.format_table(report)
+    assert "EASE" in text and "validation window" in text and "paired bootstrap" in text
+
+
+def test_tune_als_chooses_on_the_validation_window():
+    setup = replay.prepare(synthetic_interactions(), factors=8, als_iterations=5)
+    grid = ((4, 1.0, 1.0), (8, 5.0, 1.0))
+    best, tried = replay.tune_als(setup, k=5, grid=grid)
+    assert best in grid and set(tried) == {"4/1/1", "8/5/1"}
+    assert tried[f"{best[0]}/{best[1]:g}/{best[2]:g}"] == max(tried.values())

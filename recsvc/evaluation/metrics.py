@@ -500,3 +500,31 @@ def split_by_group(metric_values: Any, groups: Any) -> dict[Any, float]:
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     return {label.item() if hasattr(label, "item") else label: float(m) for label, m in zip(labels, means)}
+
+
+def paired_bootstrap(a: Any, b: Any, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+                     ) -> dict[str, float]:
+    """Mean of ``a - b`` over users with a percentile bootstrap interval, resampling users (paired).
+
+    ``a`` and ``b`` are per-user values of one metric for two systems on the same users (NaN where the
+    metric is undefined for a user: such users are dropped from both). Returns ``{"mean", "low",
+    "high", "users"}``.
+    """
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one value per user each, got {a.shape} and {b.shape}")
+    if not 0.0 < confidence < 1.0 or n_boot < 1:
+        raise ValueError("confidence must be in (0, 1) and n_boot positive")
+    ok = np.isfinite(a) & np.isfinite(b)
+    diff = a[ok] - b[ok]
+    if diff.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "users": 0}
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 256):  # 256 resamples at a time: bounded memory
+        stop = min(n_boot, start + 256)
+        means[start:stop] = diff[rng.integers(0, diff.size, (stop - start, diff.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "users": int(diff.size)}

@@ -19,7 +19,10 @@ What happens, in order (every choice below is deliberate; the numbers it reports
    pipeline can recommend them, but they stay in the users' relevant sets, so recall and NDCG count
    them as misses for every pipeline alike. Embeddings are the item factors of an implicit-feedback
    ALS (:func:`implicit_als`, Hu, Koren & Volinsky 2008) of the binarised train user x item matrix,
-   48 dimensions by default, numpy only; the catalog stores them unit-normalised (cosine index).
+   numpy only, with the settings chosen on the validation window (:data:`DEFAULT_FACTORS` ...;
+   ``--tune-als`` chooses again on the run's own validation window). The catalog keeps the raw factors
+   behind an inner-product index (``--space ip``, the default: the factor norms, which carry
+   popularity, reach retrieval and the ranker) or unit-length ones (``--space cosine``).
    Category = the item's **first listed genre** (``"(none)"`` when it has none). Creation time = its
    first train interaction (any rating). Maturity 0 for all.
 3. **Online state** from the train split: every train positive is replayed through
@@ -32,31 +35,47 @@ What happens, in order (every choice below is deliberate; the numbers it reports
    ~270 years, i.e. popularity = plain train counts. A per-user temporal split has no single "now"
    (one user's test period may be another's distant past), so a 7-day decay measured from the end of
    the data would keep only the last weeks' few users.
-4. **Replay.** With the clock 1 s after the last train event, every user with at least one test
-   positive asks for ``--k`` items: ``RecommendQuery(user_id, n=k, exclude_item_ids=<every item the
-   user rated in train>)``. The engine's own ``exclude_consumed`` already drops the history (train
-   positives); the explicit list also drops items the user rated below the threshold (they have been
-   seen). The user vector is the engine's recency-weighted mean of the history's embeddings
-   (``--user-vector history``, what the service does live) or the user's ALS factor passed as
-   ``user_embedding`` (``--user-vector factors``). Budgets are effectively unlimited so that no
-   request is degraded by a busy machine: the numbers are about the pipeline, not the CPU.
-5. **Pipelines** (config overrides of one base config whose category quota is off), see
+4. **Replay.** Every user with at least one test positive asks for ``--k`` items at **their own
+   clock**, 1 s after their last train event (the moment of their split; freshness and item age are
+   measured against it, as a live request's are against the wall clock; users are served in time
+   order): ``RecommendQuery(user_id, n=k, exclude_item_ids=<every item the user rated in train>)``.
+   The engine's own ``exclude_consumed`` already drops the history (train positives); the explicit
+   list also drops items the user rated below the threshold (they have been seen). The user vector is
+   the engine's recency-weighted mean of the history's embeddings (``--user-vector history``, what the
+   service does live) or the user's ALS factor passed as ``user_embedding`` (``--user-vector
+   factors``). Budgets are effectively unlimited so that no request is degraded by a busy machine:
+   the numbers are about the pipeline, not the CPU.
+5. **Validation window and the learned ranker** (:mod:`recsvc.evaluation.learned`): each user's
+   train events are split again by time (the last ``--validation-fraction``, default the test
+   fraction, held out) and a second world is built from the rest exactly as above. There the request
+   path's own candidates and extended features are logged for every user with a held-out positive,
+   labelled with what the user liked in the window, and LambdaRank trees are fitted
+   (:func:`recsvc.training.train_gbdt`); the test period is then served with those weights. Every
+   choice (EASE's lambda, the MMR lambda, with ``--tune-als`` the ALS settings) is made on this
+   window; test is only measured. Validation rows of the learned pipelines are cross-fitted over
+   users (``--folds``), so no user is scored by a model fitted on their own labels.
+6. **Pipelines** (config overrides of one base config whose category quota is off), see
    :data:`PIPELINES`: ``popularity`` (the popular source only, ranked by a one-feature ranker on
-   ``log_popularity``: a pure most-popular baseline), ``ann`` (the ANN source only + the default
-   ranker), ``full`` (all sources + the default ranker), ``full_thompson`` (``full`` with Thompson
-   sampling; the replayed clicks carry no request id, so the bandit posteriors are the priors and
-   this measures the cost of exploration noise), ``full_diversity`` (``full`` + MMR lambda 0.3 + at
+   ``log_popularity``: a pure most-popular baseline), ``ann`` (the ANN source only + the shipped
+   default ranker), ``full_default`` (all sources + the shipped hand-set ranker), ``full`` (all
+   sources + the learned ranker), ``full_thompson`` (``full`` with Thompson sampling; the replayed
+   clicks carry no request id, so the bandit posteriors are the priors and this measures the cost of
+   exploration noise), ``full_diversity`` (``full`` + MMR with the lambda chosen on validation + at
    most 3 items per category). All are greedy unless named otherwise, so the numbers are
-   deterministic (``--seed`` fixes Thompson's draws and the user sample).
-6. **Metrics** (:mod:`recsvc.evaluation.metrics`): NDCG, MAP, precision, recall, hit rate, MRR at k;
+   deterministic (``--seed`` fixes ALS, the folds, Thompson's draws and the user sample).
+7. **Baselines** (:mod:`recsvc.evaluation.baselines`): EASE (lambda chosen on validation) and ALS
+   (the catalog's own factors, user . item) score every catalog item for the same users, exclude the
+   same items and go through the same metric code; a paired bootstrap over users gives an interval
+   for the NDCG difference of ``full`` and ``full_diversity`` against each.
+8. **Metrics** (:mod:`recsvc.evaluation.metrics`): NDCG, MAP, precision, recall, hit rate, MRR at k;
    intra-list diversity over genre indicator vectors (all listed genres, so it is independent of
    the embedding under test); catalog coverage and Gini of exposure over the catalog; novelty with
    ``p(i) = (train users who liked i + 1) / (train users + 1)``; serendipity against each user's
    popularity-baseline list. Accuracy metrics are also split by user activity (terciles of the
    number of train positives).
 
-Output: a text table, ``--json``, ``--plot`` (PNG; matplotlib is imported only then) and a tqdm
-progress bar on stderr (``--no-progress`` turns it off).
+Output: text tables (test, then validation), ``--json``, ``--plot`` (PNG; matplotlib is imported only
+then) and progress notes on stderr (``--no-progress`` turns them off).
 """
 
 from __future__ import annotations
@@ -82,6 +101,7 @@ from recsvc.evaluation.datasets import (
     load_movielens,
     temporal_split_per_user,
 )
+from recsvc.evaluation.learned import CandidateLog, cross_fit, fit_ranker, log_candidates
 from recsvc.evaluation.metrics import (
     RelevantSets,
     catalog_coverage,
@@ -93,6 +113,7 @@ from recsvc.evaluation.metrics import (
     mrr,
     ndcg_at_k,
     novelty,
+    paired_bootstrap,
     precision_at_k,
     recall_at_k,
     relevance_matrix,
@@ -113,7 +134,10 @@ __all__ = [
     "load_dataset",
     "plot_report",
     "prepare",
+    "prepare_split",
+    "prepare_validation",
     "run",
+    "tune_als",
 ]
 
 MS = 1000
@@ -121,6 +145,24 @@ DAY_MS = 86_400_000
 NO_CATEGORY = "(none)"
 #: Popularity half-life for the replay: ~270 years, i.e. no decay (see the module docstring).
 NO_DECAY_HALF_LIFE_DAYS = 100_000.0
+#: ALS settings of the catalog's embeddings (and of the ALS baseline), chosen on the validation window of
+#: MovieLens small by ``recsvc evaluate --tune-als`` (see :data:`ALS_GRID`).
+DEFAULT_FACTORS, DEFAULT_REGULARIZATION, DEFAULT_ALPHA = 256, 10.0, 1.0
+#: (factors, regularization, alpha) tried by ``--tune-als``, on the validation window only.
+ALS_GRID: tuple[tuple[int, float, float], ...] = tuple(
+    (f, r, 1.0) for f in (64, 128, 256) for r in (5.0, 10.0, 20.0)) + ((48, 1.0, 5.0),)
+#: EASE's lambda, chosen on the validation window at every run.
+EASE_GRID: tuple[float, ...] = (50.0, 100.0, 200.0, 400.0, 800.0)
+#: MMR lambdas tried on the validation window for the ``full_diversity`` row (the best NDCG among those
+#: whose intra-list diversity reaches :data:`MIN_DIVERSITY`).
+MMR_GRID: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.1)
+MIN_DIVERSITY = 0.70
+#: Windows of train the learned ranker is fitted on: the validation window and the ones before it.
+DEFAULT_WINDOWS = 2
+#: Long-tail boosts (``reranking.long_tail_boost``) tried on validation for the learned pipelines: the
+#: best NDCG among those whose catalog coverage reaches COVERAGE_FACTOR x EASE's (the issue's target).
+LONG_TAIL_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.025, 0.03, 0.04)
+COVERAGE_FACTOR = 2.0
 
 ACCURACY_METRICS = ("ndcg", "map", "precision", "recall", "hit_rate", "mrr")
 BEYOND_METRICS = ("diversity", "coverage", "novelty", "serendipity", "gini")
@@ -139,8 +181,11 @@ class Pipeline:
     name: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    #: Rank with the one-feature popularity ranker instead of ``ranking.model_path``.
-    popularity_ranker: bool = False
+    #: ``"default"``: the shipped hand-set weights; ``"popularity"``: the one-feature popularity ranker;
+    #: ``"learned"``: LambdaRank trees fitted on the validation window (:mod:`recsvc.evaluation.learned`).
+    ranker: str = "default"
+    #: ``reranking.mmr_lambda`` is chosen on the validation window (:data:`MMR_GRID`).
+    tune_mmr: bool = False
 
 
 #: The pipelines ``recsvc evaluate`` compares, in report order. ``popularity`` is always run: it is
@@ -150,27 +195,36 @@ PIPELINES: tuple[Pipeline, ...] = (
         "popularity",
         "most popular unseen items (popular source only, ranked by train popularity), greedy",
         {"retrieval": {"shares": {"popular": 1}}, "exploration": {"policy": "greedy"}},
-        popularity_ranker=True,
+        ranker="popularity",
     ),
     Pipeline(
         "ann",
-        "ANN source only + default ranker, greedy",
+        "ANN source only + the shipped default ranker, greedy",
         {"retrieval": {"shares": {"ann": 1}}, "exploration": {"policy": "greedy"}},
     ),
     Pipeline(
-        "full",
-        "all sources (ann/cooccurrence/popular/fresh) + default ranker, greedy",
+        "full_default",
+        "all sources (ann/cooccurrence/popular/fresh) + the shipped hand-set default ranker, greedy",
         {"exploration": {"policy": "greedy"}},
     ),
     Pipeline(
+        "full",
+        "all sources + the learned ranker (LambdaRank trees fitted on the validation window), greedy",
+        {"exploration": {"policy": "greedy"}},
+        ranker="learned",
+    ),
+    Pipeline(
         "full_thompson",
-        "full pipeline with Thompson sampling (priors only: replayed clicks carry no request id)",
+        "full with Thompson sampling (priors only: replayed clicks carry no request id)",
         {"exploration": {"policy": "thompson"}},
+        ranker="learned",
     ),
     Pipeline(
         "full_diversity",
-        "full pipeline, greedy, + MMR (lambda 0.3) + at most 3 items per category",
-        {"exploration": {"policy": "greedy"}, "reranking": {"mmr_lambda": 0.3, "max_per_category": 3}},
+        "full + MMR (lambda chosen on validation) + at most 3 items per category, greedy",
+        {"exploration": {"policy": "greedy"}, "reranking": {"max_per_category": 3}},
+        ranker="learned",
+        tune_mmr=True,
     ),
 )
 PIPELINE_NAMES = tuple(p.name for p in PIPELINES)
@@ -340,16 +394,19 @@ def build_catalog(
     train_positive: Interactions,
     train_all: Interactions,
     *,
-    factors: int = 48,
-    alpha: float = 5.0,
-    regularization: float = 1.0,
+    factors: int = DEFAULT_FACTORS,
+    alpha: float = DEFAULT_ALPHA,
+    regularization: float = DEFAULT_REGULARIZATION,
     iterations: int = 15,
     seed: int = 0,
-) -> tuple[Any, np.ndarray, dict[int, np.ndarray], dict[str, Any]]:
+    normalize: bool = False,
+) -> tuple[Any, np.ndarray, dict[int, np.ndarray], dict[str, Any], np.ndarray]:
     """The catalog of the items with a train positive, embedded by :func:`implicit_als`.
 
     Returns ``(catalog, item_ids int64[N] (data set id of each row), user_factors {user id: float32[f]},
-    info)``. See the module docstring for categories, creation times and dropped items.
+    info, item_factors float32[N, f])``. The catalog stores the raw item factors (an ``ip`` index: the
+    factor norms reach the ranker) or, with ``normalize``, unit-length ones (a cosine index). See the
+    module docstring for categories, creation times and dropped items.
     """
     from recsvc.catalog import Catalog
 
@@ -374,7 +431,7 @@ def build_catalog(
     titles = _titles(item_ids, train_positive.items)
     catalog = Catalog.from_arrays(
         [str(int(i)) for i in item_ids], yi, categories, np.zeros(item_ids.size, np.int32), created_ms,
-        attributes=[{"title": t} if t else {} for t in titles], normalize=True,
+        attributes=[{"title": t} if t else {} for t in titles], normalize=normalize,
     )
     catalog.version = f"replay-{item_ids.size}x{factors}-s{seed}"
     info = {
@@ -382,7 +439,7 @@ def build_catalog(
         "factors": factors, "alpha": alpha, "regularization": regularization, "iterations": iterations,
         "seconds": round(als_s, 2), "users": int(user_ids.size), "items": int(item_ids.size),
     }
-    return catalog, item_ids, {int(u): xu[k] for k, u in enumerate(user_ids)}, info
+    return catalog, item_ids, {int(u): xu[k] for k, u in enumerate(user_ids)}, info, yi
 
 
 def _first_genres(item_ids: np.ndarray, table: ItemTable | None) -> list[str]:
@@ -445,6 +502,9 @@ class ReplaySetup:
     span_days: float
     train_end_ms: int
     info: dict[str, Any]
+    item_factors: np.ndarray | None = None  # float32[N, f] raw ALS item factors (the ALS baseline)
+    request_ms: np.ndarray | None = None  # int64, each eval user's request clock: last train event + 1 s
+    settings: dict[str, Any] = field(default_factory=dict)  # how it was built (rebuilds the validation split)
 
 
 def prepare(
@@ -453,29 +513,71 @@ def prepare(
     threshold: float = 4.0,
     test_fraction: float = 0.2,
     max_users: int = 0,
-    factors: int = 48,
-    als_alpha: float = 5.0,
-    als_regularization: float = 1.0,
+    factors: int = DEFAULT_FACTORS,
+    als_alpha: float = DEFAULT_ALPHA,
+    als_regularization: float = DEFAULT_REGULARIZATION,
     als_iterations: int = 15,
     seed: int = 0,
     base_overrides: dict[str, Any] | None = None,
+    space: str = "ip",
+    validation_fraction: float | None = None,
 ) -> ReplaySetup:
-    """Split, build the catalog and its HNSW index, and the replay's base config."""
-    from recsvc.config import Config, deep_merge
-    from recsvc.retrieval.ann import AnnIndex
+    """Split, build the catalog and its HNSW index, and the replay's base config.
 
+    ``space``: ``"ip"`` keeps the ALS factor norms in the catalog (inner-product index), ``"cosine"``
+    stores unit-length embeddings. ``validation_fraction`` (default ``test_fraction``) is the share of
+    each user's train events :func:`prepare_validation` holds out.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     data = sample_users(data, max_users, seed)
     train, test = temporal_split_per_user(data, test_fraction=test_fraction)
+    settings = dict(threshold=threshold, factors=factors, als_alpha=als_alpha,
+                    als_regularization=als_regularization, als_iterations=als_iterations, seed=seed,
+                    base_overrides=base_overrides, space=space,
+                    validation_fraction=test_fraction if validation_fraction is None else validation_fraction)
+    return prepare_split(train, test, **settings)
+
+
+def prepare_validation(setup: ReplaySetup, **changes: Any) -> ReplaySetup:
+    """The validation world: each user's train events split again by time (the last
+    ``validation_fraction`` held out), everything else built as ``setup`` was (``changes`` override
+    settings, e.g. other ALS settings while tuning). Test events play no part."""
+    settings = {**setup.settings, **changes}
+    fit, val = temporal_split_per_user(setup.train, test_fraction=settings["validation_fraction"])
+    return prepare_split(fit, val, **settings)
+
+
+def prepare_split(
+    train: Interactions,
+    heldout: Interactions,
+    *,
+    threshold: float = 4.0,
+    factors: int = DEFAULT_FACTORS,
+    als_alpha: float = DEFAULT_ALPHA,
+    als_regularization: float = DEFAULT_REGULARIZATION,
+    als_iterations: int = 15,
+    seed: int = 0,
+    base_overrides: dict[str, Any] | None = None,
+    space: str = "ip",
+    validation_fraction: float = 0.2,
+) -> ReplaySetup:
+    """Catalog, index and base config from ``train``; the evaluation users are those with a positive in
+    ``heldout``, each asking at its own clock (its last train event + 1 s)."""
+    from recsvc.config import Config, deep_merge
+    from recsvc.retrieval.ann import AnnIndex
+
+    if space not in ("ip", "cosine"):
+        raise ValueError(f"space must be 'ip' or 'cosine', got {space!r}")
     train_pos = train.implicit(threshold)
-    test_pos = test.implicit(threshold)
-    catalog, item_ids, user_factors, fact_info = build_catalog(
+    test_pos = heldout.implicit(threshold)
+    catalog, item_ids, user_factors, fact_info, item_factors = build_catalog(
         train_pos, train, factors=factors, alpha=als_alpha, regularization=als_regularization,
-        iterations=als_iterations, seed=seed)
-    span_days = float(data.timestamp.max() - data.timestamp.min()) * MS / DAY_MS if len(data) else 0.0
+        iterations=als_iterations, seed=seed, normalize=space == "cosine")
+    stamps = np.concatenate([train.timestamp, heldout.timestamp])
+    span_days = float(stamps.max() - stamps.min()) * MS / DAY_MS if stamps.size else 0.0
     base = {
-        "index": {"space": "cosine", "build_threads": 1, "ef_construction": 100},
+        "index": {"space": space, "build_threads": 1, "ef_construction": 100},
         "exploration": {"policy": "greedy", "seed": seed},
         "reranking": {"max_per_category": 0},
         "retrieval": {"popularity_half_life_days": NO_DECAY_HALF_LIFE_DAYS},
@@ -487,22 +589,35 @@ def prepare(
     ann = AnnIndex.build(catalog.embeddings[: catalog.n_rows], catalog.alive_rows(), cfg.index)
     eval_users = np.unique(test_pos.user_id)
     train_end_ms = int(train.timestamp.max()) * MS if len(train) else 0
+    # each user's request clock: 1 s after the user's own last train event (the moment of the split)
+    order = np.lexsort((train.timestamp, train.user_id))
+    tu, tt = train.user_id[order], train.timestamp[order]
+    last = np.r_[tu[1:] != tu[:-1], True] if tu.size else np.empty(0, bool)
+    pos = np.searchsorted(tu[last], eval_users)
+    known = (pos < tu[last].size) & (tu[last][np.minimum(pos, max(tu[last].size - 1, 0))] == eval_users) \
+        if tu.size else np.zeros(eval_users.size, bool)
+    request_ms = np.where(known, tt[last][np.minimum(pos, max(tu[last].size - 1, 0))].astype(np.int64) * MS
+                          if tu.size else 0, train_end_ms) + 1000
     n_test_pos = len(test_pos)
     in_catalog = int(np.isin(test_pos.item_id, item_ids).sum())
     info = {
-        "users": int(np.unique(data.user_id).size),
-        "events": len(data),
+        "users": int(np.unique(np.concatenate([train.user_id, heldout.user_id])).size),
+        "events": len(train) + len(heldout),
         "train_events": len(train),
         "train_positives": len(train_pos),
-        "test_events": len(test),
+        "test_events": len(heldout),
         "test_positives": n_test_pos,
         "test_positives_in_catalog": in_catalog,
         "catalog_items": int(item_ids.size),
-        "items_in_data": int(np.unique(data.item_id).size),
+        "items_in_data": int(np.unique(np.concatenate([train.item_id, heldout.item_id])).size),
+        "index_space": space,
         "factorization": fact_info,
     }
+    settings = dict(threshold=threshold, factors=factors, als_alpha=als_alpha, als_regularization=als_regularization,
+                    als_iterations=als_iterations, seed=seed, base_overrides=base_overrides, space=space,
+                    validation_fraction=validation_fraction)
     return ReplaySetup(train, train_pos, test_pos, catalog, ann, item_ids, user_factors, cfg, eval_users,
-                       span_days, train_end_ms, info)
+                       span_days, train_end_ms, info, item_factors, request_ms.astype(np.int64), settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,19 +666,30 @@ def _engine(setup: ReplaySetup, cfg: Any) -> tuple[Any, ReplayClock]:
     return engine, clock
 
 
+def request_clocks(setup: ReplaySetup, users: np.ndarray) -> np.ndarray:
+    """int64 request time of each of ``users`` (epoch ms): 1 s after the user's last train event."""
+    if setup.request_ms is None:
+        return np.full(users.size, setup.train_end_ms + 1000, np.int64)
+    pos = np.searchsorted(setup.eval_users, users)
+    ok = (pos < setup.eval_users.size) & (setup.eval_users[np.minimum(pos, setup.eval_users.size - 1)] == users)
+    return np.where(ok, setup.request_ms[np.minimum(pos, setup.eval_users.size - 1)], setup.train_end_ms + 1000)
+
+
 def recommend_all(engine: Any, clock: ReplayClock, setup: ReplaySetup, users: np.ndarray, k: int,
                   user_vector: str = "history", progress: Callable[[int], None] | None = None) -> np.ndarray:
     """``int64[U, k]`` catalog rows recommended to each user (``-1`` pads short lists)."""
     from recsvc.engine import RecommendQuery
 
-    clock.now_ms = setup.train_end_ms + 1000
     row_of = setup.catalog.row_of
     # Every item each user rated in train (any rating), as catalog item ids.
     order = np.argsort(setup.train.user_id, kind="stable")
     tu, ti = setup.train.user_id[order], setup.train.item_id[order]
     bounds = np.searchsorted(tu, users), np.searchsorted(tu, users, side="right")
     out = np.full((users.size, k), -1, np.int64)
-    for n, u in enumerate(users.tolist()):
+    clocks = request_clocks(setup, users)
+    for n in np.argsort(clocks, kind="stable").tolist():  # in time order, as a live service sees them
+        u = int(users[n])
+        clock.now_ms = int(clocks[n])
         seen = [s for s in (str(int(i)) for i in ti[bounds[0][n]:bounds[1][n]]) if s in row_of]
         emb = None
         if user_vector == "factors":
@@ -639,17 +765,151 @@ def compute_metrics(rec: np.ndarray, sets: RelevantSets, n_items: int, genre_vec
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _World:
+    """One replay split with what its metrics need."""
+
+    setup: ReplaySetup
+    users: np.ndarray
+    sets: RelevantSets
+    groups: np.ndarray
+    group_desc: dict[str, str]
+    genre_vectors: np.ndarray
+    item_p: np.ndarray
+    baseline: np.ndarray | None = None  # the popularity pipeline's lists (serendipity's reference)
+
+    @classmethod
+    def of(cls, setup: ReplaySetup) -> "_World":
+        users = setup.eval_users
+        if users.size == 0:
+            raise ValueError("no user has a positive test interaction; lower --threshold or use more data")
+        n_items = setup.catalog.n_rows
+        groups, group_desc = activity_groups(setup, users)
+        liked_by = np.bincount(np.searchsorted(setup.item_ids, setup.train_positive.item_id), minlength=n_items)
+        n_train_users = int(np.unique(setup.train.user_id).size)
+        return cls(setup, users, _relevant_sets(setup, users), groups, group_desc,
+                   _genre_vectors(setup.item_ids, setup.train_positive.items),
+                   (liked_by + 1.0) / (n_train_users + 1.0))
+
+    def metrics(self, rec: np.ndarray, k: int) -> tuple[dict[str, float], dict[str, dict[str, float]], np.ndarray]:
+        """(mean metrics, by activity group, per-user NDCG@k)."""
+        baseline = self.baseline if self.baseline is not None else rec
+        m, by_group = compute_metrics(rec, self.sets, self.setup.catalog.n_rows, self.genre_vectors, self.item_p,
+                                      baseline, k, self.groups)
+        return m, by_group, ndcg_at_k(relevance_matrix(rec, self.sets), self.sets.n_relevant, k)
+
+
+def _run_pipeline(world: _World, pipe: Pipeline, ranker_path: Path | None, k: int, user_vector: str,
+                  users_index: np.ndarray | None = None, extra: dict[str, Any] | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[str, Any], dict]:
+    """Replay train into a fresh engine with the pipeline's config, then recommend to the world's users
+    (or to ``users_index`` of them; the other rows stay -1)."""
+    from recsvc.config import deep_merge
+
+    setup = world.setup
+    overrides = pipe.overrides
+    if ranker_path is not None:
+        overrides = deep_merge(overrides, {"ranking": {"model_path": str(ranker_path)}})
+    if extra:
+        overrides = deep_merge(overrides, extra)
+    cfg = setup.base_config.with_overrides(overrides, source=f"pipeline {pipe.name}")
+    t0 = time.perf_counter()
+    engine, clock = _engine(setup, cfg)
+    try:
+        replay_train(engine, clock, setup.train_positive, progress)
+        t1 = time.perf_counter()
+        idx = np.arange(world.users.size) if users_index is None else np.asarray(users_index)
+        rec = np.full((world.users.size, k), -1, np.int64)
+        rec[idx] = recommend_all(engine, clock, setup, world.users[idx], k, user_vector, progress)
+        t2 = time.perf_counter()
+    finally:
+        engine.close(snapshot=False)
+    seconds = {"train_replay": round(t1 - t0, 2), "recommend": round(t2 - t1, 2),
+               "per_request_ms": round(1000 * (t2 - t1) / max(idx.size, 1), 3)}
+    return rec, seconds, overrides
+
+
+def _learned_extra(chosen: dict[str, Any], mmr_lambda: float | None) -> dict[str, Any]:
+    """The learned pipelines' overrides chosen on validation, with a pipeline's own MMR lambda."""
+    from recsvc.config import deep_merge
+
+    return deep_merge(chosen, {"reranking": {"mmr_lambda": float(mmr_lambda)}}) if mmr_lambda is not None else chosen
+
+
+def _baseline_lists(world: _World, k: int, ease_lambda: float, names: Sequence[str] = ("ease", "als")
+                    ) -> dict[str, np.ndarray]:
+    """EASE and ALS top-k lists of the world's users (users without train positives: most popular)."""
+    from recsvc.evaluation.baselines import ease_item_weights, seen_rows, top_k_excluding, train_matrix
+
+    setup = world.setup
+    n_items = setup.catalog.n_rows
+    pos = setup.train_positive
+    train_users = np.unique(pos.user_id)
+    X = train_matrix(np.searchsorted(train_users, pos.user_id), np.searchsorted(setup.item_ids, pos.item_id),
+                     train_users.size, n_items)
+    at = np.searchsorted(train_users, world.users)
+    known = (at < train_users.size) & (train_users[np.minimum(at, train_users.size - 1)] == world.users)
+    Xu = np.zeros((world.users.size, n_items), np.float32)
+    Xu[known] = X[at[known]]
+    popularity = X.sum(axis=0)
+    seen = seen_rows(setup.train, world.users, setup.catalog.row_of)
+    out = {}
+    for name in names:
+        if name == "ease":
+            scores = Xu @ ease_item_weights(X, ease_lambda)
+        else:
+            factors = np.stack([setup.user_factors.get(int(u), np.zeros(setup.item_factors.shape[1], np.float32))
+                                for u in world.users])
+            scores = factors @ setup.item_factors.T
+        out[name] = top_k_excluding(np.where(known[:, None], scores, popularity[None, :]), seen, k)
+    return out
+
+
+def _choose_ease_lambda(world: _World, k: int) -> tuple[float, dict[str, float]]:
+    best, results = None, {}
+    for lam in EASE_GRID:
+        rec = _baseline_lists(world, k, lam, ("ease",))["ease"]
+        results[lam] = float(np.nanmean(world.metrics(rec, k)[2]))
+        if best is None or results[lam] > results[best]:
+            best = lam
+    return float(best), {str(a): round(b, 5) for a, b in results.items()}
+
+
+def tune_als(setup: ReplaySetup, k: int = 10, grid: Sequence[tuple[int, float, float]] = ALS_GRID,
+             progress: bool = False) -> tuple[tuple[int, float, float], dict[str, float]]:
+    """The (factors, regularization, alpha) of ``grid`` whose ALS lists score the best NDCG@k on the
+    validation window of ``setup`` (test events play no part)."""
+    results: dict[str, float] = {}
+    best, best_value = None, -1.0
+    for factors, reg, alpha in grid:
+        val = prepare_validation(setup, factors=factors, als_regularization=reg, als_alpha=alpha)
+        world = _World.of(val)
+        value = float(np.nanmean(world.metrics(_baseline_lists(world, k, EASE_GRID[0], ("als",))["als"], k)[2]))
+        results[f"{factors}/{reg:g}/{alpha:g}"] = round(value, 5)
+        if progress:
+            print(f"  ALS factors {factors}, reg {reg:g}, alpha {alpha:g}: validation NDCG@{k} {value:.4f}",
+                  file=sys.stderr)
+        if value > best_value:
+            best, best_value = (factors, reg, alpha), value
+    assert best is not None
+    return best, results
+
+
 def evaluate(
     setup: ReplaySetup,
     pipelines: Sequence[Pipeline] = PIPELINES,
     *,
     k: int = 10,
-    user_vector: str = "history",
+    user_vector: str = "factors",
     progress: bool = True,
+    baselines: bool = True,
+    folds: int = 2,
+    windows: int = DEFAULT_WINDOWS,
+    bootstrap: int = 2000,
 ) -> dict[str, Any]:
-    """Run every pipeline over every evaluation user; returns the JSON-ready report."""
-    from recsvc.config import deep_merge
-
+    """Run every pipeline (and the EASE and ALS baselines) on the validation window and on test;
+    returns the JSON-ready report. Everything chosen (the learned ranker, EASE's lambda, the MMR
+    lambda) is chosen on the validation window; test is only measured."""
     if k < 1:
         raise ValueError(f"--k must be positive, got {k}")
     if user_vector not in ("history", "factors"):
@@ -657,82 +917,165 @@ def evaluate(
     pipelines = list(pipelines)
     if not pipelines or pipelines[0].name != "popularity":
         pipelines = [p for p in PIPELINES if p.name == "popularity"] + [p for p in pipelines if p.name != "popularity"]
-    users = setup.eval_users
-    if users.size == 0:
-        raise ValueError("no user has a positive test interaction; lower --threshold or use more data")
-    n_items = setup.catalog.n_rows
-    sets = _relevant_sets(setup, users)
-    groups, group_desc = activity_groups(setup, users)
-    genre_vectors = _genre_vectors(setup.item_ids, setup.train_positive.items)
-    liked_by = np.bincount(np.searchsorted(setup.item_ids, setup.train_positive.item_id), minlength=n_items)
-    n_train_users = int(np.unique(setup.train.user_id).size)
-    item_p = (liked_by + 1.0) / (n_train_users + 1.0)
-
-    bar = _progress_bar(progress, total=len(pipelines) * (len(setup.train_positive) + users.size),
-                        desc="replay")
-    report: dict[str, Any] = {"pipelines": {}}
-    baseline = None
+    test = _World.of(setup)
+    needs_learned = any(p.ranker == "learned" for p in pipelines)
+    log = _Log(progress)
     started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="recsvc-replay-") as tmp:
-            pop_ranker = _popularity_ranker_file(Path(tmp))
+    report: dict[str, Any] = {"pipelines": {}, "baselines": {}, "validation": {"pipelines": {}, "baselines": {}},
+                              "choices": {}}
+    per_user: dict[str, np.ndarray] = {}
+    learned_extra: dict[str, Any] = {}  # settings chosen on validation for the learned pipelines
+    mmr_choice: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="recsvc-replay-") as tmp_name:
+        tmp = Path(tmp_name)
+        paths: dict[str, Path | None] = {"default": None, "popularity": _popularity_ranker_file(tmp)}
+        val = _World.of(prepare_validation(setup)) if (needs_learned or baselines) else None
+        # -- the validation window: choices, and honest validation rows
+        if val is not None:
+            log(f"validation window: {val.users.size} users, {val.setup.catalog.n_rows} catalog items")
+            pop = next(p for p in pipelines if p.name == "popularity")
+            val.baseline = _run_pipeline(val, pop, paths["popularity"], k, user_vector)[0]
             for pipe in pipelines:
-                overrides = pipe.overrides
-                if pipe.popularity_ranker:
-                    overrides = deep_merge(overrides, {"ranking": {"model_path": str(pop_ranker)}})
-                cfg = setup.base_config.with_overrides(overrides, source=f"pipeline {pipe.name}")
-                if bar is not None:
-                    bar.set_postfix_str(pipe.name)
-                t0 = time.perf_counter()
-                engine, clock = _engine(setup, cfg)
-                replay_train(engine, clock, setup.train_positive, bar.update if bar is not None else None)
-                t1 = time.perf_counter()
-                rec = recommend_all(engine, clock, setup, users, k, user_vector,
-                                    bar.update if bar is not None else None)
-                t2 = time.perf_counter()
-                engine.close(snapshot=False)
-                if baseline is None:
-                    baseline = rec
-                metrics, by_group = compute_metrics(rec, sets, n_items, genre_vectors, item_p, baseline, k, groups)
-                report["pipelines"][pipe.name] = {
-                    "description": pipe.description,
-                    "overrides": overrides if not pipe.popularity_ranker else
-                    deep_merge(pipe.overrides, {"ranking": {"model_path": "<log_popularity ranker>"}}),
-                    "metrics": metrics,
-                    "by_activity": by_group,
-                    "seconds": {"train_replay": round(t1 - t0, 2), "recommend": round(t2 - t1, 2),
-                                "per_request_ms": round(1000 * (t2 - t1) / max(users.size, 1), 3)},
-                }
-    finally:
-        if bar is not None:
-            bar.close()
+                if pipe.ranker != "learned":
+                    rec = val.baseline if pipe is pop else _run_pipeline(val, pipe, paths[pipe.ranker], k,
+                                                                           user_vector)[0]
+                    report["validation"]["pipelines"][pipe.name] = {"metrics": val.metrics(rec, k)[0]}
+        if baselines and val is not None:
+            lam, tried = _choose_ease_lambda(val, k)
+            report["choices"]["ease_lambda"] = {"value": lam, "validation_ndcg": tried}
+            for name, rec in _baseline_lists(val, k, lam).items():
+                report["validation"]["baselines"][name] = {"metrics": val.metrics(rec, k)[0]}
+            log(f"EASE lambda {lam:g} (validation NDCG by lambda: {tried})")
+        if needs_learned and val is not None:
+            learned_cfg = val.setup.base_config.with_overrides(
+                next(p for p in pipelines if p.ranker == "learned").overrides)
+            t0 = time.perf_counter()
+            cands = log_candidates(val.setup, learned_cfg, user_vector=user_vector)
+            log(f"logged {cands.y.size} candidates of {cands.users.size} validation users "
+                f"({int(cands.y.sum())} liked) in {time.perf_counter() - t0:.1f} s")
+            earlier, world = [], val.setup
+            for w in range(2, windows + 1):  # earlier windows, each carved from the end of what is left
+                world = prepare_validation(world)
+                earlier.append(log_candidates(world, world.base_config.with_overrides(
+                    next(p for p in pipelines if p.ranker == "learned").overrides), user_vector=user_vector))
+                log(f"window {w}: logged {earlier[-1].y.size} candidates of {earlier[-1].users.size} users "
+                    f"({int(earlier[-1].y.sum())} liked)")
+            fold_rankers = cross_fit(cands, tmp, folds=folds, seed=setup.settings.get("seed", 0), earlier=earlier)
+            def cross_fitted(pipe: Pipeline, extra: dict[str, Any]) -> dict[str, float]:
+                rec = np.full((val.users.size, k), -1, np.int64)
+                for serve, path in fold_rankers:
+                    rec[serve] = _run_pipeline(val, pipe, path, k, user_vector, serve, extra)[0][serve]
+                return val.metrics(rec, k)[0]
+
+            # the long-tail boost of the learned pipelines: the best validation NDCG among the boosts whose
+            # coverage reaches COVERAGE_FACTOR x the best single model's (EASE's) validation coverage
+            full = next(p for p in pipelines if p.ranker == "learned")
+            target = COVERAGE_FACTOR * report["validation"]["baselines"].get("ease", {}).get(
+                "metrics", {}).get("coverage", 0.0)
+            tried = {b: cross_fitted(full, {"reranking": {"long_tail_boost": b}}) for b in LONG_TAIL_GRID}
+            ok = [b for b in LONG_TAIL_GRID if tried[b]["coverage"] >= target]
+            boost = max(ok, key=lambda b: (tried[b]["ndcg"], -b)) if ok else max(
+                LONG_TAIL_GRID, key=lambda b: tried[b]["coverage"])
+            learned_extra["reranking"] = {"long_tail_boost": boost}
+            report["choices"]["long_tail_boost"] = {
+                "value": boost, "coverage_target": round(target, 4),
+                "validation": {str(b): {"ndcg": round(r["ndcg"], 5), "coverage": round(r["coverage"], 4)}
+                               for b, r in tried.items()}}
+            log(f"long-tail boost {boost} (coverage target {target:.3f}; validation NDCG, coverage: "
+                f"{ {b: (round(r['ndcg'], 4), round(r['coverage'], 3)) for b, r in tried.items()} })")
+            for pipe in pipelines:
+                if pipe.ranker != "learned":
+                    continue
+                if pipe is full:
+                    report["validation"]["pipelines"][pipe.name] = {"metrics": tried[boost], "cross_fit_folds": folds}
+                    continue
+                lambdas = MMR_GRID if pipe.tune_mmr else (None,)
+                results = {lam: cross_fitted(pipe, _learned_extra(learned_extra, lam)) for lam in lambdas}
+                if pipe.tune_mmr:
+                    ok = [lam for lam in lambdas if results[lam]["diversity"] >= MIN_DIVERSITY]
+                    chosen = max(ok, key=lambda v: results[v]["ndcg"]) if ok else max(
+                        lambdas, key=lambda v: results[v]["diversity"])
+                    mmr_choice[pipe.name] = chosen
+                    report["choices"][f"{pipe.name}.mmr_lambda"] = {
+                        "value": chosen, "validation": {str(v): {"ndcg": round(r["ndcg"], 5),
+                                                                 "diversity": round(r["diversity"], 4)}
+                                                        for v, r in results.items()}}
+                    log(f"{pipe.name}: MMR lambda {chosen} (validation NDCG, diversity: "
+                        f"{ {v: (round(r['ndcg'], 4), round(r['diversity'], 3)) for v, r in results.items()} })")
+                    results = {None: results[chosen]}
+                report["validation"]["pipelines"][pipe.name] = {"metrics": results[None], "cross_fit_folds": folds}
+            t0 = time.perf_counter()
+            _, fit_metrics = fit_ranker(CandidateLog.concat([cands, *earlier]), tmp / "learned_ranker.json",
+                                        seed=setup.settings.get("seed", 0),
+                                        description=f"recsvc evaluate: LambdaRank on {windows} window(s) of train")
+            paths["learned"] = tmp / "learned_ranker.json"
+            report["learned_ranker"] = {k_: v for k_, v in fit_metrics.items() if k_ != "params"} | {
+                "params": fit_metrics.get("params"), "windows": windows}
+            log(f"fitted the learned ranker on all validation users in {time.perf_counter() - t0:.1f} s")
+        # -- test: measured once with everything chosen above
+        for pipe in pipelines:
+            extra = _learned_extra(learned_extra, mmr_choice.get(pipe.name)) if pipe.ranker == "learned" else None
+            rec, seconds, overrides = _run_pipeline(test, pipe, paths.get(pipe.ranker), k, user_vector,
+                                                    extra=extra)
+            if test.baseline is None:
+                test.baseline = rec
+            metrics, by_group, ndcg = test.metrics(rec, k)
+            per_user[pipe.name] = ndcg
+            shown = overrides
+            if pipe.ranker != "default":
+                shown = dict(overrides, ranking={"model_path": f"<{pipe.ranker} ranker>"})
+            report["pipelines"][pipe.name] = {"description": pipe.description, "overrides": shown,
+                                              "metrics": metrics, "by_activity": by_group, "seconds": seconds}
+            log(f"test {pipe.name}: NDCG@{k} {metrics['ndcg']:.4f}, coverage {metrics['coverage']:.4f}")
+        if baselines:
+            lam = report["choices"]["ease_lambda"]["value"]
+            descriptions = {"ease": f"EASE (lambda {lam:g}, chosen on validation), same split, users and metrics",
+                            "als": "ALS: the catalog's own factors (user . item), same split, users and metrics"}
+            for name, rec in _baseline_lists(test, k, lam).items():
+                metrics, by_group, ndcg = test.metrics(rec, k)
+                per_user[name] = ndcg
+                report["baselines"][name] = {"description": descriptions[name], "metrics": metrics,
+                                             "by_activity": by_group}
+    if baselines:
+        pairs = [(a, b) for a in ("full", "full_diversity") if a in per_user for b in ("ease", "als")]
+        report["bootstrap"] = {
+            f"{a} - {b}": paired_bootstrap(per_user[a], per_user[b], n_boot=bootstrap,
+                                           seed=setup.settings.get("seed", 0))
+            for a, b in pairs}
+    users = test.users
     report.update({
         "k": k,
         "user_vector": user_vector,
         "users_evaluated": int(users.size),
-        "users_by_activity": {g: int((groups == g).sum()) for g in ("light", "medium", "heavy")},
-        "activity_groups": group_desc,
+        "validation_users": int(val.users.size) if val is not None else 0,
+        "users_by_activity": {g: int((test.groups == g).sum()) for g in ("light", "medium", "heavy")},
+        "activity_groups": test.group_desc,
         "data": setup.info,
         "replay_settings": {
             "state.max_event_age_days": setup.base_config.state.max_event_age_days,
             "retrieval.popularity_half_life_days": setup.base_config.retrieval.popularity_half_life_days,
             "reranking.max_per_category (base)": setup.base_config.reranking.max_per_category,
-            "recommend clock": "1 s after the last train event",
+            "index.space": setup.base_config.index.space,
+            "recommend clock": "each user's own: 1 s after their last train event",
             "excluded": "every item the user rated in train",
             "budgets": "unlimited (no degraded responses)",
+            "validation_fraction": setup.settings.get("validation_fraction"),
         },
         "seconds": round(time.perf_counter() - started, 2),
     })
     return report
 
 
-def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _Log:
+    """Progress notes on stderr (off with --no-progress)."""
 
-    return tqdm(total=total, desc=desc, unit="ev", unit_scale=True, file=sys.stderr, leave=False,
-                dynamic_ncols=True)
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -758,27 +1101,54 @@ _PLOT_GLOSSARY = (
 )
 
 
+def _rows(report: dict[str, Any], part: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """Table rows in report order: the popularity pipeline, the baselines, then the other pipelines."""
+    pipes = list(part.get("pipelines", {}).items())
+    rows = [(n, v["metrics"]) for n, v in pipes[:1]]
+    rows += [(n.upper(), v["metrics"]) for n, v in part.get("baselines", {}).items()]
+    return rows + [(n, v["metrics"]) for n, v in pipes[1:]]
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a fixed-width text table (metrics @k; novelty in bits)."""
+    """The report as fixed-width text tables (metrics @k; novelty in bits): test, then validation."""
     k = report["k"]
-    names = list(report["pipelines"])
+    names = list(report["pipelines"]) + [n.upper() for n in report.get("baselines", {})]
     width = max(14, *(len(n) for n in names)) + 2
-    lines = [f"replay @{k} over {report['users_evaluated']} users, "
-             f"{report['data']['catalog_items']} catalog items (user vector: {report['user_vector']})"]
     head = "pipeline".ljust(width) + "".join(f"{_HEADERS[m]:>9}" for m in METRIC_NAMES)
-    lines += [head, "-" * len(head)]
-    for name in names:
-        m = report["pipelines"][name]["metrics"]
-        cells = "".join(f"{m[x]:>9.2f}" if x == "novelty" else f"{m[x]:>9.4f}" for x in METRIC_NAMES)
-        lines.append(name.ljust(width) + cells)
+
+    def table(rows: list[tuple[str, dict[str, float]]]) -> list[str]:
+        out = [head, "-" * len(head)]
+        for name, m in rows:
+            cells = "".join(f"{m[x]:>9.2f}" if x == "novelty" else f"{m[x]:>9.4f}" for x in METRIC_NAMES)
+            out.append(name.ljust(width) + cells)
+        return out
+
+    lines = [f"replay @{k} over {report['users_evaluated']} test users, "
+             f"{report['data']['catalog_items']} catalog items (user vector: {report['user_vector']}, "
+             f"index: {report['data'].get('index_space', 'cosine')})"]
+    lines += table(_rows(report, report))
+    for name, b in report.get("bootstrap", {}).items():
+        lines.append(f"paired bootstrap over users, NDCG@{k} {name}: {b['mean']:+.4f} "
+                     f"[{b['low']:+.4f}, {b['high']:+.4f}] (95%, {b['users']} users)")
+    val = report.get("validation", {})
+    if val.get("pipelines") or val.get("baselines"):
+        lines.append("")
+        lines.append(f"validation window (the last {report['replay_settings'].get('validation_fraction')} of "
+                     f"each user's train events; {report.get('validation_users', 0)} users; learned rows "
+                     "cross-fitted over users):")
+        lines += table(_rows(report, val))
+    if report.get("choices"):
+        chosen = ", ".join(f"{n} = {c['value']}" for n, c in report["choices"].items())
+        lines.append(f"chosen on validation: {chosen}")
     groups = [g for g in ("light", "medium", "heavy") if report["users_by_activity"].get(g)]
     if groups:
         lines.append("")
-        lines.append(f"NDCG@{k} by user activity (train positives): " + ", ".join(
+        lines.append(f"test NDCG@{k} by user activity (train positives): " + ", ".join(
             f"{g} {report['activity_groups'][g]} ({report['users_by_activity'][g]} users)" for g in groups))
         lines.append("pipeline".ljust(width) + "".join(f"{g:>9}" for g in groups))
-        for name in names:
-            bg = report["pipelines"][name]["by_activity"].get("ndcg", {})
+        for name, part in list(report["pipelines"].items()) + [(n.upper(), v) for n, v in
+                                                               report.get("baselines", {}).items()]:
+            bg = part["by_activity"].get("ndcg", {})
             lines.append(name.ljust(width) + "".join(f"{bg.get(g, float('nan')):>9.4f}" for g in groups))
     return "\n".join(lines)
 
@@ -790,7 +1160,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["pipelines"])
+    rows = dict(_rows(report, report))
+    names = list(rows)
     k = report["k"]
     panels = [("accuracy @%d" % k, ACCURACY_METRICS), ("beyond accuracy", ("diversity", "coverage",
                                                                           "serendipity", "gini")),
@@ -801,7 +1172,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         x = np.arange(len(metrics))
         width = 0.8 / len(names)
         for j, name in enumerate(names):
-            vals = [report["pipelines"][name]["metrics"][m] for m in metrics]
+            vals = [rows[name][m] for m in metrics]
             ax.bar(x + (j - (len(names) - 1) / 2) * width, vals, width, label=name, color=colors[j % 10])
         ax.set_xticks(x, [f"{_HEADERS[m]}\n{'↓' if m in _LOWER_IS_BETTER else '↑'} better" for m in metrics])
         ax.set_title(title)
@@ -845,12 +1216,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quick slice: keep N random users (catalog and model from their data only); 0 = all")
     parser.add_argument("--pipelines", type=_pipeline_list, default=list(PIPELINE_NAMES),
                         help=f"comma-separated subset of {','.join(PIPELINE_NAMES)} (popularity always runs)")
-    parser.add_argument("--user-vector", choices=("history", "factors"), default="history",
-                        help="user embedding: the engine's history mean (default) or the user's ALS factor")
-    parser.add_argument("--dim", type=int, default=48, help="embedding dimension (ALS factors)")
-    parser.add_argument("--als-alpha", type=float, default=5.0, help="ALS confidence: 1 + alpha per positive")
-    parser.add_argument("--als-reg", type=float, default=1.0, help="ALS L2 regularization")
+    parser.add_argument("--user-vector", choices=("history", "factors"), default="factors",
+                        help="user embedding: the user's ALS factor, passed as the request's user_embedding "
+                             "(default, chosen on validation), or the engine's history mean")
+    parser.add_argument("--dim", type=int, default=DEFAULT_FACTORS, help="embedding dimension (ALS factors)")
+    parser.add_argument("--als-alpha", type=float, default=DEFAULT_ALPHA, help="ALS confidence: 1 + alpha per positive")
+    parser.add_argument("--als-reg", type=float, default=DEFAULT_REGULARIZATION, help="ALS L2 regularization")
     parser.add_argument("--als-iters", type=int, default=15, help="ALS iterations")
+    parser.add_argument("--tune-als", action="store_true",
+                        help="choose the ALS settings (catalog embeddings and the ALS row) on the validation "
+                             "window from a small grid first (slower); otherwise --dim/--als-reg/--als-alpha")
+    parser.add_argument("--space", choices=("ip", "cosine"), default="ip",
+                        help="catalog index: ip keeps the ALS factor norms (default), cosine unit-normalises")
+    parser.add_argument("--validation-fraction", type=float, default=None,
+                        help="share of each user's train events held out to fit and choose on "
+                             "(default: --test-fraction)")
+    parser.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the validation rows")
+    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                        help="train windows the learned ranker is fitted on: the validation window and the "
+                             "ones before it, each carved from the end of what the later one left")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the EASE and ALS rows")
     parser.add_argument("--seed", type=int, default=0, help="seeds the ALS init, user sampling and Thompson")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart of the metrics")
@@ -871,9 +1256,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {w.message}", file=sys.stderr)
     setup = prepare(data, threshold=args.threshold, test_fraction=args.test_fraction, max_users=args.max_users,
                     factors=args.dim, als_alpha=args.als_alpha, als_regularization=args.als_reg,
-                    als_iterations=args.als_iters, seed=args.seed)
+                    als_iterations=args.als_iters, seed=args.seed, space=args.space,
+                    validation_fraction=args.validation_fraction)
+    als_choice = None
+    if args.tune_als:
+        (factors, reg, alpha), tried = tune_als(setup, args.k, progress=not args.no_progress)
+        als_choice = {"value": f"{factors}/{reg:g}/{alpha:g} (factors/reg/alpha)", "validation_ndcg": tried}
+        setup = prepare(data, threshold=args.threshold, test_fraction=args.test_fraction,
+                        max_users=args.max_users, factors=factors, als_alpha=alpha, als_regularization=reg,
+                        als_iterations=args.als_iters, seed=args.seed, space=args.space,
+                        validation_fraction=args.validation_fraction)
     chosen = [p for p in PIPELINES if p.name in set(args.pipelines)]
-    report = evaluate(setup, chosen, k=args.k, user_vector=args.user_vector, progress=not args.no_progress)
+    report = evaluate(setup, chosen, k=args.k, user_vector=args.user_vector, progress=not args.no_progress,
+                      baselines=not args.no_baselines, folds=args.folds, windows=args.windows)
+    if als_choice is not None:
+        report["choices"] = {"als": als_choice, **report["choices"]}
     report["data"]["path"] = str(data_path)
     report["seconds_total"] = round(time.perf_counter() - t0, 2)
     print(format_table(report))

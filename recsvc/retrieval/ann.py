@@ -251,7 +251,14 @@ class AnnIndex:
             k = min(k, self._live_count)
             if k <= 0:
                 return np.empty(0, np.int32), np.empty(0, np.float32)
-            labels, dist = self._index.knn_query(vector, k=k, num_threads=1)
+            while True:
+                try:
+                    labels, dist = self._index.knn_query(vector, k=k, num_threads=1)
+                    break
+                except RuntimeError:  # the graph search reached fewer than k items (a small ip index): fewer
+                    if k <= 1:
+                        raise
+                    k = k * 3 // 4
         return labels[0].astype(np.int32), (1.0 - dist[0]).astype(np.float32)
 
     # -- live changes --------------------------------------------------------------

@@ -58,6 +58,10 @@ class OnlineStateReader(Protocol):
                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
         """Co-occurrence neighbours (int32 rows, float64 scores) of each recent item that has any, with its weight."""
 
+    def neighbour_counts(self, recent_rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every co-occurrence neighbour of the recent items with its raw count, flattened: (int32 neighbour
+        rows, float64 counts, int32 index into ``recent_rows`` of the item each belongs to)."""
+
     def served_slate(self, request_id: str) -> ServedSlate | None:
         """A slate served within the served-log bound (for validating feedback), or None."""
 

@@ -80,6 +80,7 @@ class ReadModel:
         self._total_impressions = 0.0
         self._cooc: dict[int, dict[int, float]] = {}
         self._neigh_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._count_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # neighbour_counts, same lifetime
         self._histories: dict[str, deque[tuple[int, int]]] = {}
         self._served: OrderedDict[str, ServedSlate] = OrderedDict()
         self._seen_events: OrderedDict[str, None] = OrderedDict()
@@ -143,6 +144,25 @@ class ReadModel:
                 ws.append(w)
         return rows, scores, ws
 
+    def neighbour_counts(self, recent_rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, counts, owners = [], [], []
+        for k, row in enumerate(recent_rows):
+            entry = self._count_cache.get(row)
+            if entry is None:
+                table = self._cooc.get(row)
+                if not table:
+                    continue
+                pairs = list(table.items())  # one pass: keys and values of the same dict state
+                entry = (np.fromiter((a for a, _ in pairs), np.int32, len(pairs)),
+                         np.fromiter((c for _, c in pairs), np.float64, len(pairs)))
+                self._count_cache[row] = entry
+            rows.append(entry[0])
+            counts.append(entry[1])
+            owners.append(np.full(entry[0].size, k, np.int32))
+        if not rows:
+            return np.empty(0, np.int32), np.empty(0, np.float64), np.empty(0, np.int32)
+        return np.concatenate(rows), np.concatenate(counts), np.concatenate(owners)
+
     def served_slate(self, request_id: str) -> ServedSlate | None:
         return self._served.get(request_id) if request_id else None
 
@@ -201,10 +221,12 @@ class ReadModel:
             for row in rows.tolist():
                 neigh = self._cooc.pop(row, None)
                 self._neigh_cache.pop(row, None)
+                self._count_cache.pop(row, None)
                 if neigh:
                     for other in neigh:
                         self._cooc.get(other, {}).pop(row, None)
                         self._neigh_cache.pop(other, None)
+                        self._count_cache.pop(other, None)
 
     def max_referenced_row(self) -> int:
         referenced = [self._top_popular, np.fromiter(self._cooc.keys(), np.int64, len(self._cooc))]
@@ -266,10 +288,12 @@ class ReadModel:
                 if len(recent) >= self._cooc_window:
                     break
         self._item_events[row] += 1.0
-        cache = self._neigh_cache
+        cache, counts = self._neigh_cache, self._count_cache
         cache.pop(row, None)
+        counts.pop(row, None)
         for prev in recent:
             cache.pop(prev, None)
+            counts.pop(prev, None)
         limit = 4 * self._cooc_neighbours
         row_table = self._cooc.setdefault(row, {})
         for prev in recent:
@@ -384,6 +408,7 @@ class ReadModel:
         self.applied_lsn = applied_lsn
         self._cooc = cooc
         self._neigh_cache = {}
+        self._count_cache = {}
         self._histories = histories
         self._served = OrderedDict((s.request_id, s) for s in served)  # type: ignore[union-attr]
         self._seen_events = seen_events

@@ -102,3 +102,141 @@ def mlp_score(
     if two:
         h = np.maximum(h @ W2 + b2, 0)
     out[:] = _sigmoid(h @ w_out + np.float32(b_out))
+
+
+N_EXT_FIXED = 13
+
+
+def _float_keys(v: np.ndarray) -> np.ndarray:
+    """uint32 keys that sort like the float32 values (the kernel's ``recsvc_float_key``)."""
+    u = np.ascontiguousarray(v, np.float32).view(np.uint32)
+    return np.where(u & 0x80000000, ~u, u | 0x80000000).astype(np.uint32)
+
+
+def gather_extended_features(
+    user_vec: np.ndarray,
+    embeddings: np.ndarray,
+    rows: np.ndarray,
+    log_popularity: np.ndarray,
+    created_at_ms: np.ndarray,
+    now_ms: int,
+    half_life_days: float,
+    categories: np.ndarray,
+    category_affinity: np.ndarray,
+    bandit_alpha: np.ndarray,
+    bandit_beta: np.ndarray,
+    source_scores: np.ndarray,
+    source_mask: np.ndarray,
+    context: np.ndarray,
+    item_rows: np.ndarray,
+    item_counts: np.ndarray,
+    nb_rows: np.ndarray,
+    nb_counts: np.ndarray,
+    nb_owner: np.ndarray,
+    recent_weights: np.ndarray,
+    recent_counts: np.ndarray,
+    recent_emb: np.ndarray,
+    profile: np.ndarray,
+    user_interactions: float,
+    keys: np.ndarray,
+    slots: np.ndarray,
+    X: np.ndarray,
+) -> None:
+    n, d, S = rows.shape[0], embeddings.shape[1], source_scores.shape[1]
+    B = N_BASE + 2 * S + context.shape[0]
+    W, R, M = recent_weights.shape[0], recent_emb.shape[0], nb_rows.shape[0]
+    if (
+        X.shape != (n, B + N_EXT_FIXED + S + 1)
+        or any(a.shape[0] != n for a in (item_rows, item_counts, keys))
+        or slots.shape[0] < 4 * n
+        or nb_counts.shape[0] != M or nb_owner.shape[0] != M or recent_counts.shape[0] != W
+        or (R > 0 and recent_emb.shape[1] != d)
+        or profile.shape[0] != d
+        or (M and (nb_owner.min() < 0 or nb_owner.max() >= W))
+    ):
+        raise ValueError("ranking kernel: array shapes disagree (call it through recsvc.ranking)")
+    by_item_row = np.argsort(item_rows, kind="stable")
+    if n > 1 and (np.diff(item_rows[by_item_row]) == 0).any():
+        raise ValueError("ranking kernel: extended.item_rows must be distinct (one entry per candidate)")
+    gather_features(user_vec, embeddings, rows, log_popularity, created_at_ms, now_ms, half_life_days, categories,
+                    category_affinity, bandit_alpha, bandit_beta, source_scores, source_mask, context, X[:, :B])
+    E = X[:, B:]
+    emb = embeddings[rows].astype(np.float64)
+    norm = np.sqrt((emb * emb).sum(axis=1))
+    user_norm = float(np.sqrt(np.dot(user_vec.astype(np.float64), user_vec)))
+    E[:, 0] = norm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = (norm > 0) & (user_norm > 0)
+        E[:, 1] = np.where(ok, X[:, 0].astype(np.float64) / np.where(ok, user_norm * norm, 1.0), 0.0)
+        if R:
+            sims = (emb @ recent_emb.T.astype(np.float64)) / np.where(norm > 0, norm, 1.0)[:, None]
+            E[:, 8] = np.where(norm > 0, sims.max(axis=1), 0.0)
+            E[:, 9] = np.where(norm > 0, sims.sum(axis=1) / R, 0.0)
+        else:
+            E[:, 8:10] = 0.0
+    E[:, 2:8] = 0.0
+    E[:, 10] = math.log1p(max(user_interactions, 0.0))
+    E[:, 11] = np.log1p(np.maximum(item_counts.astype(np.float64), 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        E[:, 12] = np.where(norm > 0, (emb @ profile.astype(np.float64)) / np.where(norm > 0, norm, 1.0), 0.0)
+    age = (np.int64(now_ms) - created_at_ms[rows]).astype(np.float64) / _MS_PER_DAY
+    E[:, N_EXT_FIXED + S] = np.sign(age) * np.log1p(np.abs(age))
+    # co-occurrence: one neighbour entry at a time, in order (as the kernel adds them)
+    sorted_rows = item_rows[by_item_row]
+    pos = np.searchsorted(sorted_rows, nb_rows)
+    found = (pos < n) & (sorted_rows[np.minimum(pos, max(n - 1, 0))] == nb_rows) if n else np.zeros(M, bool)
+    found &= nb_counts > 0
+    k = by_item_row[pos[found]] if n else np.empty(0, np.int64)
+    owner = nb_owner[found]
+    c = nb_counts[found].astype(np.float64)
+    n_i = np.maximum(recent_counts[owner].astype(np.float64), 1.0)
+    n_j = np.maximum(item_counts[k].astype(np.float64), 1.0)
+    cos = c / np.sqrt(n_i * n_j)
+    w = recent_weights[owner].astype(np.float64)
+    cols = np.arange(B + 2, B + 6)
+    for col, val in zip(cols, (w * cos, w * c / n_i, w * c / n_j, w * c)):
+        np.add.at(X[:, col], k, val.astype(np.float32))
+    np.maximum.at(X[:, B + 6], k, cos.astype(np.float32))
+    np.add.at(X[:, B + 7], k, np.float32(1.0))
+    X[:, B + 5] = np.log1p(np.maximum(X[:, B + 5].astype(np.float64), 0.0))
+    # ranks within each source: descending score, ties by candidate index
+    for s in range(S):
+        proposed = ((source_mask >> s) & 1).astype(bool) if source_mask.shape[0] else source_scores[:, s] != 0
+        idx = np.flatnonzero(proposed)
+        ordered = idx[np.lexsort((idx, ~_float_keys(source_scores[idx, s])))]
+        col = np.full(n, float(n), np.float32)
+        col[ordered] = np.arange(ordered.size, dtype=np.float32)
+        X[:, B + N_EXT_FIXED + s] = col
+
+
+def forest_score(
+    X: np.ndarray,
+    feature: np.ndarray,
+    threshold: np.ndarray,
+    leaf: np.ndarray,
+    depth: int,
+    bias: float,
+    out: np.ndarray,
+) -> None:
+    n, F = X.shape
+    if not 0 <= depth <= 12:
+        raise ValueError("ranking kernel: a tree tests a column outside X or its depth is out of range")
+    inner = (1 << depth) - 1
+    T = leaf.shape[0] >> depth
+    if out.shape[0] != n or feature.shape[0] != T * inner or threshold.shape[0] != T * inner \
+            or leaf.shape[0] != T * (inner + 1):
+        raise ValueError("ranking kernel: array shapes disagree (call it through recsvc.ranking)")
+    if feature.size and (feature.min() < 0 or feature.max() >= F):
+        raise ValueError("ranking kernel: a tree tests a column outside X or its depth is out of range")
+    f = feature.reshape(T, inner)
+    h = threshold.reshape(T, inner)
+    node = np.zeros((n, T), np.intp)
+    trees = np.arange(T)[None, :]
+    rows = np.arange(n)[:, None]
+    for _ in range(depth):  # every row walks every tree one level at a time
+        node = 2 * node + 1 + (X[rows, f[trees, node]] > h[trees, node])
+    values = leaf.reshape(T, inner + 1)[trees, node - inner]
+    acc = np.full(n, bias, np.float32)
+    for t in range(T):  # in tree order, in float32: the kernel's sum
+        acc += values[:, t]
+    out[:] = _sigmoid(acc)
