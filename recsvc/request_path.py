@@ -137,8 +137,8 @@ class RequestPath:
                    n_candidates: int | None = None) -> tuple[Candidates, RowFilter, np.ndarray | None]:
         """Stage 1 for a query: (candidates, the request's filter, the user vector or None)."""
         user_id = q.user_id
-        user_vec = self.user_vector(user_id, q.user_embedding, cfg)
         history = self.state.history(user_id)
+        user_vec = self.user_vector(user_id, q.user_embedding, cfg, history)
         flt = self.row_filter(q, history, cfg)
         recent_rows, recent_w = self.recent(history, cfg)
         cands = self.retriever.candidates(user_vec, recent_rows, recent_w, flt, now_ms,
@@ -168,8 +168,8 @@ class RequestPath:
         random_slice = _in_random_slice(request_id, cfg.exploration.random_share)
         reasons: list[str] = []  # why degraded (metrics)
 
-        user_vec = self.user_vector(user_id, q.user_embedding, cfg)
         history = self.state.history(user_id)
+        user_vec = self.user_vector(user_id, q.user_embedding, cfg, history)
         flt = self.row_filter(q, history, cfg)
 
         # -- stage 1: retrieval
@@ -327,13 +327,14 @@ class RequestPath:
         self._stage_ewma_us[stage] = 0.9 * old + 0.1 * ns / 1000.0
 
     # -- the user and the request's filters --------------------------------------------------------------
-    def user_vector(self, user_id: str, given: Sequence[float] | None, cfg: Config) -> np.ndarray | None:
+    def user_vector(self, user_id: str, given: Sequence[float] | None, cfg: Config,
+                    history: list[tuple[int, int]] | None = None) -> np.ndarray | None:
         """The query's embedding (validated, normalised for a cosine index) or one derived from the
         user's history (recency-weighted with the variant's ``history_half_life``), or None."""
         cat = self.catalog
         if given is not None and len(given) > 0:
             return validated_embedding(given, cat.dim, "user_embedding", cat.normalize, dtype=np.float32)
-        vec = self._history_profile(self.state.history(user_id), cfg)
+        vec = self._history_profile(self.state.history(user_id) if history is None else history, cfg)
         if vec is None:
             return None
         norm = float(np.linalg.norm(vec))
