@@ -590,12 +590,12 @@ class ThompsonPolicy(ExplorationPolicy):
         n = scores.shape[0]
         m = min(self.top_m, n)
         top = np.sort(top_k_indices(scores, m))
-        theta = np.empty(n_draws * m, dtype=np.float64)  # in the order thompson_topk_propensities draws
-        _sampling.sample_beta_batch(rng, np.tile(alpha[top], n_draws), np.tile(beta[top], n_draws), theta)
-        ts = theta.reshape(n_draws, m)
-        w = _weights(scores[top], self.temperature)
-        if w is not None:
-            ts *= w
+        # in the order thompson_topk_propensities draws (row-major, one round per row), weighted
+        ts = np.empty((n_draws, m), dtype=np.float32)
+        shift = np.empty(n_draws, dtype=np.float64)
+        _sampling.thompson_score_draws(rng, np.ascontiguousarray(alpha[top], np.float64),
+                                       np.ascontiguousarray(beta[top], np.float64),
+                                       _weights(scores[top], self.temperature), ts, shift)
         # as _rank_top_m: the rest keep the ranker's order, ending 1 below the draw's lowest top-M score
         base = np.zeros(n, dtype=np.float64)
         if m < n:
@@ -603,7 +603,7 @@ class ThompsonPolicy(ExplorationPolicy):
             rest[top] = False
             s_rest = scores[rest].astype(np.float64)
             base[rest] = s_rest - s_rest.max() - 1.0
-        return ScoreDraws(top, ts.astype(np.float32), base, ts.min(axis=1))
+        return ScoreDraws(top, ts, base, shift)
 
 
 @dataclass(frozen=True)

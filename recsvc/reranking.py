@@ -521,14 +521,19 @@ def slate_inclusion_counts(
     fixed[top_pool] = False
     fixed_idx = np.flatnonzero(fixed)
     fb = base[fixed_idx]
-    fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + plan.boost[fixed_idx])))].astype(np.int32)
+    fboost = plan.boost[fixed_idx]
+    if fboost.any():
+        fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + fboost)))].astype(np.int32)
+    else:  # the same order (boost 0: adjusted = explored; a stable sort keeps ties in index order)
+        fixed_order = fixed_idx[np.argsort(-fb, kind="stable")].astype(np.int32)
     hits = np.zeros(p, np.float64)
     impl = _native if use_native else _twin
     impl.slate_inclusion_counts(
         top_scores, top_pool, top_col, base, shift, fixed_order, plan.boost, plan.categories,
         plan.max_per_category, plan.need, plan.lam, plan.sim, plan.max_sim0, plan.counts0,
         np.empty(p, np.float32), np.empty(p, np.float32), np.empty(p, np.int32), np.empty(p, np.int32),
-        np.empty(p, np.int32), np.empty(p, np.uint8), np.empty(p, np.float32), np.empty_like(plan.counts0), hits,
+        np.empty(p, np.int32), np.empty(p, np.uint8), np.empty(p, np.float32), np.empty_like(plan.counts0),
+        np.empty(fixed_order.size, np.int32), hits,
     )  # fmt: skip
     return hits
 

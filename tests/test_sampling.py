@@ -322,3 +322,24 @@ def test_thompson_topk_propensities_refuses_out_aliasing_an_input():
     a = np.ones(4)
     with pytest.raises(ValueError, match="out must not share memory"):
         exploration.thompson_topk_propensities(a, np.ones(4), 2, np.random.default_rng(0), out=a)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_thompson_score_draws_are_generator_beta_rounds(weighted):
+    """D rounds in one call: Generator.beta over the tiled parameters, weighted, cast, with each round's min."""
+    from recsvc._fastpath import _sampling
+
+    rng = np.random.default_rng(3)
+    m, d = 37, 9
+    alpha = np.concatenate([rng.uniform(0.2, 1.0, 10), rng.uniform(1.0, 200.0, m - 10)])  # every branch
+    beta = np.concatenate([rng.uniform(0.2, 1.0, 5), rng.uniform(1.0, 200.0, m - 5)])
+    w = rng.uniform(0.1, 1.0, m) if weighted else None
+    out, row_min = np.empty((d, m), np.float32), np.empty(d)
+    _sampling.thompson_score_draws(np.random.default_rng(8), alpha, beta, w, out, row_min)
+    ts = np.random.default_rng(8).beta(np.tile(alpha, d), np.tile(beta, d)).reshape(d, m)
+    if weighted:
+        ts *= w
+    np.testing.assert_array_equal(out, ts.astype(np.float32))
+    np.testing.assert_array_equal(row_min, ts.min(axis=1))
+    with pytest.raises(ValueError, match="positive and finite"):
+        _sampling.thompson_score_draws(np.random.default_rng(8), np.r_[alpha[:-1], np.nan], beta, w, out, row_min)

@@ -13,6 +13,8 @@ served item's own round lifts its estimate.
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 
 from conftest import small_config
@@ -225,3 +227,31 @@ def test_ope_validate_on_the_service_log(tmp_path, capsys):
     for est in out["slice_ctr_from_main_log"].values():
         assert {"covers_observed", "intervals_overlap", "ci_low", "ci_high"} <= set(est)
     assert out["diagnostics"]["mean_weight"] < 0.9 and any("never served" in w for w in out["warnings"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=st.integers(1, 120), n_random=st.integers(0, 40), n_cat=st.integers(1, 6), quota=st.integers(0, 4),
+       need=st.integers(0, 30), uncategorised=st.floats(0.0, 0.5), seed=st.integers(0, 2**31 - 1),
+       boosted=st.booleans())
+def test_inclusion_kernel_matches_its_twin_under_quotas(p, n_random, n_cat, quota, need, uncategorised, seed,
+                                                        boosted):
+    """The compiled quota walk reads only each category's first `quota` fixed items, and walks the whole
+    list again for a draw whose quotas cannot fill the slate; the twin always walks the whole pool."""
+    from recsvc.reranking import SelectionPlan
+
+    rng = np.random.default_rng(seed)
+    n_random = min(n_random, p)
+    cats = rng.integers(0, n_cat, p).astype(np.int32)
+    cats[rng.random(p) < uncategorised] = -1  # no quota for these
+    counts0 = rng.integers(0, 2, n_cat).astype(np.int32)
+    boost = (rng.random(p) * 0.3 if boosted else np.zeros(p)).astype(np.float32)
+    plan = SelectionPlan(np.ones(p, bool), {}, need, boost, cats, counts0, quota, 0.0,
+                         np.zeros((0, 0), np.float32), np.full(p, -np.inf, np.float32))
+    top_pool = rng.choice(p, n_random, replace=False).astype(np.int32)
+    top_scores = np.round(rng.random((25, max(n_random, 1))), 1).astype(np.float32)[:, :n_random]  # many ties
+    base = -1.0 - np.round(rng.random(p), 1)
+    shift = rng.random(25)
+    args = (top_scores, top_pool, np.arange(n_random, dtype=np.int32), base, shift, plan)
+    native = slate_inclusion_counts(*args)
+    np.testing.assert_array_equal(native, slate_inclusion_counts(*args, use_native=False))
+    assert native.sum() == 25 * min(need, p)

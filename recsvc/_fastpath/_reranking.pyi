@@ -66,6 +66,7 @@ def slate_inclusion_counts(
     taken: _U8,
     max_sim: _F32,
     counts: _I32,
+    walk: _I32,
     hits: npt.NDArray[np.float64],
 ) -> int:
     """Re-run rerank's selection (boosts, quotas or MMR, the quota-ignoring fill) on each of D draws

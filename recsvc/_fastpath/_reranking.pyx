@@ -336,6 +336,75 @@ cdef inline void _sift_down(int32_t* heap, intp_t size, intp_t pos,
     heap[pos] = top
 
 
+cdef intp_t _quota_walk(
+    const int32_t[::1] top_pool,         # IN  (T,) the random items
+    const int32_t* order,                # IN  (W,) fixed items, best first
+    intp_t W,                            # IN
+    const double[::1] base,              # IN  (p,)
+    double sh,                           # IN  this draw's shift of the fixed items
+    const float32_t[::1] boost,          # IN  (p,)
+    const int32_t[::1] categories,       # IN  (p,)
+    int32_t max_per_category,            # IN
+    intp_t need,                         # IN
+    const int32_t[::1] counts0,          # IN  (C,)
+    float32_t* a,                        # IN/OUT (p,) adjusted scores (random items set by the caller)
+    float32_t* e,                        # IN/OUT (p,) explored scores (random items set by the caller)
+    int32_t* heap,                       # SCRATCH (T,)
+    int32_t* skipped,                    # SCRATCH (p,)
+    int32_t* picked,                     # OUT (need,)
+    int32_t* cnt,                        # SCRATCH (C,)
+    intp_t C,                            # IN
+    bint complete,                       # IN  order is every fixed item (else -1 when it runs out short)
+) noexcept nogil:
+    """One draw's greedy walk under quotas: the random items (a heap) merged with the fixed ones (already
+    in order), then the fill from the skipped ones. The number picked, or -1 (see ``complete``)."""
+    cdef intp_t T = top_pool.shape[0], j, size, n_skip = 0, chosen = 0, r = 0, f, best
+    cdef int32_t c
+    for j in range(C):
+        cnt[j] = counts0[j]
+    for j in range(T):
+        heap[j] = top_pool[j]
+    size = T
+    j = T // 2
+    while j > 0:
+        j -= 1
+        _sift_down(heap, size, j, a, e)
+    while chosen < need:
+        f = -1
+        if r < W:
+            f = order[r]
+            e[f] = <float32_t> (base[f] + sh)
+            a[f] = e[f] + boost[f]
+        if size > 0 and (f < 0 or _before(heap[0], f, a, e)):
+            best = heap[0]
+            size -= 1
+            if size > 0:
+                heap[0] = heap[size]
+                _sift_down(heap, size, 0, a, e)
+        elif f >= 0:
+            best = f
+            r += 1
+        else:
+            break
+        c = categories[best]
+        if _at_quota(c, max_per_category, cnt, C):
+            skipped[n_skip] = <int32_t> best
+            n_skip += 1
+            continue
+        _count(c, cnt, C)
+        picked[chosen] = <int32_t> best
+        chosen += 1
+    if chosen < need and not complete:
+        return -1
+    # quotas could not fill the slate: the skipped ones, in order, ignoring them
+    j = 0
+    while chosen < need and j < n_skip:
+        picked[chosen] = skipped[j]
+        chosen += 1
+        j += 1
+    return chosen
+
+
 cdef intp_t _slate_inclusion_counts(
     const float32_t[:, ::1] top_scores,  # IN  (D, M) explored scores of the random items, one row per draw
     const int32_t[::1] top_pool,         # IN  (T,) pool index of each random item in the pool
@@ -359,21 +428,24 @@ cdef intp_t _slate_inclusion_counts(
     uint8_t[::1] taken,                  # SCRATCH (p,)
     float32_t[::1] max_sim,              # SCRATCH (p,)
     int32_t[::1] counts,                 # SCRATCH (C,)
+    int32_t[::1] walk,                   # SCRATCH (F,)
     double[::1] hits,                    # IN/OUT (p,) += 1 for every draw whose slate holds the item
 ) noexcept nogil:
     cdef intp_t D = top_scores.shape[0], M = top_scores.shape[1], T = top_pool.shape[0]
     cdef intp_t p = base.shape[0], F = fixed_order.shape[0], C = counts0.shape[0]
-    cdef intp_t d, i, j, size, n_skip, chosen, best, step, r, f
+    cdef intp_t d, i, j, size, n_skip, chosen, best, step, r, f, W
     cdef int32_t c
     cdef int32_t* cnt = &counts[0] if C > 0 else NULL
+    cdef const int32_t* order
     cdef float32_t* e
     cdef float32_t* a
     cdef double val, best_val, pen, sh
+    cdef bint pruned
     if (boost.shape[0] != p or categories.shape[0] != p or max_sim0.shape[0] != p or top_col.shape[0] != T
             or shift.shape[0] != D or adj.shape[0] != p or expl.shape[0] != p or heap.shape[0] != p
             or skipped.shape[0] != p or picked.shape[0] != p or taken.shape[0] != p
             or max_sim.shape[0] != p or counts.shape[0] != C or hits.shape[0] != p or need < 0
-            or T + F != p):
+            or T + F != p or walk.shape[0] != F):
         return BAD_SHAPE
     if lam > 0 and (sim.shape[0] != p or sim.shape[1] != p):
         return BAD_SHAPE
@@ -387,6 +459,27 @@ cdef intp_t _slate_inclusion_counts(
         return 0
     a = &adj[0]
     e = &expl[0]
+    # Under quotas only the first max_per_category fixed items of a category can be picked by the
+    # walk: a later one comes after that many of its category, each picked (the quota is then full)
+    # or skipped (it already was), and counts only grow. The walk runs on that short list; a draw
+    # whose walk cannot fill the slate (the fill then needs every skipped item) runs again on the
+    # full list. Same slates, O(T + C * quota) per draw where the full list walks the pool.
+    W = F
+    pruned = False
+    if lam <= 0 and max_per_category > 0 and C > 0:
+        for j in range(C):
+            cnt[j] = 0
+        W = 0
+        for r in range(F):
+            f = fixed_order[r]
+            c = categories[f]
+            if c >= 0 and c < C:
+                if cnt[c] >= max_per_category:
+                    continue
+                cnt[c] += 1
+            walk[W] = <int32_t> f
+            W += 1
+        pruned = W < F
     for d in range(D):
         sh = shift[d]
         if lam > 0:
@@ -400,47 +493,13 @@ cdef intp_t _slate_inclusion_counts(
             cnt[j] = counts0[j]
         chosen = 0
         if lam <= 0:
-            # merge the random items (a heap) with the fixed ones (already in order)
-            for j in range(T):
-                heap[j] = top_pool[j]
-            size = T
-            j = T // 2
-            while j > 0:
-                j -= 1
-                _sift_down(&heap[0], size, j, a, e)
-            n_skip = 0
-            r = 0
-            while chosen < need:
-                f = -1
-                if r < F:
-                    f = fixed_order[r]
-                    e[f] = <float32_t> (base[f] + sh)
-                    a[f] = e[f] + boost[f]
-                if size > 0 and (f < 0 or _before(heap[0], f, a, e)):
-                    best = heap[0]
-                    size -= 1
-                    if size > 0:
-                        heap[0] = heap[size]
-                        _sift_down(&heap[0], size, 0, a, e)
-                elif f >= 0:
-                    best = f
-                    r += 1
-                else:
-                    break
-                c = categories[best]
-                if _at_quota(c, max_per_category, cnt, C):
-                    skipped[n_skip] = <int32_t> best
-                    n_skip += 1
-                    continue
-                _count(c, cnt, C)
-                picked[chosen] = <int32_t> best
-                chosen += 1
-            # quotas could not fill the slate: the skipped ones, in order, ignoring them
-            j = 0
-            while chosen < need and j < n_skip:
-                picked[chosen] = skipped[j]
-                chosen += 1
-                j += 1
+            chosen = _quota_walk(top_pool, &walk[0] if pruned else &fixed_order[0], W if pruned else F,
+                                 base, sh, boost, categories, max_per_category, need, counts0, a, e,
+                                 &heap[0], &skipped[0], &picked[0], cnt, C, not pruned)
+            if chosen < 0:  # the short list ran out: this draw needs the full one
+                chosen = _quota_walk(top_pool, &fixed_order[0], F, base, sh, boost, categories,
+                                     max_per_category, need, counts0, a, e, &heap[0], &skipped[0],
+                                     &picked[0], cnt, C, True)
         else:
             for i in range(p):
                 a[i] = e[i] + boost[i]
@@ -504,6 +563,7 @@ def slate_inclusion_counts(
     uint8_t[::1] taken,
     float32_t[::1] max_sim,
     int32_t[::1] counts,
+    int32_t[::1] walk,
     double[::1] hits,
 ):
     """Re-run rerank's selection on each draw of the explored scores and add 1 to
@@ -512,6 +572,7 @@ def slate_inclusion_counts(
     with nogil:
         status = _slate_inclusion_counts(
             top_scores, top_pool, top_col, base, shift, fixed_order, boost, categories, max_per_category,
-            need, lam, sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, hits,
+            need, lam, sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, walk,
+            hits,
         )
     return _check(status)

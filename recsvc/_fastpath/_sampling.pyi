@@ -42,3 +42,14 @@ def thompson_topk_propensities(
 ) -> None:
     """out[i] = fraction of ``n_draws`` Thompson rounds in which candidate i is in
     the top k of ``base_scores * theta`` (ties: lower index first)."""
+
+def thompson_score_draws(
+    gen: np.random.Generator,
+    alpha: _F64,
+    beta: _F64,
+    base_scores: _F64 | None,
+    out: npt.NDArray[np.float32],
+    row_min: _F64,
+) -> None:
+    """out[d, i] = float32(base_scores[i] * theta_di), row_min[d] = the round's lowest (float64); the
+    draws are ``gen.beta(np.tile(alpha, D), np.tile(beta, D))``'s, bit for bit."""

@@ -35,7 +35,7 @@ from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport INFINITY, log, sqrt
 from numpy.random cimport bitgen_t
 
-from recsvc._fastpath._typedefs cimport float64_t, intp_t, uint64_t
+from recsvc._fastpath._typedefs cimport float32_t, float64_t, intp_t, uint64_t
 
 import numpy as np
 
@@ -455,6 +455,70 @@ def thompson_topk_propensities(
             if status == OK:
                 for i in range(m):
                     out[i] = <float64_t> counts[i] / n_draws
+    finally:
+        PyMem_Free(plans)
+    if status != OK:
+        i = _first_bad_parameter(alpha, beta)
+        _raise_bad_parameter(i, alpha[i], beta[i])
+
+
+# --------------------------------------------------------------------------
+# Thompson score draws for the final-slate propensities
+
+cdef int _thompson_score_draws(
+    bitgen_t *rng,
+    const float64_t[::1] alpha,          # IN  (m,)
+    const float64_t[::1] beta,           # IN  (m,)
+    const float64_t[::1] base_scores,    # IN  (m,) or None: weights >= 0
+    BetaPlan *plans,                     # SCRATCH (m,)
+    float32_t[:, ::1] out,               # OUT (D, m) float32(base_i * theta_di)
+    float64_t[::1] row_min,              # OUT (D,) min_i base_i * theta_di (in float64)
+) noexcept nogil:
+    cdef intp_t d, i, m = alpha.shape[0], D = out.shape[0]
+    cdef bint weighted = base_scores is not None
+    cdef float64_t s, lo
+    if _first_bad_parameter(alpha, beta) >= 0:
+        return BAD_PARAMETER
+    for i in range(m):
+        _plan_beta(&plans[i], alpha[i], beta[i])
+    for d in range(D):
+        lo = INFINITY
+        for i in range(m):
+            s = _beta_draw(rng, &plans[i])
+            if weighted:
+                s = s * base_scores[i]
+            out[d, i] = <float32_t> s
+            if s < lo:
+                lo = s
+        row_min[d] = lo
+    return OK
+
+
+def thompson_score_draws(
+    gen,
+    const float64_t[::1] alpha,          # IN  (m,)
+    const float64_t[::1] beta,           # IN  (m,)
+    const float64_t[::1] base_scores,    # IN  (m,) or None
+    float32_t[:, ::1] out,               # OUT (D, m)
+    float64_t[::1] row_min,              # OUT (D,)
+):
+    """D rounds of Thompson scores: out[d, i] = float32(base_scores[i] * theta_di) and row_min[d] the
+    round's lowest score (float64), theta_di ~ Beta(alpha[i], beta[i]) drawn row-major: the same draws,
+    bit for bit, as ``Generator.beta(np.tile(alpha, D), np.tile(beta, D))``."""
+    cdef intp_t m = alpha.shape[0]
+    cdef intp_t i
+    cdef int status = OK
+    cdef object bit_generator = _bit_generator_of(gen)
+    cdef bitgen_t *rng = _bitgen_of(bit_generator)
+    if beta.shape[0] != m or out.shape[1] != m or row_min.shape[0] != out.shape[0] or (
+            base_scores is not None and base_scores.shape[0] != m):
+        raise ValueError("thompson_score_draws: alpha, beta, base_scores, out and row_min disagree in shape")
+    cdef BetaPlan *plans = <BetaPlan *> PyMem_Malloc(max(m, 1) * sizeof(BetaPlan))
+    if plans == NULL:
+        raise MemoryError()
+    try:
+        with bit_generator.lock, nogil:
+            status = _thompson_score_draws(rng, alpha, beta, base_scores, plans, out, row_min)
     finally:
         PyMem_Free(plans)
     if status != OK:
