@@ -527,13 +527,17 @@ def slate_inclusion_counts(
     else:  # the same order (boost 0: adjusted = explored; a stable sort keeps ties in index order)
         fixed_order = fixed_idx[np.argsort(-fb, kind="stable")].astype(np.int32)
     hits = np.zeros(p, np.float64)
+    # the kernel's per-draw buffers (each category's first max_per_category random items), when small
+    C, maxpc = plan.counts0.size, int(plan.max_per_category)
+    nq = C * maxpc if plan.lam <= 0 and 0 < maxpc and C * maxpc <= 1 << 20 else 0
     impl = _native if use_native else _twin
     impl.slate_inclusion_counts(
         top_scores, top_pool, top_col, base, shift, fixed_order, plan.boost, plan.categories,
         plan.max_per_category, plan.need, plan.lam, plan.sim, plan.max_sim0, plan.counts0,
         np.empty(p, np.float32), np.empty(p, np.float32), np.empty(p, np.int32), np.empty(p, np.int32),
         np.empty(p, np.int32), np.empty(p, np.uint8), np.empty(p, np.float32), np.empty_like(plan.counts0),
-        np.empty(fixed_order.size, np.int32), hits,
+        np.empty(fixed_order.size, np.int32), np.empty(top_pool.size, np.int32), np.empty(nq, np.int32),
+        np.zeros(C, np.int32), hits,
     )  # fmt: skip
     return hits
 

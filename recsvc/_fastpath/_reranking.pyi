@@ -67,6 +67,9 @@ def slate_inclusion_counts(
     max_sim: _F32,
     counts: _I32,
     walk: _I32,
+    kept: _I32,
+    qbuf: _I32,
+    qlen: _I32,
     hits: npt.NDArray[np.float64],
 ) -> int:
     """Re-run rerank's selection (boosts, quotas or MMR, the quota-ignoring fill) on each of D draws

@@ -337,7 +337,8 @@ cdef inline void _sift_down(int32_t* heap, intp_t size, intp_t pos,
 
 
 cdef intp_t _quota_walk(
-    const int32_t[::1] top_pool,         # IN  (T,) the random items
+    const int32_t* drawn,                # IN  (T,) the random items (any order)
+    intp_t T,                            # IN
     const int32_t* order,                # IN  (W,) fixed items, best first
     intp_t W,                            # IN
     const double[::1] base,              # IN  (p,)
@@ -358,12 +359,12 @@ cdef intp_t _quota_walk(
 ) noexcept nogil:
     """One draw's greedy walk under quotas: the random items (a heap) merged with the fixed ones (already
     in order), then the fill from the skipped ones. The number picked, or -1 (see ``complete``)."""
-    cdef intp_t T = top_pool.shape[0], j, size, n_skip = 0, chosen = 0, r = 0, f, best
+    cdef intp_t j, size, n_skip = 0, chosen = 0, r = 0, f, best
     cdef int32_t c
     for j in range(C):
         cnt[j] = counts0[j]
     for j in range(T):
-        heap[j] = top_pool[j]
+        heap[j] = drawn[j]
     size = T
     j = T // 2
     while j > 0:
@@ -405,6 +406,51 @@ cdef intp_t _quota_walk(
     return chosen
 
 
+cdef intp_t _first_per_category(
+    const int32_t[::1] top_pool,         # IN  (T,) the random items
+    const int32_t[::1] categories,       # IN  (p,)
+    int32_t Q,                           # IN  > 0: the quota
+    intp_t C,                            # IN
+    const float32_t* a,                  # IN  (p,) this draw's adjusted scores
+    const float32_t* e,                  # IN  (p,) this draw's explored scores
+    int32_t* qbuf,                       # SCRATCH (C * Q,)
+    int32_t* qlen,                       # SCRATCH (C,) all 0 on entry and on return
+    int32_t* kept,                       # OUT (<= T,) the random items a quota walk can pick
+) noexcept nogil:
+    """This draw's random items that can be picked under quotas: each category's first Q (in this
+    draw's order) and every item without a quota. How many, in ``kept``."""
+    cdef intp_t T = top_pool.shape[0], j, n = 0
+    cdef int32_t i, c, L, pos
+    cdef int32_t* buf
+    for j in range(T):
+        i = top_pool[j]
+        c = categories[i]
+        if c < 0 or c >= C:
+            kept[n] = i
+            n += 1
+            continue
+        buf = &qbuf[c * Q]
+        L = qlen[c]
+        if L == Q:
+            if not _before(i, buf[Q - 1], a, e):
+                continue
+            L -= 1  # the last one drops out
+        pos = L
+        while pos > 0 and _before(i, buf[pos - 1], a, e):
+            buf[pos] = buf[pos - 1]
+            pos -= 1
+        buf[pos] = i
+        qlen[c] = L + 1
+    for j in range(T):
+        c = categories[top_pool[j]]
+        if c >= 0 and c < C and qlen[c] > 0:
+            for pos in range(qlen[c]):
+                kept[n] = qbuf[c * Q + pos]
+                n += 1
+            qlen[c] = 0
+    return n
+
+
 cdef intp_t _slate_inclusion_counts(
     const float32_t[:, ::1] top_scores,  # IN  (D, M) explored scores of the random items, one row per draw
     const int32_t[::1] top_pool,         # IN  (T,) pool index of each random item in the pool
@@ -429,6 +475,9 @@ cdef intp_t _slate_inclusion_counts(
     float32_t[::1] max_sim,              # SCRATCH (p,)
     int32_t[::1] counts,                 # SCRATCH (C,)
     int32_t[::1] walk,                   # SCRATCH (F,)
+    int32_t[::1] kept,                   # SCRATCH (T,)
+    int32_t[::1] qbuf,                   # SCRATCH (C * max_per_category,), or (0,): no per-draw pruning
+    int32_t[::1] qlen,                   # SCRATCH (C,) zeros
     double[::1] hits,                    # IN/OUT (p,) += 1 for every draw whose slate holds the item
 ) noexcept nogil:
     cdef intp_t D = top_scores.shape[0], M = top_scores.shape[1], T = top_pool.shape[0]
@@ -440,12 +489,15 @@ cdef intp_t _slate_inclusion_counts(
     cdef float32_t* e
     cdef float32_t* a
     cdef double val, best_val, pen, sh
-    cdef bint pruned
+    cdef bint pruned, per_draw
+    cdef intp_t nk
     if (boost.shape[0] != p or categories.shape[0] != p or max_sim0.shape[0] != p or top_col.shape[0] != T
             or shift.shape[0] != D or adj.shape[0] != p or expl.shape[0] != p or heap.shape[0] != p
             or skipped.shape[0] != p or picked.shape[0] != p or taken.shape[0] != p
             or max_sim.shape[0] != p or counts.shape[0] != C or hits.shape[0] != p or need < 0
-            or T + F != p or walk.shape[0] != F):
+            or T + F != p or walk.shape[0] != F or kept.shape[0] != T or qlen.shape[0] != C
+            or (qbuf.shape[0] != 0 and (max_per_category <= 0
+                                        or qbuf.shape[0] != C * <intp_t> max_per_category))):
         return BAD_SHAPE
     if lam > 0 and (sim.shape[0] != p or sim.shape[1] != p):
         return BAD_SHAPE
@@ -480,6 +532,10 @@ cdef intp_t _slate_inclusion_counts(
             walk[W] = <int32_t> f
             W += 1
         pruned = W < F
+        for j in range(C):
+            qlen[j] = 0
+    # Likewise each draw's random items: only each category's first max_per_category can be picked.
+    per_draw = lam <= 0 and max_per_category > 0 and C > 0 and qbuf.shape[0] > 0
     for d in range(D):
         sh = shift[d]
         if lam > 0:
@@ -493,11 +549,16 @@ cdef intp_t _slate_inclusion_counts(
             cnt[j] = counts0[j]
         chosen = 0
         if lam <= 0:
-            chosen = _quota_walk(top_pool, &walk[0] if pruned else &fixed_order[0], W if pruned else F,
+            nk = T
+            if per_draw:
+                nk = _first_per_category(top_pool, categories, max_per_category, C, a, e, &qbuf[0], &qlen[0],
+                                         &kept[0])
+            chosen = _quota_walk(&kept[0] if per_draw else &top_pool[0], nk,
+                                 &walk[0] if pruned else &fixed_order[0], W if pruned else F,
                                  base, sh, boost, categories, max_per_category, need, counts0, a, e,
-                                 &heap[0], &skipped[0], &picked[0], cnt, C, not pruned)
-            if chosen < 0:  # the short list ran out: this draw needs the full one
-                chosen = _quota_walk(top_pool, &fixed_order[0], F, base, sh, boost, categories,
+                                 &heap[0], &skipped[0], &picked[0], cnt, C, not (pruned or nk < T))
+            if chosen < 0:  # a short list ran out: this draw needs the full ones
+                chosen = _quota_walk(&top_pool[0], T, &fixed_order[0], F, base, sh, boost, categories,
                                      max_per_category, need, counts0, a, e, &heap[0], &skipped[0],
                                      &picked[0], cnt, C, True)
         else:
@@ -564,6 +625,9 @@ def slate_inclusion_counts(
     float32_t[::1] max_sim,
     int32_t[::1] counts,
     int32_t[::1] walk,
+    int32_t[::1] kept,
+    int32_t[::1] qbuf,
+    int32_t[::1] qlen,
     double[::1] hits,
 ):
     """Re-run rerank's selection on each draw of the explored scores and add 1 to
@@ -573,6 +637,6 @@ def slate_inclusion_counts(
         status = _slate_inclusion_counts(
             top_scores, top_pool, top_col, base, shift, fixed_order, boost, categories, max_per_category,
             need, lam, sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, walk,
-            hits,
+            kept, qbuf, qlen, hits,
         )
     return _check(status)

@@ -37,5 +37,9 @@ class Candidates:
         )
 
     def source_names(self, i: int) -> list[str]:
-        mask = int(self.sources[i])
-        return [name for b, name in enumerate(SOURCE_NAMES) if mask >> b & 1]
+        return list(_NAMES_OF_MASK[int(self.sources[i])])
+
+
+#: source bit mask -> the names of its sources, in SOURCE_NAMES order (one lookup per served item)
+_NAMES_OF_MASK = tuple(tuple(name for b, name in enumerate(SOURCE_NAMES) if mask >> b & 1)
+                       for mask in range(1 << len(SOURCE_NAMES)))

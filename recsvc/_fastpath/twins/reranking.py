@@ -118,7 +118,7 @@ def mmr_select(
 
 def slate_inclusion_counts(
     top_scores, top_pool, top_col, base, shift, fixed_order, boost, categories, max_per_category, need, lam,
-    sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, walk, hits,
+    sim, max_sim0, counts0, adj, expl, heap, skipped, picked, taken, max_sim, counts, walk, kept, qbuf, qlen, hits,
 ) -> int:
     """Per draw: the full explored vector, the pool in explored order, then the selection as rerank runs it."""
     D = top_scores.shape[0]
