@@ -41,7 +41,10 @@ def engines(tmp_path_factory, clock_ms=1_795_910_400_000):
         if policy not in made:
             tmp = tmp_path_factory.mktemp(policy)
             cfg = small_config(tmp, exploration={"policy": policy, "epsilon": 0.3, "propensity_draws": DRAWS},
-                               retrieval={"n_candidates": 150})
+                               retrieval={"n_candidates": 150},
+                               # no deadline degradation on a loaded host: every serve is the same policy
+                               budgets={"total_ms": 1e6, "candidates_ms": 1e6, "ranking_ms": 1e6,
+                                        "reranking_ms": 1e6})
             eng = Engine.from_config(cfg, clock=lambda: clock_ms)
             probe = [i.item_id for i in eng.recommend(RecommendQuery(user_id="probe", n=30)).items]
             made[policy] = (eng, probe)
