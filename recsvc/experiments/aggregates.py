@@ -22,6 +22,19 @@ Kept per arm:
   The series follows processing order: an update stamped earlier than the
   latest day seen (a late event) is counted in the latest day.
 
+**Pre-period values (CUPED).** Every accepted feedback event of any user — in an experiment or not —
+also goes into a per-user table of daily activity (impressions, clicks, conversions, value per UTC
+day; :meth:`ExperimentAggregates.record_activity`), kept for the last ``pre_days`` days
+(``experiments.cuped_pre_days``). When a user is first exposed to an arm (its first served slate
+there), the arm copies that user's sums over the ``pre_days`` whole UTC days before the day of the
+exposure into the user's row (``pre_impressions``, ``pre_clicks``, ``pre_conversions``,
+``pre_value``): values fixed before the treatment could act, hence independent of the arm — what
+CUPED (Deng et al. 2013) needs. The day of the exposure itself is left out, so an event stamped
+after the exposure can never enter it. A user with no activity in the window gets zeros (still a
+valid covariate value; the report says how many users had any). The table follows the log: feedback
+and served slates are applied in log order live, on replay and on every replica of a shared log, so
+each user's pre-period values are the same everywhere; it is part of the snapshot.
+
 ``value`` is summed for every event type (usually only conversions carry one).
 Impressions are the impression events callers report; ``slates`` and
 ``items_served`` count what the engine served.
@@ -39,11 +52,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["ArmData", "EVENT_TYPES", "ExperimentAggregates", "TOTAL_FIELDS", "DAY_MS"]
+__all__ = ["ArmData", "EVENT_TYPES", "ExperimentAggregates", "PER_USER_FIELDS", "PRE_FIELDS", "TOTAL_FIELDS",
+           "DAY_MS"]
 
 EVENT_TYPES = ("impression", "click", "conversion")
 DAY_MS = 86_400_000
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: per-user pre-period values and the activity table (1 is still read: zeros)
 
 #: Cumulative fields kept per arm (totals and each day of the daily series).
 TOTAL_FIELDS = (
@@ -69,8 +83,12 @@ TOTAL_FIELDS = (
     _USERS, _SLATES, _ITEMS, _IMPR, _CLICKS, _CONV, _VALUE, _VALUE_SQ, _CLICKS_SQ, _IMPR_SQ, _CLICKS_X_IMPR,
     _CONV_SQ, _CONV_X_IMPR, _DIV_SUM, _DIV_N, _NOV_SUM, _NOV_N,
 ) = range(len(TOTAL_FIELDS))
-PER_USER_FIELDS = ("slates", "impressions", "clicks", "conversions", "value")
+PER_USER_FIELDS = ("slates", "impressions", "clicks", "conversions", "value",
+                   "pre_impressions", "pre_clicks", "pre_conversions", "pre_value")
 _U_SLATES, _U_IMPRESSIONS, _U_CLICKS, _U_CONVERSIONS, _U_VALUE = range(5)
+#: The per-user pre-period fields (CUPED covariates), in the order of the activity table's day rows.
+PRE_FIELDS = PER_USER_FIELDS[5:]
+_ACTIVITY_INDEX = {"impression": 0, "click": 1, "conversion": 2}
 
 
 @dataclass(frozen=True)
@@ -84,10 +102,11 @@ class ArmData:
     exposure: np.ndarray  # int64 counts of the rows served at least once
     days: np.ndarray  # int64 UTC day numbers, ascending
     daily: dict[str, np.ndarray]  # TOTAL_FIELDS → float64[len(days)], cumulative
+    pre_days: int = 0  # the pre-period (days before first exposure) of the latest first exposure; 0 = none
 
 
 class _Arm:
-    __slots__ = ("users", "totals", "exposure", "daily", "last_day")
+    __slots__ = ("users", "totals", "exposure", "daily", "last_day", "pre_days")
 
     def __init__(self) -> None:
         # user id -> [slates, impressions, clicks, conversions, value]; plain lists because
@@ -97,6 +116,7 @@ class _Arm:
         self.exposure: dict[int, int] = {}  # catalog row -> times served
         self.daily: dict[int, list[float]] = {}
         self.last_day: int | None = None
+        self.pre_days = 0
 
     def roll(self, now_ms: int) -> None:
         day = now_ms // DAY_MS
@@ -106,10 +126,10 @@ class _Arm:
             self.daily[self.last_day] = list(self.totals)
             self.last_day = day
 
-    def user(self, user_id: str) -> list:
+    def user(self, user_id: str, pre: Sequence[float] = (0, 0, 0, 0.0)) -> list:
         row = self.users.get(user_id)
         if row is None:
-            row = self.users[user_id] = [0, 0, 0, 0, 0.0]
+            row = self.users[user_id] = [0, 0, 0, 0, 0.0, *pre]
             self.totals[_USERS] += 1
         return row
 
@@ -129,6 +149,9 @@ class ExperimentAggregates:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._arms: dict[tuple[str, str], _Arm] = {}
+        # user id -> UTC day -> [impressions, clicks, conversions, value] (CUPED pre-periods)
+        self._activity: dict[str, dict[int, list[float]]] = {}
+        self._activity_day: int | None = None  # the latest day seen by record_activity
 
     # ------------------------------------------------------------------ recording
 
@@ -140,9 +163,13 @@ class ExperimentAggregates:
         now_ms: int,
         diversity: float | None = None,
         novelty: float | None = None,
+        pre_days: int = 0,
     ) -> None:
         """Count one served slate: catalog ``item_rows`` (int array), its intra-list
-        ``diversity`` and mean self-information ``novelty`` (both optional, precomputed)."""
+        ``diversity`` and mean self-information ``novelty`` (both optional, precomputed).
+
+        A user new to an arm gets, as pre-period values, their activity over the ``pre_days`` UTC days
+        before ``now_ms``'s day (see the module docstring; 0: none)."""
         if not arms:
             return
         rows = np.asarray(item_rows)
@@ -158,7 +185,11 @@ class ExperimentAggregates:
             for key in arm_keys:
                 arm = self._arm(key)
                 arm.roll(now_ms)
-                arm.user(user_id)[_U_SLATES] += 1
+                row = arm.users.get(user_id)
+                if row is None:
+                    row = arm.user(user_id, self._pre_values(user_id, now_ms // DAY_MS, pre_days))
+                    arm.pre_days = pre_days
+                row[_U_SLATES] += 1
                 t = arm.totals
                 t[_SLATES] += 1
                 t[_ITEMS] += len(row_list)
@@ -192,7 +223,7 @@ class ExperimentAggregates:
                 arm = self._arm(key)
                 arm.roll(now_ms)
                 pu, t = arm.user(user_id), arm.totals
-                _, n, c, k, v = pu
+                n, c, k, v = pu[_U_IMPRESSIONS], pu[_U_CLICKS], pu[_U_CONVERSIONS], pu[_U_VALUE]
                 if event_type == "impression":
                     pu[_U_IMPRESSIONS] = n + 1
                     t[_IMPR] += 1
@@ -214,6 +245,63 @@ class ExperimentAggregates:
                     t[_VALUE] += value
                     t[_VALUE_SQ] += value * (2 * v + value)
 
+    def record_activity(
+        self, user_id: str, labels: Sequence[str], value: float, ts_ms: int, pre_days: int
+    ) -> None:
+        """Count one accepted feedback event of any user in the activity table (CUPED pre-periods):
+        ``labels`` are what it counts as (``"impression"``, ``"click"``, ``"conversion"``; see
+        :func:`recsvc.state.records.count_for_experiment`), ``value`` goes with it, on the UTC day of
+        ``ts_ms``. Days older than ``pre_days`` before the latest day seen are dropped (an event stamped
+        that far back is ignored); ``pre_days`` = 0 keeps nothing."""
+        if pre_days <= 0 or not labels:
+            return
+        value = _optional_finite(value, "value") or 0.0
+        day = int(ts_ms) // DAY_MS
+        with self._lock:
+            latest = self._activity_day
+            if latest is None or day > latest:
+                self._activity_day = latest = day
+                self._prune_activity(day - pre_days)
+            if day < latest - pre_days:
+                return
+            days = self._activity.get(user_id)
+            if days is None:
+                days = self._activity[user_id] = {}
+            row = days.get(day)
+            if row is None:
+                row = days[day] = [0, 0, 0, 0.0]
+            for label in labels:
+                row[_ACTIVITY_INDEX[label]] += 1
+            if value:
+                row[3] += value
+
+    def activity_users(self) -> int:
+        """Users in the activity table (memory: about 250 bytes per user-day)."""
+        with self._lock:
+            return len(self._activity)
+
+    def _prune_activity(self, oldest_day: int) -> None:
+        """Drop days before ``oldest_day`` (once per new day: O(users in the table))."""
+        empty = []
+        for user, days in self._activity.items():
+            for d in [d for d in days if d < oldest_day]:
+                del days[d]
+            if not days:
+                empty.append(user)
+        for user in empty:
+            del self._activity[user]
+
+    def _pre_values(self, user_id: str, day0: int, pre_days: int) -> list:
+        """A user's activity summed over the days [day0 - pre_days, day0)."""
+        out = [0, 0, 0, 0.0]
+        days = self._activity.get(user_id) if pre_days > 0 else None
+        if days:
+            for d, row in days.items():
+                if day0 - pre_days <= d < day0:
+                    for i in range(4):
+                        out[i] += row[i]
+        return out
+
     # ------------------------------------------------------------------ reading
 
     def arms(self) -> list[tuple[str, str]]:
@@ -233,9 +321,10 @@ class ExperimentAggregates:
             exposure = np.fromiter(arm.exposure.values(), dtype=np.int64, count=len(arm.exposure))
             days, matrix = arm.series()
             totals = dict(zip(TOTAL_FIELDS, arm.totals))
+            pre_days = arm.pre_days
         per_user = {name: matrix_u[:, i].copy() for i, name in enumerate(PER_USER_FIELDS)}
         daily = {name: matrix[:, i] for i, name in enumerate(TOTAL_FIELDS)}
-        return ArmData(experiment, variant, totals, per_user, exposure, days, daily)
+        return ArmData(experiment, variant, totals, per_user, exposure, days, daily, pre_days)
 
     # ------------------------------------------------------------------ persistence
 
@@ -252,6 +341,7 @@ class ExperimentAggregates:
                         "experiment": exp,
                         "variant": var,
                         "users": list(arm.users),  # dict order = row order
+                        "pre_days": arm.pre_days,
                         "per_user": {name: [r[i] for r in rows_u] for i, name in enumerate(PER_USER_FIELDS)},
                         "totals": dict(zip(TOTAL_FIELDS, arm.totals)),
                         "exposure": {"rows": exposed, "counts": [arm.exposure[r] for r in exposed]},
@@ -261,12 +351,20 @@ class ExperimentAggregates:
                         },
                     }
                 )
-        return {"version": _FORMAT_VERSION, "arms": arms}
+            users = list(self._activity)
+            activity = {
+                "latest_day": self._activity_day,
+                "users": users,
+                "days": [list(self._activity[u]) for u in users],
+                "values": [[list(r) for r in self._activity[u].values()] for u in users],
+            }
+        return {"version": _FORMAT_VERSION, "arms": arms, "activity": activity}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentAggregates":
         """Restore a :meth:`to_dict` snapshot."""
-        if data.get("version") != _FORMAT_VERSION:
+        version = data.get("version")
+        if version not in (1, _FORMAT_VERSION):
             raise ValueError(
                 f"experiment aggregates snapshot: unsupported version {data.get('version')!r} "
                 f"(expected {_FORMAT_VERSION})"
@@ -279,14 +377,19 @@ class ExperimentAggregates:
                 users = [str(u) for u in a["users"]]
                 columns_u = []
                 for name in PER_USER_FIELDS:
-                    col = a["per_user"][name]
+                    if version == 1 and name in PRE_FIELDS:
+                        col = [0] * len(users)  # written before pre-periods were collected
+                    else:
+                        col = a["per_user"][name]
                     if len(col) != len(users):
                         raise ValueError(f"per_user.{name} has {len(col)} values for {len(users)} users")
-                    columns_u.append([float(x) for x in col] if name == "value" else [int(x) for x in col])
+                    columns_u.append([float(x) for x in col] if name in ("value", "pre_value")
+                                     else [int(x) for x in col])
                 arm.users = {u: list(r) for u, r in zip(users, zip(*columns_u))}
                 if len(arm.users) != len(users):
                     raise ValueError("duplicate user ids")
                 arm.totals = [float(a["totals"][name]) for name in TOTAL_FIELDS]
+                arm.pre_days = int(a.get("pre_days", 0))
                 rows, counts = a["exposure"]["rows"], a["exposure"]["counts"]
                 if len(rows) != len(counts):
                     raise ValueError("exposure rows and counts differ in length")
@@ -301,6 +404,20 @@ class ExperimentAggregates:
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 raise ValueError(f"{where}: malformed ({exc})") from None
             out._arms[(str(a["experiment"]), str(a["variant"]))] = arm
+        act = data.get("activity")
+        if act:
+            try:
+                latest = act["latest_day"]
+                out._activity_day = None if latest is None else int(latest)
+                if not len(act["users"]) == len(act["days"]) == len(act["values"]):
+                    raise ValueError("users, days and values differ in length")
+                for user, days, values in zip(act["users"], act["days"], act["values"]):
+                    if len(days) != len(values):
+                        raise ValueError(f"user {user!r}: days and values differ in length")
+                    out._activity[str(user)] = {
+                        int(d): [int(v[0]), int(v[1]), int(v[2]), float(v[3])] for d, v in zip(days, values)}
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ValueError(f"experiment aggregates snapshot: activity: malformed ({exc})") from None
         return out
 
     # ------------------------------------------------------------------ internals
