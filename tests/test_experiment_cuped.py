@@ -11,8 +11,7 @@ from recsvc.config import Config
 from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
 from recsvc.experiments import ExperimentAggregates, ExperimentSet, report
 from recsvc.experiments.aggregates import DAY_MS
-from recsvc.experiments.stats import (clustered_ratio_test, cuped_mean_test, cuped_ratio_test, msprt_two_proportions,
-                                      welch_ttest)
+from recsvc.experiments.stats import clustered_ratio_test, cuped_mean_test, cuped_ratio_test, welch_ttest
 
 from conftest import small_config
 

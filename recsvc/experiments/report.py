@@ -18,8 +18,7 @@ For every experiment in the :class:`ExperimentSet` (or the one asked for):
      (delta-method) variances, since a returning user's impressions are not
      independent; the relative lift's interval is a log-ratio interval, withheld
      below ``MIN_EVENTS_FOR_LIFT_CI`` events per arm. The report gives each arm's
-     design effect (clustered ÷ binomial variance) and warns above 1.2, since the
-     sequential test still treats impressions as independent;
+     design effect (clustered ÷ binomial variance) and notes it above 2;
    * ``value_per_user``: Welch's t-test over users (users with no value count as 0).
 
    Each comparison is also given **CUPED-adjusted** (Deng et al. 2013): the same metric over the
@@ -35,7 +34,9 @@ For every experiment in the :class:`ExperimentSet` (or the one asked for):
    one comparison Holm is the identity. ``significant`` uses the adjusted p.
 4. **Always-valid** p-values and confidence sequences (mSPRT, Johari et al. 2017)
    for the same differences, computed over the daily cumulative series (each day
-   is a look; the p-value is the running minimum), also Holm-adjusted. Unlike the
+   is a look; the p-value is the running minimum), also Holm-adjusted; rates with
+   the same user-clustered variances (from the series' per-user sums of squares
+   and cross products), so returning users keep an A/A test at alpha here too. Unlike the
    fixed-horizon p-value these stay valid however often the report is read.
 5. Warnings: too little data (impressions, users, expected events per arm),
    missing impression events, clustered impressions, SRM, variants with data
@@ -64,7 +65,8 @@ from recsvc.experiments.stats import (
     msprt,
     MIN_EVENTS_FOR_LIFT_CI,
     clustered_ratio_test,
-    msprt_two_proportions,
+    clustered_ratio_variance,
+    msprt_clustered_ratio,
     srm_test,
     two_proportion_ztest,
     welch_ttest,
@@ -88,6 +90,9 @@ __all__ = [
 #: Metrics compared against the control, in report order.
 METRICS = ("ctr", "conversion_rate", "value_per_user")
 _RATE_NUMERATOR = {"ctr": "clicks", "conversion_rate": "conversions"}
+#: The daily-series fields of a rate's user-level sums: Σ x_u², Σ x_u · impressions_u.
+_RATE_MOMENTS = {"clicks": ("clicks_sq", "clicks_x_impressions"),
+                 "conversions": ("conversions_sq", "conversions_x_impressions")}
 _MIN_USERS_SEQUENTIAL = 30  # per arm, before a look at value_per_user counts
 
 #: mSPRT mixing SD per metric, in standard deviations of one observation (an impression for
@@ -96,7 +101,7 @@ _MIN_USERS_SEQUENTIAL = 30  # per arm, before a look at value_per_user counts
 #: logarithmically after, so 0.01 suits rates (~100k impressions per arm; 0.01 SD ≈ a 4% lift on
 #: a 5% CTR) and 0.03 per-user metrics (~12k users per arm).
 DEFAULT_SEQUENTIAL_TAU: dict[str, float] = {"ctr": 0.01, "conversion_rate": 0.01, "value_per_user": 0.03}
-_DESIGN_EFFECT_WARNING = 1.2
+_DESIGN_EFFECT_WARNING = 2.0
 
 
 @dataclass(frozen=True)
@@ -339,10 +344,9 @@ def _experiment_report(
             )
         if a.ctr_design_effect is not None and a.ctr_design_effect > _DESIGN_EFFECT_WARNING:
             warnings.append(
-                f"{a.variant!r}: clicks cluster by user (CTR design effect {a.ctr_design_effect:.1f}); the "
-                "fixed-horizon tests use user-clustered variances, but the always-valid (mSPRT) p-values and "
-                "confidence sequences treat impressions as independent and understate uncertainty by about "
-                "that factor in variance"
+                f"{a.variant!r}: clicks cluster by user (CTR design effect {a.ctr_design_effect:.1f}): "
+                f"{a.impressions:,} impressions weigh like about {a.impressions / a.ctr_design_effect:,.0f} "
+                "independent ones; every test and interval here uses user-clustered variances"
             )
     return ExperimentReport(
         exp.name, control, status, exp.start_ms, exp.stop_ms, srm, arms, comparisons, int(days.size), tuple(warnings)
@@ -442,9 +446,8 @@ def _compare(
                 t.per_user[num], t.per_user["impressions"], t.per_user[pre], t.per_user["pre_impressions"],
                 alpha), z.p_control))
             if c_daily[num].size:
-                s = msprt_two_proportions(
-                    c_daily[num], c_daily["impressions"], t_daily[num], t_daily["impressions"], tau=tau, alpha=alpha
-                )
+                s = msprt_clustered_ratio(_rate_sums(c_daily, num), _rate_sums(t_daily, num), tau=tau, alpha=alpha,
+                                          min_users=_MIN_USERS_SEQUENTIAL)
                 row.update(_sequential_fields(s))
     else:
         row["test"] = "welch t"
@@ -462,6 +465,13 @@ def _compare(
             if s is not None:
                 row.update(_sequential_fields(s))
     return row
+
+
+def _rate_sums(daily: dict[str, np.ndarray], num: str) -> dict[str, np.ndarray]:
+    """The user-level sums of a rate over the daily series, as :func:`msprt_clustered_ratio` takes them."""
+    sq, cross = _RATE_MOMENTS[num]
+    return {"x": daily[num], "n": daily["impressions"], "xx": daily[sq], "nn": daily["impressions_sq"],
+            "xn": daily[cross], "users": daily["users"]}
 
 
 def _cuped_fields(cu, control_value: float) -> dict[str, float | None]:
@@ -815,8 +825,8 @@ def _arm_sequence(metric: str, d: dict[str, np.ndarray], tau: float, alpha: floa
         if metric in _RATE_NUMERATOR:
             n = d["impressions"]
             est = d[_RATE_NUMERATOR[metric]] / n
-            var = est * (1 - est) / n
-            usable = (n * est >= 5) & (n * (1 - est) >= 5)
+            var = clustered_ratio_variance(**_rate_sums(d, _RATE_NUMERATOR[metric]))  # returning users: clustered
+            usable = (n * est >= 5) & (n * (1 - est) >= 5) & (d["users"] >= _MIN_USERS_SEQUENTIAL)
         else:
             n, est, v = _mean_var(d)
             var = v / n
@@ -831,7 +841,8 @@ def _arm_sequence(metric: str, d: dict[str, np.ndarray], tau: float, alpha: floa
 def _diff_sequence(metric: str, c: dict[str, np.ndarray], t: dict[str, np.ndarray], tau: float, alpha: float):
     if metric in _RATE_NUMERATOR:
         num = _RATE_NUMERATOR[metric]
-        s = msprt_two_proportions(c[num], c["impressions"], t[num], t["impressions"], tau=tau, alpha=alpha)
+        s = msprt_clustered_ratio(_rate_sums(c, num), _rate_sums(t, num), tau=tau, alpha=alpha,
+                                  min_users=_MIN_USERS_SEQUENTIAL)
         z = two_proportion_ztest(c[num], c["impressions"], t[num], t["impressions"], alpha)
         diff, ci_lo, ci_hi = np.asarray(z.diff), np.asarray(z.ci_low), np.asarray(z.ci_high)
     else:

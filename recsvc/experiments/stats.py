@@ -65,6 +65,7 @@ __all__ = [
     "SequentialTest",
     "msprt",
     "msprt_two_proportions",
+    "msprt_clustered_ratio",
     "SRM_ALPHA",
 ]
 
@@ -713,4 +714,44 @@ def msprt_two_proportions(
         var_alt = p1 * (1.0 - p1) / n1 + p2 * (1.0 - p2) / n2
         n_min = np.minimum(n1, n2)
         usable = (n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
+    return msprt(p2 - p1, var_null, var_alt, c, tau=tau, alpha=alpha, usable=usable)
+
+
+def clustered_ratio_variance(x, n, xx, nn, xn, users, rate=None):
+    """The delta-method (user-clustered) variance of ``x / n`` from running sums over users —
+    Σx, Σn, Σx², Σn², Σxn and the number of users (arrays broadcast, e.g. over daily looks):
+    ``N / (N - 1) · Σ_u (x_u - r n_u)² / n²`` with ``r`` = ``rate`` (default: x / n itself; pass the
+    pooled rate for the variance under H0). Matches :func:`clustered_ratio_test`'s."""
+    x, n, xx, nn, xn, users = (np.asarray(v, dtype=np.float64) for v in (x, n, xx, nn, xn, users))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = x / n if rate is None else np.asarray(rate, dtype=np.float64)
+        resid_sq = np.maximum(xx - 2.0 * r * xn + r * r * nn, 0.0)
+        return np.where(users > 1, users / (users - 1.0) * resid_sq / (n * n), np.nan)
+
+
+def msprt_clustered_ratio(
+    control, treatment, tau: float = 0.01, alpha: float = 0.05, min_expected: float = 5.0, min_users: int = 30
+) -> SequentialTest:
+    """:func:`msprt` for r2 - r1 of a ratio metric (events / impressions) with user-clustered variances.
+
+    ``control`` and ``treatment`` map ``"x"``, ``"n"``, ``"xx"``, ``"nn"``, ``"xn"``, ``"users"`` to the
+    cumulative sums over users at each look (last axis): events, impressions, Σ events_u², Σ impressions_u²,
+    Σ events_u · impressions_u, users. A returning user's impressions are correlated, so the variance of
+    each arm's ratio is the delta method's over users (:func:`clustered_ratio_variance`): at the pooled rate
+    for the p-value (H0), at each arm's own for the confidence sequence. The mixing scale stays on
+    impressions (``c = 1/n1 + 1/n2``, so ``tau`` means what it means in :func:`msprt_two_proportions`).
+    A look is used once each arm expects ``min_expected`` events and non-events at the pooled rate and has
+    ``min_users`` users (a clustered variance from a handful of users is itself too noisy to plug in).
+    """
+    a = {k: np.asarray(control[k], dtype=np.float64) for k in ("x", "n", "xx", "nn", "xn", "users")}
+    b = {k: np.asarray(treatment[k], dtype=np.float64) for k in ("x", "n", "xx", "nn", "xn", "users")}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p1, p2 = a["x"] / a["n"], b["x"] / b["n"]
+        pooled = (a["x"] + b["x"]) / (a["n"] + b["n"])
+        var_null = (clustered_ratio_variance(**a, rate=pooled) + clustered_ratio_variance(**b, rate=pooled))
+        var_alt = clustered_ratio_variance(**a) + clustered_ratio_variance(**b)
+        c = 1.0 / a["n"] + 1.0 / b["n"]
+        n_min = np.minimum(a["n"], b["n"])
+        usable = ((n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
+                  & (np.minimum(a["users"], b["users"]) >= min_users))
     return msprt(p2 - p1, var_null, var_alt, c, tau=tau, alpha=alpha, usable=usable)
