@@ -669,6 +669,8 @@ def report_to_text(rep: Report) -> str:
                       "p", "CUPED p", "CUPED p Holm", "theta", "var. reduction", ""]
             rows = []
             for c in e.comparisons:
+                if c.p_value is None and c.cuped_p_value is None:
+                    continue  # nothing to compare (e.g. no conversions in either arm)
                 rows.append([c.metric, c.variant, _diff(c.metric, c.diff), _diff(c.metric, c.cuped_diff),
                              _pct(c.cuped_rel_lift, 1), _interval(c.metric, c.ci_low, c.ci_high),
                              _interval(c.metric, c.cuped_ci_low, c.cuped_ci_high), _p(c.p_value), _p(c.cuped_p_value),
