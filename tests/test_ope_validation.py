@@ -90,13 +90,18 @@ def test_reverse_estimate_warns_when_the_slice_never_shows_the_main_policys_item
     assert any("out of reach" in w for w in out["warnings"])
 
 
-def test_ope_validate_reports_the_reverse_direction_on_the_service_log(tmp_path, capsys):
+def test_ope_validate_reports_the_reverse_direction_on_the_service_log(tmp_path, capsys, monkeypatch):
     """On the service's own log, clicks depending on the item only (a known answer: the main policy's true
     click rate is the mean of its impressions' item click rates): the reverse estimate finds it, although the
-    main policy learns from the slice's clicks. (Which requests fall in the slice depends on random request
-    ids, so the check allows 3.5 standard errors rather than the 95% interval's 1.96.)"""
+    main policy learns from the slice's clicks. Request ids (which decide the slice) are drawn from a seeded
+    generator, so the log is the same every run."""
+    import random
+    import uuid
+
     from recsvc.cli import main as cli_main
 
+    ids = random.Random(5)
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=ids.getrandbits(128), version=4))
     now = [1_795_910_400_000]
     cfg = small_config(tmp_path, exploration={"random_share": 0.3, "top_m": 10}, retrieval={"n_candidates": 60})
     eng = Engine.from_config(cfg, clock=lambda: now[0])
@@ -125,6 +130,6 @@ def test_ope_validate_reports_the_reverse_direction_on_the_service_log(tmp_path,
     imp = read_served_impressions(cfg.state.dir)
     ids = eng.catalog.item_ids
     truth = float(np.mean([item_ctr[ids[r]] for r in imp.rows[~imp.random_slice]]))
-    assert abs(est["value"] - truth) < 3.5 * est["stderr"], (est, truth)
-    assert est["ci_high"] - est["ci_low"] < 0.2
+    assert est["ci_low"] <= truth <= est["ci_high"], (est, truth)
+    assert est["ci_high"] - est["ci_low"] < 0.25
     assert {"covers_observed", "intervals_overlap"} <= set(est) and {"main_mass_covered", "method", "warnings"} <= set(out)
