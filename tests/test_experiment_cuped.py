@@ -4,6 +4,7 @@ the metric, and the service collects each user's pre-period durably (live, repla
 from __future__ import annotations
 
 import json
+import math
 import numpy as np
 import pytest
 
@@ -11,7 +12,8 @@ from recsvc.config import Config
 from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
 from recsvc.experiments import ExperimentAggregates, ExperimentSet, report
 from recsvc.experiments.aggregates import DAY_MS
-from recsvc.experiments.stats import clustered_ratio_test, cuped_mean_test, cuped_ratio_test, welch_ttest
+from recsvc.experiments.stats import (clustered_ratio_test, cuped_mean_test, cuped_ratio_test, msprt_cuped_mean,
+                                      msprt_cuped_ratio, welch_ttest)
 
 from conftest import small_config
 
@@ -147,7 +149,7 @@ def _aa_aggregates(rng, n_users=600, days=7, pre_days=14, lift=1.0):
 def test_aa_report_keeps_alpha_with_cuped_and_with_the_sequential_test():
     rng = np.random.default_rng(1704)
     exps = ExperimentSet.from_dict(EXP, Config())
-    runs, fixed, cuped, sequential, reductions = 120, 0, 0, 0, []
+    runs, fixed, cuped, sequential, cuped_sequential, reductions = 120, 0, 0, 0, 0, []
     for _ in range(runs):
         agg = _aa_aggregates(rng, n_users=300, days=5)
         rep = report(agg, exps, now_ms=T0 + 6 * DAY_MS, min_impressions=0, min_users=0)
@@ -155,9 +157,10 @@ def test_aa_report_keeps_alpha_with_cuped_and_with_the_sequential_test():
         fixed += ctr.p_value < ALPHA
         cuped += ctr.cuped_p_value < ALPHA
         sequential += ctr.always_valid_p < ALPHA
+        cuped_sequential += ctr.cuped_always_valid_p < ALPHA
         reductions.append(ctr.variance_reduction)
     # 120 runs: a rate of 0.05 gives at most 13 rejections with probability 0.99
-    assert cuped <= 13 and fixed <= 13 and sequential <= 13, (fixed, cuped, sequential)
+    assert max(fixed, cuped, sequential, cuped_sequential) <= 13, (fixed, cuped, sequential, cuped_sequential)
     assert np.median(reductions) > 0.2, np.median(reductions)
 
 
@@ -225,11 +228,17 @@ def test_snapshot_round_trips_the_activity_and_pre_periods_and_reads_version_1()
     old = agg.to_dict()
     old["version"] = 1
     del old["activity"]
+    from recsvc.experiments.aggregates import _V2_TOTAL_FIELDS
+
     for a in old["arms"]:
         for f in ("pre_impressions", "pre_clicks", "pre_conversions", "pre_value"):
             del a["per_user"][f]
+        for f in _V2_TOTAL_FIELDS:
+            del a["totals"][f]
+            del a["daily"][f]
     v1 = ExperimentAggregates.from_dict(old)
     assert v1.arm_data("ab", "control").per_user["pre_impressions"].sum() == 0
+    assert v1.arm_data("ab", "control").totals["clicks_x_pre_clicks"] == 0
     assert v1.activity_users() == 0
 
 
@@ -295,3 +304,68 @@ def test_engine_collects_pre_periods_from_feedback_before_the_start_and_replays_
     from_snapshot = Engine.from_config(cfg, clock=clock)
     assert pre(from_snapshot) == before
     from_snapshot.close(snapshot=False)
+
+
+# --------------------------------------------------------------------------- CUPED in the always-valid test
+
+
+def _ratio_sums(y, n, x, m):
+    y, n, x, m = (np.asarray(v, np.float64) for v in (y, n, x, m))
+    return {"users": [y.size], "y": [y.sum()], "n": [n.sum()], "x": [x.sum()], "m": [m.sum()], "yy": [y @ y],
+            "nn": [n @ n], "yn": [y @ n], "xx": [x @ x], "mm": [m @ m], "xm": [x @ m], "yx": [y @ x], "ym": [y @ m],
+            "nx": [n @ x], "nm": [n @ m]}
+
+
+def _half_width(var, c, tau=0.01, alpha=ALPHA):
+    r = c / (c + tau * tau)
+    return math.sqrt(var * (2 * math.log(1 / alpha) - math.log(r)) / (1 - r))
+
+
+def test_sequential_cuped_ratio_at_a_look_is_the_fixed_horizon_adjustment():
+    """From the running sums alone, the always-valid test's adjusted difference and variance at a look are
+    cuped_ratio_test's on the per-user values: its confidence sequence is centred on the same difference."""
+    rng = np.random.default_rng(21)
+    c, t = _users(rng, 700), _users(rng, 700, lift=1.1)
+    fixed = cuped_ratio_test(*c, *t)
+    seq = msprt_cuped_ratio(_ratio_sums(*c), _ratio_sums(*t), tau=0.01)
+    half = _half_width(fixed.se**2, 1 / c[1].sum() + 1 / t[1].sum())
+    assert seq.cs_low[-1] == pytest.approx(fixed.diff - half, rel=1e-9)
+    assert seq.cs_high[-1] == pytest.approx(fixed.diff + half, rel=1e-9)
+
+
+def test_sequential_cuped_mean_at_a_look_is_the_fixed_horizon_adjustment():
+    rng = np.random.default_rng(22)
+    spend1, spend2 = rng.gamma(0.5, 4.0, 400), rng.gamma(0.5, 4.0, 450)
+    y1, x1, y2, x2 = rng.poisson(spend1) * 1.0, rng.poisson(spend1) * 1.0, rng.poisson(spend2) * 1.2, rng.poisson(spend2)
+    fixed = cuped_mean_test(y1, x1, y2, x2)
+
+    def sums(y, x):
+        return {"users": [y.size], "y": [y.sum()], "yy": [y @ y], "x": [x.sum()], "xx": [x @ x], "yx": [y @ x]}
+
+    seq = msprt_cuped_mean(sums(y1, x1), sums(y2, x2), tau=0.03)
+    half = _half_width(fixed.se**2, 1 / 400 + 1 / 450, tau=0.03)
+    assert seq.cs_low[-1] == pytest.approx(fixed.diff - half, rel=1e-9)
+    assert seq.cs_high[-1] == pytest.approx(fixed.diff + half, rel=1e-9)
+
+
+def test_aggregates_keep_the_running_sums_the_sequential_cuped_test_needs():
+    agg = _aa_aggregates(np.random.default_rng(23), n_users=60, days=3)
+    d = agg.arm_data("ab", "control")
+    pu, t = d.per_user, d.totals
+    y, n, x, m = pu["clicks"], pu["impressions"], pu["pre_clicks"], pu["pre_impressions"]
+    expected = {"pre_clicks": x.sum(), "pre_impressions": m.sum(), "pre_clicks_sq": x @ x, "pre_impressions_sq": m @ m,
+                "pre_clicks_x_pre_impressions": x @ m, "clicks_x_pre_clicks": y @ x, "clicks_x_pre_impressions": y @ m,
+                "impressions_x_pre_clicks": n @ x, "impressions_x_pre_impressions": n @ m}
+    for field, value in expected.items():
+        assert t[field] == pytest.approx(value), field
+        assert d.daily[field][-1] == pytest.approx(value), field
+
+
+def test_report_gives_the_always_valid_cuped_comparison():
+    rng = np.random.default_rng(24)
+    agg = _aa_aggregates(rng, n_users=800, days=5, lift=1.3)
+    rep = report(agg, ExperimentSet.from_dict(EXP, Config()), now_ms=T0 + 6 * DAY_MS, min_impressions=0, min_users=0)
+    ctr = next(c for c in rep.experiments[0].comparisons if c.metric == "ctr")
+    assert ctr.cuped_cs_low <= ctr.cuped_diff <= ctr.cuped_cs_high
+    # narrower than the unadjusted always-valid sequence, as the fixed-horizon interval is
+    assert ctr.cuped_cs_high - ctr.cuped_cs_low < ctr.cs_high - ctr.cs_low

@@ -15,6 +15,9 @@ Kept per arm:
 * totals, plus running sums of squares and cross products of the per-user
   sums, so the mean and variance of per-user metrics are known at every point
   in time without keeping history per user;
+* the same running sums for the users' pre-period values (CUPED, below) and their products with each
+  other and with the experiment's counts, so the adjusted always-valid test can be evaluated at every
+  daily look;
 * exposure counts per catalog row (coverage, exposure concentration);
 * sums and counts of per-slate intra-list diversity and novelty;
 * a daily series: the cumulative totals as of the end of each UTC day
@@ -78,14 +81,39 @@ TOTAL_FIELDS = (
     "diversity_n",
     "novelty_sum",
     "novelty_n",
+    # CUPED, for the always-valid adjusted tests: sums over users of the pre-period values (m = pre
+    # impressions, x = pre clicks, k = pre conversions, v0 = pre value) and of their products with each
+    # other and with the experiment's counts
+    "pre_impressions",  # Σ m
+    "pre_clicks",  # Σ x
+    "pre_conversions",  # Σ k
+    "pre_value",  # Σ v0
+    "pre_impressions_sq",  # Σ m²
+    "pre_clicks_sq",  # Σ x²
+    "pre_clicks_x_pre_impressions",  # Σ x m
+    "pre_conversions_sq",  # Σ k²
+    "pre_conversions_x_pre_impressions",  # Σ k m
+    "pre_value_sq",  # Σ v0²
+    "clicks_x_pre_clicks",  # Σ clicks · x
+    "clicks_x_pre_impressions",  # Σ clicks · m
+    "impressions_x_pre_clicks",  # Σ impressions · x
+    "impressions_x_pre_impressions",  # Σ impressions · m
+    "conversions_x_pre_conversions",  # Σ conversions · k
+    "conversions_x_pre_impressions",  # Σ conversions · m
+    "impressions_x_pre_conversions",  # Σ impressions · k
+    "value_x_pre_value",  # Σ value · v0
 )
 (
     _USERS, _SLATES, _ITEMS, _IMPR, _CLICKS, _CONV, _VALUE, _VALUE_SQ, _CLICKS_SQ, _IMPR_SQ, _CLICKS_X_IMPR,
     _CONV_SQ, _CONV_X_IMPR, _DIV_SUM, _DIV_N, _NOV_SUM, _NOV_N,
+    _PRE_M, _PRE_X, _PRE_K, _PRE_V, _PRE_MM, _PRE_XX, _PRE_XM, _PRE_KK, _PRE_KM, _PRE_VV,
+    _Y_X, _Y_M, _N_X, _N_M, _C_K, _C_M, _N_K, _VAL_V0,
 ) = range(len(TOTAL_FIELDS))
+#: Fields added in format version 2 (read as zeros from a version-1 snapshot, which had no pre-periods).
+_V2_TOTAL_FIELDS = frozenset(TOTAL_FIELDS[_PRE_M:])
 PER_USER_FIELDS = ("slates", "impressions", "clicks", "conversions", "value",
                    "pre_impressions", "pre_clicks", "pre_conversions", "pre_value")
-_U_SLATES, _U_IMPRESSIONS, _U_CLICKS, _U_CONVERSIONS, _U_VALUE = range(5)
+_U_SLATES, _U_IMPRESSIONS, _U_CLICKS, _U_CONVERSIONS, _U_VALUE, _U_PRE_M, _U_PRE_X, _U_PRE_K, _U_PRE_V = range(9)
 #: The per-user pre-period fields (CUPED covariates), in the order of the activity table's day rows.
 PRE_FIELDS = PER_USER_FIELDS[5:]
 _ACTIVITY_INDEX = {"impression": 0, "click": 1, "conversion": 2}
@@ -130,7 +158,20 @@ class _Arm:
         row = self.users.get(user_id)
         if row is None:
             row = self.users[user_id] = [0, 0, 0, 0, 0.0, *pre]
-            self.totals[_USERS] += 1
+            t = self.totals
+            t[_USERS] += 1
+            m, x, k, v0 = pre
+            if m or x or k or v0:
+                t[_PRE_M] += m
+                t[_PRE_X] += x
+                t[_PRE_K] += k
+                t[_PRE_V] += v0
+                t[_PRE_MM] += m * m
+                t[_PRE_XX] += x * x
+                t[_PRE_XM] += x * m
+                t[_PRE_KK] += k * k
+                t[_PRE_KM] += k * m
+                t[_PRE_VV] += v0 * v0
         return row
 
     def series(self) -> tuple[np.ndarray, np.ndarray]:
@@ -224,26 +265,35 @@ class ExperimentAggregates:
                 arm.roll(now_ms)
                 pu, t = arm.user(user_id), arm.totals
                 n, c, k, v = pu[_U_IMPRESSIONS], pu[_U_CLICKS], pu[_U_CONVERSIONS], pu[_U_VALUE]
+                pm, px, pk, pv = pu[_U_PRE_M], pu[_U_PRE_X], pu[_U_PRE_K], pu[_U_PRE_V]
                 if event_type == "impression":
                     pu[_U_IMPRESSIONS] = n + 1
                     t[_IMPR] += 1
                     t[_IMPR_SQ] += 2 * n + 1
                     t[_CLICKS_X_IMPR] += c
                     t[_CONV_X_IMPR] += k
+                    t[_N_X] += px
+                    t[_N_M] += pm
+                    t[_N_K] += pk
                 elif event_type == "click":
                     pu[_U_CLICKS] = c + 1
                     t[_CLICKS] += 1
                     t[_CLICKS_SQ] += 2 * c + 1
                     t[_CLICKS_X_IMPR] += n
+                    t[_Y_X] += px
+                    t[_Y_M] += pm
                 else:
                     pu[_U_CONVERSIONS] = k + 1
                     t[_CONV] += 1
                     t[_CONV_SQ] += 2 * k + 1
                     t[_CONV_X_IMPR] += n
+                    t[_C_K] += pk
+                    t[_C_M] += pm
                 if value:
                     pu[_U_VALUE] = v + value
                     t[_VALUE] += value
                     t[_VALUE_SQ] += value * (2 * v + value)
+                    t[_VAL_V0] += value * pv
 
     def record_activity(
         self, user_id: str, labels: Sequence[str], value: float, ts_ms: int, pre_days: int
@@ -388,14 +438,16 @@ class ExperimentAggregates:
                 arm.users = {u: list(r) for u, r in zip(users, zip(*columns_u))}
                 if len(arm.users) != len(users):
                     raise ValueError("duplicate user ids")
-                arm.totals = [float(a["totals"][name]) for name in TOTAL_FIELDS]
+                arm.totals = [float(a["totals"][name]) if version > 1 or name not in _V2_TOTAL_FIELDS else 0.0
+                              for name in TOTAL_FIELDS]
                 arm.pre_days = int(a.get("pre_days", 0))
                 rows, counts = a["exposure"]["rows"], a["exposure"]["counts"]
                 if len(rows) != len(counts):
                     raise ValueError("exposure rows and counts differ in length")
                 arm.exposure = {int(r): int(k) for r, k in zip(rows, counts)}
                 days = [int(d) for d in a["daily"]["days"]]
-                columns = np.array([a["daily"][name] for name in TOTAL_FIELDS], dtype=np.float64)
+                columns = np.array([a["daily"][name] if version > 1 or name not in _V2_TOTAL_FIELDS
+                                    else [0.0] * len(days) for name in TOTAL_FIELDS], dtype=np.float64)
                 if columns.shape != (len(TOTAL_FIELDS), len(days)):
                     raise ValueError("daily series columns differ in length from days")
                 if days:

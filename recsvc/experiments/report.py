@@ -67,6 +67,8 @@ from recsvc.experiments.stats import (
     clustered_ratio_test,
     clustered_ratio_variance,
     msprt_clustered_ratio,
+    msprt_cuped_mean,
+    msprt_cuped_ratio,
     srm_test,
     two_proportion_ztest,
     welch_ttest,
@@ -172,6 +174,11 @@ class Comparison:
     cuped_significant: bool = False
     cuped_theta: float | None = None
     variance_reduction: float | None = None  # 1 - Var(adjusted diff) / Var(unadjusted diff)
+    cuped_always_valid_p: float | None = None  # mSPRT on the adjusted difference at each daily look
+    cuped_always_valid_p_holm: float | None = None
+    cuped_cs_low: float | None = None
+    cuped_cs_high: float | None = None
+    cuped_sequential_significant: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,7 @@ def _experiment_report(
     p_holm = holm([_nan(r["p_value"]) for r in rows])
     av_holm = holm([_nan(r["always_valid_p"]) for r in rows])
     cuped_holm = holm([_nan(r.get("cuped_p_value")) for r in rows])
+    cuped_av_holm = holm([_nan(r.get("cuped_always_valid_p")) for r in rows])
     comparisons = tuple(
         Comparison(
             **r,
@@ -313,6 +321,8 @@ def _experiment_report(
             sequential_significant=bool(av_holm[i] < alpha),
             cuped_p_holm=_none(cuped_holm[i]),
             cuped_significant=bool(cuped_holm[i] < alpha),
+            cuped_always_valid_p_holm=_none(cuped_av_holm[i]),
+            cuped_sequential_significant=bool(cuped_av_holm[i] < alpha),
         )
         for i, r in enumerate(rows)
     )
@@ -449,6 +459,9 @@ def _compare(
                 s = msprt_clustered_ratio(_rate_sums(c_daily, num), _rate_sums(t_daily, num), tau=tau, alpha=alpha,
                                           min_users=_MIN_USERS_SEQUENTIAL)
                 row.update(_sequential_fields(s))
+                s = msprt_cuped_ratio(_cuped_rate_sums(c_daily, num), _cuped_rate_sums(t_daily, num), tau=tau,
+                                      alpha=alpha, min_users=_MIN_USERS_SEQUENTIAL)
+                row.update(_sequential_fields(s, "cuped_"))
     else:
         row["test"] = "welch t"
         v1, v2 = c.per_user["value"], t.per_user["value"]
@@ -464,6 +477,10 @@ def _compare(
             s = _msprt_means(c_daily, t_daily, tau, alpha)
             if s is not None:
                 row.update(_sequential_fields(s))
+            if c_daily["users"].size:
+                s = msprt_cuped_mean(_cuped_value_sums(c_daily), _cuped_value_sums(t_daily), tau=tau, alpha=alpha,
+                                     min_users=_MIN_USERS_SEQUENTIAL)
+                row.update(_sequential_fields(s, "cuped_"))
     return row
 
 
@@ -486,9 +503,33 @@ def _cuped_fields(cu, control_value: float) -> dict[str, float | None]:
     )
 
 
-def _sequential_fields(s) -> dict[str, float | None]:
+def _sequential_fields(s, prefix: str = "") -> dict[str, float | None]:
     """The latest look of a sequential test."""
-    return dict(always_valid_p=_none(s.p_value[-1]), cs_low=_none(s.cs_low[-1]), cs_high=_none(s.cs_high[-1]))
+    return {f"{prefix}always_valid_p": _none(s.p_value[-1]), f"{prefix}cs_low": _none(s.cs_low[-1]),
+            f"{prefix}cs_high": _none(s.cs_high[-1])}
+
+
+#: The daily-series fields of a rate's CUPED sums (see msprt_cuped_ratio): y, x, yy, yn, xx, xm, yx, ym, nx.
+_CUPED_RATE_FIELDS = {
+    "clicks": ("clicks", "pre_clicks", "clicks_sq", "clicks_x_impressions", "pre_clicks_sq",
+               "pre_clicks_x_pre_impressions", "clicks_x_pre_clicks", "clicks_x_pre_impressions",
+               "impressions_x_pre_clicks"),
+    "conversions": ("conversions", "pre_conversions", "conversions_sq", "conversions_x_impressions",
+                    "pre_conversions_sq", "pre_conversions_x_pre_impressions", "conversions_x_pre_conversions",
+                    "conversions_x_pre_impressions", "impressions_x_pre_conversions"),
+}
+
+
+def _cuped_rate_sums(daily: dict[str, np.ndarray], num: str) -> dict[str, np.ndarray]:
+    y, x, yy, yn, xx, xm, yx, ym, nx = (daily[f] for f in _CUPED_RATE_FIELDS[num])
+    return {"users": daily["users"], "y": y, "n": daily["impressions"], "x": x, "m": daily["pre_impressions"],
+            "yy": yy, "nn": daily["impressions_sq"], "yn": yn, "xx": xx, "mm": daily["pre_impressions_sq"],
+            "xm": xm, "yx": yx, "ym": ym, "nx": nx, "nm": daily["impressions_x_pre_impressions"]}
+
+
+def _cuped_value_sums(daily: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"users": daily["users"], "y": daily["value"], "yy": daily["value_sq"], "x": daily["pre_value"],
+            "xx": daily["pre_value_sq"], "yx": daily["value_x_pre_value"]}
 
 
 def _mean_var(daily: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -666,7 +707,8 @@ def report_to_text(rep: Report) -> str:
             else:
                 lines.append("  CUPED: no pre-period collected (experiments.cuped_pre_days = 0): adjusted = unadjusted")
             header = ["metric", "variant", "diff", "CUPED diff", "CUPED lift", f"{level:g}% CI", f"CUPED {level:g}% CI",
-                      "p", "CUPED p", "CUPED p Holm", "theta", "var. reduction", ""]
+                      "p", "CUPED p", "CUPED p Holm", "theta", "var. reduction", "CUPED AV p Holm",
+                      f"CUPED {level:g}% conf. sequence", ""]
             rows = []
             for c in e.comparisons:
                 if c.p_value is None and c.cuped_p_value is None:
@@ -675,10 +717,12 @@ def report_to_text(rep: Report) -> str:
                              _pct(c.cuped_rel_lift, 1), _interval(c.metric, c.ci_low, c.ci_high),
                              _interval(c.metric, c.cuped_ci_low, c.cuped_ci_high), _p(c.p_value), _p(c.cuped_p_value),
                              _p(c.cuped_p_holm), _num(c.cuped_theta, ".3g"), _pct(c.variance_reduction, 1),
-                             "*" if c.cuped_significant else ""])
+                             _p(c.cuped_always_valid_p_holm), _interval(c.metric, c.cuped_cs_low, c.cuped_cs_high),
+                             ("*" if c.cuped_significant else "") + ("†" if c.cuped_sequential_significant else "")])
             lines += _table(header, rows)
-            lines.append(f"  * CUPED Holm-adjusted p < {rep.alpha:g} (fixed horizon); var. reduction = 1 - "
-                         "Var(CUPED diff) / Var(diff): the share of the variance the pre-period explained")
+            lines.append(f"  * CUPED Holm-adjusted p < {rep.alpha:g} (fixed horizon); † CUPED always-valid (mSPRT on the "
+                         f"adjusted difference at each daily look) Holm-adjusted p < {rep.alpha:g}; var. reduction = "
+                         "1 - Var(CUPED diff) / Var(diff): the share of the variance the pre-period explained")
         if e.warnings:
             lines.append("")
             lines.append("  warnings:")

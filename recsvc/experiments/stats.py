@@ -66,6 +66,8 @@ __all__ = [
     "msprt",
     "msprt_two_proportions",
     "msprt_clustered_ratio",
+    "msprt_cuped_ratio",
+    "msprt_cuped_mean",
     "SRM_ALPHA",
 ]
 
@@ -755,3 +757,75 @@ def msprt_clustered_ratio(
         usable = ((n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
                   & (np.minimum(a["users"], b["users"]) >= min_users))
     return msprt(p2 - p1, var_null, var_alt, c, tau=tau, alpha=alpha, usable=usable)
+
+
+def _cuped_ratio_moments(a: dict[str, np.ndarray]):
+    """Per arm, from running sums over users: (r, r_x, Σℓℓ, Σℓk, Σkk, users) of the linearised ratio ℓ and
+    pre-period ratio k of :func:`cuped_ratio_test` (r_x = 0, Σℓk = Σkk = 0 without pre-period impressions)."""
+    users, y, n, x, m = a["users"], a["y"], a["n"], a["x"], a["m"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = y / n
+        n_bar = n / users
+        ll = (a["yy"] - 2.0 * r * a["yn"] + r * r * a["nn"]) / (n_bar * n_bar)
+        has_pre = m > 0
+        rx = np.where(has_pre, x / np.where(has_pre, m, 1.0), 0.0)
+        m_bar = np.where(has_pre, m / users, 1.0)
+        lk = np.where(has_pre, (a["yx"] - rx * a["ym"] - r * a["nx"] + r * rx * a["nm"]) / (n_bar * m_bar), 0.0)
+        kk = np.where(has_pre, (a["xx"] - 2.0 * rx * a["xm"] + rx * rx * a["mm"]) / (m_bar * m_bar), 0.0)
+    return r, rx, ll, lk, kk, users
+
+
+def msprt_cuped_ratio(
+    control, treatment, tau: float = 0.01, alpha: float = 0.05, min_expected: float = 5.0, min_users: int = 30
+) -> SequentialTest:
+    """:func:`msprt` on the CUPED-adjusted difference of a ratio metric at each look (last axis).
+
+    ``control`` / ``treatment`` map to cumulative sums over users at each look: ``users``; ``y``, ``n`` (events,
+    impressions); ``x``, ``m`` (the same in the users' pre-periods); ``yy``, ``nn``, ``yn``, ``xx``, ``mm``,
+    ``xm``, ``yx``, ``ym``, ``nx``, ``nm`` (Σ of the products over users). At each look θ, the adjusted
+    difference and its variance are :func:`cuped_ratio_test`'s (the same linearisation, from the sums), so
+    the last look reproduces the fixed-horizon adjusted difference; the variance is the adjusted one under
+    both hypotheses (the adjustment is not defined at a pooled rate). Looks are used as in
+    :func:`msprt_clustered_ratio`."""
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in control.items()}
+    b = {k: np.asarray(v, dtype=np.float64) for k, v in treatment.items()}
+    r1, rx1, ll1, lk1, kk1, u1 = _cuped_ratio_moments(a)
+    r2, rx2, ll2, lk2, kk2, u2 = _cuped_ratio_moments(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        both = (a["m"] > 0) & (b["m"] > 0)
+        kk = kk1 + kk2
+        theta = np.where(both & (kk > 0), (lk1 + lk2) / np.where(kk > 0, kk, 1.0), 0.0)
+        diff = (r2 - r1) - theta * (rx2 - rx1)
+        var = ((ll1 - 2 * theta * lk1 + theta**2 * kk1) / (u1 * (u1 - 1))
+               + (ll2 - 2 * theta * lk2 + theta**2 * kk2) / (u2 * (u2 - 1)))
+        var = np.maximum(var, 0.0)
+        c = 1.0 / a["n"] + 1.0 / b["n"]
+        pooled = (a["y"] + b["y"]) / (a["n"] + b["n"])
+        n_min = np.minimum(a["n"], b["n"])
+        usable = ((n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
+                  & (np.minimum(u1, u2) >= min_users))
+    return msprt(diff, var, var, c, tau=tau, alpha=alpha, usable=usable)
+
+
+def msprt_cuped_mean(control, treatment, tau: float = 0.03, alpha: float = 0.05, min_users: int = 30) -> SequentialTest:
+    """:func:`msprt` on the CUPED-adjusted difference of a per-user mean at each look: ``users``, ``y``, ``yy``
+    (Σ value, Σ value²), ``x``, ``xx`` (the same for the pre-period value) and ``yx`` (Σ value · pre value);
+    θ pooled over the arms (within-arm centred), as :func:`cuped_mean_test`."""
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in control.items()}
+    b = {k: np.asarray(v, dtype=np.float64) for k, v in treatment.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def centred(d):
+            u = d["users"]
+            return (u, d["y"] / u, d["x"] / u, d["yy"] - d["y"] ** 2 / u, d["yx"] - d["y"] * d["x"] / u,
+                    np.maximum(d["xx"] - d["x"] ** 2 / u, 0.0))
+        u1, my1, mx1, syy1, syx1, sxx1 = centred(a)
+        u2, my2, mx2, syy2, syx2, sxx2 = centred(b)
+        sxx = sxx1 + sxx2
+        theta = np.where(sxx > 0, (syx1 + syx2) / np.where(sxx > 0, sxx, 1.0), 0.0)
+        diff = (my2 - my1) - theta * (mx2 - mx1)
+        v1 = np.maximum(syy1 - 2 * theta * syx1 + theta**2 * sxx1, 0.0) / (u1 - 1)
+        v2 = np.maximum(syy2 - 2 * theta * syx2 + theta**2 * sxx2, 0.0) / (u2 - 1)
+        var = v1 / u1 + v2 / u2
+        c = 1.0 / u1 + 1.0 / u2
+        usable = (np.minimum(u1, u2) >= min_users) & (v1 > 0) & (v2 > 0)
+    return msprt(diff, var, var, c, tau=tau, alpha=alpha, usable=usable)
