@@ -251,7 +251,7 @@ class ExperimentsConfig(_Section):
         description="CUPED pre-period: each user's impressions, clicks, conversions and value over the whole UTC "
                     "days before the day of their first exposure to an experiment arm, this many days back, adjust "
                     "the report's effects (variance reduction). Every user's daily activity is kept this long "
-                    "(about 250 bytes per active user-day, in the aggregates snapshot). 0 = off. Restart to change.",
+                    "(about 200 bytes per active user-day, in the aggregates snapshot). 0 = off. Restart to change.",
     )
 
 

@@ -369,3 +369,14 @@ def test_report_gives_the_always_valid_cuped_comparison():
     assert ctr.cuped_cs_low <= ctr.cuped_diff <= ctr.cuped_cs_high
     # narrower than the unadjusted always-valid sequence, as the fixed-horizon interval is
     assert ctr.cuped_cs_high - ctr.cuped_cs_low < ctr.cs_high - ctr.cs_low
+
+
+def test_cuped_pre_days_needs_a_restart_and_is_validated():
+    from recsvc.config import reloaded
+
+    running = Config()
+    assert running.experiments.cuped_pre_days == 14
+    cfg, applied, restart = reloaded(running, running.with_overrides({"experiments": {"cuped_pre_days": 3}}))
+    assert cfg.experiments.cuped_pre_days == 14 and restart == ["experiments.cuped_pre_days"] and applied == []
+    with pytest.raises(ValueError, match="cuped_pre_days"):
+        Config().with_overrides({"experiments": {"cuped_pre_days": -1}})
