@@ -266,7 +266,7 @@ def cmd_ope(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         print(f"error: --data {args.data}: no such directory ({args.data.resolve()})", file=sys.stderr)
         return 2
-    report = validate_on_obd(args.data)
+    report = validate_on_obd(args.data, campaign=args.campaign)
     print(json.dumps(report, indent=2, default=float) if args.json else format_obd_report(report))
     return 0
 
@@ -401,12 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(validation: the random policy's CTR estimated from the bts log)")
     source.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="or: evaluate on this service state directory's served log")
+    s.add_argument("--campaign", default="men",
+                   help="with --data: the campaign, i.e. the CSV name in bts/ and random/ (men, women, all)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--target-ranker", type=Path, help="with --state-dir: weights file of the policy to evaluate")
     s.add_argument("--temperature", type=float, default=0.1, help="soft top-k temperature of the target")
     s.add_argument("--validate", action="store_true",
                    help="with --state-dir: estimate the random-exposure slice's click rate (exploration.random_share) "
-                        "from the main policy's log and report whether the intervals cover the observed value")
+                        "from the main policy's log, and the main policy's from the slice's (\"reverse\"), and report "
+                        "whether the intervals cover the observed values")
     s.set_defaults(fn=cmd_ope)
     return p
 

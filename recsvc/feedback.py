@@ -57,6 +57,8 @@ class FeedbackPath:
                  aggregates, clock) -> None:
         self._max_batch = cfg.server.max_batch
         self._max_age_days = cfg.state.max_event_age_days
+        #: CUPED pre-period length: every event feeds the aggregates' activity table (0: none kept)
+        self._pre_days = cfg.experiments.cuped_pre_days
         self.catalog = catalog
         self.state = state
         self.journal = journal
@@ -161,6 +163,7 @@ class FeedbackPath:
 
     def _apply_feedback(self, batch: FeedbackBatch) -> None:
         slates = self.state.apply_feedback(batch.events)
+        pre_days = self._pre_days
         for ev, slate in zip(batch.events, slates):
             if slate is not None and slate.arms:
                 # per (slate, item) at most one impression, click and conversion (records.count_for_experiment)
@@ -169,6 +172,11 @@ class FeedbackPath:
                 for label in labels:
                     value = ev.value if label == ev.type.label else 0.0
                     self.aggregates.record_event(slate.arms, ev.user_id, label, value, ev.ts_ms)
+            else:
+                labels = (ev.type.label,)
+            if pre_days:  # every user's activity, in an experiment or not: the CUPED pre-periods
+                self.aggregates.record_activity(ev.user_id, labels, ev.value if ev.type.label in labels else 0.0,
+                                                ev.ts_ms, pre_days)
 
     # -- served slates ---------------------------------------------------------------------------------
     def record_served(self, slate: ServedSlate) -> bool:
@@ -223,7 +231,8 @@ class FeedbackPath:
     def _record_served_aggregates(self, slate: ServedSlate) -> None:
         if slate.arms:
             self.aggregates.record_served(slate.arms, slate.user_id, slate.rows, slate.served_at_ms,
-                                          diversity=slate.diversity, novelty=slate.novelty)
+                                          diversity=slate.diversity, novelty=slate.novelty,
+                                          pre_days=self._pre_days)
 
     def _local_rows(self, batch: FeedbackBatch) -> FeedbackBatch:
         """A shared log's events with this replica's catalog rows (the same when replicas apply the same catalog

@@ -205,3 +205,26 @@ def test_ranker_study_trains_on_the_log_and_serves_each_ranker():
     for v in rep["variants"].values():
         assert v["totals"]["slates"] == 30 * 3
         assert v["totals"]["regret_per_slate"] >= 0
+
+
+def test_pre_rounds_give_every_user_a_pre_period_that_cuped_adjusts_with():
+    """--pre-rounds: the experiment starts after them (whole days here: 12 two-hour rounds), so each user's
+    first exposure has a pre-period of activity, and the experiment report's CUPED section uses it."""
+    settings = sim.SimulationSettings(items=500, users=40, rounds=6, seed=3, pre_rounds=12, round_minutes=120)
+    report = sim.simulate_in_process(settings)
+    none = report["variants"]["(none)"]["per_round"]["slates"]
+    assert none[:12] == [40] * 12 and sum(none[12:]) == 0  # before the start nobody is in the experiment
+    assert sum(v["users"] for k, v in report["variants"].items() if k != "(none)") == 40
+    text = report["experiment_report"]["text"]
+    assert "adjusted with each user's value in the 14 days before their first exposure (40 of 40 users" in text
+    with pytest.raises(ValueError, match="pre_rounds must be >= 0, got -1"):
+        sim.SimulationSettings(pre_rounds=-1)
+
+
+def test_pre_rounds_keep_an_experiment_s_own_start():
+    data = {"experiment": [dict(GREEDY_ONLY["experiment"][0], start=1)]}
+    out = sim._starting_after_pre_rounds(None, data, sim.SimulationSettings(pre_rounds=5))
+    assert out["experiment"][0]["start"] == 1 and "start" not in GREEDY_ONLY["experiment"][0]
+    default = sim._starting_after_pre_rounds(None, None, sim.SimulationSettings(pre_rounds=5))
+    assert default["experiment"][0]["start"] == sim.START_MS + 5 * 3_600_000
+    assert "start" not in sim.DEFAULT_EXPERIMENTS["experiment"][0]

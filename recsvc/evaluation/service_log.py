@@ -94,7 +94,8 @@ def validate_random_slice(state_dir: str | Path, confidence: float = 0.95) -> di
     propensity. SNIPS, ``sum w r / sum w``, estimates the slice's click rate per impression; IPS divides
     by the number of main-policy impressions instead. The report says whether each interval covers the
     slice's observed rate. The reverse direction (the main policy's rate from the slice's log) needs the
-    main policy's propensities for the slice's slates, which are not logged: not reported.
+    main policy's propensities for the slice's slates, which are not logged; :func:`main_ctr_from_slice`
+    estimates it by items instead (``reverse``).
     """
     log, imp = service_bandit_log(state_dir)
     if imp.random_slice is None or not imp.random_slice.any():
@@ -128,6 +129,90 @@ def validate_random_slice(state_dir: str | Path, confidence: float = 0.95) -> di
         "diagnostics": {"ess": d.ess, "ess_share": d.ess_share, "largest_weights": list(d.largest_weights),
                         "mean_weight": d.mean_weight},
         "warnings": warnings,
-        "reverse": "not reported: the main policy's propensities for the slice's slates are not logged",
+        "reverse": main_ctr_from_slice(imp.rows, imp.clicked, imp.slate, imp.random_slice, imp.random_p,
+                                       confidence=confidence),
     }
 
+
+def main_ctr_from_slice(rows: np.ndarray, clicked: np.ndarray, slate: np.ndarray, in_slice: np.ndarray,
+                        random_p: np.ndarray, *, confidence: float = 0.95, n_bootstrap: int = 400,
+                        seed: int = 0) -> dict[str, Any]:
+    """The reverse validation: the main policy's click rate per impression estimated from the random slice.
+
+    The main policy's probability of serving an item in a *slice* request is not logged (the request path
+    computes it only for what it serves), so the estimate reweights **by item**: each main-policy
+    impression (the main policy's target distribution over the items it served, as it served them)
+    gets the slice's click rate of its item, ``c(a) = sum r / q / sum 1 / q`` over the slice's impressions
+    of a with the slice's exact propensities q (= need / eligible pool of the request; each request whose
+    pool held a counts equally, whatever its pool size). The estimate is the mean of those rates over the
+    main policy's impressions.
+
+    Only slice impressions logged **after** a main impression (later slates; ``slate`` is log order)
+    price it: the main policy learns from the slice's clicks (shared bandit evidence), so an item whose
+    slice clicks came up lucky is served more, and pricing it with those same clicks biases the estimate
+    upwards (0.40 against a true 0.26 on a 3,000-impression test log); a decision cannot depend on later
+    clicks. Main
+    impressions with no later slice impression of their item are out of reach (``main_mass_covered``,
+    warned below 0.8).
+
+    The interval is a percentile bootstrap over slates. The estimate is unbiased when an item's click
+    rate does not depend on which of the users eligible for it sees it; a main policy that targets (shows
+    an item to the users likeliest to click it) beats it, so an interval below the observed value
+    measures that targeting.
+    """
+    rows, clicked, slate = np.asarray(rows, np.int64), np.asarray(clicked, np.float64), np.asarray(slate, np.int64)
+    in_slice = np.asarray(in_slice, bool)
+    q = np.asarray(random_p, np.float64)
+    main = ~in_slice
+    if not main.any() or not in_slice.any():
+        raise ValueError("need impressions of both the main policy and the random slice")
+    if not np.all(np.isfinite(q[in_slice]) & (q[in_slice] > 0)):
+        raise ValueError("every slice impression needs its exact propensity (random_p)")
+    observed = on_policy_estimate(clicked[main], confidence=confidence)
+    # group by item, in log order within an item; suffix sums of the slice's weighted clicks
+    order = np.lexsort((slate, rows))
+    r_item, r_slate, r_main = rows[order], slate[order], main[order]
+    w = np.where(in_slice, 1.0 / np.where(in_slice, q, 1.0), 0.0)[order]
+    wr = w * clicked[order]
+    last = np.r_[np.flatnonzero(r_item[1:] != r_item[:-1]), r_item.size - 1]  # last index of each item's group
+    group_last = np.repeat(last, np.diff(np.r_[-1, last]))
+    _, slate_idx = np.unique(r_slate, return_inverse=True)
+    n_slates = int(slate_idx.max()) + 1
+    main_rows = np.flatnonzero(r_main)
+
+    def estimate(k: np.ndarray) -> tuple[float, float]:
+        """(estimate, share of main impressions priced) with slate multiplicities ``k``."""
+        kw = k[slate_idx]
+        cw, cwr = np.cumsum(kw * w), np.cumsum(kw * wr)
+        den = cw[group_last[main_rows]] - cw[main_rows]  # later slice impressions of the same item
+        num = cwr[group_last[main_rows]] - cwr[main_rows]
+        km = kw[main_rows]
+        priced = den > 0
+        mass = float(km[priced].sum())
+        if mass <= 0:
+            return float("nan"), 0.0
+        return float((km[priced] * num[priced] / den[priced]).sum() / mass), mass / float(km.sum())
+
+    value, covered = estimate(np.ones(n_slates))
+    rng = np.random.default_rng(seed)
+    boot = np.array([estimate(np.bincount(rng.integers(0, n_slates, n_slates), minlength=n_slates)
+                              .astype(np.float64))[0] for _ in range(n_bootstrap)])
+    boot = boot[np.isfinite(boot)]
+    lo, hi = (np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2]) if boot.size
+              else (float("nan"), float("nan")))
+    est = {"value": value, "stderr": float(boot.std(ddof=1)) if boot.size > 1 else float("nan"),
+           "ci_low": float(lo), "ci_high": float(hi), "n": int(in_slice.sum())}
+    warnings = []
+    if not covered >= 0.8:
+        warnings.append(f"only {covered:.0%} of the main policy's impressions have an item the slice showed later: "
+                        "the rest is out of reach, and the estimate is the main policy's rate on those only")
+    return {
+        "main_ctr_observed": _est(observed),
+        "main_ctr_from_slice": {**est, "covers_observed": bool(lo <= observed.value <= hi),
+                                "intervals_overlap": bool(lo <= observed.ci_high and observed.ci_low <= hi)},
+        "main_mass_covered": covered,
+        "method": "by item: each main-policy impression priced at its item's click rate in the slice (exact "
+                  "propensities, later slates only); assumes an item's click rate does not depend on which "
+                  "eligible user sees it (targeting makes the main policy's observed rate higher)",
+        "warnings": warnings,
+    }

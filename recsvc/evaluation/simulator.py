@@ -27,7 +27,10 @@ proportion to their CTR: a history to personalise from, and the seed of populari
 **Rounds.** In each round every user asks for one slate of ``--slate`` items; then all the round's
 feedback is sent at once. In process the engine's clock is simulated: a round is an hour
 (``--round-minutes``), events are stamped 1 s after their slate; over gRPC the server's own clock is
-used (events carry no timestamp).
+used (events carry no timestamp). ``--pre-rounds R`` first runs R rounds before the experiments start
+(in process, each experiment without a ``start`` starts after them; their slates report as ``(none)``):
+the users' pre-period, which the experiment report's CUPED adjustment uses (``experiments.cuped_pre_days``
+whole UTC days before each user's first exposure; 24 one-hour rounds make a day).
 
 **Variants.** By default one experiment, ``sim_policy`` (:data:`DEFAULT_EXPERIMENTS`, the same as
 ``examples/simulate_experiments.toml``), splits users by the A/B hash into ``greedy`` (control),
@@ -144,6 +147,9 @@ class SimulationSettings:
     warmup_clicks: int = 3
     round_minutes: float = 60.0
     seed: int = 0
+    #: rounds served before the experiments start (in process): every user's pre-period, which CUPED
+    #: adjusts with (the engine keeps experiments.cuped_pre_days whole UTC days before each first exposure)
+    pre_rounds: int = 0
 
     def __post_init__(self) -> None:
         for name in ("users", "rounds", "items", "dim", "slate", "clusters", "categories", "topics"):
@@ -151,6 +157,8 @@ class SimulationSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup_clicks < 0:
             raise ValueError(f"warmup_clicks must be >= 0, got {self.warmup_clicks}")
+        if self.pre_rounds < 0:
+            raise ValueError(f"pre_rounds must be >= 0, got {self.pre_rounds}")
         if self.slate > self.items:
             raise ValueError(f"slate ({self.slate}) cannot exceed items ({self.items})")
         if self.impressions not in ("examined", "shown"):
@@ -380,7 +388,8 @@ def simulate(
     user_prefix: str = "u",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``settings.rounds`` rounds against ``target``; returns the per-variant report."""
+    """Run ``settings.pre_rounds + settings.rounds`` rounds against ``target``; returns the per-variant report
+    (slates served before an experiment started count under ``"(none)"``)."""
     rng = np.random.default_rng([settings.seed, 0])
     click_rng = np.random.default_rng([settings.seed, 1])
     n_items = catalog.n_rows
@@ -408,7 +417,7 @@ def simulate(
         target.feedback(warm)
 
     arms: dict[str, _ArmLog] = {}
-    for r in range(settings.rounds):
+    for r in range(settings.pre_rounds + settings.rounds):
         t_round = START_MS + r * round_ms
         target.set_time(t_round)
         events: list[SimEvent] = []
@@ -595,6 +604,9 @@ def simulate_in_process(
     :data:`DEFAULT_EXPERIMENTS`.
     """
     cfg = base_config(settings, config_path)
+    if settings.pre_rounds:
+        experiments = _starting_after_pre_rounds(experiments_path, experiments, settings)
+        experiments_path = None
     experiments = load_experiments(experiments_path, cfg, experiments)
     catalog = build_world(settings)
     bar = None
@@ -602,7 +614,7 @@ def simulate_in_process(
         if not len(experiments):
             raise ValueError("--isolated needs an experiment with variants")
         exp = experiments.experiments[0]
-        bar = _bar(progress, settings.rounds * settings.users * len(exp.variants))
+        bar = _bar(progress, (settings.pre_rounds + settings.rounds) * settings.users * len(exp.variants))
         variants: dict[str, Any] = {}
         try:
             for v in exp.variants:
@@ -619,7 +631,7 @@ def simulate_in_process(
         report = {"settings": asdict(settings), "n_items": catalog.n_rows, "variants": variants}
         report["mode"] = f"isolated: one engine per variant of {exp.name!r}, all users each"
         return report
-    bar = _bar(progress, settings.rounds * settings.users)
+    bar = _bar(progress, (settings.pre_rounds + settings.rounds) * settings.users)
     target = EngineTarget(cfg, catalog, experiments)
     try:
         report = simulate(target, catalog, settings, progress=bar.update if bar is not None else None)
@@ -636,6 +648,22 @@ def simulate_in_process(
         if bar is not None:
             bar.close()
     return report
+
+
+def _starting_after_pre_rounds(path: Path | None, data: dict[str, Any] | None,
+                               settings: SimulationSettings) -> dict[str, Any]:
+    """The experiment definitions with every experiment that has no start starting after the pre-rounds."""
+    import copy
+    import tomllib
+
+    if path is not None:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    data = copy.deepcopy(data if data is not None else DEFAULT_EXPERIMENTS)
+    start = START_MS + settings.pre_rounds * int(settings.round_minutes * 60_000)
+    for exp in data.get("experiment", []):
+        exp.setdefault("start", start)
+    return data
 
 
 def ranker_study(settings: SimulationSettings, *, log_rounds: int = 20, log_epsilon: float = 0.3,
@@ -763,7 +791,8 @@ def _bar(enabled: bool, total: int) -> Any:
 
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [f"simulation: {s['users']} users x {s['rounds']} rounds, slate {s['slate']}, "
+    pre = f" (after {s['pre_rounds']} pre-experiment rounds)" if s.get("pre_rounds") else ""
+    lines = [f"simulation: {s['users']} users x {s['rounds']} rounds{pre}, slate {s['slate']}, "
              f"{report['n_items']} items, seed {s['seed']} — {report.get('mode', '')}"]
     head = (f"{'variant':<18}{'users':>6}{'CTR':>8}{'CTR@end':>9}{'regret/slate':>13}{'cum.regret/u':>13}"
             f"{'coverage':>9}{'Gini r1':>9}{'Gini end':>9}{'Gini all':>9}{'top20 r1':>9}{'top20 end':>10}")
@@ -850,6 +879,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="organic clicks per user before round 0 (default: %(default)s)")
     parser.add_argument("--round-minutes", type=float, default=d.round_minutes, help="simulated time per round")
     parser.add_argument("--seed", type=int, default=d.seed, help="users, clicks and exploration draws")
+    parser.add_argument("--pre-rounds", type=int, default=d.pre_rounds,
+                        help="rounds before the experiments start (in process): the users' pre-period, which the "
+                             "experiment report's CUPED adjustment uses; 24 one-hour rounds = one day "
+                             "(default: %(default)s)")
     parser.add_argument("--experiments", type=Path,
                         help="experiment file (default: the built-in sim_policy, see examples/simulate_experiments.toml)")
     parser.add_argument("--config", type=Path, help="base config TOML for the in-process engine; with --target: "
@@ -876,7 +909,7 @@ def settings_from_args(args: argparse.Namespace) -> SimulationSettings:
         initial_popularity=args.initial_popularity, slate=args.slate, clusters=args.clusters,
         taste_noise=args.taste_noise, affinity=args.affinity, bias=args.bias, eta=args.eta,
         impressions=args.impressions, warmup_clicks=args.warmup_clicks, round_minutes=args.round_minutes,
-        seed=args.seed)
+        seed=args.seed, pre_rounds=args.pre_rounds)
 
 
 def run(args: argparse.Namespace) -> int:

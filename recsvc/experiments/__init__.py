@@ -5,7 +5,7 @@
   (:class:`ExperimentSet`, :class:`Assignment`).
 * :mod:`~recsvc.experiments.aggregates` — per-(experiment, variant) counters fed
   by the engine, snapshot-able (:class:`ExperimentAggregates`).
-* :mod:`~recsvc.experiments.stats` — z-test, Welch, chi-square, Holm, mSPRT,
+* :mod:`~recsvc.experiments.stats` — z-test, Welch, chi-square, Holm, CUPED, mSPRT,
   with the distribution tails implemented on numpy + math.
 * :mod:`~recsvc.experiments.report` — :func:`report`, :func:`report_to_text`,
   :func:`report_to_dict`, :func:`plot_report`.

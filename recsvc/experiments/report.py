@@ -18,16 +18,25 @@ For every experiment in the :class:`ExperimentSet` (or the one asked for):
      (delta-method) variances, since a returning user's impressions are not
      independent; the relative lift's interval is a log-ratio interval, withheld
      below ``MIN_EVENTS_FOR_LIFT_CI`` events per arm. The report gives each arm's
-     design effect (clustered ÷ binomial variance) and warns above 1.2, since the
-     sequential test still treats impressions as independent;
+     design effect (clustered ÷ binomial variance) and notes it above 2;
    * ``value_per_user``: Welch's t-test over users (users with no value count as 0).
+
+   Each comparison is also given **CUPED-adjusted** (Deng et al. 2013): the same metric over the
+   users' pre-periods (their activity in the ``experiments.cuped_pre_days`` days before their first
+   exposure; see :mod:`recsvc.experiments.aggregates`) as the covariate, θ pooled over the arms; rates
+   through the delta method's linearization. The report shows the adjusted difference, its CI and
+   p-value (Holm-adjusted as a family of their own) beside the unadjusted ones, and the variance
+   reduction achieved (1 - adjusted ÷ unadjusted variance of the difference). Decide before the
+   experiment which of the two is the primary analysis; both are valid.
 
    Fixed-horizon p-values are Holm-adjusted across all (variant × metric)
    comparisons of the experiment — always, since there are three metrics; with
    one comparison Holm is the identity. ``significant`` uses the adjusted p.
 4. **Always-valid** p-values and confidence sequences (mSPRT, Johari et al. 2017)
    for the same differences, computed over the daily cumulative series (each day
-   is a look; the p-value is the running minimum), also Holm-adjusted. Unlike the
+   is a look; the p-value is the running minimum), also Holm-adjusted; rates with
+   the same user-clustered variances (from the series' per-user sums of squares
+   and cross products), so returning users keep an A/A test at alpha here too. Unlike the
    fixed-horizon p-value these stay valid however often the report is read.
 5. Warnings: too little data (impressions, users, expected events per arm),
    missing impression events, clustered impressions, SRM, variants with data
@@ -50,11 +59,16 @@ from recsvc.experiments.aggregates import DAY_MS, TOTAL_FIELDS, ArmData, Experim
 from recsvc.experiments.assignment import Experiment, ExperimentSet
 from recsvc.experiments.stats import (
     SRM_ALPHA,
+    cuped_mean_test,
+    cuped_ratio_test,
     holm,
     msprt,
     MIN_EVENTS_FOR_LIFT_CI,
     clustered_ratio_test,
-    msprt_two_proportions,
+    clustered_ratio_variance,
+    msprt_clustered_ratio,
+    msprt_cuped_mean,
+    msprt_cuped_ratio,
     srm_test,
     two_proportion_ztest,
     welch_ttest,
@@ -78,6 +92,9 @@ __all__ = [
 #: Metrics compared against the control, in report order.
 METRICS = ("ctr", "conversion_rate", "value_per_user")
 _RATE_NUMERATOR = {"ctr": "clicks", "conversion_rate": "conversions"}
+#: The daily-series fields of a rate's user-level sums: Σ x_u², Σ x_u · impressions_u.
+_RATE_MOMENTS = {"clicks": ("clicks_sq", "clicks_x_impressions"),
+                 "conversions": ("conversions_sq", "conversions_x_impressions")}
 _MIN_USERS_SEQUENTIAL = 30  # per arm, before a look at value_per_user counts
 
 #: mSPRT mixing SD per metric, in standard deviations of one observation (an impression for
@@ -86,7 +103,7 @@ _MIN_USERS_SEQUENTIAL = 30  # per arm, before a look at value_per_user counts
 #: logarithmically after, so 0.01 suits rates (~100k impressions per arm; 0.01 SD ≈ a 4% lift on
 #: a 5% CTR) and 0.03 per-user metrics (~12k users per arm).
 DEFAULT_SEQUENTIAL_TAU: dict[str, float] = {"ctr": 0.01, "conversion_rate": 0.01, "value_per_user": 0.03}
-_DESIGN_EFFECT_WARNING = 1.2
+_DESIGN_EFFECT_WARNING = 2.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,8 @@ class ArmSummary:
     value_per_user: float | None
     clicks_per_user: float | None
     ctr_design_effect: float | None  # user-clustered variance / binomial variance of CTR
+    pre_period_days: int  # CUPED pre-period length (0: not collected)
+    users_with_pre_period: int  # users with any activity (impressions or value) in their pre-period
     items_covered: int  # distinct items served
     catalog_coverage: float | None  # items_covered / n_items (when n_items is known)
     exposure_gini: float | None  # over the catalog when n_items is known, else over served items
@@ -145,6 +164,21 @@ class Comparison:
     cs_low: float | None  # confidence sequence of diff at 1 - alpha
     cs_high: float | None
     sequential_significant: bool  # always_valid_p_holm < alpha
+    # CUPED: the same comparison adjusted with the users' pre-period values (None when not computable)
+    cuped_diff: float | None = None
+    cuped_rel_lift: float | None = None  # cuped_diff / control_value
+    cuped_ci_low: float | None = None
+    cuped_ci_high: float | None = None
+    cuped_p_value: float | None = None
+    cuped_p_holm: float | None = None  # Holm over the experiment's CUPED comparisons
+    cuped_significant: bool = False
+    cuped_theta: float | None = None
+    variance_reduction: float | None = None  # 1 - Var(adjusted diff) / Var(unadjusted diff)
+    cuped_always_valid_p: float | None = None  # mSPRT on the adjusted difference at each daily look
+    cuped_always_valid_p_holm: float | None = None
+    cuped_cs_low: float | None = None
+    cuped_cs_high: float | None = None
+    cuped_sequential_significant: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,6 +310,8 @@ def _experiment_report(
             rows.append(_compare(metric, variant, c, t, aligned[0], aligned[j], alpha, tau[metric]))
     p_holm = holm([_nan(r["p_value"]) for r in rows])
     av_holm = holm([_nan(r["always_valid_p"]) for r in rows])
+    cuped_holm = holm([_nan(r.get("cuped_p_value")) for r in rows])
+    cuped_av_holm = holm([_nan(r.get("cuped_always_valid_p")) for r in rows])
     comparisons = tuple(
         Comparison(
             **r,
@@ -283,6 +319,10 @@ def _experiment_report(
             significant=bool(p_holm[i] < alpha),
             always_valid_p_holm=_none(av_holm[i]),
             sequential_significant=bool(av_holm[i] < alpha),
+            cuped_p_holm=_none(cuped_holm[i]),
+            cuped_significant=bool(cuped_holm[i] < alpha),
+            cuped_always_valid_p_holm=_none(cuped_av_holm[i]),
+            cuped_sequential_significant=bool(cuped_av_holm[i] < alpha),
         )
         for i, r in enumerate(rows)
     )
@@ -314,10 +354,9 @@ def _experiment_report(
             )
         if a.ctr_design_effect is not None and a.ctr_design_effect > _DESIGN_EFFECT_WARNING:
             warnings.append(
-                f"{a.variant!r}: clicks cluster by user (CTR design effect {a.ctr_design_effect:.1f}); the "
-                "fixed-horizon tests use user-clustered variances, but the always-valid (mSPRT) p-values and "
-                "confidence sequences treat impressions as independent and understate uncertainty by about "
-                "that factor in variance"
+                f"{a.variant!r}: clicks cluster by user (CTR design effect {a.ctr_design_effect:.1f}): "
+                f"{a.impressions:,} impressions weigh like about {a.impressions / a.ctr_design_effect:,.0f} "
+                "independent ones; every test and interval here uses user-clustered variances"
             )
     return ExperimentReport(
         exp.name, control, status, exp.start_ms, exp.stop_ms, srm, arms, comparisons, int(days.size), tuple(warnings)
@@ -345,6 +384,8 @@ def _arm_summary(d: ArmData, share: float, n_items: int | None) -> ArmSummary:
         value_per_user=float(t["value"]) / users if users else None,
         clicks_per_user=clicks / users if users else None,
         ctr_design_effect=_design_effect(d.per_user["clicks"], d.per_user["impressions"]),
+        pre_period_days=int(d.pre_days),
+        users_with_pre_period=int(((d.per_user["pre_impressions"] > 0) | (d.per_user["pre_value"] != 0)).sum()),
         items_covered=int(d.exposure.size),
         catalog_coverage=d.exposure.size / n_items if n_items else None,
         exposure_gini=_none(gini(exposure)),
@@ -409,11 +450,18 @@ def _compare(
                 rel_ci_low=_none(z.rel_ci_low), rel_ci_high=_none(z.rel_ci_high),
                 ci_low=_none(z.ci_low), ci_high=_none(z.ci_high), statistic=_none(z.z), p_value=_none(z.p_value),
             )
+            pre = "pre_" + num
+            row.update(_cuped_fields(cuped_ratio_test(
+                c.per_user[num], c.per_user["impressions"], c.per_user[pre], c.per_user["pre_impressions"],
+                t.per_user[num], t.per_user["impressions"], t.per_user[pre], t.per_user["pre_impressions"],
+                alpha), z.p_control))
             if c_daily[num].size:
-                s = msprt_two_proportions(
-                    c_daily[num], c_daily["impressions"], t_daily[num], t_daily["impressions"], tau=tau, alpha=alpha
-                )
+                s = msprt_clustered_ratio(_rate_sums(c_daily, num), _rate_sums(t_daily, num), tau=tau, alpha=alpha,
+                                          min_users=_MIN_USERS_SEQUENTIAL)
                 row.update(_sequential_fields(s))
+                s = msprt_cuped_ratio(_cuped_rate_sums(c_daily, num), _cuped_rate_sums(t_daily, num), tau=tau,
+                                      alpha=alpha, min_users=_MIN_USERS_SEQUENTIAL)
+                row.update(_sequential_fields(s, "cuped_"))
     else:
         row["test"] = "welch t"
         v1, v2 = c.per_user["value"], t.per_user["value"]
@@ -424,15 +472,64 @@ def _compare(
                 ci_low=_none(w.ci_low), ci_high=_none(w.ci_high), statistic=_none(w.t), df=_none(w.df),
                 p_value=_none(w.p_value),
             )
+            row.update(_cuped_fields(cuped_mean_test(v1, c.per_user["pre_value"], v2, t.per_user["pre_value"], alpha),
+                                     w.mean_control))
             s = _msprt_means(c_daily, t_daily, tau, alpha)
             if s is not None:
                 row.update(_sequential_fields(s))
+            if c_daily["users"].size:
+                s = msprt_cuped_mean(_cuped_value_sums(c_daily), _cuped_value_sums(t_daily), tau=tau, alpha=alpha,
+                                     min_users=_MIN_USERS_SEQUENTIAL)
+                row.update(_sequential_fields(s, "cuped_"))
     return row
 
 
-def _sequential_fields(s) -> dict[str, float | None]:
+def _rate_sums(daily: dict[str, np.ndarray], num: str) -> dict[str, np.ndarray]:
+    """The user-level sums of a rate over the daily series, as :func:`msprt_clustered_ratio` takes them."""
+    sq, cross = _RATE_MOMENTS[num]
+    return {"x": daily[num], "n": daily["impressions"], "xx": daily[sq], "nn": daily["impressions_sq"],
+            "xn": daily[cross], "users": daily["users"]}
+
+
+def _cuped_fields(cu, control_value: float) -> dict[str, float | None]:
+    """The CUPED columns of a comparison (None where undefined)."""
+    if not math.isfinite(cu.p_value):
+        return {}
+    return dict(
+        cuped_diff=_none(cu.diff),
+        cuped_rel_lift=_none(cu.diff / control_value) if control_value else None,
+        cuped_ci_low=_none(cu.ci_low), cuped_ci_high=_none(cu.ci_high), cuped_p_value=_none(cu.p_value),
+        cuped_theta=_none(cu.theta), variance_reduction=_none(cu.variance_reduction),
+    )
+
+
+def _sequential_fields(s, prefix: str = "") -> dict[str, float | None]:
     """The latest look of a sequential test."""
-    return dict(always_valid_p=_none(s.p_value[-1]), cs_low=_none(s.cs_low[-1]), cs_high=_none(s.cs_high[-1]))
+    return {f"{prefix}always_valid_p": _none(s.p_value[-1]), f"{prefix}cs_low": _none(s.cs_low[-1]),
+            f"{prefix}cs_high": _none(s.cs_high[-1])}
+
+
+#: The daily-series fields of a rate's CUPED sums (see msprt_cuped_ratio): y, x, yy, yn, xx, xm, yx, ym, nx.
+_CUPED_RATE_FIELDS = {
+    "clicks": ("clicks", "pre_clicks", "clicks_sq", "clicks_x_impressions", "pre_clicks_sq",
+               "pre_clicks_x_pre_impressions", "clicks_x_pre_clicks", "clicks_x_pre_impressions",
+               "impressions_x_pre_clicks"),
+    "conversions": ("conversions", "pre_conversions", "conversions_sq", "conversions_x_impressions",
+                    "pre_conversions_sq", "pre_conversions_x_pre_impressions", "conversions_x_pre_conversions",
+                    "conversions_x_pre_impressions", "impressions_x_pre_conversions"),
+}
+
+
+def _cuped_rate_sums(daily: dict[str, np.ndarray], num: str) -> dict[str, np.ndarray]:
+    y, x, yy, yn, xx, xm, yx, ym, nx = (daily[f] for f in _CUPED_RATE_FIELDS[num])
+    return {"users": daily["users"], "y": y, "n": daily["impressions"], "x": x, "m": daily["pre_impressions"],
+            "yy": yy, "nn": daily["impressions_sq"], "yn": yn, "xx": xx, "mm": daily["pre_impressions_sq"],
+            "xm": xm, "yx": yx, "ym": ym, "nx": nx, "nm": daily["impressions_x_pre_impressions"]}
+
+
+def _cuped_value_sums(daily: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"users": daily["users"], "y": daily["value"], "yy": daily["value_sq"], "x": daily["pre_value"],
+            "xx": daily["pre_value_sq"], "yx": daily["value_x_pre_value"]}
 
 
 def _mean_var(daily: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -600,6 +697,32 @@ def report_to_text(rep: Report) -> str:
                          f"{MIN_EVENTS_FOR_LIFT_CI} events per arm")
             lines.append(f"  † always-valid (AV, mSPRT) Holm-adjusted p < {rep.alpha:g}: valid however often the "
                          "report is read; so is the confidence sequence (per comparison, not Holm-adjusted)")
+            pre_days = max((a.pre_period_days for a in e.arms), default=0)
+            with_pre = sum(a.users_with_pre_period for a in e.arms)
+            users = sum(a.users for a in e.arms)
+            lines.append("")
+            if pre_days:
+                lines.append(f"  CUPED (Deng et al. 2013): adjusted with each user's value in the {pre_days} days before "
+                             f"their first exposure ({with_pre:,} of {users:,} users had pre-period activity)")
+            else:
+                lines.append("  CUPED: no pre-period collected (experiments.cuped_pre_days = 0): adjusted = unadjusted")
+            header = ["metric", "variant", "diff", "CUPED diff", "CUPED lift", f"{level:g}% CI", f"CUPED {level:g}% CI",
+                      "p", "CUPED p", "CUPED p Holm", "theta", "var. reduction", "CUPED AV p Holm",
+                      f"CUPED {level:g}% conf. sequence", ""]
+            rows = []
+            for c in e.comparisons:
+                if c.p_value is None and c.cuped_p_value is None:
+                    continue  # nothing to compare (e.g. no conversions in either arm)
+                rows.append([c.metric, c.variant, _diff(c.metric, c.diff), _diff(c.metric, c.cuped_diff),
+                             _pct(c.cuped_rel_lift, 1), _interval(c.metric, c.ci_low, c.ci_high),
+                             _interval(c.metric, c.cuped_ci_low, c.cuped_ci_high), _p(c.p_value), _p(c.cuped_p_value),
+                             _p(c.cuped_p_holm), _num(c.cuped_theta, ".3g"), _pct(c.variance_reduction, 1),
+                             _p(c.cuped_always_valid_p_holm), _interval(c.metric, c.cuped_cs_low, c.cuped_cs_high),
+                             ("*" if c.cuped_significant else "") + ("†" if c.cuped_sequential_significant else "")])
+            lines += _table(header, rows)
+            lines.append(f"  * CUPED Holm-adjusted p < {rep.alpha:g} (fixed horizon); † CUPED always-valid (mSPRT on the "
+                         f"adjusted difference at each daily look) Holm-adjusted p < {rep.alpha:g}; var. reduction = "
+                         "1 - Var(CUPED diff) / Var(diff): the share of the variance the pre-period explained")
         if e.warnings:
             lines.append("")
             lines.append("  warnings:")
@@ -748,8 +871,8 @@ def _arm_sequence(metric: str, d: dict[str, np.ndarray], tau: float, alpha: floa
         if metric in _RATE_NUMERATOR:
             n = d["impressions"]
             est = d[_RATE_NUMERATOR[metric]] / n
-            var = est * (1 - est) / n
-            usable = (n * est >= 5) & (n * (1 - est) >= 5)
+            var = clustered_ratio_variance(**_rate_sums(d, _RATE_NUMERATOR[metric]))  # returning users: clustered
+            usable = (n * est >= 5) & (n * (1 - est) >= 5) & (d["users"] >= _MIN_USERS_SEQUENTIAL)
         else:
             n, est, v = _mean_var(d)
             var = v / n
@@ -764,7 +887,8 @@ def _arm_sequence(metric: str, d: dict[str, np.ndarray], tau: float, alpha: floa
 def _diff_sequence(metric: str, c: dict[str, np.ndarray], t: dict[str, np.ndarray], tau: float, alpha: float):
     if metric in _RATE_NUMERATOR:
         num = _RATE_NUMERATOR[metric]
-        s = msprt_two_proportions(c[num], c["impressions"], t[num], t["impressions"], tau=tau, alpha=alpha)
+        s = msprt_clustered_ratio(_rate_sums(c, num), _rate_sums(t, num), tau=tau, alpha=alpha,
+                                  min_users=_MIN_USERS_SEQUENTIAL)
         z = two_proportion_ztest(c[num], c["impressions"], t[num], t["impressions"], alpha)
         diff, ci_lo, ci_hi = np.asarray(z.diff), np.asarray(z.ci_low), np.asarray(z.ci_high)
     else:

@@ -21,6 +21,10 @@ Tests:
   freedom; the CI uses the same df.
 * sample ratio mismatch: chi-square goodness of fit of counts against shares.
 * multiple comparisons: Holm's step-down adjustment.
+* variance reduction: CUPED (Deng, Xu, Kohavi & Walker, "Improving the sensitivity of online
+  controlled experiments by utilizing pre-experiment data", WSDM 2013) with each user's
+  pre-experiment value of the same metric as the covariate; ratio metrics through the delta
+  method's linearization (:func:`cuped_ratio_test`), means directly (:func:`cuped_mean_test`).
 * sequential: the mixture sequential probability ratio test (mSPRT) of Johari,
   Koomen, Pekelis & Walsh, "Peeking at A/B tests" (KDD 2017), with a normal
   mixing distribution on the effect, on the normal approximation of the
@@ -55,9 +59,15 @@ __all__ = [
     "SRMTest",
     "srm_test",
     "holm",
+    "CupedTest",
+    "cuped_ratio_test",
+    "cuped_mean_test",
     "SequentialTest",
     "msprt",
     "msprt_two_proportions",
+    "msprt_clustered_ratio",
+    "msprt_cuped_ratio",
+    "msprt_cuped_mean",
     "SRM_ALPHA",
 ]
 
@@ -432,6 +442,93 @@ def clustered_ratio_test(x1, n1, x2, n2, alpha: float = 0.05) -> ClusteredRatioT
 
 
 @dataclass(frozen=True)
+class CupedTest:
+    """A CUPED-adjusted comparison of treatment (2) against control (1), beside the unadjusted one."""
+
+    diff: float  # adjusted difference (the unadjusted minus theta times the arms' pre-period difference)
+    se: float
+    ci_low: float
+    ci_high: float
+    statistic: float  # z (ratio metrics) or Welch t (means)
+    df: float  # Welch-Satterthwaite df (means; inf for ratio metrics)
+    p_value: float
+    theta: float  # cov(Y, X) / var(X), pooled over the arms
+    se_unadjusted: float  # the same test's SE without the adjustment
+    variance_reduction: float  # 1 - se² / se_unadjusted² (the share of the variance CUPED removed)
+
+
+def _nan_cuped(diff: float, se_unadj: float = math.nan) -> CupedTest:
+    nan = math.nan
+    return CupedTest(diff, nan, nan, nan, nan, nan, nan, nan, se_unadj, nan)
+
+
+def _linearized_ratio(y: np.ndarray, n: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """(sum y / sum n, per-user (y - r n) / mean n): the ratio's delta-method influence values, whose
+    mean's variance is the ratio's (:func:`_ratio_var`)."""
+    total = float(n.sum())
+    if y.size < 2 or total <= 0:
+        return None
+    r = float(y.sum()) / total
+    return r, (y - r * n) / (total / y.size)
+
+
+def cuped_ratio_test(y1, n1, x1, m1, y2, n2, x2, m2, alpha: float = 0.05) -> CupedTest:
+    """CUPED for a ratio metric r = sum_u y_u / sum_u n_u (CTR: clicks / impressions), per user:
+    ``y``/``n`` in the experiment, ``x``/``m`` the same two counts in the user's pre-period.
+
+    Each arm's ratio and pre-period ratio are linearized (delta method): ℓ_u = (y_u - r n_u) / n̄ and
+    k_u = (x_u - r_x m_u) / m̄, so that r̂ - r ≈ mean ℓ and r̂_x - r_x ≈ mean k. With
+    θ = Σ ℓk / Σ k² pooled over both arms (ℓ and k have mean 0 within each arm), the adjusted
+    difference is (r₂ - r₁) - θ (r_x₂ - r_x₁), with variance Σ_arms var(ℓ - θk) / N (a z-test).
+    The pre-period is independent of the arm, so the adjustment removes variance without bias.
+    With no pre-period impressions in an arm there is nothing to adjust with: the result is the
+    unadjusted test (θ = 0, no variance reduction)."""
+    arrays = [np.asarray(v, np.float64) for v in (y1, n1, x1, m1, y2, n2, x2, m2)]
+    y1, n1, x1, m1, y2, n2, x2, m2 = arrays
+    a1, a2 = _linearized_ratio(y1, n1), _linearized_ratio(y2, n2)
+    if a1 is None or a2 is None:
+        return _nan_cuped(math.nan)
+    (r1, l1), (r2, l2) = a1, a2
+    diff = r2 - r1
+    se_unadj = math.sqrt(float(l1.var(ddof=1)) / l1.size + float(l2.var(ddof=1)) / l2.size)
+    p1, p2 = _linearized_ratio(x1, m1), _linearized_ratio(x2, m2)
+    if p1 is None or p2 is None:
+        k1, k2, rx1, rx2 = np.zeros_like(l1), np.zeros_like(l2), 0.0, 0.0
+    else:
+        (rx1, k1), (rx2, k2) = p1, p2
+    kk = float(k1 @ k1 + k2 @ k2)
+    theta = float(l1 @ k1 + l2 @ k2) / kk if kk > 0 else 0.0
+    adj = diff - theta * (rx2 - rx1)
+    e1, e2 = l1 - theta * k1, l2 - theta * k2
+    var = float(e1.var(ddof=1)) / e1.size + float(e2.var(ddof=1)) / e2.size
+    se = math.sqrt(var)
+    if not se > 0:
+        return CupedTest(adj, se, math.nan, math.nan, math.nan, math.inf, math.nan, theta, se_unadj, math.nan)
+    zc = -norm_ppf(alpha / 2.0)
+    z = adj / se
+    p = 2.0 * float(norm_sf(abs(z)))
+    vr = 1.0 - var / se_unadj**2 if se_unadj > 0 else math.nan
+    return CupedTest(adj, se, adj - zc * se, adj + zc * se, z, math.inf, p, theta, se_unadj, vr)
+
+
+def cuped_mean_test(y1, x1, y2, x2, alpha: float = 0.05) -> CupedTest:
+    """CUPED for a mean over users (value per user): Y_adj = Y - θ (X - mean X), θ = cov(Y, X) / var(X)
+    pooled over the arms (within-arm centred), then Welch's t-test on the adjusted values. ``x`` is
+    each user's value in the pre-period."""
+    y1, x1, y2, x2 = (np.asarray(v, np.float64) for v in (y1, x1, y2, x2))
+    if y1.size < 2 or y2.size < 2:
+        return _nan_cuped(float(y2.mean() - y1.mean()) if y1.size and y2.size else math.nan)
+    c1, c2 = x1 - x1.mean(), x2 - x2.mean()
+    kk = float(c1 @ c1 + c2 @ c2)
+    theta = float((y1 - y1.mean()) @ c1 + (y2 - y2.mean()) @ c2) / kk if kk > 0 else 0.0
+    centre = float(np.concatenate([x1, x2]).mean())
+    w0 = welch_ttest(y1, y2, alpha)
+    w = welch_ttest(y1 - theta * (x1 - centre), y2 - theta * (x2 - centre), alpha)
+    vr = 1.0 - w.se**2 / w0.se**2 if w0.se > 0 and math.isfinite(w.se) else math.nan
+    return CupedTest(w.diff, w.se, w.ci_low, w.ci_high, w.t, w.df, w.p_value, theta, w0.se, vr)
+
+
+@dataclass(frozen=True)
 class MeanTest:
     """Welch's t-test of treatment mean (2) against control mean (1)."""
 
@@ -620,3 +717,115 @@ def msprt_two_proportions(
         n_min = np.minimum(n1, n2)
         usable = (n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
     return msprt(p2 - p1, var_null, var_alt, c, tau=tau, alpha=alpha, usable=usable)
+
+
+def clustered_ratio_variance(x, n, xx, nn, xn, users, rate=None):
+    """The delta-method (user-clustered) variance of ``x / n`` from running sums over users —
+    Σx, Σn, Σx², Σn², Σxn and the number of users (arrays broadcast, e.g. over daily looks):
+    ``N / (N - 1) · Σ_u (x_u - r n_u)² / n²`` with ``r`` = ``rate`` (default: x / n itself; pass the
+    pooled rate for the variance under H0). Matches :func:`clustered_ratio_test`'s."""
+    x, n, xx, nn, xn, users = (np.asarray(v, dtype=np.float64) for v in (x, n, xx, nn, xn, users))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = x / n if rate is None else np.asarray(rate, dtype=np.float64)
+        resid_sq = np.maximum(xx - 2.0 * r * xn + r * r * nn, 0.0)
+        return np.where(users > 1, users / (users - 1.0) * resid_sq / (n * n), np.nan)
+
+
+def msprt_clustered_ratio(
+    control, treatment, tau: float = 0.01, alpha: float = 0.05, min_expected: float = 5.0, min_users: int = 30
+) -> SequentialTest:
+    """:func:`msprt` for r2 - r1 of a ratio metric (events / impressions) with user-clustered variances.
+
+    ``control`` and ``treatment`` map ``"x"``, ``"n"``, ``"xx"``, ``"nn"``, ``"xn"``, ``"users"`` to the
+    cumulative sums over users at each look (last axis): events, impressions, Σ events_u², Σ impressions_u²,
+    Σ events_u · impressions_u, users. A returning user's impressions are correlated, so the variance of
+    each arm's ratio is the delta method's over users (:func:`clustered_ratio_variance`): at the pooled rate
+    for the p-value (H0), at each arm's own for the confidence sequence. The mixing scale stays on
+    impressions (``c = 1/n1 + 1/n2``, so ``tau`` means what it means in :func:`msprt_two_proportions`).
+    A look is used once each arm expects ``min_expected`` events and non-events at the pooled rate and has
+    ``min_users`` users (a clustered variance from a handful of users is itself too noisy to plug in).
+    """
+    a = {k: np.asarray(control[k], dtype=np.float64) for k in ("x", "n", "xx", "nn", "xn", "users")}
+    b = {k: np.asarray(treatment[k], dtype=np.float64) for k in ("x", "n", "xx", "nn", "xn", "users")}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p1, p2 = a["x"] / a["n"], b["x"] / b["n"]
+        pooled = (a["x"] + b["x"]) / (a["n"] + b["n"])
+        var_null = (clustered_ratio_variance(**a, rate=pooled) + clustered_ratio_variance(**b, rate=pooled))
+        var_alt = clustered_ratio_variance(**a) + clustered_ratio_variance(**b)
+        c = 1.0 / a["n"] + 1.0 / b["n"]
+        n_min = np.minimum(a["n"], b["n"])
+        usable = ((n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
+                  & (np.minimum(a["users"], b["users"]) >= min_users))
+    return msprt(p2 - p1, var_null, var_alt, c, tau=tau, alpha=alpha, usable=usable)
+
+
+def _cuped_ratio_moments(a: dict[str, np.ndarray]):
+    """Per arm, from running sums over users: (r, r_x, Σℓℓ, Σℓk, Σkk, users) of the linearised ratio ℓ and
+    pre-period ratio k of :func:`cuped_ratio_test` (r_x = 0, Σℓk = Σkk = 0 without pre-period impressions)."""
+    users, y, n, x, m = a["users"], a["y"], a["n"], a["x"], a["m"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = y / n
+        n_bar = n / users
+        ll = (a["yy"] - 2.0 * r * a["yn"] + r * r * a["nn"]) / (n_bar * n_bar)
+        has_pre = m > 0
+        rx = np.where(has_pre, x / np.where(has_pre, m, 1.0), 0.0)
+        m_bar = np.where(has_pre, m / users, 1.0)
+        lk = np.where(has_pre, (a["yx"] - rx * a["ym"] - r * a["nx"] + r * rx * a["nm"]) / (n_bar * m_bar), 0.0)
+        kk = np.where(has_pre, (a["xx"] - 2.0 * rx * a["xm"] + rx * rx * a["mm"]) / (m_bar * m_bar), 0.0)
+    return r, rx, ll, lk, kk, users
+
+
+def msprt_cuped_ratio(
+    control, treatment, tau: float = 0.01, alpha: float = 0.05, min_expected: float = 5.0, min_users: int = 30
+) -> SequentialTest:
+    """:func:`msprt` on the CUPED-adjusted difference of a ratio metric at each look (last axis).
+
+    ``control`` / ``treatment`` map to cumulative sums over users at each look: ``users``; ``y``, ``n`` (events,
+    impressions); ``x``, ``m`` (the same in the users' pre-periods); ``yy``, ``nn``, ``yn``, ``xx``, ``mm``,
+    ``xm``, ``yx``, ``ym``, ``nx``, ``nm`` (Σ of the products over users). At each look θ, the adjusted
+    difference and its variance are :func:`cuped_ratio_test`'s (the same linearisation, from the sums), so
+    the last look reproduces the fixed-horizon adjusted difference; the variance is the adjusted one under
+    both hypotheses (the adjustment is not defined at a pooled rate). Looks are used as in
+    :func:`msprt_clustered_ratio`."""
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in control.items()}
+    b = {k: np.asarray(v, dtype=np.float64) for k, v in treatment.items()}
+    r1, rx1, ll1, lk1, kk1, u1 = _cuped_ratio_moments(a)
+    r2, rx2, ll2, lk2, kk2, u2 = _cuped_ratio_moments(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        both = (a["m"] > 0) & (b["m"] > 0)
+        kk = kk1 + kk2
+        theta = np.where(both & (kk > 0), (lk1 + lk2) / np.where(kk > 0, kk, 1.0), 0.0)
+        diff = (r2 - r1) - theta * (rx2 - rx1)
+        var = ((ll1 - 2 * theta * lk1 + theta**2 * kk1) / (u1 * (u1 - 1))
+               + (ll2 - 2 * theta * lk2 + theta**2 * kk2) / (u2 * (u2 - 1)))
+        var = np.maximum(var, 0.0)
+        c = 1.0 / a["n"] + 1.0 / b["n"]
+        pooled = (a["y"] + b["y"]) / (a["n"] + b["n"])
+        n_min = np.minimum(a["n"], b["n"])
+        usable = ((n_min * pooled >= min_expected) & (n_min * (1.0 - pooled) >= min_expected)
+                  & (np.minimum(u1, u2) >= min_users))
+    return msprt(diff, var, var, c, tau=tau, alpha=alpha, usable=usable)
+
+
+def msprt_cuped_mean(control, treatment, tau: float = 0.03, alpha: float = 0.05, min_users: int = 30) -> SequentialTest:
+    """:func:`msprt` on the CUPED-adjusted difference of a per-user mean at each look: ``users``, ``y``, ``yy``
+    (Σ value, Σ value²), ``x``, ``xx`` (the same for the pre-period value) and ``yx`` (Σ value · pre value);
+    θ pooled over the arms (within-arm centred), as :func:`cuped_mean_test`."""
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in control.items()}
+    b = {k: np.asarray(v, dtype=np.float64) for k, v in treatment.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def centred(d):
+            u = d["users"]
+            return (u, d["y"] / u, d["x"] / u, d["yy"] - d["y"] ** 2 / u, d["yx"] - d["y"] * d["x"] / u,
+                    np.maximum(d["xx"] - d["x"] ** 2 / u, 0.0))
+        u1, my1, mx1, syy1, syx1, sxx1 = centred(a)
+        u2, my2, mx2, syy2, syx2, sxx2 = centred(b)
+        sxx = sxx1 + sxx2
+        theta = np.where(sxx > 0, (syx1 + syx2) / np.where(sxx > 0, sxx, 1.0), 0.0)
+        diff = (my2 - my1) - theta * (mx2 - mx1)
+        v1 = np.maximum(syy1 - 2 * theta * syx1 + theta**2 * sxx1, 0.0) / (u1 - 1)
+        v2 = np.maximum(syy2 - 2 * theta * syx2 + theta**2 * sxx2, 0.0) / (u2 - 1)
+        var = v1 / u1 + v2 / u2
+        c = 1.0 / u1 + 1.0 / u2
+        usable = (np.minimum(u1, u2) >= min_users) & (v1 > 0) & (v2 > 0)
+    return msprt(diff, var, var, c, tau=tau, alpha=alpha, usable=usable)
