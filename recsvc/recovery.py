@@ -55,7 +55,7 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
     catalog: Catalog | None = None
     if cfg.catalog.path is None:
         directory = demo_cache_dir(cfg)
-        if (directory / "items.jsonl").exists() and (directory / "catalog.json").exists():
+        if (directory / "catalog.json").exists():
             try:
                 catalog = Catalog.load(directory, normalize=normalize, progress=progress)
             except CatalogError as exc:  # the demo can be generated again: derived, not data
@@ -95,7 +95,7 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
 def open_catalog(cfg: Config, journal: Journal, progress: bool = False) -> tuple[Catalog, AnnIndex, bool]:
     """(catalog, index, diverged): the newest snapshot's catalog when it carries one, else the base."""
     _, snap_dir = journal.latest_snapshot()
-    diverged = snap_dir is not None and (snap_dir / "catalog" / "items.jsonl").exists()
+    diverged = snap_dir is not None and (snap_dir / "catalog" / "catalog.json").exists()
     if not diverged:
         return (*load_catalog_and_index(cfg, progress=progress), False)
     # The catalog as it was at the last snapshot, live changes included.
