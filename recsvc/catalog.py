@@ -9,6 +9,7 @@ A catalog directory holds binary columns, one ``.npy`` file each, row i of every
     popularity.npy     float32[N]
     alive.npy          bool[N] (False: a deleted item's row, kept so that an index saved beside stays valid)
     items.json         {"item_ids": [N str], "category_names": [str], "attributes": {"row": {str: str}}}
+    id_index.npy       uint32[2, live]: the live items' id hashes, sorted, and their rows (see RowIndex)
     catalog.json       {"format_version": 2, "dim": d, "count": N, "version": str, "normalized": bool,
                         "files": {name: {"size": bytes, "crc32": hex}}}  (save writes it last)
     index.bin          the persisted HNSW index (labels = rows), optional
@@ -16,7 +17,8 @@ A catalog directory holds binary columns, one ``.npy`` file each, row i of every
 
 A start reads them without parsing anything per item: the embeddings are memory-mapped copy-on-write (pages
 stay in the page cache, shared by every process that maps them, until a change writes one), the small
-columns are read whole, the ids are one JSON array. ``save`` writes this format.
+columns are read whole, the ids are one JSON array, and id -> row is a binary search in id_index.npy
+(no dict of a million entries to build). ``save`` writes this format.
 
 What a user hands in is the JSON-lines format (format 1)::
 
@@ -37,6 +39,7 @@ a new row. ``save`` compacts dead rows away.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -44,6 +47,8 @@ import os
 import threading
 import time
 import uuid
+import zlib
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -69,6 +74,7 @@ COLUMN_FILES = {
     "alive": ("alive.npy", np.dtype(bool)),
 }
 ITEMS_FILE = "items.json"
+ID_INDEX_FILE = "id_index.npy"
 DAY_MS = 86_400_000
 #: The demo catalog's creation times end here (fixed so the demo is deterministic).
 DEMO_ANCHOR_MS = 1_795_910_400_000  # 2026-11-29T00:00:00Z
@@ -91,6 +97,91 @@ class ItemRecord:
     attributes: dict[str, str] = field(default_factory=dict)
 
 
+def id_hash(item_id: str) -> int:
+    """A stable 32-bit hash of an item id (CRC-32 of its UTF-8 bytes): what ``id_index.npy`` is sorted by."""
+    return zlib.crc32(item_id.encode("utf-8", "surrogatepass"))
+
+
+class RowIndex(MutableMapping):
+    """Item id -> row, like the dict it replaces, without a Python object per item.
+
+    The saved catalog's live ids are found through ``id_index.npy``: their ``id_hash`` sorted, beside
+    their rows (a binary search, then the id itself compared). Ids added or removed since the load live
+    in a small dict and set in front of it. At 1M items this is ~8 MB read with the columns, where the
+    dict took ~75 MB and ~0.5-1 s to build at every start; a lookup costs ~1 us instead of ~50 ns (a
+    request makes a few, a feedback event one).
+    """
+
+    __slots__ = ("_ids", "_hashes", "_rows", "_added", "_removed", "_len")
+
+    def __init__(self, item_ids: list[str], table: np.ndarray) -> None:
+        self._ids = item_ids  # the catalog's list: row -> id
+        self._hashes = memoryview(np.ascontiguousarray(table[0], np.uint32))
+        self._rows = memoryview(np.ascontiguousarray(table[1], np.uint32))
+        self._added: dict[str, int] = {}  # set since the load (new ids, and ids removed then added again)
+        self._removed: set[str] = set()  # ids of the table removed since the load
+        self._len = len(self._hashes)
+
+    def _base(self, key: str) -> int | None:
+        hashes, h = self._hashes, id_hash(key)
+        i = bisect.bisect_left(hashes, h)
+        while i < len(hashes) and hashes[i] == h:
+            row = self._rows[i]
+            if self._ids[row] == key:
+                return row
+            i += 1
+        return None
+
+    def get(self, key, default=None):
+        row = self._added.get(key)
+        if row is not None:
+            return row
+        if type(key) is not str or key in self._removed:
+            return default
+        row = self._base(key)
+        return default if row is None else row
+
+    def __getitem__(self, key) -> int:
+        row = self.get(key)
+        if row is None:
+            raise KeyError(key)
+        return row
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+    def __setitem__(self, key: str, row: int) -> None:
+        if self.get(key) is None:
+            self._len += 1
+        self._added[key] = int(row)
+
+    def __delitem__(self, key) -> None:
+        if self.get(key) is None:
+            raise KeyError(key)
+        self._added.pop(key, None)
+        if type(key) is str and self._base(key) is not None:
+            self._removed.add(key)
+        self._len -= 1
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[str]:
+        for row in self._rows:
+            key = self._ids[row]
+            if key not in self._removed and key not in self._added:
+                yield key
+        yield from list(self._added)
+
+
+def _id_index(item_ids: list[str], alive: np.ndarray) -> np.ndarray:
+    """uint32[2, live]: the live rows' ``id_hash`` sorted, and their rows (``RowIndex``'s table)."""
+    rows = np.flatnonzero(alive).astype(np.uint32)
+    hashes = np.fromiter((id_hash(item_ids[r]) for r in rows.tolist()), np.uint32, rows.size)
+    order = np.argsort(hashes, kind="stable")
+    return np.stack([hashes[order], rows[order]])
+
+
 class Catalog:
     """Column arrays over rows; thread-safe for one writer and many readers.
 
@@ -107,7 +198,7 @@ class Catalog:
         self.version = uuid.uuid4().hex
         self._lock = threading.Lock()
         self.item_ids: list[str] = []
-        self.row_of: dict[str, int] = {}
+        self.row_of: MutableMapping[str, int] = {}  # a dict, or a RowIndex when loaded
         self.category_names: list[str] = []
         self.category_code: dict[str, int] = {}
         # sparse: row -> attributes, only for items that have any
@@ -396,7 +487,7 @@ class Catalog:
     @classmethod
     def _load_columns(cls, d: Path, meta: dict, normalize: bool) -> "Catalog":
         """The binary format: checked against catalog.json's manifest, embeddings memory-mapped."""
-        names = ["embeddings.npy", *(f for f, _ in COLUMN_FILES.values()), ITEMS_FILE]
+        names = ["embeddings.npy", *(f for f, _ in COLUMN_FILES.values()), ITEMS_FILE, ID_INDEX_FILE]
         for name in names:
             if not (d / name).exists():
                 raise CatalogError(f"catalog directory {d} has no {name} (its catalog.json is format "
@@ -455,16 +546,27 @@ class Catalog:
         # A deleted row's id may have been reused by a later row: it gets a private id no caller can send.
         for row in dead:
             ids[row] = f"\x00deleted:{row}"
-        try:
-            row_of = dict(zip(ids, range(n)))
-        except TypeError:  # an unhashable id
-            row_of = {}
-        if len(row_of) != n or "" in row_of or not all(type(i) is str for i in row_of):
-            seen: set = set()
-            bad = next(i for i in ids if not isinstance(i, str) or not i or i in seen or seen.add(i))
-            raise CatalogError(f"{d / ITEMS_FILE}: item ids must be unique, non-empty strings ({bad!r})")
-        for row in dead:
-            del row_of[ids[row]]
+        row_of: MutableMapping[str, int]
+        if verified:  # ids unique, non-empty strings and id_index.npy built from them: as save wrote them
+            try:
+                table = np.load(d / ID_INDEX_FILE, allow_pickle=False)
+            except Exception as exc:
+                raise CatalogError(f"{d / ID_INDEX_FILE}: not a readable .npy file ({exc})") from None
+            if table.dtype != np.uint32 or table.shape != (2, n - len(dead)):
+                raise CatalogError(f"{d / ID_INDEX_FILE}: must be uint32[2, {n - len(dead)}] (the live rows' id "
+                                   f"hashes and rows), got {table.dtype}{list(table.shape)}")
+            row_of = RowIndex(ids, table)
+        else:
+            try:
+                row_of = dict(zip(ids, range(n)))
+            except TypeError:  # an unhashable id
+                row_of = {}
+            if len(row_of) != n or "" in row_of or not all(type(i) is str for i in row_of):
+                seen: set = set()
+                bad = next(i for i in ids if not isinstance(i, str) or not i or i in seen or seen.add(i))
+                raise CatalogError(f"{d / ITEMS_FILE}: item ids must be unique, non-empty strings ({bad!r})")
+            for row in dead:
+                del row_of[ids[row]]
         cat = cls(dim, normalize=normalize, capacity=16)
         if verified and (meta.get("normalized") is True or not normalize):
             cat.embeddings = emb.view(np.ndarray)  # checked: written by save, already prepared
@@ -582,7 +684,9 @@ class CatalogCut:
                  "category_names": list(self.category_names),
                  "attributes": {str(i): self.attributes[r] for i, r in enumerate(row_list) if r in self.attributes}}
         atomic_write(d / ITEMS_FILE, lambda fh: fh.write(json.dumps(items, separators=(",", ":")).encode()))
-        names = ["embeddings.npy", *(f for f, _ in COLUMN_FILES.values()), ITEMS_FILE]
+        table = _id_index(items["item_ids"], col["alive"][rows])
+        atomic_write(d / ID_INDEX_FILE, lambda fh: np.save(fh, table))
+        names = ["embeddings.npy", *(f for f, _ in COLUMN_FILES.values()), ITEMS_FILE, ID_INDEX_FILE]
         meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": int(rows.size),
                 "version": self.version, "normalized": self.normalize,
                 "files": {name: checksum(d / name) for name in names}}

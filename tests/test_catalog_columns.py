@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import recsvc.catalog as catalog_mod
-from recsvc.catalog import CONVERTED, Catalog, CatalogError, ItemRecord
+from recsvc.catalog import CONVERTED, Catalog, CatalogError, ItemRecord, RowIndex
 from recsvc.config import IndexConfig
 from recsvc.retrieval.ann import INDEX_LOCK, AnnIndex
 
 COLUMN_NAMES = ["embeddings.npy", "categories.npy", "maturity.npy", "created_at_ms.npy", "popularity.npy",
-                "alive.npy", "items.json"]
+                "alive.npy", "items.json", "id_index.npy"]
 
 
 def _flip_one_byte(path: Path, offset: int) -> None:
@@ -262,3 +262,33 @@ def test_popularity_seeded_in_blocks_equals_one_call(tmp_path, clock, monkeypatc
         eng.close(snapshot=False)
     assert tops[0].size == 1000
     np.testing.assert_array_equal(tops[0], tops[1])
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_the_row_index_of_a_loaded_catalog_behaves_like_the_dict(tmp_path, monkeypatch, collide):
+    """id -> row after a load is a binary search over id_index.npy plus the changes since: the same answers
+    as a dict through inserts, deletes, re-inserts and unknown ids (and with every id hash colliding)."""
+    if collide:  # three hash values for all ids: every lookup walks a run of equal hashes
+        monkeypatch.setattr(catalog_mod, "id_hash", lambda item_id: len(item_id) % 3)
+    cat = _with_changes()
+    cat.save(tmp_path / "c", compact=False)
+    back = Catalog.load(tmp_path / "c")
+    assert isinstance(back.row_of, RowIndex)
+    want = dict(cat.row_of)
+    rng = np.random.default_rng(1)
+    for step in range(300):
+        item = f"i{rng.integers(0, 60)}"
+        if rng.random() < 0.5:
+            rows, _, _ = back.upsert([ItemRecord(item, rng.standard_normal(8))])
+            want.setdefault(item, int(rows[0]))
+        else:
+            back.delete([item])
+            want.pop(item, None)
+        assert back.row_of.get(item) == want.get(item) and (item in back.row_of) == (item in want)
+    assert dict(back.row_of) == want and len(back.row_of) == len(want) == back.n_alive
+    for unknown in ("nope", "", "\x00deleted:3", "i1 "):
+        assert back.row_of.get(unknown) is None and unknown not in back.row_of
+    with pytest.raises(KeyError):
+        back.row_of["nope"]
+    back.save(tmp_path / "again", compact=False)
+    assert dict(Catalog.load(tmp_path / "again").row_of) == want
