@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 from recsvc.catalog import Catalog, CatalogError, demo_catalog
 from recsvc.config import Config
 from recsvc.errors import InvalidArgument
-from recsvc.retrieval.ann import AnnIndex
+from recsvc.retrieval.ann import AnnIndex, checksum_ahead
 from recsvc.state.journal import Journal
 from recsvc.state.records import CatalogDelete, CatalogUpsert
 from recsvc.state.store import SnapshotDamaged, snapshot_refusal
@@ -56,8 +56,10 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
     """
     normalize = cfg.index.space == "cosine"
     catalog: Catalog | None = None
+    directory = demo_cache_dir(cfg) if cfg.catalog.path is None else Path(cfg.catalog.path).expanduser()
+    if not rebuild:
+        checksum_ahead(directory)  # the index file's checksum on a thread while the catalog is read
     if cfg.catalog.path is None:
-        directory = demo_cache_dir(cfg)
         if (directory / "catalog.json").exists():
             try:
                 catalog = Catalog.load(directory, normalize=normalize, progress=progress)
@@ -68,7 +70,6 @@ def load_catalog_and_index(cfg: Config, progress: bool = False, rebuild: bool = 
             catalog.normalize = normalize
             catalog.save(directory)
     else:
-        directory = Path(cfg.catalog.path).expanduser()
         if str(cfg.catalog.path) in ("", ".") and not (directory / "embeddings.npy").exists():
             raise CatalogError(f'catalog.path is empty (or "."), so the catalog would be read from {Path.cwd()}, '
                                "which has no embeddings.npy: set catalog.path to a catalog directory, or remove "

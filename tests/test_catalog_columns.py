@@ -292,3 +292,26 @@ def test_the_row_index_of_a_loaded_catalog_behaves_like_the_dict(tmp_path, monke
         back.row_of["nope"]
     back.save(tmp_path / "again", compact=False)
     assert dict(Catalog.load(tmp_path / "again").row_of) == want
+
+
+def test_the_index_checksum_computed_ahead_is_used_only_for_the_same_file(tmp_path, small_catalog, monkeypatch):
+    """load_catalog_and_index checksums index.bin on a thread while the catalog is read: the load uses that
+    result (no second read), unless the file changed since (then it reads it again and finds the damage)."""
+    import recsvc.retrieval.ann as ann_mod
+
+    cfg = IndexConfig(ef_construction=50, reorder=False)  # (a reorder would replace the file)
+    AnnIndex.build(small_catalog.embeddings[:3000], small_catalog.alive_rows(), cfg).save(tmp_path, "v")
+    calls = []
+    real = ann_mod.checksum
+    monkeypatch.setattr(ann_mod, "checksum", lambda path: calls.append(path) or real(path))
+    ann_mod.checksum_ahead(tmp_path)
+    assert AnnIndex.load(tmp_path, 16, cfg, "v") is not None
+    assert len(calls) == 1  # the one computed ahead
+    ann_mod.checksum_ahead(tmp_path)
+    ann_mod._AHEAD[next(iter(ann_mod._AHEAD))][0].join()  # (computed before the change below)
+    path = tmp_path / "index.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    os.utime(path, ns=(1, 1))  # (a different mtime whatever the clock's resolution)
+    path.write_bytes(bytes(data))
+    assert AnnIndex.load(tmp_path, 16, cfg, "v") is None  # damaged: rebuilt by the caller

@@ -339,11 +339,54 @@ def _write_meta(directory: Path, meta: dict) -> None:
     atomic_write(directory / INDEX_META, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
 
 
+# Checksums of index files computed ahead (see checksum_ahead): file identity -> (thread, [result]).
+_AHEAD: dict[tuple, tuple[threading.Thread, list]] = {}
+_AHEAD_LOCK = threading.Lock()
+
+
+def _identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def checksum_ahead(directory: str | Path) -> None:
+    """Start checksumming the directory's index file on a thread (zlib releases the GIL for each block), so
+    that a load after the catalog's finds it done (~0.3 s at 1M items off the start's path). Keyed by the
+    file's size, mtime and inode: a file replaced meanwhile is checksummed again by the load."""
+    path = Path(directory) / INDEX_FILE
+    try:
+        key = _identity(path)
+    except OSError:
+        return
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(checksum(path)), name="recsvc-index-checksum",
+                              daemon=True)
+    with _AHEAD_LOCK:
+        _AHEAD[key] = (thread, box)
+    thread.start()
+
+
+def _index_mismatch(path: Path, entry: dict) -> str | None:
+    """``mismatch(path, entry)``, with the checksum computed ahead when there is one for this very file."""
+    try:
+        key = _identity(path)
+    except FileNotFoundError:
+        return "missing"
+    with _AHEAD_LOCK:
+        ahead = _AHEAD.pop(key, None)
+    if ahead is None or key[1] != entry.get("size"):
+        return mismatch(path, entry)
+    ahead[0].join()
+    if ahead[1] and ahead[1][0] == {"size": entry.get("size"), "crc32": entry.get("crc32")}:
+        return None
+    return mismatch(path, entry)  # (read again: the message, or a failed thread)
+
+
 def _damage(d: Path, dim: int, meta: dict) -> str | None:
     """Why the directory's index file must not reach hnswlib (None: it may)."""
     entry = meta.get("file")
     if isinstance(entry, dict):
-        return mismatch(d / INDEX_FILE, entry)
+        return _index_mismatch(d / INDEX_FILE, entry)
     try:  # saved before index.json carried a checksum
         check_index_file(d / INDEX_FILE, dim)
     except IndexFileError as exc:
