@@ -72,7 +72,7 @@ def test_bad_items_are_rejected_with_reasons():
 
 
 def test_load_reports_mismatched_files(tmp_path, small_catalog):
-    small_catalog.save(tmp_path / "c")
+    small_catalog.save_jsonl(tmp_path / "c")
     (tmp_path / "c" / "items.jsonl").write_text('{"item_id": "x"}\n')
     with pytest.raises(CatalogError, match="has 1 items but embeddings.npy has 3000 rows"):
         Catalog.load(tmp_path / "c")

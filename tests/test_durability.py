@@ -355,7 +355,7 @@ def _flip_one_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["online.json", "online.npz", "experiments.json", "catalog/items.jsonl",
+@pytest.mark.parametrize("name", ["online.json", "online.npz", "experiments.json", "catalog/items.json",
                                   "catalog/embeddings.npy"])
 def test_one_changed_byte_in_a_snapshot_file_is_refused_naming_the_file(tmp_path, clock, name):
     """Damaged snapshot files stopped start-up with raw tracebacks that did not name the file, or passed
@@ -368,8 +368,8 @@ def test_one_changed_byte_in_a_snapshot_file_is_refused_naming_the_file(tmp_path
         _change_one_byte(path, b'"total_impressions":2', b'"total_impressions":3')
     elif name == "experiments.json":
         _change_one_byte(path, b'"version":', b'"version" ')  # no longer JSON
-    elif name == "catalog/items.jsonl":
-        _change_one_byte(path, b'"created_at_ms"', b'"created_at_mz"')
+    elif name == "catalog/items.json":
+        _change_one_byte(path, b'"item_ids"', b'"item_idz"')
     else:
         _flip_one_byte(path, path.stat().st_size - 100)  # in the last array's data
     with pytest.raises(Exception) as err:
@@ -509,8 +509,7 @@ def test_damaged_demo_cache_is_generated_again(tmp_path, clock):
 
     cfg = small_config(tmp_path)
     Engine.from_config(cfg, clock=clock).close(snapshot=False)
-    items = demo_cache_dir(cfg) / "items.jsonl"
-    _change_one_byte(items, b'"created_at_ms"', b'"created_at_mz"')
+    _flip_one_byte(demo_cache_dir(cfg) / "created_at_ms.npy", 200)
     eng = Engine.from_config(cfg, clock=clock)
     assert int(eng.catalog.created_at_ms[0]) > 0
     eng.close(snapshot=False)
@@ -521,7 +520,7 @@ def test_unknown_key_in_items_jsonl_is_refused(tmp_path, small_catalog):
     from recsvc.catalog import Catalog, CatalogError
 
     d = tmp_path / "cat"
-    small_catalog.save(d)
+    small_catalog.save_jsonl(d)
     (d / "catalog.json").unlink()  # a hand-made catalog: no manifest
     _change_one_byte(d / "items.jsonl", b'"created_at_ms"', b'"created_at_mz"')
     with pytest.raises(CatalogError, match=r"items.jsonl:1: unknown key 'created_at_mz'"):
@@ -532,7 +531,7 @@ def test_catalog_json_count_must_match(tmp_path, small_catalog):
     from recsvc.catalog import Catalog, CatalogError
 
     d = tmp_path / "cat"
-    small_catalog.save(d)
+    small_catalog.save_jsonl(d)
     meta = json.loads((d / "catalog.json").read_text())
     meta.pop("files", None)
     meta["count"] = 10
@@ -751,7 +750,7 @@ def _startup_cases(tmp_path) -> dict[str, tuple[Path, list[str]]]:
     from recsvc.config import DemoCatalogConfig
 
     good = tmp_path / "good"
-    demo_catalog(DemoCatalogConfig(n_items=300, dim=8, n_categories=3, n_topics=2, seed=1)).save(good)
+    demo_catalog(DemoCatalogConfig(n_items=300, dim=8, n_categories=3, n_topics=2, seed=1)).save_jsonl(good)
     cases = {}
 
     def case(name, catalog, *expect, state=None):

@@ -91,7 +91,7 @@ def test_broken_ranker_file_refuses_reload_and_keeps_serving(tmp_path, clock):
 
 def test_catalog_without_catalog_json_reuses_its_index(tmp_path, small_catalog, clock):
     """A random version per load made the index look stale on every start."""
-    small_catalog.save(tmp_path / "cat")
+    small_catalog.save_jsonl(tmp_path / "cat")
     (tmp_path / "cat" / "catalog.json").unlink()
     first = Catalog.load(tmp_path / "cat")
     second = Catalog.load(tmp_path / "cat")

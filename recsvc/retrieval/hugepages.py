@@ -17,8 +17,9 @@ allocating call, and advises the mappings that appeared (or grew) meanwhile:
 - ``MADV_HUGEPAGE`` marks them: pages faulted in later are huge, and khugepaged
   may collapse the existing ones in the background;
 - ``collapse=True`` also asks for ``MADV_COLLAPSE`` (Linux >= 6.1): the pages
-  already there are collapsed now, synchronously (~1 s for a 1M-item index),
-  which is what a freshly loaded index needs.
+  already there are collapsed now, synchronously (~1-2 s for a 1M-item index).
+  A freshly loaded index has its pages collapsed by ``collapse_huge_page``
+  from a background thread instead (``AnnIndex.load``), so a start need not wait.
 
 Only private anonymous mappings of at least 32 MiB count (never ``[heap]``).
 The kernel merges adjacent anonymous mappings of the same kind, so an older
@@ -64,6 +65,7 @@ class Advice:
     collapsed_bytes: int = 0
     errors: list[str] = field(default_factory=list)
     ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) advised
+    collapsing: bool = False  # a background collapse (AnnIndex.load) is still running
 
 
 def thp_mode() -> str:
@@ -132,12 +134,20 @@ def advise(lo: int, hi: int, collapse: bool, result: Advice) -> None:
     # One huge page at a time: a block that cannot be collapsed fails alone
     # (e.g. the never-written tail of an index's spare capacity: EINVAL).
     for at in range(start, end, HUGE):
-        if _LIBC.madvise(at, HUGE, MADV_COLLAPSE) == 0:
-            result.collapsed_bytes += HUGE
-        else:
-            err = f"MADV_COLLAPSE: errno {ctypes.get_errno()}"
-            if err not in result.errors:
-                result.errors.append(err)
+        collapse_huge_page(at, result)
+
+
+def collapse_huge_page(at: int, result: Advice) -> None:
+    """``MADV_COLLAPSE`` the huge page at ``at`` (aligned), now; the outcome is added to ``result``.
+    (ctypes releases the GIL for the call: other threads run meanwhile.)"""
+    if _LIBC is None:
+        return
+    if _LIBC.madvise(at, HUGE, MADV_COLLAPSE) == 0:
+        result.collapsed_bytes += HUGE
+    else:
+        err = f"MADV_COLLAPSE: errno {ctypes.get_errno()}"
+        if err not in result.errors:
+            result.errors.append(err)
 
 
 @contextmanager
