@@ -133,8 +133,8 @@ KERNEL_TWINS = [(test_kernel, test_twin)]
 def run_bench_session(pytester, kernel_sleep, total_budget_ms):
     pytester.makeconftest(BENCH_CONFTEST.read_text(encoding="utf-8"))
     pytester.makepyfile(bench_gate_demo=BENCH_FILE.format(kernel_sleep=kernel_sleep, total_budget_ms=total_budget_ms))
-    return pytester.runpytest_subprocess("bench_gate_demo.py", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
-                                         "--benchmark-columns=median")
+    return pytester.runpytest_subprocess("bench_gate_demo.py", "-p", "no:cacheprovider",
+                                         "-o", "python_files=bench_*.py", "--benchmark-columns=median")
 
 
 def test_the_run_fails_on_a_slow_kernel_and_a_stage_over_budget(pytester):
