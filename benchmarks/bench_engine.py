@@ -2,7 +2,8 @@
 
 Groups:
 - ``recommend-<size>``: ``Engine.recommend`` (all four stages, Thompson sampling with
-  propensities, quotas), beside ``numpy_exact_topn`` — exact scores over every item +
+  propensities, quotas; the medians of its stage timings are checked against the configured
+  budgets), beside ``numpy_exact_topn`` — exact scores over every item +
   argpartition + sort for the top n: the plainest recommender, no funnel.
 - ``feedback-ingest``: batches of 100 click events with ``fsync = "batch"`` (fdatasync
   before every acknowledgement); events/s in ``extra_info``.
@@ -16,7 +17,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import NOW_MS, QUICK, coherent_users, demo_config, timed_load
+from conftest import NOW_MS, QUICK, coherent_users, demo_config, stage_info, timed_load
 
 SIZE = 20_000 if QUICK else 100_000
 
@@ -45,15 +46,19 @@ def test_recommend_recsvc(benchmark, engine_world):
     engine, users = engine_world
     benchmark.group = f"recommend-{SIZE // 1000}k"
     it = itertools.count()
+    timings = []
 
     def run():
         i = next(it)
-        return engine.recommend(RecommendQuery(user_id=f"u{i % 300}", n=20,
-                                               user_embedding=users[i % len(users)]))
+        rec = engine.recommend(RecommendQuery(user_id=f"u{i % 300}", n=20, user_embedding=users[i % len(users)]))
+        timings.append(rec.timings_us)
+        return rec
 
     rec = benchmark(run)
     assert len(rec.items) == 20 and not rec.degraded
     benchmark.extra_info.update({k: v for k, v in rec.timings_us.items()})
+    # every request's stages: their medians are checked against the budgets (conftest, "the gate")
+    benchmark.extra_info.update(stage_info(timings, engine.cfg.budgets))
 
 
 def test_recommend_numpy_exact_topn(benchmark, engine_world):

@@ -142,3 +142,12 @@ def test_policy_explore(benchmark, name, state_1000, rng):
               "ucb1": {"c": _E.ucb_c, "top_m": M, "temperature": None}}.get(name, {})
     policy = exploration.make_policy(name, **params)
     benchmark(policy.explore, scores, a, b, pulls, float(pulls.sum()), K, rng)
+
+
+#: Compiled benchmark -> its numpy twin in the same group; the run fails if the compiled one is slower
+#: (benchmarks/conftest.py, "the gate").
+KERNEL_TWINS = [
+    (test_beta_compiled_kernel, test_beta_numpy_generator),
+    (test_beta_public_wrapper, test_beta_numpy_generator),
+    (test_propensities_compiled, test_propensities_numpy_twin),
+]

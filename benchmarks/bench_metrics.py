@@ -114,3 +114,8 @@ def test_python_loop(benchmark, data, metric, loop):
 @pytest.mark.parametrize("metric,loop", CASES)
 def test_vectorised_given_hits(benchmark, data, metric, loop):
     benchmark(metric, data["hits"], data["sets"].n_relevant)
+
+
+#: Vectorised metric -> the per-user Python loop, per metric (same parameter id); the run fails if the
+#: vectorised one is slower (benchmarks/conftest.py, "the gate").
+KERNEL_TWINS = [(test_vectorised, test_python_loop)]

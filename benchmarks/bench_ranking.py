@@ -334,3 +334,14 @@ def test_rerank_mmr_python_loop(benchmark, ranked, catalog, rerank_kwargs):
     rows, scores = ranked
     got = loop(benchmark, loop_rerank, rows, scores, K, MMR, catalog)
     assert got == rerank(rows, scores, K, MMR, **rerank_kwargs).rows.tolist()
+
+
+#: Compiled benchmark -> its numpy twin in the same group; the run fails if the compiled one is slower
+#: (benchmarks/conftest.py, "the gate").
+KERNEL_TWINS = [
+    (test_rank_logistic_compiled, test_rank_logistic_numpy_twin),
+    (test_rank_mlp_compiled, test_rank_mlp_numpy_twin),
+    (test_rank_gbdt_extended_compiled, test_rank_gbdt_extended_numpy_twin),
+    (test_rerank_quotas_compiled, test_rerank_quotas_numpy_twin),
+    (test_rerank_mmr_compiled, test_rerank_mmr_numpy_twin),
+]

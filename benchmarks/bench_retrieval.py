@@ -10,6 +10,12 @@ Groups ``candidates-100k`` and ``candidates-1M`` hold, on the same catalog and u
   the cluster order it is served in, to show what the layout buys (``recsvc.retrieval.layout``);
 - ``numpy_exact``: exact scores over all items + ``argpartition`` for the top 1000 (the baseline).
 ANN recall@500 at that fetch size against brute force, and the index build/load time go in ``extra_info``.
+
+Groups ``retrieval-kernels-<size>``: each compiled candidate kernel (through its validating wrapper,
+``recsvc.retrieval.kernels``, as the request path calls it) beside its numpy twin
+(``recsvc._fastpath.twins.retrieval``), on one request's real inputs: the request filter over the ANN
+fetch, the co-occurrence aggregation of the user's recent items' neighbour lists, and the merge of the
+four sources. The compiled side must not be slower (``KERNEL_TWINS``, checked by the conftest's gate).
 """
 
 from __future__ import annotations
@@ -226,3 +232,80 @@ def test_ann_uniform_random_worst_case(benchmark):
     it = itertools.cycle(qs)
     benchmark(lambda: ann.query(next(it), 660))
     benchmark.extra_info.update({"items": n, "recall@500": round(float(np.mean(recalls)), 4), "ef": ef})
+
+
+# --------------------------------------------------------------------------
+# retrieval-kernels: compiled kernel vs numpy twin on one request's inputs
+
+KERNELS = ["eligible_mask", "aggregate_neighbours", "merge_sources"]
+
+
+@pytest.fixture(scope="module")
+def kernel_inputs(world):
+    """Arguments of each kernel as the request path builds them for one user (u1, 20 consumed items)."""
+    from recsvc.engine import RecommendQuery
+    from recsvc.retrieval.candidates import SOURCE_NAMES
+
+    eng = world["engine"]
+    retr, cat = eng.requests.retriever, eng.catalog
+    user = "u1"
+    history = eng.state.history(user)
+    recent, weights = eng.requests.recent(history, eng.cfg)
+    flt = eng.requests.row_filter(RecommendQuery(user_id=user), history, eng.cfg)
+    fargs = flt.kernel_args(cat)
+    q = world["queries"][1]
+    ann_rows, _ = world["ann"].query(q, world["k"])
+    lists, list_scores, list_weights = retr.state.neighbour_lists(recent, weights)
+    assert lists, "the warm state gives this user co-occurrence neighbours"
+    size = sum(a.size for a in lists)
+    # the sources' ranked rows, concatenated in priority order as the merge sees them
+    cfg = eng.cfg.retrieval
+    total = sum(cfg.shares.values())
+    want = {s: cfg.n_candidates * cfg.shares[s] // total for s in SOURCE_NAMES}
+    ranked = [retr.ann_source(q, want["ann"], flt, cfg.overfetch),
+              retr.cooccurrence_source(recent, weights, want["cooccurrence"], flt),
+              retr.popular_source(want["popular"], flt, NOW_MS),
+              retr.fresh_source(want["fresh"], flt, NOW_MS, cfg.fresh_window_days)]
+    rows = np.concatenate([r[:want[s]] for (r, _), s in zip(ranked, SOURCE_NAMES)]).astype(np.int32)
+    src = np.concatenate([np.full(min(r.size, want[s]), i, np.int8)
+                          for i, ((r, _), s) in enumerate(zip(ranked, SOURCE_NAMES))])
+    scores = np.concatenate([v[:want[s]] for (_, v), s in zip(ranked, SOURCE_NAMES)]).astype(np.float32)
+    n, S = rows.size, len(SOURCE_NAMES)
+    return {
+        "eligible_mask": ((ann_rows, *fargs), lambda: (np.empty(ann_rows.size, np.uint8),)),
+        "aggregate_neighbours": ((lists, list_scores, np.asarray(list_weights, np.float64), *fargs),
+                                 lambda: (np.empty(size, np.int32), np.empty(size, np.float32))),
+        "merge_sources": ((rows, src, scores),
+                          lambda: (np.empty(n, np.int32), np.empty(n, np.uint8), np.zeros((n, S), np.float32))),
+    }
+
+
+def _kernel_bench(benchmark, world, kernel_inputs, fn, name):
+    benchmark.group = f"retrieval-kernels-{_label(world['n'])}"
+    args, outputs = kernel_inputs[name]
+    # outputs come in fresh (the merge needs zeroed scores): allocated outside the timed call
+    benchmark.pedantic(lambda *out: fn(*args, *out), setup=lambda: (outputs(), {}),
+                       rounds=200 if QUICK else 1000, warmup_rounds=10)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_retrieval_kernel_compiled(benchmark, world, kernel_inputs, name):
+    from recsvc.retrieval import kernels
+
+    _kernel_bench(benchmark, world, kernel_inputs, getattr(kernels, name), name)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_retrieval_kernel_numpy_twin(benchmark, world, kernel_inputs, name):
+    from recsvc._fastpath.twins import retrieval as twin
+    from recsvc.retrieval import kernels
+
+    args, outputs = kernel_inputs[name]
+    a, b = outputs(), outputs()
+    assert getattr(twin, name)(*args, *a) == getattr(kernels, name)(*args, *b)  # same count, same inputs
+    _kernel_bench(benchmark, world, kernel_inputs, getattr(twin, name), name)
+
+
+#: Compiled benchmark -> its numpy twin (same catalog, same kernel); the run fails if the compiled one is
+#: slower (benchmarks/conftest.py, "the gate").
+KERNEL_TWINS = [(test_retrieval_kernel_compiled, test_retrieval_kernel_numpy_twin)]
