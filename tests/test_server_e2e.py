@@ -274,13 +274,14 @@ def test_per_request_rerank_rules_over_grpc(stub):
 
 def test_degraded_reasons_and_the_random_slice_reach_grpc_callers(stub, tmp_path):
     """Both lived only on the in-process Recommendation: gRPC callers could not tell a random-slice slate."""
-    rec = stub.Recommend(pb.RecommendRequest(user_id="slow", n=5, budget_ms=1), timeout=10)
-    assert rec.degraded and set(rec.degraded_reasons) <= {"candidates_cut", "ranking_skipped", "mmr_skipped",
-                                                          "stale_state"} and rec.degraded_reasons
-    assert not rec.random_slice
+    rec = stub.Recommend(pb.RecommendRequest(user_id="slow", n=5), timeout=10)
+    assert not rec.random_slice and not rec.degraded and not rec.degraded_reasons
     from recsvc.server import serve
 
-    cfg = small_config(tmp_path, server={"port": 0}, exploration={"random_share": 1.0})
+    # Stage budgets no stage fits in, however fast a warm process is (a 1 ms request budget fit in a fast
+    # one, so the degradation this test needs came and went with the host).
+    cfg = small_config(tmp_path, server={"port": 0}, exploration={"random_share": 1.0},
+                       budgets={"candidates_ms": 0.001, "ranking_ms": 0.001})
     stop, ready = threading.Event(), {}
     started = threading.Event()
     t = threading.Thread(target=serve, args=(cfg,), daemon=True,
@@ -291,6 +292,7 @@ def test_degraded_reasons_and_the_random_slice_reach_grpc_callers(stub, tmp_path
         with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as ch:
             resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(user_id="r", n=5), timeout=10)
         assert resp.random_slice and len(resp.items) == 5
+        assert resp.degraded and set(resp.degraded_reasons) == {"candidates_cut", "ranking_skipped"}
     finally:
         stop.set()
         t.join(30)
