@@ -11,6 +11,8 @@ Groups (each report shows the ratio within a group):
                           posteriors (alpha = 100 p + s, beta = 100 (1 - p) + f), and the compiled
                           kernel at M=100 with 256 rounds.
   policy-explore          ``policy.explore`` for n=1000 ranked candidates, k=20, each policy.
+  slate-inclusion-*       the final slate's propensity rounds re-ranked (quota 3, or MMR 0.3), 1000 pool
+                          items, 32 rounds: the compiled kernel beside its Python twin.
 
 Inputs look like real bandit state: alpha = 1 + clicks, beta = 20 + non-clicks.
 """
@@ -144,10 +146,60 @@ def test_policy_explore(benchmark, name, state_1000, rng):
     benchmark(policy.explore, scores, a, b, pulls, float(pulls.sum()), K, rng)
 
 
+# --------------------------------------------------------------------------
+# final-slate inclusion counts (the re-ranked Monte-Carlo rounds of the served slate's propensities)
+
+INCLUSION_DRAWS = 32  # the twin walks the whole pool in Python per round: fewer rounds keep it affordable
+
+
+@pytest.fixture(scope="module", params=["quota", "mmr"])
+def inclusion_inputs(request):
+    """A request like the served default: ~1000 pool items over 24 categories, 60% in the user's own one (the
+    quota walk must go deep), Thompson's top M = 50 drawn per round, a 20-item slate; quota 3, or MMR 0.3."""
+    from recsvc.reranking import SelectionPlan
+
+    rs = np.random.default_rng(7)
+    p, C = 1000, 24
+    cats = np.where(rs.random(p) < 0.6, 3, rs.integers(0, C, p)).astype(np.int32)
+    lam = 0.3 if request.param == "mmr" else 0.0
+    sim = np.zeros((0, 0), np.float32)
+    if lam:
+        emb = rs.normal(size=(p, 32)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        sim = emb @ emb.T
+    plan = SelectionPlan(np.ones(p, bool), {}, K, np.zeros(p, np.float32), cats, np.zeros(C, np.int32), 3, lam,
+                         sim, np.full(p, -np.inf, np.float32))
+    top_pool = np.arange(M, dtype=np.int32)  # the ranker's top M, drawn; the rest keep their order
+    top_scores = rs.beta(5.0, 95.0, (INCLUSION_DRAWS, M)).astype(np.float32)
+    base = np.r_[np.zeros(M), -1.0 - np.sort(rs.random(p - M))[::-1]]
+    return request.param, (top_scores, top_pool, top_pool, base, top_scores.min(axis=1).astype(np.float64), plan)
+
+
+@pytest.mark.benchmark(group="slate-inclusion")
+def test_inclusion_compiled(benchmark, inclusion_inputs):
+    from recsvc.reranking import slate_inclusion_counts
+
+    name, args = inclusion_inputs
+    benchmark.group = f"slate-inclusion-{name}"
+    hits = benchmark(slate_inclusion_counts, *args)
+    assert hits.sum() == INCLUSION_DRAWS * K
+
+
+@pytest.mark.benchmark(group="slate-inclusion")
+def test_inclusion_numpy_twin(benchmark, inclusion_inputs):
+    from recsvc.reranking import slate_inclusion_counts
+
+    name, args = inclusion_inputs
+    benchmark.group = f"slate-inclusion-{name}"
+    hits = benchmark.pedantic(slate_inclusion_counts, args, {"use_native": False}, rounds=3, iterations=1)
+    assert hits.sum() == INCLUSION_DRAWS * K
+
+
 #: Compiled benchmark -> its numpy twin in the same group; the run fails if the compiled one is slower
 #: (benchmarks/conftest.py, "the gate").
 KERNEL_TWINS = [
     (test_beta_compiled_kernel, test_beta_numpy_generator),
     (test_beta_public_wrapper, test_beta_numpy_generator),
     (test_propensities_compiled, test_propensities_numpy_twin),
+    (test_inclusion_compiled, test_inclusion_numpy_twin),
 ]
