@@ -406,7 +406,7 @@ class RequestPath:
         succ, fail = self.state.bandit_evidence(rows)
         return FeatureInputs(
             user_vec=user_vec if user_vec is not None else np.zeros(cat.dim, np.float32),
-            embeddings=cat.embeddings[rows],
+            embeddings=np.take(cat.embeddings, rows, axis=0),  # (take: ~2x a fancy-index row gather)
             rows=np.arange(rows.size, dtype=np.int32),
             log_popularity=self.state.log_popularity(rows, now_ms),
             created_at_ms=cat.created_at_ms[rows],

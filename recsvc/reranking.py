@@ -478,7 +478,7 @@ def selection_plan(
     lam = float(rules.mmr_lambda)
     if lam > 0 and prow.size:
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-        unit = _unit_rows(emb[prow])
+        unit = _unit_rows(np.take(emb, prow, axis=0))
         sim = np.ascontiguousarray(unit @ unit.T, dtype=np.float32)
         max_sim0 = _reserved_similarity(emb, prow, reserved_rows)
     else:
