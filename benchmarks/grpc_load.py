@@ -189,7 +189,9 @@ async def _open_loop(port: int, seconds: float, rate: float, connections: int, u
     p99 = float(np.percentile(a, 99)) if a.size else float("nan")
     return {"rate_per_s": round(rate, 1), "answered_per_s": round(len(lat) / elapsed, 1), "errors": errors, "error_codes": codes,
             "p50_ms": round(float(np.percentile(a, 50)), 2) if a.size else None, "p99_ms": round(p99, 2),
-            "in_process_median_ms": round(med_in, 3), "p99_over_in_process_median": round(p99 / med_in, 2)}
+            "in_process_median_ms": round(med_in, 3),
+            "in_process_p99_ms": round(float(np.percentile(inproc, 99)), 3) if inproc else None,
+            "p99_over_in_process_median": round(p99 / med_in, 2)}
 
 
 def _cpu_seconds(pid: int) -> dict[int, float]:
