@@ -184,8 +184,33 @@ def recommend_interleaved(rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_per_slate(kind: str, templates_path: str, n_items: int, n: int) -> float:
+    """Resident-set growth per slate of ``n`` slates remembered in a fresh process (``main`` runs it)."""
+    import subprocess
+
+    code = (f"import sys, gc, pickle; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            "import bench_served_log as b; "
+            f"t = pickle.load(open({templates_path!r}, 'rb'))[{n_items}]; "
+            f"slates = None; gc.collect(); before = b.rss_bytes(); "
+            f"log = (b.ObjectLog if {kind!r} == 'objects' else b.ServedRing)({n}); "
+            f"[log.append(b.fresh_copy(t[i % len(t)], i)) for i in range({n})]; gc.collect(); "
+            "print((b.rss_bytes() - before) / len(log))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def main(n: int) -> None:
+    import pickle
+    import tempfile
+
     templates = {k: template_slates(k) for k in (10, 20)}
+    with tempfile.NamedTemporaryFile(suffix=".pickle", delete=False) as fh:
+        pickle.dump(templates, fh)
     t = templates[20][0]
     parts = {"request_id": sys.getsizeof(t.request_id), "user_id": sys.getsizeof(t.user_id),
              "rows": sys.getsizeof(t.rows) + sum(sys.getsizeof(r) for r in t.rows if r > 256),
@@ -196,7 +221,10 @@ def main(n: int) -> None:
     for k in (10, 20):
         for name, cls in (("objects (before)", ObjectLog), ("columns (ServedRing)", ServedRing)):
             per = bytes_per_slate(cls, templates[k], n)
-            print(f"{k:>2} items  {name:<22} {per:8.0f} bytes/slate  {per * 200_000 / 2**20:7.1f} MiB at 200,000")
+            rss = rss_per_slate("objects" if cls is ObjectLog else "columns", fh.name, k, n)
+            print(f"{k:>2} items  {name:<22} {per:8.0f} bytes/slate traced, {rss:8.0f} resident  "
+                  f"{per * 200_000 / 2**20:7.1f} MiB traced at 200,000")
+    os.unlink(fh.name)
     times = recommend_interleaved(2000 if not QUICK else 500)
     for kind, t in times.items():
         t = np.sort(np.asarray(t)) * 1e3

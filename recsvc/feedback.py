@@ -161,13 +161,12 @@ class FeedbackPath:
         return accepted, rejected, duplicates
 
     def _apply_feedback(self, batch: FeedbackBatch) -> None:
-        slates = self.state.apply_feedback(batch.events)
-        for ev, slate in zip(batch.events, slates):
-            if slate is not None and slate.arms:
+        for ev, arms in zip(batch.events, self.state.apply_feedback(batch.events)):
+            if arms:  # attributed to a slate in an experiment
                 # per (slate, item) at most one impression, click and conversion (records.count_for_experiment)
-                for label in self.state.count_for_experiment(slate.request_id, ev.row, ev.type):
+                for label in self.state.count_for_experiment(ev.request_id, ev.row, ev.type):
                     value = ev.value if label == ev.type.label else 0.0
-                    self.aggregates.record_event(slate.arms, ev.user_id, label, value, ev.ts_ms)
+                    self.aggregates.record_event(arms, ev.user_id, label, value, ev.ts_ms)
 
     # -- served slates ---------------------------------------------------------------------------------
     def record_served(self, slate: ServedSlate) -> bool:

@@ -30,7 +30,8 @@ def slate(rng: np.random.Generator, k: int = 10, f: int = 19, rid: str | None = 
         X[:, 4 % f] = 0.25  # a context feature: constant over the slate
     d = dict(request_id=rid or uuid.UUID(int=int(rng.integers(2**62))).hex, user_id=f"u{int(rng.integers(50))}",
              variant="treatment", arms=[("exp", "treatment")], rows=rows,
-             propensities=(rng.integers(1, 129, k) / 129).tolist(), served_at_ms=1_700_000_000_000 + int(rng.integers(10**6)),
+             propensities=(rng.integers(1, 129, k) / 129).tolist(),
+             served_at_ms=1_700_000_000_000 + int(rng.integers(10**6)),
              features=X.tobytes() if f else b"", feature_names=[f"f{j}" for j in range(f)],
              diversity=float(rng.uniform()), novelty=None, random_slice=bool(rng.integers(2)),
              random_p=float(rng.uniform()) if rng.integers(2) else None)
@@ -267,8 +268,8 @@ def test_read_model_counts_once_per_slate_and_item(cfg):
     st.remember_served(s)
     row = s.rows[1]
     ev = lambda i, t: FeedbackEvent(f"e{i}", s.user_id, "x", row, t, 1.0, 2000, s.request_id)  # noqa: E731
-    [sl] = st.apply_feedback([ev(0, EventType.CLICK)])
-    assert sl.outcome == {row: 2} and sl.features == b"" and st.served_slate(s.request_id).outcome == {row: 2}
+    assert st.apply_feedback([ev(0, EventType.CLICK)]) == [(("exp", "treatment"),)]
+    assert st.served_slate(s.request_id).outcome == {row: 2}
     assert st.count_for_experiment(s.request_id, row, EventType.CLICK) == ("impression", "click")
     assert st.count_for_experiment(s.request_id, row, EventType.IMPRESSION) == ()
     assert st.count_for_experiment(s.request_id, row, EventType.CONVERSION) == ("conversion",)
@@ -337,5 +338,6 @@ def test_request_ids_sharing_a_half_spread_over_the_lookup_table():
     longest = 0
     for pos in np.flatnonzero(table >= 0).tolist():
         b, i = ring._at(int(table[pos]))
-        longest = max(longest, (pos - _home(int(b.rid_lo[i]), int(b.rid_hi[i]), mask)) & mask)
+        lo, hi = b.record(i)[:2]
+        longest = max(longest, (pos - _home(lo, hi, mask)) & mask)
     assert longest < 64, longest

@@ -84,9 +84,9 @@ class OnlineStateWriter(Protocol):
 
     applied_lsn: int
 
-    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[ServedSlate | None]:
-        """Apply validated, de-duplicated events in order; returns the slate each was attributed to (or None), as
-        a copy without its logged features."""
+    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[tuple[tuple[str, str], ...] | None]:
+        """Apply validated, de-duplicated events in order; returns, per event, the experiment arms of the slate it
+        was attributed to (``()`` when that slate was in no experiment), or None when it was not attributed."""
 
     def remember_served(self, slate: ServedSlate) -> None:
         """Remember a served slate (with its outcome and counted flags); the oldest leave beyond the bound."""

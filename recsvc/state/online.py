@@ -219,11 +219,11 @@ class ReadModel:
         self._popularity[rows] += counts.astype(np.float64) * scale
         self._refresh_top(rows)
 
-    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[ServedSlate | None]:
-        slates = [self._apply_event(ev) for ev in events]
+    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[tuple[tuple[str, str], ...] | None]:
+        attributed = [self._apply_event(ev) for ev in events]
         if events:
             self._refresh_top(np.fromiter((e.row for e in events), np.int32, len(events)))
-        return slates
+        return attributed
 
     def remember_served(self, slate: ServedSlate) -> None:
         with self.lock:
@@ -256,19 +256,23 @@ class ReadModel:
         return max((int(a.max()) for a in referenced if a.size), default=-1)
 
     # -- applying one event ----------------------------------------------------------------------------
-    def _apply_event(self, ev: FeedbackEvent) -> ServedSlate | None:
+    def _apply_event(self, ev: FeedbackEvent) -> tuple[tuple[str, str], ...] | None:
         self._remember_event(ev.event_id)
         row = ev.row
         if row >= self._popularity.size:
             self.ensure_capacity(row + 1)
-        slate = None
-        with self.lock:  # (a served slate may be recorded meanwhile: it moves the columns)
-            seq = self._attributed(ev.request_id, ev.ts_ms) if ev.request_id else None
-            if seq is not None:
-                outcome, ds, df, new_impression = settle(self._served.outcome_at(seq, row)[0], ev.type)
-                self._served.set_outcome(seq, row, outcome=int(outcome))
-                slate = self._served.slate_at(seq, False, ev.request_id)
-        if slate is not None:
+        arms = None
+        if ev.request_id:
+            served = self._served
+            with self.lock:  # (a served slate may be recorded meanwhile: it moves the columns)
+                seq = served.locate(ev.request_id)
+                if seq is not None:
+                    served_at, slate_arms = served.served_at_and_arms(seq)
+                    if attributed(served_at, ev.ts_ms, self._window_ms):
+                        outcome, ds, df, new_impression = settle(served.outcome_at(seq, row)[0], ev.type)
+                        served.set_outcome(seq, row, outcome=int(outcome))
+                        arms = slate_arms
+        if arms is not None:
             if ds or df:
                 update_evidence_row(self._successes, self._failures, row, ds, df, self._discount)
             if new_impression:
@@ -277,7 +281,7 @@ class ReadModel:
             self._rebase(ev.ts_ms)
             self._popularity[row] += 2.0 ** ((ev.ts_ms - self._pop_t0_ms) / self._half_life_ms)
             self._record_positive(ev.user_id, row, ev.ts_ms)
-        return slate
+        return arms
 
     def _remember_event(self, event_id: str) -> None:
         self._seen_events[event_id] = None

@@ -99,65 +99,74 @@ def _grown(arr: np.ndarray, need: int) -> np.ndarray:
     return out
 
 
-_PER_SLATE = (("rid_lo", np.int64), ("rid_hi", np.int64), ("ts", np.int64), ("meta", np.int32), ("div", np.float64),
-              ("nov", np.float64), ("rp", np.float64), ("flags", np.uint8), ("item_off", np.int32),
-              ("feat_off", np.int32))
+#: One record per slate: request id halves, served_at_ms, meta, diversity, novelty, random_p, and where its items
+#: (first, count) and feature bytes (first, count) are in the block's per-item and byte columns.
+_RECORD = np.dtype([("lo", "<i8"), ("hi", "<i8"), ("ts", "<i8"), ("meta", "<i4"), ("div", "<f8"), ("nov", "<f8"),
+                    ("rp", "<f8"), ("a", "<i4"), ("k", "<i4"), ("fa", "<i4"), ("nf", "<i4")])
 _PER_ITEM = (("rows", "i", np.int32), ("props", "d", np.float64), ("state", "B", np.uint8))
 
 
 class _Block:
-    """Up to ``size`` consecutive slates. While it fills, its columns are Python lists (per slate) and arrays
-    (per item): appending to them costs tens of nanoseconds where a numpy element write costs a hundred or
-    more; when full it is sealed into numpy columns. Readers index either the same way."""
+    """Up to ``size`` consecutive slates. While it fills, a slate's record is a tuple in a list, its flags and
+    user id are list entries and its items are appended to arrays (tens of nanoseconds each, where a numpy
+    element write costs a hundred or more); when full it is sealed into a numpy record array and columns.
+    ``record(i)`` reads one slate's record as a tuple either way (one call, not one per field)."""
 
-    __slots__ = ("size", "n", "rid_lo", "rid_hi", "user", "ts", "meta", "div", "nov", "rp", "flags", "item_off",
-                 "feat_off", "rows", "props", "state", "feat", "sealed")
+    __slots__ = ("size", "n", "recs", "rec", "flags", "user", "rows", "props", "state", "feat", "feat_end", "sealed")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.n = 0
-        for name, _ in _PER_SLATE:
-            setattr(self, name, [])
-        self.item_off.append(0)
-        self.feat_off.append(0)
+        self.recs: list[tuple] | None = []
+        self.rec = np.empty(0, _RECORD)
+        self.flags: list[int] | np.ndarray = []
         self.user: list[str] = []  # references to the user id strings
         for name, code, _ in _PER_ITEM:
             setattr(self, name, array(code))
         self.feat = np.empty(0, np.uint8)  # grown by doubling, trimmed when sealed
+        self.feat_end = 0
         self.sealed = False
 
+    def record(self, i: int) -> tuple:
+        recs = self.recs
+        return recs[i] if recs is not None else self.rec[i].item()
+
     def seal(self) -> None:
-        for name, dtype in _PER_SLATE:
-            setattr(self, name, np.array(getattr(self, name), dtype))
+        self.rec = np.array(self.recs, _RECORD)
+        self.flags = np.array(self.flags, np.uint8)
         for name, _, dtype in _PER_ITEM:
             setattr(self, name, np.frombuffer(getattr(self, name), dtype).copy())
-        self.feat = self.feat[: int(self.feat_off[self.n])].copy()
+        self.feat = self.feat[: self.feat_end].copy()
+        self.recs = None
         self.sealed = True
 
     def frozen_copy(self) -> "_Block":
         """A copy a cut can keep while this block changes: a sealed block shares everything but ``state`` and
         ``flags``; the block being filled copies its used part."""
         b = _Block.__new__(_Block)
-        b.size, b.n, b.sealed = self.size, self.n, True
-        names = [name for name, _ in _PER_SLATE] + ["user"] + [name for name, _, _ in _PER_ITEM] + ["feat"]
-        for name in names:
+        b.size, b.n, b.sealed, b.feat_end = self.size, self.n, True, self.feat_end
+        for name in ("recs", "rec", "user", "rows", "props", "flags", "state"):
             value = getattr(self, name)
-            if not self.sealed or name in ("flags", "state"):
+            if value is not None and (not self.sealed or name in ("flags", "state")):
                 value = value.copy() if isinstance(value, np.ndarray) else value[:]
             setattr(b, name, value)
-        b.feat = self.feat if self.sealed else self.feat[: int(self.feat_off[self.n])].copy()
+        b.feat = self.feat if self.sealed else self.feat[: self.feat_end].copy()
         return b
 
+    def column(self, field: str) -> np.ndarray:
+        """One record field of every slate in the block."""
+        if self.recs is None:
+            return self.rec[field]
+        return np.array([r[_RECORD.names.index(field)] for r in self.recs], _RECORD[field])
+
     def nbytes(self) -> int:
-        total = 0
-        for name in [name for name, _ in _PER_SLATE] + ["user"] + [name for name, _, _ in _PER_ITEM] + ["feat"]:
+        total = self.rec.nbytes + self.feat.nbytes + 8 * len(self.user)
+        total += np.asarray(self.flags).nbytes if self.sealed else 8 * len(self.flags)
+        if self.recs is not None:
+            total += sum(8 * len(r) + 24 * len(r) + 56 for r in self.recs)  # the tuples and their numbers, roughly
+        for name, _, _ in _PER_ITEM:
             value = getattr(self, name)
-            if isinstance(value, np.ndarray):
-                total += value.nbytes
-            elif isinstance(value, array):
-                total += value.itemsize * len(value)
-            else:  # a list while the block fills: the pointers and (roughly) the number objects
-                total += 8 * len(value) + (0 if name == "user" else 32 * len(value))
+            total += value.nbytes if isinstance(value, np.ndarray) else value.itemsize * len(value)
         return total
 
 
@@ -205,15 +214,15 @@ class _Columns:
         i, pos = divmod(seq - self._first_seq, self._block_size)
         return self._blocks[i], pos
 
-    def _request_id(self, seq: int, b: _Block, i: int, flags: int) -> str:
+    def _request_id(self, seq: int, lo: int, hi: int, flags: int) -> str:
         if flags & _OTHER_ID:
             return self._other_ids[seq]
-        return _uuid_hex(int(b.rid_lo[i]), int(b.rid_hi[i]))
+        return _uuid_hex(lo, hi)
 
     def _slate(self, seq: int, features: bool = True, request_id: str | None = None) -> ServedSlate:
         b, i = self._at(seq)
-        a, z = int(b.item_off[i]), int(b.item_off[i + 1])
-        fa, fz = int(b.feat_off[i]), int(b.feat_off[i + 1])
+        lo, hi, ts, meta, div, nov, rp, a, k, fa, nf = b.record(i)
+        z, fz = a + k, fa + nf
         rows = b.rows[a:z].tolist()
         state = b.state[a:z].tolist()
         outcome: dict[int, int] = {}
@@ -224,7 +233,7 @@ class _Columns:
                     outcome.setdefault(rows[j], st & _OUTCOME_MASK)
                 if st & _COUNTED_MASK:
                     counted.setdefault(rows[j], st >> _COUNTED_SHIFT)
-        variant, arms, names = self._metas[int(b.meta[i])]
+        variant, arms, names = self._metas[meta]
         flags = int(b.flags[i])
         props = b.props[a:z].tolist()
         feats = b""
@@ -233,12 +242,10 @@ class _Columns:
                 feats = b.feat[fa:fz].tobytes()
             else:
                 feats = decode_features(b.feat[fa:fz], z - a, len(names)).tobytes()
-        return ServedSlate(request_id or self._request_id(seq, b, i, flags), b.user[i], variant, list(arms), rows, props,
-                           int(b.ts[i]), feats, list(names),
-                           float(b.div[i]) if flags & _HAS_DIV else None,
-                           float(b.nov[i]) if flags & _HAS_NOV else None,
-                           outcome, counted, bool(flags & _RANDOM_SLICE),
-                           float(b.rp[i]) if flags & _HAS_RP else None)
+        return ServedSlate(request_id or self._request_id(seq, lo, hi, flags), b.user[i], variant, list(arms), rows,
+                           props, ts, feats, list(names), div if flags & _HAS_DIV else None,
+                           nov if flags & _HAS_NOV else None, outcome, counted, bool(flags & _RANDOM_SLICE),
+                           rp if flags & _HAS_RP else None)
 
 
 class ServedCut(_Columns, Sequence[ServedSlate]):
@@ -308,7 +315,8 @@ class ServedRing(_Columns):
             if seq < 0:
                 return pos, None
             b, i = self._at(seq)
-            if int(b.rid_lo[i]) == lo and int(b.rid_hi[i]) == hi:
+            key = b.record(i)
+            if key[0] == lo and key[1] == hi:
                 return pos, seq
             pos = (pos + 1) & mask
 
@@ -323,7 +331,8 @@ class ServedRing(_Columns):
             if seq < 0:
                 break
             b, i = self._at(seq)
-            home = _home(int(b.rid_lo[i]), int(b.rid_hi[i]), mask)
+            key = b.record(i)
+            home = _home(key[0], key[1], mask)
             # the entry at j may move into the hole unless its home lies cyclically in (hole, j]
             if (hole < home <= j) if hole <= j else (home > hole or home <= j):
                 continue
@@ -352,8 +361,8 @@ class ServedRing(_Columns):
     def _live_uuid_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start, end = self._oldest - self._first_seq, self._next_seq - self._first_seq
         flags = np.concatenate([np.asarray(b.flags, np.uint8) for b in self._blocks])[start:end]
-        lo = np.concatenate([np.asarray(b.rid_lo, np.int64) for b in self._blocks])[start:end]
-        hi = np.concatenate([np.asarray(b.rid_hi, np.int64) for b in self._blocks])[start:end]
+        lo = np.concatenate([b.column("lo") for b in self._blocks])[start:end]
+        hi = np.concatenate([b.column("hi") for b in self._blocks])[start:end]
         keep = (flags & (_DEAD | _OTHER_ID)) == 0
         return np.arange(self._oldest, self._next_seq, dtype=np.int64)[keep], lo[keep], hi[keep]
 
@@ -380,7 +389,13 @@ class ServedRing(_Columns):
 
     def served_at(self, seq: int) -> int:
         b, i = self._at(seq)
-        return int(b.ts[i])
+        return b.record(i)[2]
+
+    def served_at_and_arms(self, seq: int) -> tuple[int, tuple[tuple[str, str], ...]]:
+        """(served_at_ms, experiment arms) of the slate at ``seq``, without decoding the rest."""
+        b, i = self._at(seq)
+        r = b.record(i)
+        return r[2], self._metas[r[3]][1]
 
     def values(self) -> ServedCut:
         """Every remembered slate, oldest first (decoded as read)."""
@@ -398,7 +413,8 @@ class ServedRing(_Columns):
     def outcome_at(self, seq: int, row: int) -> tuple[int, int]:
         """(outcome, counted flags) of ``row`` in the slate at ``seq`` ((0, 0): nothing yet, or not served)."""
         b, i = self._at(seq)
-        a, z = int(b.item_off[i]), int(b.item_off[i + 1])
+        r = b.record(i)
+        a, z = r[7], r[7] + r[8]
         try:
             j = b.rows[a:z].tolist().index(row)
         except ValueError:
@@ -445,7 +461,7 @@ class ServedRing(_Columns):
             flags |= _HAS_NOV
         if rp is not None:
             flags |= _HAS_RP
-        a = b.item_off[-1]
+        a = len(b.rows)
         b.rows.extend(rows)
         b.props.extend(slate.propensities)
         b.state.frombytes(bytes(k))
@@ -460,7 +476,7 @@ class ServedRing(_Columns):
                         b.state[a + j] |= _state_bits(0, int(c))
         feats = slate.features
         f = len(names)
-        fa = b.feat_off[-1]
+        fa = b.feat_end
         n = -1
         if feats and f and k and len(feats) == 4 * k * f:
             need = fa + _encoded_bound(k, f)
@@ -481,17 +497,12 @@ class ServedRing(_Columns):
             old = self._other.get(slate.request_id)
         else:
             pos, old = self._probe(*halves)
-        b.rid_lo.append(halves[0] if halves else 0)
-        b.rid_hi.append(halves[1] if halves else 0)
+        b.recs.append((halves[0] if halves else 0, halves[1] if halves else 0, int(slate.served_at_ms), meta,
+                       0.0 if div is None else float(div), 0.0 if nov is None else float(nov),
+                       0.0 if rp is None else float(rp), a, k, fa, n))
         b.user.append(slate.user_id)
-        b.ts.append(int(slate.served_at_ms))
-        b.meta.append(meta)
-        b.div.append(0.0 if div is None else float(div))
-        b.nov.append(0.0 if nov is None else float(nov))
-        b.rp.append(0.0 if rp is None else float(rp))
         b.flags.append(flags)
-        b.item_off.append(a + k)
-        b.feat_off.append(fa + n)
+        b.feat_end = fa + n
         b.n += 1
         if halves is None:  # found only once every column holds it
             self._other_ids[seq] = slate.request_id
@@ -513,7 +524,8 @@ class ServedRing(_Columns):
     def set_outcome(self, seq: int, row: int, outcome: int | None = None, counted: int | None = None) -> None:
         """Set the outcome and/or counted flags of ``row`` (every position it holds) in the slate at ``seq``."""
         b, i = self._at(seq)
-        a, z = int(b.item_off[i]), int(b.item_off[i + 1])
+        rec = b.record(i)
+        a, z = rec[7], rec[7] + rec[8]
         for j, r in enumerate(b.rows[a:z].tolist()):
             if r != row:
                 continue
@@ -531,7 +543,8 @@ class ServedRing(_Columns):
                 if flags & _OTHER_ID:
                     del self._other[self._other_ids.pop(seq)]
                 else:
-                    pos, found = self._probe(int(b.rid_lo[i]), int(b.rid_hi[i]))
+                    key = b.record(i)
+                    pos, found = self._probe(key[0], key[1])
                     assert found == seq
                     self._table_delete(pos)
                 self._n_live -= 1
