@@ -234,8 +234,8 @@ class StateConfig(_Section):
     served_log_size: int = Field(
         200_000, ge=1,
         description="Served slates kept for attribution, experiments and training (most recent), in compact "
-        "columns: ~0.43 KB each with 10 items and ~0.67 KB with 20 (19 logged features; ~85-130 MB at the "
-        "default; benchmarks/bench_served_log.py).",
+        "columns: ~0.44 KB of resident memory each with 10 items and ~0.68 KB with 20 (19 logged features): "
+        "~85-130 MiB at the default (benchmarks/bench_served_log.py).",
     )
     attribution_window_s: float = Field(
         1800.0, gt=0, description="An impression with no click within this window counts as a failure."

@@ -220,10 +220,10 @@ class ReadModel:
         self._refresh_top(rows)
 
     def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[tuple[tuple[str, str], ...] | None]:
-        attributed = [self._apply_event(ev) for ev in events]
+        arms = [self._apply_event(ev) for ev in events]
         if events:
             self._refresh_top(np.fromiter((e.row for e in events), np.int32, len(events)))
-        return attributed
+        return arms
 
     def remember_served(self, slate: ServedSlate) -> None:
         with self.lock:
@@ -263,8 +263,8 @@ class ReadModel:
             self.ensure_capacity(row + 1)
         arms = None
         if ev.request_id:
-            served = self._served
             with self.lock:  # (a served slate may be recorded meanwhile: it moves the columns)
+                served = self._served
                 seq = served.locate(ev.request_id)
                 if seq is not None:
                     served_at, slate_arms = served.served_at_and_arms(seq)
