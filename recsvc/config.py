@@ -233,8 +233,9 @@ class StateConfig(_Section):
     )
     served_log_size: int = Field(
         200_000, ge=1,
-        description="Served slates kept for attribution (most recent); each costs ~0.9 KB + 0.14 KB per item of "
-        "memory (~2.6 KB resident for 10 items: ~0.5 GB at the default).",
+        description="Served slates kept for attribution, experiments and training (most recent), in compact "
+        "columns: ~0.44 KB of resident memory each with 10 items and ~0.68 KB with 20 (19 logged features): "
+        "~85-130 MiB at the default (benchmarks/bench_served_log.py).",
     )
     attribution_window_s: float = Field(
         1800.0, gt=0, description="An impression with no click within this window counts as a failure."

@@ -32,7 +32,7 @@ from recsvc.errors import InvalidArgument, Unavailable, echo
 from recsvc.messages import FeedbackEventIn, FeedbackResult, RejectedEvent
 from recsvc.state.interface import OnlineState
 from recsvc.state.journal import Journal
-from recsvc.state.records import EventType, FeedbackBatch, FeedbackEvent, ServedSlate, count_for_experiment
+from recsvc.state.records import EventType, FeedbackBatch, FeedbackEvent, ServedSlate
 
 log = logging.getLogger("recsvc.feedback")
 
@@ -119,7 +119,8 @@ class FeedbackPath:
         batch_ids: set[str] = set()
         remote: dict = {}
         if self.journal.shared:  # slates served by another replica (or queued here), not applied here yet
-            unknown = {ev.request_id for ev in events if ev.request_id and self.state.served_slate(ev.request_id) is None}
+            unknown = {ev.request_id for ev in events
+                       if ev.request_id and self.state.served_slate(ev.request_id, features=False) is None}
             remote = self.journal.fetch_served(unknown) if unknown else {}
         for i, ev in enumerate(events):
             etype = EventType.parse(ev.type)
@@ -143,7 +144,7 @@ class FeedbackPath:
             elif not (math.isfinite(ev.value) and abs(ev.value) <= MAX_EVENT_VALUE):
                 reason = f"value must be finite and at most {MAX_EVENT_VALUE:g} in magnitude"
             elif ev.request_id:
-                slate = self.state.served_slate(ev.request_id) or remote.get(ev.request_id)
+                slate = self.state.served_slate(ev.request_id, features=False) or remote.get(ev.request_id)
                 if slate is None:
                     reason = f"request_id {echo(ev.request_id)} is unknown or has expired"
                 elif row not in slate.rows:
@@ -162,16 +163,14 @@ class FeedbackPath:
         return accepted, rejected, duplicates
 
     def _apply_feedback(self, batch: FeedbackBatch) -> None:
-        slates = self.state.apply_feedback(batch.events)
         pre_days = self._pre_days
-        for ev, slate in zip(batch.events, slates):
-            if slate is not None and slate.arms:
+        for ev, arms in zip(batch.events, self.state.apply_feedback(batch.events)):
+            if arms:  # attributed to a slate in an experiment
                 # per (slate, item) at most one impression, click and conversion (records.count_for_experiment)
-                counted, labels = count_for_experiment(slate.counted.get(ev.row, 0), ev.type)
-                slate.counted[ev.row] = counted
+                labels = self.state.count_for_experiment(ev.request_id, ev.row, ev.type)
                 for label in labels:
                     value = ev.value if label == ev.type.label else 0.0
-                    self.aggregates.record_event(slate.arms, ev.user_id, label, value, ev.ts_ms)
+                    self.aggregates.record_event(arms, ev.user_id, label, value, ev.ts_ms)
             else:
                 labels = (ev.type.label,)
             if pre_days:  # every user's activity, in an experiment or not: the CUPED pre-periods
@@ -255,6 +254,6 @@ class FeedbackPath:
             if self.journal.shared:
                 record = self._local_rows(record)
             self._apply_feedback(record)
-        elif self.state.served_slate(record.request_id) is None:  # (once: a slate is never counted twice)
+        elif self.state.served_slate(record.request_id, features=False) is None:  # (once: never counted twice)
             self.state.remember_served(record)
             self._record_served_aggregates(record)

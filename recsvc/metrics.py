@@ -54,7 +54,7 @@ INDEX_ITEMS = Gauge("recsvc_index_items", "Live items in the ANN index.", multip
 SERVED_LOG = Gauge("recsvc_served_log_slates", "Served slates kept for attribution (per process).",
                    multiprocess_mode="livesum")
 SERVED_LOG_BYTES = Gauge("recsvc_served_log_bytes", "Estimated memory of the served-slate log "
-                         "(0.9 KB + 0.14 KB per item and slate).", multiprocess_mode="livesum")
+                         "(its columns, lookup and user id strings).", multiprocess_mode="livesum")
 SNAPSHOT_SECONDS = Gauge("recsvc_snapshot_duration_seconds", "The last snapshot: total time and ingestion pause.",
                          ["part"], multiprocess_mode="max")
 SNAPSHOT_BYTES = Gauge("recsvc_snapshot_bytes", "Size of the newest snapshot on disk (embedded backend).",
@@ -174,14 +174,8 @@ class StateSampler:
         CATALOG_ITEMS.set(e.catalog.n_alive)
         INDEX_ITEMS.set(e.requests.ann.live_count)
         state = e._state  # the read model's own sizes (not part of the reader interface the request path uses)
-        n_served = state.n_served()
-        SERVED_LOG.set(n_served)
-        if n_served:
-            recent = state.served_slates()[-100:]
-            per_item = sum(len(s.rows) for s in recent) / max(len(recent), 1)
-            SERVED_LOG_BYTES.set(n_served * (900 + 140 * per_item))
-        else:
-            SERVED_LOG_BYTES.set(0)
+        SERVED_LOG.set(state.n_served())
+        SERVED_LOG_BYTES.set(state.served_log_nbytes())
         snaps = e.snapshots
         SNAPSHOT_SECONDS.labels("total").set(snaps.last_total_s)
         SNAPSHOT_SECONDS.labels("ingest_pause").set(snaps.last_pause_s)

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from recsvc.state.records import FeedbackEvent, ServedSlate
+from recsvc.state.records import EventType, FeedbackEvent, ServedSlate
 
 
 @runtime_checkable
@@ -62,17 +62,20 @@ class OnlineStateReader(Protocol):
         """Every co-occurrence neighbour of the recent items with its raw count, flattened: (int32 neighbour
         rows, float64 counts, int32 index into ``recent_rows`` of the item each belongs to)."""
 
-    def served_slate(self, request_id: str) -> ServedSlate | None:
-        """A slate served within the served-log bound (for validating feedback), or None."""
+    def served_slate(self, request_id: str, features: bool = True) -> ServedSlate | None:
+        """A slate served within the served-log bound (for validating feedback), or None: a copy (changing it
+        changes nothing in the state). ``features=False`` leaves its logged features out (``b""``): decoding
+        them is most of the cost of a lookup, and validation does not need them."""
 
-    def attributed_slate(self, request_id: str, ts_ms: int) -> ServedSlate | None:
+    def attributed_slate(self, request_id: str, ts_ms: int, features: bool = True) -> ServedSlate | None:
         """The served slate an event at ``ts_ms`` is attributed to: known and within the attribution window."""
 
     def seen_event(self, event_id: str) -> bool:
         """Whether an event id was applied within the dedupe window."""
 
-    def served_slates(self) -> list[ServedSlate]:
-        """A copy of the remembered served slates, oldest first (training, off-policy evaluation)."""
+    def served_slates(self) -> Sequence[ServedSlate]:
+        """A copy of the remembered served slates, oldest first (training, off-policy evaluation): a sequence
+        that decodes each slate as it is read."""
 
 
 @runtime_checkable
@@ -81,10 +84,16 @@ class OnlineStateWriter(Protocol):
 
     applied_lsn: int
 
-    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[ServedSlate | None]:
-        """Apply validated, de-duplicated events in order; returns the slate each was attributed to (or None)."""
+    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[tuple[tuple[str, str], ...] | None]:
+        """Apply validated, de-duplicated events in order; returns, per event, the experiment arms of the slate it
+        was attributed to (``()`` when that slate was in no experiment), or None when it was not attributed."""
 
-    def remember_served(self, slate: ServedSlate) -> None: ...
+    def remember_served(self, slate: ServedSlate) -> None:
+        """Remember a served slate (with its outcome and counted flags); the oldest leave beyond the bound."""
+
+    def count_for_experiment(self, request_id: str, row: int, etype: EventType) -> tuple[str, ...]:
+        """What the experiment aggregates count for an attributed event on ``row`` of a remembered slate
+        (:func:`recsvc.state.records.count_for_experiment`), remembering it; ``()`` for an unknown slate."""
 
     def seed_popularity(self, rows: np.ndarray, counts: np.ndarray, now_ms: int) -> None:
         """Initial popularity (e.g. from catalog metadata), as if observed at ``now_ms``."""
@@ -102,7 +111,7 @@ class OnlineStateWriter(Protocol):
         """A copy of the state at ``lsn``, taken while every writer waits (milliseconds); its ``write(directory)``
         writes the snapshot files afterwards, with writers running again."""
 
-    def write_snapshot(self, directory: Path, served: list[ServedSlate] | None = None) -> None: ...
+    def write_snapshot(self, directory: Path, served: Sequence[ServedSlate] | None = None) -> None: ...
 
     def read_snapshot(self, directory: Path) -> None: ...
 

@@ -25,8 +25,9 @@ replay after a restart, and — with a shared backend — as each replica tails 
   with cosine normalisation ``C[i][j] / sqrt(n_i * n_j)``; each item's
   neighbour table is pruned to the strongest ``4 * cooccurrence_neighbors``.
 - **History**: each user's most recent positive interactions (bounded).
-- **Served slates** (request id -> user, variant, rows, propensities): bounded,
-  for attribution and validation of feedback.
+- **Served slates** (request id -> user, variant, rows, propensities, outcomes, logged features): the most
+  recent ``served_log_size``, for attribution, validation of feedback, experiments and training, in compact
+  columns (:class:`~recsvc.state.served_ring.ServedRing`, a few hundred bytes per slate).
 - **Seen event ids** (bounded, most recent) for idempotency.
 """
 
@@ -44,7 +45,9 @@ import numpy as np
 
 from recsvc.config import Config
 from recsvc.exploration import update_evidence_row
-from recsvc.state.records import FeedbackEvent, ServedSlate, attributed, decode, encode_served, settle
+from recsvc.state.records import (FeedbackEvent, EventType, ServedSlate, attributed, count_for_experiment, decode,
+                                  encode_served, settle)
+from recsvc.state.served_ring import ServedCut, ServedRing
 from recsvc.state.store import SnapshotDamaged, snapshot_refusal
 
 _MAX_EXPONENT = 60.0  # rebase popularity before 2^exponent loses precision
@@ -82,7 +85,7 @@ class ReadModel:
         self._neigh_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._count_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # neighbour_counts, same lifetime
         self._histories: dict[str, deque[tuple[int, int]]] = {}
-        self._served: OrderedDict[str, ServedSlate] = OrderedDict()
+        self._served = ServedRing(self._served_cap)
         self._seen_events: OrderedDict[str, None] = OrderedDict()
         self._pct: tuple[float, np.ndarray] | None = None
         self.applied_lsn = 0
@@ -163,24 +166,37 @@ class ReadModel:
             return np.empty(0, np.int32), np.empty(0, np.float64), np.empty(0, np.int32)
         return np.concatenate(rows), np.concatenate(counts), np.concatenate(owners)
 
-    def served_slate(self, request_id: str) -> ServedSlate | None:
-        return self._served.get(request_id) if request_id else None
+    def served_slate(self, request_id: str, features: bool = True) -> ServedSlate | None:
+        if not request_id:
+            return None
+        with self.lock:  # the served log's columns change under it (feedback and served slates run side by side)
+            return self._served.get(request_id, features)
 
-    def attributed_slate(self, request_id: str, ts_ms: int) -> ServedSlate | None:
+    def attributed_slate(self, request_id: str, ts_ms: int, features: bool = True) -> ServedSlate | None:
         """An event later than ``attribution_window_s`` after its slate was served still updates popularity,
         co-occurrence and history, but no longer the bandit or the experiment: the slate's outcome was
         settled by then."""
-        slate = self._served.get(request_id) if request_id else None
-        if slate is None or not attributed(slate.served_at_ms, ts_ms, self._window_ms):
+        with self.lock:
+            seq = self._attributed(request_id, ts_ms)
+            return None if seq is None else self._served.slate_at(seq, features, request_id)
+
+    def _attributed(self, request_id: str, ts_ms: int) -> int | None:
+        seq = self._served.locate(request_id) if request_id else None
+        if seq is None or not attributed(self._served.served_at(seq), ts_ms, self._window_ms):
             return None
-        return slate
+        return seq
 
     def seen_event(self, event_id: str) -> bool:
         return event_id in self._seen_events
 
-    def served_slates(self) -> list[ServedSlate]:
+    def served_slates(self) -> ServedCut:
         with self.lock:
-            return list(self._served.values())
+            return self._served.cut()
+
+    def served_log_nbytes(self) -> int:
+        """Resident bytes of the served-slate log (columns, id strings, lookup), estimated."""
+        with self.lock:
+            return self._served.nbytes()
 
     def n_served(self) -> int:
         return len(self._served)
@@ -203,17 +219,24 @@ class ReadModel:
         self._popularity[rows] += counts.astype(np.float64) * scale
         self._refresh_top(rows)
 
-    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[ServedSlate | None]:
-        slates = [self._apply_event(ev) for ev in events]
+    def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[tuple[tuple[str, str], ...] | None]:
+        arms = [self._apply_event(ev) for ev in events]
         if events:
             self._refresh_top(np.fromiter((e.row for e in events), np.int32, len(events)))
-        return slates
+        return arms
 
     def remember_served(self, slate: ServedSlate) -> None:
         with self.lock:
-            self._served[slate.request_id] = slate
-            while len(self._served) > self._served_cap:
-                self._served.popitem(last=False)
+            self._served.append(slate)
+
+    def count_for_experiment(self, request_id: str, row: int, etype: EventType) -> tuple[str, ...]:
+        with self.lock:
+            seq = self._served.locate(request_id) if request_id else None
+            if seq is None:
+                return ()
+            counted, labels = count_for_experiment(self._served.outcome_at(seq, row)[1], etype)
+            self._served.set_outcome(seq, row, counted=counted)
+            return labels
 
     def drop_items(self, rows: np.ndarray) -> None:
         with self.lock:
@@ -233,24 +256,32 @@ class ReadModel:
         return max((int(a.max()) for a in referenced if a.size), default=-1)
 
     # -- applying one event ----------------------------------------------------------------------------
-    def _apply_event(self, ev: FeedbackEvent) -> ServedSlate | None:
+    def _apply_event(self, ev: FeedbackEvent) -> tuple[tuple[str, str], ...] | None:
         self._remember_event(ev.event_id)
         row = ev.row
         if row >= self._popularity.size:
             self.ensure_capacity(row + 1)
-        slate = self.attributed_slate(ev.request_id, ev.ts_ms)
-        if slate is not None:
-            outcome, ds, df, new_impression = settle(slate.outcome.get(row, 0), ev.type)
+        arms = None
+        if ev.request_id:
+            with self.lock:  # (a served slate may be recorded meanwhile: it moves the columns)
+                served = self._served
+                seq = served.locate(ev.request_id)
+                if seq is not None:
+                    served_at, slate_arms = served.served_at_and_arms(seq)
+                    if attributed(served_at, ev.ts_ms, self._window_ms):
+                        outcome, ds, df, new_impression = settle(served.outcome_at(seq, row)[0], ev.type)
+                        served.set_outcome(seq, row, outcome=int(outcome))
+                        arms = slate_arms
+        if arms is not None:
             if ds or df:
                 update_evidence_row(self._successes, self._failures, row, ds, df, self._discount)
             if new_impression:
                 self._total_impressions += 1
-            slate.outcome[row] = int(outcome)
         if ev.type.positive:
             self._rebase(ev.ts_ms)
             self._popularity[row] += 2.0 ** ((ev.ts_ms - self._pop_t0_ms) / self._half_life_ms)
             self._record_positive(ev.user_id, row, ev.ts_ms)
-        return slate
+        return arms
 
     def _remember_event(self, event_id: str) -> None:
         self._seen_events[event_id] = None
@@ -342,15 +373,15 @@ class ReadModel:
         """A consistent copy of the state as of log record ``lsn``, to be written to files later.
 
         The caller holds the ingest and served locks (no writer runs), so this must be quick: it copies
-        the arrays (one memcpy each) and the small mutable parts (co-occurrence tables, histories,
-        served slates' outcomes, seen event ids); everything costly — encoding and writing — happens in
+        the arrays (one memcpy each) and the small mutable parts (co-occurrence tables, histories, the served
+        slates' block being filled and outcome columns, seen event ids); everything costly — decoding, encoding
+        and writing — happens in
         :meth:`OnlineSnapshot.write`, after the locks are released.
         """
         # Copies in C loops (map, zip, dict.copy), not Python ones: this runs with every writer paused.
         # dict's views of the OrderedDicts list them in the same order (their keys are only appended and
         # popped from the front) and several times faster than their own linked list.
         with self.lock:
-            served = list(dict.values(self._served))
             return OnlineSnapshot(
                 arrays={"popularity_acc": self._popularity.copy(), "successes": self._successes.copy(),
                         "failures": self._failures.copy(), "item_events": self._item_events.copy(),
@@ -358,16 +389,15 @@ class ReadModel:
                 pop_t0_ms=self._pop_t0_ms, total_impressions=self._total_impressions, applied_lsn=lsn,
                 cooc=dict(zip(self._cooc.keys(), map(dict.copy, self._cooc.values()))),
                 histories=dict(zip(self._histories.keys(), map(tuple, self._histories.values()))),
-                served=served,  # a slate changes after it is recorded only in its outcome ...
-                outcomes=[(dict(s.outcome), dict(s.counted)) for s in served],  # ... copied here
+                served=self._served.cut(),  # outcomes as of the cut; slates decoded as they are written
                 seen_events=list(dict.keys(self._seen_events)),
             )
 
-    def write_snapshot(self, directory: Path, served: list[ServedSlate] | None = None) -> None:
-        """Cut and write in one go (the caller pauses every writer meanwhile)."""
+    def write_snapshot(self, directory: Path, served: Sequence[ServedSlate] | None = None) -> None:
+        """Cut and write in one go (the caller pauses every writer meanwhile); ``served`` replaces the slates."""
         cut = self.snapshot_cut(self.applied_lsn)
         if served is not None:
-            cut.served, cut.outcomes = served, [(dict(s.outcome), dict(s.counted)) for s in served]
+            cut.served = served
         cut.write(directory)
 
     def read_snapshot(self, directory: Path) -> None:
@@ -392,7 +422,9 @@ class ReadModel:
             cooc = {int(k): {int(a): float(b) for a, b in v.items()} for k, v in doc["cooc"].items()}
             histories = {u: deque(((int(r), int(t)) for r, t in h), maxlen=self._history_size)
                          for u, h in doc["histories"].items()}
-            served = [decode(dict(s, t="served")) for s in doc["served"]]
+            served = ServedRing(self._served_cap)
+            for s in doc["served"]:
+                served.append(decode(dict(s, t="served")))  # type: ignore[arg-type]
             seen_events = OrderedDict((str(e), None) for e in doc["seen_events"])
         except Exception as exc:
             raise SnapshotDamaged(snapshot_refusal(f"{path}: unreadable ({type(exc).__name__}: {exc})",
@@ -410,7 +442,7 @@ class ReadModel:
         self._neigh_cache = {}
         self._count_cache = {}
         self._histories = histories
-        self._served = OrderedDict((s.request_id, s) for s in served)  # type: ignore[union-attr]
+        self._served = served
         self._seen_events = seen_events
 
 
@@ -429,8 +461,7 @@ class OnlineSnapshot:
     applied_lsn: int
     cooc: dict[int, dict[int, float]]
     histories: dict[str, tuple[tuple[int, int], ...]]
-    served: list[ServedSlate]
-    outcomes: list[tuple[dict[int, int], dict[int, int]]]  # each served slate's (outcome, counted) as of the cut
+    served: Sequence[ServedSlate]  # with each slate's outcome and counted flags as of the cut
     seen_events: list[str]
 
     def write(self, directory: Path) -> None:
@@ -442,8 +473,8 @@ class OnlineSnapshot:
             fh.write('},"histories":{')
             _write_chunks(fh, self.histories.items(), lambda chunk: _dumps(dict(chunk))[1:-1])
             fh.write('},"served":[')
-            _write_chunks(fh, zip(self.served, self.outcomes),
-                          lambda chunk: ",".join(_dumps(_served_json(s, o)) for s, o in chunk))
+            _write_chunks(fh, self.served,
+                          lambda chunk: ",".join(_dumps(encode_served(s, with_outcome=True)) for s in chunk))
             fh.write('],"seen_events":[')
             _write_chunks(fh, self.seen_events, lambda chunk: _dumps(chunk)[1:-1])
             fh.write("]}")
@@ -451,13 +482,6 @@ class OnlineSnapshot:
 
 def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
-
-
-def _served_json(slate: ServedSlate, outcome: tuple[dict[int, int], dict[int, int]]) -> dict:
-    d = encode_served(slate, with_outcome=False)
-    d["o"] = {str(k): int(v) for k, v in outcome[0].items()}
-    d["c"] = {str(k): int(v) for k, v in outcome[1].items()}
-    return d
 
 
 def _write_chunks(fh, items: Iterable, encode: Callable[[list], str], size: int = 256) -> None:
