@@ -227,6 +227,16 @@ def test_evaluate_reports_baselines_validation_choices_and_a_bootstrap():
     text = replay.format_table(report)
     assert "EASE" in text and "validation window" in text and "paired bootstrap" in text
     assert "targets on test: full NDCG" in text and "long-tail boost rule: coverage >= 2.2x" in text
+    # the README's tables come from the same report
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", Path(__file__).parent.parent / "tools" /
+                                                  "readme_numbers.py")
+    numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numbers)
+    md = numbers.format_evaluate(json.loads(json.dumps(report)))
+    assert "| EASE (λ = " in md and "| **full pipeline, learned ranker** |" in md and "| ALS |" in md
+    assert "Long-tail boost rule (validation only): coverage ≥ 2.2×" in md and "Targets on test: full NDCG" in md
 
 
 def test_tune_als_chooses_on_the_validation_window():
