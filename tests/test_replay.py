@@ -302,3 +302,16 @@ def test_target_ratios_against_the_best_single_model():
                                   {"ndcg": 0.124, "coverage": 0.089}, {"ndcg": 0.125, "coverage": 0.113}))
     assert t["reference"] == "als" and t["met"] == {"ndcg": False, "coverage": False, "mmr": False}
     assert replay.target_ratios({"pipelines": {}, "baselines": {}}) == {}
+
+
+def test_a_global_split_asks_every_user_at_the_cut():
+    data = synthetic_interactions()
+    setup = replay.prepare(data, factors=8, als_iterations=5, split="global")
+    assert setup.settings["split"] == "global"
+    cut = int(setup.train.timestamp.max())
+    assert setup.test_positive.timestamp.min() > cut
+    assert (replay.request_clocks(setup, setup.eval_users) == cut * 1000 + 1000).all()
+    val = replay.prepare_validation(setup)
+    assert val.settings["split"] == "global" and val.test_positive.timestamp.min() > int(val.train.timestamp.max())
+    with pytest.raises(ValueError, match="split must be"):
+        replay.prepare(data, split="random")

@@ -100,6 +100,7 @@ from recsvc.evaluation.datasets import (
     ItemTable,
     load_interactions,
     load_movielens,
+    temporal_split_global,
     temporal_split_per_user,
 )
 from recsvc.evaluation.learned import CandidateLog, cross_fit, fit_ranker, log_candidates
@@ -532,22 +533,42 @@ def prepare(
     base_overrides: dict[str, Any] | None = None,
     space: str = "ip",
     validation_fraction: float | None = None,
+    split: str = "user",
 ) -> ReplaySetup:
     """Split, build the catalog and its HNSW index, and the replay's base config.
 
     ``space``: ``"ip"`` keeps the ALS factor norms in the catalog (inner-product index), ``"cosine"``
     stores unit-length embeddings. ``validation_fraction`` (default ``test_fraction``) is the share of
-    each user's train events :func:`prepare_validation` holds out.
+    each user's train events :func:`prepare_validation` holds out. ``split``: ``"user"`` splits each
+    user's timeline (:func:`temporal_split_per_user`), ``"global"`` splits all events at one moment
+    (:func:`temporal_split_global`; the validation window is then the last share of train, also global).
     """
+    if split not in ("user", "global"):
+        raise ValueError(f"split must be 'user' or 'global', got {split!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     data = sample_users(data, max_users, seed)
-    train, test = temporal_split_per_user(data, test_fraction=test_fraction)
+    train, test = _split(data, split, test_fraction)
     settings = dict(threshold=threshold, factors=factors, als_alpha=als_alpha,
                     als_regularization=als_regularization, als_iterations=als_iterations, seed=seed,
                     base_overrides=base_overrides, space=space,
                     validation_fraction=test_fraction if validation_fraction is None else validation_fraction)
-    return prepare_split(train, test, **settings)
+    return _with_split(prepare_split(train, test, **settings), split)
+
+
+def _with_split(setup: ReplaySetup, split: str) -> ReplaySetup:
+    """Record the split kind; under a global split every user asks at the cut (1 s after the last train
+    event of anyone), the moment the whole train period ends."""
+    setup.settings["split"] = split
+    if split == "global" and setup.request_ms is not None:
+        setup.request_ms = np.full(setup.eval_users.size, setup.train_end_ms + 1000, np.int64)
+    return setup
+
+
+def _split(data: Interactions, split: str, fraction: float) -> tuple[Interactions, Interactions]:
+    if split == "global":
+        return temporal_split_global(data, test_fraction=fraction)
+    return temporal_split_per_user(data, test_fraction=fraction)
 
 
 def prepare_validation(setup: ReplaySetup, **changes: Any) -> ReplaySetup:
@@ -555,8 +576,9 @@ def prepare_validation(setup: ReplaySetup, **changes: Any) -> ReplaySetup:
     ``validation_fraction`` held out), everything else built as ``setup`` was (``changes`` override
     settings, e.g. other ALS settings while tuning). Test events play no part."""
     settings = {**setup.settings, **changes}
-    fit, val = temporal_split_per_user(setup.train, test_fraction=settings["validation_fraction"])
-    return prepare_split(fit, val, **settings)
+    split = settings.pop("split", "user")
+    fit, val = _split(setup.train, split, settings["validation_fraction"])
+    return _with_split(prepare_split(fit, val, **settings), split)
 
 
 def prepare_split(
@@ -1142,10 +1164,12 @@ def evaluate(
             "retrieval.popularity_half_life_days": setup.base_config.retrieval.popularity_half_life_days,
             "reranking.max_per_category (base)": setup.base_config.reranking.max_per_category,
             "index.space": setup.base_config.index.space,
-            "recommend clock": "each user's own: 1 s after their last train event",
+            "recommend clock": ("the cut: 1 s after the last train event" if setup.settings.get("split") == "global"
+                                else "each user's own: 1 s after their last train event"),
             "excluded": "every item the user rated in train",
             "budgets": "unlimited (no degraded responses)",
             "validation_fraction": setup.settings.get("validation_fraction"),
+            "split": setup.settings.get("split", "user"),
         },
         "seconds": round(time.perf_counter() - started, 2),
     })
@@ -1312,6 +1336,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="value >= threshold is a positive (default: %(default)s stars)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="latest share of each user's events held out (default: %(default)s)")
+    parser.add_argument("--split", choices=("user", "global"), default="user",
+                        help="user: the latest --test-fraction of each user's events is test (default); global: "
+                             "the latest --test-fraction of all events, cut at one moment (the validation window "
+                             "likewise), every user asking at the cut")
     parser.add_argument("--max-users", type=int, default=0,
                         help="quick slice: keep N random users (catalog and model from their data only); 0 = all")
     parser.add_argument("--pipelines", type=_pipeline_list, default=list(PIPELINE_NAMES),
@@ -1360,7 +1388,7 @@ def run(args: argparse.Namespace) -> int:
     setup = prepare(data, threshold=args.threshold, test_fraction=args.test_fraction, max_users=args.max_users,
                     factors=args.dim, als_alpha=args.als_alpha, als_regularization=args.als_reg,
                     als_iterations=args.als_iters, seed=args.seed, space=args.space,
-                    validation_fraction=args.validation_fraction)
+                    validation_fraction=args.validation_fraction, split=args.split)
     als_choice = None
     if args.tune_als:
         (factors, reg, alpha), tried = tune_als(setup, args.k, progress=not args.no_progress)
@@ -1368,7 +1396,7 @@ def run(args: argparse.Namespace) -> int:
         setup = prepare(data, threshold=args.threshold, test_fraction=args.test_fraction,
                         max_users=args.max_users, factors=factors, als_alpha=alpha, als_regularization=reg,
                         als_iterations=args.als_iters, seed=args.seed, space=args.space,
-                        validation_fraction=args.validation_fraction)
+                        validation_fraction=args.validation_fraction, split=args.split)
     chosen = [p for p in PIPELINES if p.name in set(args.pipelines)]
     report = evaluate(setup, chosen, k=args.k, user_vector=args.user_vector, progress=not args.no_progress,
                       baselines=not args.no_baselines, folds=args.folds, windows=args.windows,
