@@ -223,7 +223,7 @@ def test_evaluate_reports_baselines_validation_choices_and_a_bootstrap():
     assert report["learned_ranker"]["trees"] > 0 and report["learned_ranker"]["windows"] == replay.DEFAULT_WINDOWS
     assert set(report["targets"]) == {"test", "validation"}
     assert report["targets"]["test"]["reference"] in ("ease", "als")
-    assert report["choices"]["long_tail_boost"]["value"] in replay.LONG_TAIL_GRID
+    assert 0.0 <= report["choices"]["long_tail_boost"]["value"] <= replay.LONG_TAIL_MAX
     text = replay.format_table(report)
     assert "EASE" in text and "validation window" in text and "paired bootstrap" in text
     assert "targets on test: full NDCG" in text and "long-tail boost rule: coverage >= 2.2x" in text
@@ -315,3 +315,16 @@ def test_a_global_split_asks_every_user_at_the_cut():
     assert val.settings["split"] == "global" and val.test_positive.timestamp.min() > int(val.train.timestamp.max())
     with pytest.raises(ValueError, match="split must be"):
         replay.prepare(data, split="random")
+
+
+def test_the_boost_grows_past_the_grid_until_coverage_reaches_the_bar():
+    pytest.importorskip("lightgbm")
+    setup = replay.prepare(synthetic_interactions(n_users=60), factors=8, als_iterations=5)
+    full = [p for p in replay.PIPELINES if p.name == "full"]
+    # a bar no boost can reach: the grid, then doubled boosts up to LONG_TAIL_MAX, then the largest coverage
+    report = replay.evaluate(setup, full, k=5, progress=False, bootstrap=50, coverage_margin=100.0)
+    choice = report["choices"]["long_tail_boost"]
+    assert set(choice["validation"]) == {str(b) for b in replay.LONG_TAIL_GRID} | {"0.1", "0.2", "0.4"}
+    assert choice["rule"].startswith("none reaches the coverage bar")
+    best = max(choice["validation"].values(), key=lambda v: v["coverage"])["coverage"]
+    assert choice["validation"][str(choice["value"])]["coverage"] == best

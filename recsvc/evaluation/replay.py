@@ -167,6 +167,10 @@ DEFAULT_WINDOWS = 2
 #: Long-tail boosts (``reranking.long_tail_boost``) tried on validation for the learned pipelines; the
 #: choice is :func:`choose_long_tail_boost`.
 LONG_TAIL_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05)
+#: When no boost of the grid reaches the coverage bar, the boost is doubled past the grid's largest until
+#: one does, up to this. The boost adds to calibrated click probabilities, whose level follows the
+#: window's positive rate: with --test-fraction 0.3 the grid's largest moves coverage much less.
+LONG_TAIL_MAX = 0.4
 #: The issue's targets, against the best single model (the better of EASE and ALS by NDCG): the full
 #: pipeline's NDCG >= NDCG_FACTOR x its NDCG, catalog coverage >= COVERAGE_FACTOR x its coverage.
 NDCG_FACTOR = 1.05
@@ -1086,6 +1090,13 @@ def evaluate(
             full = next(p for p in pipelines if p.ranker == "learned")
             ref_name, ref = best_baseline(report["validation"]["baselines"])
             tried = {b: cross_fitted(full, {"reranking": {"long_tail_boost": b}}) for b in LONG_TAIL_GRID}
+            bar = COVERAGE_FACTOR * coverage_margin * ref.get("coverage", 0.0)
+            extra = max(LONG_TAIL_GRID)
+            while all(r["coverage"] < bar for r in tried.values()) and extra * 2 <= LONG_TAIL_MAX + 1e-9:
+                extra = round(extra * 2, 6)
+                tried[extra] = cross_fitted(full, {"reranking": {"long_tail_boost": extra}})
+                log(f"long-tail boost {extra}: validation NDCG {tried[extra]['ndcg']:.4f}, "
+                    f"coverage {tried[extra]['coverage']:.3f} (bar {bar:.3f})")
             boost, choice = choose_long_tail_boost(tried, ref, coverage_margin=coverage_margin)
             learned_extra["reranking"] = {"long_tail_boost": boost}
             report["choices"]["long_tail_boost"] = {"value": boost, "reference": ref_name, **choice}
