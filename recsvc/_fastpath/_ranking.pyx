@@ -122,14 +122,16 @@ cdef extern from *:
        (x <= threshold) and 2k+2 (x > threshold), leaves follow the
        2^depth - 1 inner nodes. The walk is branch-free. Sixteen rows walk
        each tree together so that their dependent loads overlap (more rows
-       spill the walk's state out of the registers), and the root, which
-       every row tests, is read once per tree instead of once per row. */
+       spill the walk's state out of the registers), the root, which every
+       row tests, is read once per tree instead of once per row, and the
+       usual depths get their own copy of the walk with the depth a constant
+       (the level loop unrolled). */
     #define RECSVC_WALK_ROWS 16
-    RECSVC_CLONES
-    static void recsvc_forest_rows(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
-                                   const int *restrict feature, const float *restrict threshold,
-                                   const float *restrict leaf, ptrdiff_t n_trees, int depth,
-                                   float bias, float *restrict out)
+    static inline __attribute__((always_inline)) void
+    recsvc_forest_walk(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
+                       const int *restrict feature, const float *restrict threshold,
+                       const float *restrict leaf, ptrdiff_t n_trees, const int depth,
+                       float bias, float *restrict out)
     {
         const ptrdiff_t inner = ((ptrdiff_t)1 << depth) - 1, stride_leaf = inner + 1;
         ptrdiff_t i = 0, t, r;
@@ -174,6 +176,22 @@ cdef extern from *:
                 a += leaf[t * stride_leaf + k - inner];
             }
             out[i] = a;
+        }
+    }
+
+    RECSVC_CLONES
+    static void recsvc_forest_rows(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
+                                   const int *restrict feature, const float *restrict threshold,
+                                   const float *restrict leaf, ptrdiff_t n_trees, int depth,
+                                   float bias, float *restrict out)
+    {
+        switch (depth) {
+    #define RECSVC_WALK_DEPTH(D) \
+        case D: recsvc_forest_walk(X, n, F, feature, threshold, leaf, n_trees, D, bias, out); break;
+        RECSVC_WALK_DEPTH(3) RECSVC_WALK_DEPTH(4) RECSVC_WALK_DEPTH(5) RECSVC_WALK_DEPTH(6)
+        RECSVC_WALK_DEPTH(7) RECSVC_WALK_DEPTH(8)
+    #undef RECSVC_WALK_DEPTH
+        default: recsvc_forest_walk(X, n, F, feature, threshold, leaf, n_trees, depth, bias, out);
         }
     }
 
