@@ -328,3 +328,23 @@ def test_the_boost_grows_past_the_grid_until_coverage_reaches_the_bar():
     assert choice["rule"].startswith("none reaches the coverage bar")
     best = max(choice["validation"].values(), key=lambda v: v["coverage"])["coverage"]
     assert choice["validation"][str(choice["value"])]["coverage"] == best
+
+
+def test_the_boost_search_doubles_then_bisects_towards_the_bar():
+    calls = []
+
+    def at_boost(b):  # coverage grows with the boost: 0.1 + 2 b
+        calls.append(b)
+        return {"ndcg": 0.2 - b, "coverage": 0.1 + 2 * b}
+
+    tried = replay.search_long_tail_boosts(at_boost, bar=0.25, grid=(0.0, 0.02, 0.05))
+    # 0.05 -> 0.2 coverage (short); doubled 0.1 -> 0.3 (past); bisected 0.075 (past), 0.0625 (short)
+    assert calls == [0.0, 0.02, 0.05, 0.1, 0.075, 0.0625]
+    assert replay.choose_long_tail_boost(tried, {"ndcg": 0.1, "coverage": 0.125}, coverage_margin=1.0)[0] == 0.075
+    # a grid boost reaching the bar: nothing more is tried
+    calls.clear()
+    assert list(replay.search_long_tail_boosts(at_boost, bar=0.12, grid=(0.0, 0.02, 0.05))) == [0.0, 0.02, 0.05]
+    # out of reach: doubled up to the maximum, no bisection
+    calls.clear()
+    tried = replay.search_long_tail_boosts(at_boost, bar=5.0, grid=(0.0, 0.05), maximum=0.4)
+    assert calls == [0.0, 0.05, 0.1, 0.2, 0.4]

@@ -132,6 +132,7 @@ __all__ = [
     "best_baseline",
     "build_catalog",
     "choose_long_tail_boost",
+    "search_long_tail_boosts",
     "evaluate",
     "format_table",
     "implicit_als",
@@ -168,9 +169,11 @@ DEFAULT_WINDOWS = 2
 #: choice is :func:`choose_long_tail_boost`.
 LONG_TAIL_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05)
 #: When no boost of the grid reaches the coverage bar, the boost is doubled past the grid's largest until
-#: one does, up to this. The boost adds to calibrated click probabilities, whose level follows the
+#: one does, up to this, ... The boost adds to calibrated click probabilities, whose level follows the
 #: window's positive rate: with --test-fraction 0.3 the grid's largest moves coverage much less.
 LONG_TAIL_MAX = 0.4
+#: ... and the step between the last boost short of the bar and the first past it is halved this often.
+LONG_TAIL_BISECTIONS = 2
 #: The issue's targets, against the best single model (the better of EASE and ALS by NDCG): the full
 #: pipeline's NDCG >= NDCG_FACTOR x its NDCG, catalog coverage >= COVERAGE_FACTOR x its coverage.
 NDCG_FACTOR = 1.05
@@ -941,6 +944,34 @@ def best_baseline(baselines: dict[str, Any]) -> tuple[str | None, dict[str, floa
     return max(scored, key=lambda nm: nm[1]["ndcg"])
 
 
+def search_long_tail_boosts(at_boost: Callable[[float], dict[str, float]], bar: float,
+                            grid: Sequence[float] = LONG_TAIL_GRID, maximum: float = LONG_TAIL_MAX,
+                            bisections: int = LONG_TAIL_BISECTIONS) -> dict[float, dict[str, float]]:
+    """The validation metrics of the boosts tried ({boost: metrics}; ``at_boost`` measures one): every
+    boost of ``grid``; when none reaches the coverage ``bar``, the grid's largest doubled until one does
+    (up to ``maximum``), then the step between the last short of the bar and the first past it halved
+    ``bisections`` times, so the smallest boost that reaches the bar is found to a quarter of that step."""
+    tried = {b: at_boost(b) for b in grid}
+    if any(r["coverage"] >= bar for r in tried.values()):
+        return tried
+    low, high = max(grid), None
+    while high is None and low * 2 <= maximum + 1e-9:
+        b = round(low * 2, 6)
+        tried[b] = at_boost(b)
+        if tried[b]["coverage"] >= bar:
+            high = b
+        else:
+            low = b
+    for _ in range(bisections if high is not None else 0):
+        mid = round((low + high) / 2, 6)
+        tried[mid] = at_boost(mid)
+        if tried[mid]["coverage"] >= bar:
+            high = mid
+        else:
+            low = mid
+    return tried
+
+
 def choose_long_tail_boost(
     tried: dict[float, dict[str, float]],
     reference: dict[str, float],
@@ -1089,14 +1120,16 @@ def evaluate(
             # the best single model on validation
             full = next(p for p in pipelines if p.ranker == "learned")
             ref_name, ref = best_baseline(report["validation"]["baselines"])
-            tried = {b: cross_fitted(full, {"reranking": {"long_tail_boost": b}}) for b in LONG_TAIL_GRID}
             bar = COVERAGE_FACTOR * coverage_margin * ref.get("coverage", 0.0)
-            extra = max(LONG_TAIL_GRID)
-            while all(r["coverage"] < bar for r in tried.values()) and extra * 2 <= LONG_TAIL_MAX + 1e-9:
-                extra = round(extra * 2, 6)
-                tried[extra] = cross_fitted(full, {"reranking": {"long_tail_boost": extra}})
-                log(f"long-tail boost {extra}: validation NDCG {tried[extra]['ndcg']:.4f}, "
-                    f"coverage {tried[extra]['coverage']:.3f} (bar {bar:.3f})")
+
+            def at_boost(b: float) -> dict[str, float]:
+                r = cross_fitted(full, {"reranking": {"long_tail_boost": b}})
+                if b not in LONG_TAIL_GRID:
+                    log(f"long-tail boost {b}: validation NDCG {r['ndcg']:.4f}, coverage {r['coverage']:.3f} "
+                        f"(bar {bar:.3f})")
+                return r
+
+            tried = search_long_tail_boosts(at_boost, bar)
             boost, choice = choose_long_tail_boost(tried, ref, coverage_margin=coverage_margin)
             learned_extra["reranking"] = {"long_tail_boost": boost}
             report["choices"]["long_tail_boost"] = {"value": boost, "reference": ref_name, **choice}
