@@ -98,7 +98,7 @@ def format_evaluate(rep: dict, seed: int = 0) -> str:
             if key in part:
                 m = part[key]["metrics"]
                 lines.append(f"| {label} | {_f(m['ndcg'], 4)} | " + _cells(m, VAL_COLS[1:]) + " |")
-    if "rule" in boost:
+    if "rule" in boost and boost.get("reference"):
         tried = ", ".join(f"{_f(float(b), 3)}: {v['ndcg']:.4f} / {v['coverage_ratio']:.2f}×"
                           for b, v in boost["validation"].items() if v.get("coverage_ratio") is not None)
         lines += ["", f"Long-tail boost rule (validation only): coverage ≥ "

@@ -1296,7 +1296,7 @@ def format_table(report: dict[str, Any]) -> str:
         chosen = ", ".join(f"{n} = {c['value']}" for n, c in report["choices"].items())
         lines.append(f"chosen on validation: {chosen}")
         boost = report["choices"].get("long_tail_boost")
-        if boost and "rule" in boost:
+        if boost and "rule" in boost and boost.get("reference"):
             lines.append(f"long-tail boost rule: coverage >= {boost['coverage_factor'] * boost['coverage_margin']:g}x "
                          f"and NDCG >= {boost['ndcg_factor']:g}x {str(boost['reference']).upper()} on validation "
                          f"({boost['coverage_bar']:.4f}, {boost['ndcg_bar']:.4f}): {boost['rule']}")
