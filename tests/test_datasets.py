@@ -183,3 +183,18 @@ def test_load_obd_bts():
 def test_load_obd_random_has_uniform_propensities():
     log = load_obd(needs(SHARED_DATA / "obd-men" / "random" / "men.csv"))
     np.testing.assert_allclose(log.propensity, 1 / 34)
+
+
+def test_temporal_split_global_cuts_everyone_at_one_moment():
+    from recsvc.evaluation.datasets import temporal_split_global
+
+    data = Interactions(np.array([1, 1, 1, 2, 2, 3, 3, 3]), np.array([10, 11, 12, 10, 13, 11, 12, 13]),
+                        np.ones(8), np.array([100, 200, 500, 300, 600, 50, 500, 700]))
+    train, test = temporal_split_global(data, test_fraction=0.25)
+    assert sorted(test.timestamp.tolist()) == [600, 700] and train.timestamp.max() == 500
+    # a tie at the cut stays on one side: 3 of 8 in test would cut between the two events at 500
+    train, test = temporal_split_global(data, test_fraction=0.375)
+    assert train.timestamp.max() == 500 and test.timestamp.min() == 600 and len(train) == 6
+    assert np.all(np.diff(train.user_id) >= 0)  # (user, time) order, like the per-user split
+    with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
+        temporal_split_global(data, test_fraction=0.0)

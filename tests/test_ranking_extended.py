@@ -69,7 +69,7 @@ def test_feature_layout() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(0, 37), trees=st.integers(0, 9), depth=st.integers(0, 6))
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 53), trees=st.integers(0, 9), depth=st.integers(0, 6))
 def test_forest_kernel_matches_twin(seed, n, trees, depth) -> None:
     F = 7
     forest = random_forest(seed, F, trees, depth)

@@ -221,8 +221,22 @@ def test_evaluate_reports_baselines_validation_choices_and_a_bootstrap():
     b = report["bootstrap"]["full - ease"]
     assert b["low"] <= b["mean"] <= b["high"] and b["users"] == report["users_evaluated"]
     assert report["learned_ranker"]["trees"] > 0 and report["learned_ranker"]["windows"] == replay.DEFAULT_WINDOWS
+    assert set(report["targets"]) == {"test", "validation"}
+    assert report["targets"]["test"]["reference"] in ("ease", "als")
+    assert 0.0 <= report["choices"]["long_tail_boost"]["value"] <= replay.LONG_TAIL_MAX
     text = replay.format_table(report)
     assert "EASE" in text and "validation window" in text and "paired bootstrap" in text
+    assert "targets on test: full NDCG" in text and "long-tail boost rule: coverage >= 2.2x" in text
+    # the README's tables come from the same report
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", Path(__file__).parent.parent / "tools" /
+                                                  "readme_numbers.py")
+    numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numbers)
+    md = numbers.format_evaluate(json.loads(json.dumps(report)))
+    assert "| EASE (λ = " in md and "| **full pipeline, learned ranker** |" in md and "| ALS |" in md
+    assert "Long-tail boost rule (validation only): coverage ≥ 2.2×" in md and "Targets on test: full NDCG" in md
 
 
 def test_tune_als_chooses_on_the_validation_window():
@@ -231,3 +245,106 @@ def test_tune_als_chooses_on_the_validation_window():
     best, tried = replay.tune_als(setup, k=5, grid=grid)
     assert best in grid and set(tried) == {"4/1/1", "8/5/1"}
     assert tried[f"{best[0]}/{best[1]:g}/{best[2]:g}"] == max(tried.values())
+
+
+# -- the long-tail boost rule and the targets ------------------------------------------------------------
+
+#: MovieLens small, seed 0: the learned pipeline's cross-fitted validation NDCG and coverage by boost, and
+#: EASE's (the best single model there); 0.025 is the smallest boost at 2x EASE's coverage (2.13x).
+_TRIED = {0.0: (0.1390, 0.165), 0.01: (0.1379, 0.182), 0.02: (0.1366, 0.202), 0.025: (0.1362, 0.217),
+          0.03: (0.1352, 0.231), 0.04: (0.1312, 0.263)}
+_EASE = {"ndcg": 0.13254, "coverage": 0.102}
+
+
+def _tried(values=_TRIED):
+    return {b: {"ndcg": n, "coverage": c} for b, (n, c) in values.items()}
+
+
+def test_the_long_tail_boost_keeps_a_margin_over_the_coverage_target():
+    boost, choice = replay.choose_long_tail_boost(_tried(), _EASE)
+    # 2x alone would take 0.025 (2.13x, on the line); the margin asks for 2.2x: 0.03 (2.26x), the best NDCG there
+    assert boost == 0.03
+    assert choice["coverage_bar"] == pytest.approx(2.2 * 0.102, abs=1e-4)
+    assert choice["validation"]["0.03"]["coverage_ratio"] == pytest.approx(0.231 / 0.102, abs=1e-4)
+    assert choice["rule"].startswith("none reaches the NDCG bar")  # cross-fitted NDCG is below 1.05x here
+    assert replay.choose_long_tail_boost(_tried(), _EASE, coverage_margin=1.0)[0] == 0.025
+
+
+def test_the_long_tail_boost_prefers_the_boosts_passing_both_bars():
+    tried = _tried({0.0: (0.150, 0.20), 0.01: (0.145, 0.23), 0.02: (0.140, 0.25), 0.03: (0.138, 0.30)})
+    boost, choice = replay.choose_long_tail_boost(tried, {"ndcg": 0.13, "coverage": 0.1})
+    assert boost == 0.01 and choice["rule"] == "best NDCG among those passing both bars"
+    # NDCG bar 0.1417 rules out 0.02 and 0.03 even though their coverage passes
+    boost, _ = replay.choose_long_tail_boost(tried, {"ndcg": 0.135, "coverage": 0.1})
+    assert boost == 0.01
+    # nothing reaches the coverage bar: the largest coverage
+    boost, choice = replay.choose_long_tail_boost(tried, {"ndcg": 0.13, "coverage": 0.2})
+    assert boost == 0.03 and choice["rule"].startswith("none reaches the coverage bar")
+    # no baselines: the best NDCG
+    assert replay.choose_long_tail_boost(tried, {})[0] == 0.0
+    with pytest.raises(ValueError):
+        replay.choose_long_tail_boost({}, _EASE)
+
+
+def test_target_ratios_against_the_best_single_model():
+    def part(full, div, ease, als):
+        return {"pipelines": {"full": {"metrics": full}, "full_diversity": {"metrics": div}},
+                "baselines": {"ease": {"metrics": ease}, "als": {"metrics": als}}}
+
+    t = replay.target_ratios(part({"ndcg": 0.133, "coverage": 0.20}, {"ndcg": 0.13, "coverage": 0.2, "diversity": 0.72},
+                                  {"ndcg": 0.124, "coverage": 0.089}, {"ndcg": 0.120, "coverage": 0.113}))
+    assert t["reference"] == "ease"
+    assert t["full_ndcg_ratio"] == pytest.approx(0.133 / 0.124, abs=1e-4)
+    assert t["full_coverage_ratio"] == pytest.approx(0.20 / 0.089, abs=1e-4)
+    assert t["full_coverage_ratio_by_baseline"]["als"] == pytest.approx(0.20 / 0.113, abs=1e-4)
+    assert t["met"] == {"ndcg": True, "coverage": True, "mmr": True}
+    t = replay.target_ratios(part({"ndcg": 0.128, "coverage": 0.177}, {"ndcg": 0.12, "coverage": 0.2, "diversity": 0.69},
+                                  {"ndcg": 0.124, "coverage": 0.089}, {"ndcg": 0.125, "coverage": 0.113}))
+    assert t["reference"] == "als" and t["met"] == {"ndcg": False, "coverage": False, "mmr": False}
+    assert replay.target_ratios({"pipelines": {}, "baselines": {}}) == {}
+
+
+def test_a_global_split_asks_every_user_at_the_cut():
+    data = synthetic_interactions()
+    setup = replay.prepare(data, factors=8, als_iterations=5, split="global")
+    assert setup.settings["split"] == "global"
+    cut = int(setup.train.timestamp.max())
+    assert setup.test_positive.timestamp.min() > cut
+    assert (replay.request_clocks(setup, setup.eval_users) == cut * 1000 + 1000).all()
+    val = replay.prepare_validation(setup)
+    assert val.settings["split"] == "global" and val.test_positive.timestamp.min() > int(val.train.timestamp.max())
+    with pytest.raises(ValueError, match="split must be"):
+        replay.prepare(data, split="random")
+
+
+def test_the_boost_grows_past_the_grid_until_coverage_reaches_the_bar():
+    pytest.importorskip("lightgbm")
+    setup = replay.prepare(synthetic_interactions(n_users=60), factors=8, als_iterations=5)
+    full = [p for p in replay.PIPELINES if p.name == "full"]
+    # a bar no boost can reach: the grid, then doubled boosts up to LONG_TAIL_MAX, then the largest coverage
+    report = replay.evaluate(setup, full, k=5, progress=False, bootstrap=50, coverage_margin=100.0)
+    choice = report["choices"]["long_tail_boost"]
+    assert set(choice["validation"]) == {str(b) for b in replay.LONG_TAIL_GRID} | {"0.1", "0.2", "0.4"}
+    assert choice["rule"].startswith("none reaches the coverage bar")
+    best = max(choice["validation"].values(), key=lambda v: v["coverage"])["coverage"]
+    assert choice["validation"][str(choice["value"])]["coverage"] == best
+
+
+def test_the_boost_search_doubles_then_bisects_towards_the_bar():
+    calls = []
+
+    def at_boost(b):  # coverage grows with the boost: 0.1 + 2 b
+        calls.append(b)
+        return {"ndcg": 0.2 - b, "coverage": 0.1 + 2 * b}
+
+    tried = replay.search_long_tail_boosts(at_boost, bar=0.25, grid=(0.0, 0.02, 0.05))
+    # 0.05 -> 0.2 coverage (short); doubled 0.1 -> 0.3 (past); bisected 0.075 (past), 0.0625 (short)
+    assert calls == [0.0, 0.02, 0.05, 0.1, 0.075, 0.0625]
+    assert replay.choose_long_tail_boost(tried, {"ndcg": 0.1, "coverage": 0.125}, coverage_margin=1.0)[0] == 0.075
+    # a grid boost reaching the bar: nothing more is tried
+    calls.clear()
+    assert list(replay.search_long_tail_boosts(at_boost, bar=0.12, grid=(0.0, 0.02, 0.05))) == [0.0, 0.02, 0.05]
+    # out of reach: doubled up to the maximum, no bisection
+    calls.clear()
+    tried = replay.search_long_tail_boosts(at_boost, bar=5.0, grid=(0.0, 0.05), maximum=0.4)
+    assert calls == [0.0, 0.05, 0.1, 0.2, 0.4]

@@ -120,14 +120,18 @@ cdef extern from *:
     /* out[i] = bias + sum over trees (in order) of the leaf row i reaches.
        Every tree is complete, of depth `depth`: node k's children are 2k+1
        (x <= threshold) and 2k+2 (x > threshold), leaves follow the
-       2^depth - 1 inner nodes. The walk is branch-free, and eight rows walk
-       each tree together so that their dependent loads overlap. */
-    #define RECSVC_WALK_ROWS 8
-    RECSVC_CLONES
-    static void recsvc_forest_rows(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
-                                   const int *restrict feature, const float *restrict threshold,
-                                   const float *restrict leaf, ptrdiff_t n_trees, int depth,
-                                   float bias, float *restrict out)
+       2^depth - 1 inner nodes. The walk is branch-free. Sixteen rows walk
+       each tree together so that their dependent loads overlap (more rows
+       spill the walk's state out of the registers), the root, which every
+       row tests, is read once per tree instead of once per row, and the
+       usual depths get their own copy of the walk with the depth a constant
+       (the level loop unrolled). */
+    #define RECSVC_WALK_ROWS 16
+    static inline __attribute__((always_inline)) void
+    recsvc_forest_walk(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
+                       const int *restrict feature, const float *restrict threshold,
+                       const float *restrict leaf, ptrdiff_t n_trees, const int depth,
+                       float bias, float *restrict out)
     {
         const ptrdiff_t inner = ((ptrdiff_t)1 << depth) - 1, stride_leaf = inner + 1;
         ptrdiff_t i = 0, t, r;
@@ -141,8 +145,17 @@ cdef extern from *:
                 const int *f = feature + t * inner;
                 const float *h = threshold + t * inner;
                 const float *l = leaf + t * stride_leaf - inner;
-                ptrdiff_t k[RECSVC_WALK_ROWS] = {0};
-                for (d = 0; d < depth; d++)
+                ptrdiff_t k[RECSVC_WALK_ROWS];
+                if (depth > 0) {
+                    const int f0 = f[0];
+                    const float h0 = h[0];
+                    for (r = 0; r < RECSVC_WALK_ROWS; r++)
+                        k[r] = 1 + (x[r * F + f0] > h0);
+                } else {
+                    for (r = 0; r < RECSVC_WALK_ROWS; r++)
+                        k[r] = 0;
+                }
+                for (d = 1; d < depth; d++)
                     for (r = 0; r < RECSVC_WALK_ROWS; r++)
                         k[r] = 2 * k[r] + 1 + (x[r * F + f[k[r]]] > h[k[r]]);
                 for (r = 0; r < RECSVC_WALK_ROWS; r++)
@@ -163,6 +176,22 @@ cdef extern from *:
                 a += leaf[t * stride_leaf + k - inner];
             }
             out[i] = a;
+        }
+    }
+
+    RECSVC_CLONES
+    static void recsvc_forest_rows(const float *restrict X, ptrdiff_t n, ptrdiff_t F,
+                                   const int *restrict feature, const float *restrict threshold,
+                                   const float *restrict leaf, ptrdiff_t n_trees, int depth,
+                                   float bias, float *restrict out)
+    {
+        switch (depth) {
+    #define RECSVC_WALK_DEPTH(D) \
+        case D: recsvc_forest_walk(X, n, F, feature, threshold, leaf, n_trees, D, bias, out); break;
+        RECSVC_WALK_DEPTH(3) RECSVC_WALK_DEPTH(4) RECSVC_WALK_DEPTH(5) RECSVC_WALK_DEPTH(6)
+        RECSVC_WALK_DEPTH(7) RECSVC_WALK_DEPTH(8)
+    #undef RECSVC_WALK_DEPTH
+        default: recsvc_forest_walk(X, n, F, feature, threshold, leaf, n_trees, depth, bias, out);
         }
     }
 

@@ -60,6 +60,7 @@ __all__ = [
     "load_interactions",
     "load_movielens",
     "temporal_split_per_user",
+    "temporal_split_global",
     "load_obd",
     "validate_on_obd",
     "format_obd_report",
@@ -333,6 +334,25 @@ def temporal_split_per_user(
     n_test = np.where(counts >= 2, np.clip(n_test, 1, counts - 1), 0)
     rank = np.arange(users.shape[0]) - np.repeat(starts, counts)  # position within the user's history
     is_test = rank >= np.repeat(counts - n_test, counts)
+    return interactions.take(order[~is_test]), interactions.take(order[is_test])
+
+
+def temporal_split_global(interactions: Interactions, *, test_fraction: float) -> tuple[Interactions, Interactions]:
+    """Split everyone's events at one moment: the latest ``test_fraction`` of all events (by time) go to
+    test, the rest to train. Every event at the cut time goes to the same side (train when the cut falls
+    inside a tie), so no second is split. Users may be in test only (new after the cut) or train only.
+    Returns ``(train, test)``, each in (user, time) order, like :func:`temporal_split_per_user`.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.lexsort((interactions.timestamp, interactions.user_id))
+    ts = interactions.timestamp[order]
+    n = ts.shape[0]
+    n_train = n - int(np.floor(test_fraction * n))
+    if n == 0 or n_train >= n:
+        return interactions.take(order), interactions.take(order[:0])
+    cut = np.sort(ts, kind="stable")[n_train - 1] if n_train > 0 else ts.min() - 1
+    is_test = ts > cut
     return interactions.take(order[~is_test]), interactions.take(order[is_test])
 
 
