@@ -16,8 +16,9 @@ coherent user vectors and the same warm state as ``bench_engine.py`` (n = 20):
   loop that fills the slate under the category quota (and, when the candidates hold too few categories,
   fills up with the best of the rest).
 
-The variants are called round-robin in ONE loop (the order rotates every round, each round serves the same
-user to all four), so host noise hits them alike; each call is timed on its own, after a 1 ms pause
+The variants are called round-robin in ONE loop (the order rotates every round; within a round each variant
+serves its own user, 16 apart, so no call finds the graph region it walks warmed by another variant's walk for
+the same vector), so host noise hits them alike; each call is timed on its own, after a 1 ms pause
 (``PAUSE_S``, see there). Every variant's pytest-benchmark entry then replays exactly its recorded samples
 (a virtual clock, ``ReplayClock``), so its median, min and quartiles are those of the interleaved run.
 Each call's thread CPU time (``time.thread_time_ns``) is recorded beside its wall time: it leaves out the
@@ -50,6 +51,7 @@ TARGET = 2.0  # issue 16: Engine.recommend <= 2x the bare query
 # (7.2 ms against 3.2 ms, the bare query unchanged at 0.43 ms). After a short sleep each call starts on a fresh
 # time slice.
 PAUSE_S = float(os.environ.get("RECSVC_FLOOR_PAUSE_MS", "1")) / 1e3
+USER_STRIDE = 16  # within a round, variant i serves user r + 16 i (of 64)
 VARIANTS = ("hnswlib_knn_query", "recommend_thompson", "recommend_greedy", "textbook_pipeline")
 RECOMMEND = ("recommend_thompson", "recommend_greedy")
 # the textbook pipeline's settings
@@ -191,7 +193,7 @@ def floor(request, tmp_path_factory):
     assert index.ef == ef
     textbook = Textbook(thompson)
 
-    def query_for(r):
+    def query_for(r):  # r: a user number (any int)
         return f"u{r % 300}", users[r % len(users)]
 
     timings = {v: [] for v in RECOMMEND}
@@ -222,8 +224,11 @@ def floor(request, tmp_path_factory):
         for v in VARIANTS[shift:] + VARIANTS[:shift]:
             if PAUSE_S:
                 time.sleep(PAUSE_S)
+            # each variant its own user in a round (16 apart): no call finds the graph region it walks warmed
+            # by another variant's walk for the same vector; over 64 rounds each variant serves every user
+            u = r + USER_STRIDE * VARIANTS.index(v)
             c, t = cpu_clock(), clock()
-            ok = call(v, r)
+            ok = call(v, u)
             t, c = clock() - t, cpu_clock() - c
             samples[v].append(t / 1e9)
             cpu[v].append(c / 1e9)
