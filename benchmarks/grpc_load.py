@@ -39,25 +39,21 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-CONFIG = """
+_SERVER = """
 [server]
 port = 0
 max_workers = 8
 [catalog.demo]
 n_items = {items}
-[state]
+"""
+#: the workers share a Redis
+CONFIG = _SERVER + """[state]
 backend = "redis"
 redis_url = "{url}"
 redis_prefix = "load-{tag}"
 """
-
-CONFIG_SINGLE = """
-[server]
-port = 0
-max_workers = 8
-[catalog.demo]
-n_items = {items}
-[state]
+#: one process, the default embedded state
+CONFIG_SINGLE = _SERVER + """[state]
 dir = "{state_dir}"
 """
 
