@@ -408,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.1, help="soft top-k temperature of the target")
     s.add_argument("--validate", action="store_true",
                    help="with --state-dir: estimate the random-exposure slice's click rate (exploration.random_share) "
-                        "from the main policy's log, and the main policy's from the slice's (\"reverse\"), and report "
-                        "whether the intervals cover the observed values")
+                        "from the main policy's log, and the main policy's from the slice's (\"reverse\": exact, with "
+                        "the main policy's propensities logged on the slice's slates; by item on a log older than "
+                        "that, marked \"exact\": false), and report whether the intervals cover the observed values")
     s.set_defaults(fn=cmd_ope)
     return p
 

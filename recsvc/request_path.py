@@ -105,6 +105,16 @@ class RequestPath:
             rng = self._local.prop_rng = np.random.default_rng(child)
         return rng
 
+    def _target_rng(self) -> np.random.Generator:
+        """A third per-thread generator, for the main policy's propensities on random-slice requests: they
+        move neither the serving stream nor the slice's own draws (created on a thread's first slice request)."""
+        rng = getattr(self._local, "target_rng", None)
+        if rng is None:
+            with self._seed_lock:
+                child = self._seed_seq.spawn(1)[0]
+            rng = self._local.target_rng = np.random.default_rng(child)
+        return rng
+
     def policy(self, cfg: Config) -> Any:
         from recsvc.exploration import make_policy
 
@@ -212,6 +222,7 @@ class RequestPath:
         alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
         policy = self.policy(cfg)
         rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
+        main_rules, target_prop = rules, None  # outside the slice: what the request would have been served with
         if random_slice:
             # uniformly at random from the eligible candidates: random scores, and below only the hard
             # rules (filters, maturity, pinned and sponsored slots); a generator of its own
@@ -245,6 +256,10 @@ class RequestPath:
             final_prop = np.zeros(len(cands))
             pool_size = int(plan.keep.sum())
             final_prop[plan.keep] = min(1.0, plan.need / pool_size) if pool_size else 1.0
+            if min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3:
+                main_rules = main_rules.model_copy(update={"mmr_lambda": 0.0})  # as the main path would have
+            target_prop = self._main_policy_propensities(policy, scores, alpha, beta, pulls, total_pulls, k_explore,
+                                                         cands, n, main_rules, flt, now, cfg)
         elif policy.deterministic or len(cands) == 0:
             final_prop = None
         else:
@@ -267,7 +282,7 @@ class RequestPath:
         # -- response and the served-slate record
         pool_of_row = order  # pool index -> candidate index
         items: list[SlateItem] = []
-        rows_out, props_out = [], []
+        rows_out, props_out, target_out = [], [], []
         floor = cfg.exploration.min_propensity
         cat = self.catalog
         for pos in range(slate.rows.size):
@@ -302,6 +317,9 @@ class RequestPath:
             items.append(item)
             rows_out.append(row)
             props_out.append(item.propensity)
+            if random_slice:  # the main policy places pinned and sponsored items by the same rules
+                reserved_slot = slate.sponsored[pos] or slate.pinned[pos] or ci < 0
+                target_out.append(1.0 if reserved_slot else min(float(target_prop[ci]), 1.0))
         feat, feat_names = b"", []
         if features is not None and slate.rows.size:
             idx = np.array([pool_of_row[p] if p >= 0 else -1 for p in slate.pool_index], np.int64)
@@ -310,7 +328,7 @@ class RequestPath:
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
                              now, feat, feat_names, random_slice=random_slice,
-                             random_p=self._random_p(cands.rows, slate, rules, flt))
+                             random_p=self._random_p(cands.rows, slate, rules, flt), target_propensities=target_out)
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -420,6 +438,36 @@ class RequestPath:
             sources=cands.sources,
             extended=self._extended_inputs(cands, history, cfg) if extended else None,
         )
+
+    def _main_policy_propensities(self, policy, scores, alpha, beta, pulls, total_pulls: float, k: int,
+                                  cands: Candidates, n: int, rules, flt: RowFilter, now_ms: int,
+                                  cfg: Config) -> np.ndarray:
+        """float64[n_candidates]: P(candidate i is an organic item of the slate the MAIN policy would serve for
+        this request) — the variant's exploration and re-ranking rules, on the same candidates and scores — for
+        a random-slice request, whose log then prices the main policy exactly (``recsvc ope --validate``).
+
+        One round of the main policy is drawn and re-ranked as the main path would (:meth:`_target_rng`, so
+        nothing served changes), then :func:`~recsvc.slate_propensity.slate_propensities` takes it as its
+        "served" round: ``(hits_i + [i in that round]) / (D + 1)`` averages D + 1 independent rounds, unbiased
+        for the main policy's inclusion probability (0 possible); deterministic policies give 1 for the items of
+        the slate they would serve and 0 for the rest."""
+        from recsvc.exploration import ThompsonPolicy
+        from recsvc.slate_propensity import slate_propensities
+
+        rng = self._target_rng()
+        s = scores.astype(np.float32)
+        explored = policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False)
+        order = np.argsort(-explored.scores, kind="stable")
+        slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now_ms, cfg)
+        reserved = slate.sponsored | slate.pinned
+        organic_ci = order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+        if policy.deterministic:
+            prop = np.zeros(len(cands))
+            prop[organic_ci] = 1.0
+            return prop
+        plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
+        draws = policy.n_propensity_draws if isinstance(policy, ThompsonPolicy) else cfg.exploration.propensity_draws
+        return slate_propensities(policy, s, alpha, beta, pulls, total_pulls, k, rng, explored, plan, organic_ci, draws)
 
     def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
         """What the random slice would give each eligible item of this request: need / eligible pool

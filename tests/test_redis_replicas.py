@@ -222,3 +222,24 @@ def test_feedback_on_a_slate_still_queued_here_is_accepted(replicas, redis_serve
     redis_server.client().client_pause(600, all=False)
     res = a.feedback([FeedbackEventIn("q-click", "q", rec.items[0].item_id, "click", request_id=rec.request_id)])
     assert (res.accepted, res.rejected) == (1, [])
+
+
+def test_a_slice_slate_reaches_the_other_replica_with_the_main_policys_propensities(cfg, clock):
+    """The random slice's slates carry the main policy's propensities through the shared log (the records
+    codec): the other replica reads them back as served."""
+    cfg = cfg.with_overrides({"exploration": {"random_share": 1.0}})
+    a, b = (Engine.from_config(cfg, clock=clock) for _ in range(2))
+    try:
+        published = []
+        publish = a.journal.publish_served
+        a.journal.publish_served = lambda slate: (published.append(slate), publish(slate))[1]
+        rec = a.recommend(RecommendQuery(user_id="slice", n=5))
+        assert rec.random_slice
+        (sent,) = published
+        assert len(sent.target_propensities) == 5
+        a.journal.flush_served()
+        got = b.journal.fetch_served({rec.request_id})[rec.request_id]
+        assert got.target_propensities == sent.target_propensities and got.random_slice
+    finally:
+        a.close(snapshot=False)
+        b.close(snapshot=False)

@@ -35,6 +35,8 @@ def slate(rng: np.random.Generator, k: int = 10, f: int = 19, rid: str | None = 
              features=X.tobytes() if f else b"", feature_names=[f"f{j}" for j in range(f)],
              diversity=float(rng.uniform()), novelty=None, random_slice=bool(rng.integers(2)),
              random_p=float(rng.uniform()) if rng.integers(2) else None)
+    if d["random_slice"]:  # the main policy's propensities, 0 allowed, on the slice's slates only
+        d["target_propensities"] = (rng.integers(0, 3, k) * rng.integers(1, 129, k) / 258).tolist()
     d.update(kw)
     return ServedSlate(**d)
 
@@ -49,7 +51,7 @@ def quantised(s: ServedSlate) -> ServedSlate:
             feats = block.astype(np.float16).astype(np.float32).tobytes()
     return ServedSlate(s.request_id, s.user_id, s.variant, list(s.arms), list(s.rows), list(s.propensities),
                        s.served_at_ms, feats, list(s.feature_names), s.diversity, s.novelty, dict(s.outcome),
-                       dict(s.counted), s.random_slice, s.random_p)
+                       dict(s.counted), s.random_slice, s.random_p, list(s.target_propensities))
 
 
 # -- the feature codec ---------------------------------------------------------------------------------
@@ -164,6 +166,29 @@ def test_propensities_are_exact():
     s = slate(np.random.default_rng(2), propensities=[44 / 129, 0.1, 1 / 3, 1.0, 1e-300, 0.5, 0.7, 0.9, 0.2, 0.3])
     ring.append(s)
     assert ring.get(s.request_id).propensities == s.propensities
+
+
+def test_target_propensities_read_back_exactly_and_only_where_logged():
+    """The random slice's per-item main-policy propensities (a sparse column: only slates that carry them pay)
+    read back bit for bit, through the ring, the log's codec and a cut; a slate without them reads back []."""
+    from recsvc.state.records import decode, encode
+
+    rng = np.random.default_rng(3)
+    ring = ServedRing(10, block_size=64)
+    with_tp = slate(rng, k=5, random_slice=True, target_propensities=[0.0, 44 / 129, 1.0, 1e-300, 0.5])
+    without = slate(rng, k=5, random_slice=False, target_propensities=[])
+    for s in (without, with_tp, without, with_tp):  # (the same ids again: replaced)
+        ring.append(s)
+    assert ring.get(with_tp.request_id).target_propensities == with_tp.target_propensities
+    assert ring.get(without.request_id).target_propensities == []
+    assert [s.target_propensities for s in ring.cut()] == [[], with_tp.target_propensities]
+    assert decode(encode(with_tp)).target_propensities == with_tp.target_propensities
+    assert "tp" not in encode(without)
+    old = encode(with_tp)
+    del old["tp"]  # a record written before the field existed
+    assert decode(old).target_propensities == []
+    with pytest.raises(ValueError, match="2 target propensities for 5 items"):
+        ring.append(slate(rng, k=5, target_propensities=[0.5, 0.5]))
 
 
 def test_outcomes_apply_to_every_position_of_a_row():
@@ -304,6 +329,35 @@ def test_a_snapshot_written_by_the_object_log_loads(tmp_path, cfg):
     back = ReadModel(cfg, 1000)
     back.read_snapshot(out)
     assert [encode_served(s, True) for s in back.served_slates()] == again
+
+
+def test_a_snapshot_without_target_propensities_loads(tmp_path, cfg):
+    """online.json written before the random slice logged the main policy's propensities (no ``tp``): loads,
+    the slice's slates with none; one written now keeps them across a write and a read."""
+    from recsvc.state.online import ReadModel
+
+    rng = np.random.default_rng(6)
+    slates = [slate(rng, random_slice=bool(i % 2)) for i in range(20)]
+    np.savez(tmp_path / "online.npz", popularity_acc=np.zeros(10), successes=np.zeros(10), failures=np.zeros(10),
+             item_events=np.zeros(10), top_popular=np.zeros(0, np.int32))
+    served = [encode_served(s, with_outcome=True) for s in slates]
+    assert sum("tp" in d for d in served) == 10
+    old = [{k: v for k, v in d.items() if k != "tp"} for d in served]
+    doc = {"pop_t0_ms": 0.0, "total_impressions": 0.0, "applied_lsn": 7, "cooc": {}, "histories": {},
+           "served": old, "seen_events": []}
+    (tmp_path / "online.json").write_text(json.dumps(doc))
+    rm = ReadModel(cfg, 1000)
+    rm.read_snapshot(tmp_path)
+    assert [s.target_propensities for s in rm.served_slates()] == [[]] * 20
+    doc["served"] = served
+    (tmp_path / "online.json").write_text(json.dumps(doc))
+    rm.read_snapshot(tmp_path)
+    out = tmp_path / "again"
+    out.mkdir()
+    rm.write_snapshot(out)
+    back = ReadModel(cfg, 1000)
+    back.read_snapshot(out)
+    assert [s.target_propensities for s in back.served_slates()] == [s.target_propensities for s in slates]
 
 
 def test_a_snapshot_with_an_impossible_outcome_is_refused(tmp_path, cfg):

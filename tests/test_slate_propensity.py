@@ -258,3 +258,91 @@ def test_inclusion_kernel_matches_its_twin_under_quotas(p, n_random, n_cat, quot
     native = slate_inclusion_counts(*args)
     np.testing.assert_array_equal(native, slate_inclusion_counts(*args, use_native=False))
     assert native.sum() == 25 * min(need, p)
+
+
+def _slice_and_main(tmp_path, policy: str, **rules):
+    """One request path on a frozen state, and the same request's config with the random slice on (every
+    request) and off."""
+    cfg = small_config(tmp_path, exploration={"policy": policy, "epsilon": 0.3, "propensity_draws": DRAWS,
+                                              "top_m": 20},
+                       retrieval={"n_candidates": 80}, reranking=rules,
+                       budgets={"total_ms": 1e6, "candidates_ms": 1e6, "ranking_ms": 1e6, "reranking_ms": 1e6})
+    eng = Engine.from_config(cfg, clock=lambda: 1_795_910_400_000)
+    return eng, cfg.with_overrides({"exploration": {"random_share": 1.0}}), cfg
+
+
+@pytest.mark.parametrize("policy", ["greedy", "ucb1"])
+def test_slice_slates_log_the_deterministic_main_policys_slate(tmp_path, policy):
+    """A deterministic main policy: the slice logs 1 for the items of the slate it would serve, 0 for the rest;
+    a request outside the slice logs no target propensities."""
+    eng, slice_cfg, main_cfg = _slice_and_main(tmp_path, policy, pinned={"item-0007": 0})
+    try:
+        q = RecommendQuery(user_id="u1", n=10)
+        rec, served = eng.requests.recommend(q, main_cfg, "", [], 1_795_910_400_000)
+        assert not rec.random_slice and served.target_propensities == []
+        main_items = {it.item_id for it in rec.items}
+        seen_out = False
+        for _ in range(30):
+            rec, served = eng.requests.recommend(q, slice_cfg, "", [], 1_795_910_400_000)
+            assert rec.random_slice and len(served.target_propensities) == len(rec.items) == 10
+            assert rec.items[0].item_id == "item-0007" and served.target_propensities[0] == 1.0  # pinned
+            for it, t in zip(rec.items, served.target_propensities):
+                assert t == (1.0 if it.item_id in main_items else 0.0), (it.item_id, t)
+                seen_out |= t == 0.0
+        assert seen_out
+    finally:
+        eng.close(snapshot=False)
+
+
+@pytest.mark.parametrize("policy,rules", [("thompson", {"max_per_category": 1}),
+                                          ("epsilon_greedy", {"mmr_lambda": 0.3})])
+def test_slice_slates_log_the_main_policys_inclusion_probability(tmp_path, policy, rules):
+    """A stochastic main policy under re-ranking rules: on a frozen state, the main policy's empirical inclusion
+    frequency of every item matches the mean target propensity the slice logged for it within Monte-Carlo
+    error."""
+    eng, slice_cfg, main_cfg = _slice_and_main(tmp_path, policy, **rules)
+    try:
+        q = RecommendQuery(user_id="u1", n=10)
+        n_main, n_slice = 600, 300
+        freq: dict[str, int] = {}
+        for _ in range(n_main):
+            rec, _ = eng.requests.recommend(q, main_cfg, "", [], 1_795_910_400_000)
+            for it in rec.items:
+                freq[it.item_id] = freq.get(it.item_id, 0) + 1
+        logged: dict[str, list[float]] = {}
+        for _ in range(n_slice):
+            rec, served = eng.requests.recommend(q, slice_cfg, "", [], 1_795_910_400_000)
+            for it, t in zip(rec.items, served.target_propensities):
+                logged.setdefault(it.item_id, []).append(t)
+        checked = 0
+        for item, ts in logged.items():
+            f = freq.get(item, 0) / n_main
+            t = float(np.mean(ts))
+            # both sides are Monte-Carlo estimates: the main frequency over n_main, the logged value over
+            # len(ts) requests of DRAWS + 1 rounds each
+            se = np.sqrt(f * (1 - f) / n_main + t * (1 - t) / (len(ts) * (DRAWS + 1))) + 1e-3
+            assert abs(f - t) <= 4.5 * se, (item, f, t, len(ts))
+            checked += f > 0
+        assert checked >= 5 and any(f == 0 for f in (freq.get(i, 0) for i in logged))
+    finally:
+        eng.close(snapshot=False)
+
+
+def test_computing_the_main_policys_propensities_changes_no_served_slate(tmp_path, monkeypatch):
+    """The main policy's propensities on slice requests draw from a generator of their own: two engines with the
+    same seed serve the same slice and main slates whether or not the computation runs."""
+    from recsvc.request_path import RequestPath
+
+    def serve(tag: str) -> list[list[str]]:
+        eng, slice_cfg, main_cfg = _slice_and_main(tmp_path / tag, "thompson", max_per_category=1)
+        try:
+            q = RecommendQuery(user_id="u1", n=10)
+            return [[it.item_id for it in eng.requests.recommend(q, c, "", [], 1_795_910_400_000)[0].items]
+                    for _ in range(20) for c in (slice_cfg, main_cfg)]
+        finally:
+            eng.close(snapshot=False)
+
+    with_target = serve("a")
+    monkeypatch.setattr(RequestPath, "_main_policy_propensities",
+                        lambda self, policy, scores, *a, **k: np.zeros(scores.shape[0]))
+    assert serve("b") == with_target

@@ -93,9 +93,12 @@ def validate_random_slice(state_dir: str | Path, confidence: float = 0.95) -> di
     served that item in that request (need / eligible pool, logged with every slate), p its logged
     propensity. SNIPS, ``sum w r / sum w``, estimates the slice's click rate per impression; IPS divides
     by the number of main-policy impressions instead. The report says whether each interval covers the
-    slice's observed rate. The reverse direction (the main policy's rate from the slice's log) needs the
-    main policy's propensities for the slice's slates, which are not logged; :func:`main_ctr_from_slice`
-    estimates it by items instead (``reverse``).
+    slice's observed rate.
+
+    ``reverse``: the main policy's click rate per impression from the slice's log. Exact
+    (:func:`main_ctr_from_slice_exact`) on the slice slates that carry the main policy's propensities
+    (``ServedSlate.target_propensities``); a log written before they were logged falls back to the
+    item-level approximation :func:`main_ctr_from_slice`, and says so (``exact`` false, a warning).
     """
     log, imp = service_bandit_log(state_dir)
     if imp.random_slice is None or not imp.random_slice.any():
@@ -129,18 +132,120 @@ def validate_random_slice(state_dir: str | Path, confidence: float = 0.95) -> di
         "diagnostics": {"ess": d.ess, "ess_share": d.ess_share, "largest_weights": list(d.largest_weights),
                         "mean_weight": d.mean_weight},
         "warnings": warnings,
-        "reverse": main_ctr_from_slice(imp.rows, imp.clicked, imp.slate, imp.random_slice, imp.random_p,
-                                       confidence=confidence),
+        "reverse": _reverse(imp, confidence),
+    }
+
+
+def _reverse(imp: ServedImpressions, confidence: float) -> dict[str, Any]:
+    """The exact reverse estimate where the slice's slates carry the main policy's propensities, else (a log
+    written before they were logged) the item-level approximation."""
+    in_slice = np.asarray(imp.random_slice, bool)
+    target = imp.target_p if imp.target_p is not None else np.full(len(imp), np.nan)
+    logged = in_slice & np.isfinite(target)
+    if not logged.any():
+        out = main_ctr_from_slice(imp.rows, imp.clicked, imp.slate, imp.random_slice, imp.random_p,
+                                  confidence=confidence)
+        out["exact"] = False
+        out["warnings"].insert(0, "this log's random-slice slates carry no main-policy propensities (served before "
+                                  "they were logged): the item-level approximation below, not the exact estimate")
+        return out
+    out = main_ctr_from_slice_exact(imp.clicked[~in_slice], imp.clicked[logged], imp.slate[logged],
+                                    target[logged], imp.propensity[logged], confidence=confidence)
+    unpriced = int(in_slice.sum() - logged.sum())
+    if unpriced:
+        out["warnings"].append(f"{unpriced} slice impressions were logged without the main policy's propensities "
+                               "(served before they were logged) and are left out")
+    return out
+
+
+def main_ctr_from_slice_exact(main_clicked: np.ndarray, clicked: np.ndarray, slate: np.ndarray,
+                              target_p: np.ndarray, slice_p: np.ndarray, *, confidence: float = 0.95,
+                              n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The reverse validation, exact: the main policy's click rate per impression from the random slice's log.
+
+    Each slice impression i carries ``slice_p`` (the slice's exact propensity, need / eligible pool; 1 for
+    pinned and sponsored slots) and ``target_p`` (the probability that the main policy — the variant's
+    exploration and re-ranking — would have served the same item in the same request, logged by the request
+    path; 0 allowed). With ``w = target_p / slice_p`` and ``r`` the click:
+
+    * ``sum w r`` over a slice request estimates, without bias, the clicks the main policy would have got on
+      that request (every item the main policy can serve is in the slice's pool, so nothing is out of reach);
+      ``sum w`` the impressions it would have got;
+    * **SNIPS** (the reported ``main_ctr_from_slice``) = ``sum w r / sum w``: the main policy's clicks per
+      impression; **IPS** = ``sum w r / (slice impressions)``: its clicks per request divided by its impressions
+      per request, taken to be the slice's (the same slate size, and impressions that depend on the position
+      only). The mean weight estimates that ratio of impressions and should be about 1.
+
+    Both are compared with the main policy's observed click rate (``main_clicked``), with percentile bootstrap
+    intervals clustered by slate (a request's items are resampled together). A click is credited to its item
+    wherever the slice placed it, so a position effect that the main policy exploits (its best items on top)
+    is what the estimate cannot see.
+    """
+    main_clicked = np.asarray(main_clicked, np.float64)
+    r, slate = np.asarray(clicked, np.float64), np.asarray(slate, np.int64)
+    t, q = np.asarray(target_p, np.float64), np.asarray(slice_p, np.float64)
+    if main_clicked.size == 0 or r.size == 0:
+        raise ValueError("need impressions of both the main policy and the random slice")
+    if not (r.shape == slate.shape == t.shape == q.shape):
+        raise ValueError(f"clicked, slate, target_p and slice_p must have one length, got "
+                         f"{r.shape}, {slate.shape}, {t.shape}, {q.shape}")
+    if not np.all(np.isfinite(q) & (q > 0) & (q <= 1)) or not np.all(np.isfinite(t) & (t >= 0) & (t <= 1)):
+        raise ValueError("slice_p must be in (0, 1] and target_p in [0, 1] for every slice impression")
+    observed = on_policy_estimate(main_clicked, confidence=confidence)
+    w = t / q
+    _, cluster = np.unique(slate, return_inverse=True)
+    n_slates = int(cluster.max()) + 1
+    per_slate = np.stack([np.bincount(cluster, weights=w * r, minlength=n_slates),
+                          np.bincount(cluster, weights=w, minlength=n_slates),
+                          np.bincount(cluster, minlength=n_slates).astype(np.float64)])  # [3, S]
+    rng = np.random.default_rng(seed)
+    # [B, 3]: the sums of w r, w and impressions over B resamples of the slates
+    boot = rng.multinomial(n_slates, np.full(n_slates, 1.0 / n_slates), size=n_bootstrap) @ per_slate.T
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+
+    def interval(value: float, draws: np.ndarray) -> dict[str, Any]:
+        draws = draws[np.isfinite(draws)]
+        lo, hi = np.quantile(draws, tails) if draws.size else (float("nan"), float("nan"))
+        return {"value": value, "stderr": float(draws.std(ddof=1)) if draws.size > 1 else float("nan"),
+                "ci_low": float(lo), "ci_high": float(hi), "n": int(r.size),
+                "covers_observed": bool(lo <= observed.value <= hi),
+                "intervals_overlap": bool(lo <= observed.ci_high and observed.ci_low <= hi)}
+
+    num, den, cnt = per_slate.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snips_est = interval(float(num / den) if den > 0 else float("nan"), boot[:, 0] / boot[:, 1])
+    ips_est = interval(float(num / cnt), boot[:, 0] / boot[:, 2])
+    d = weight_diagnostics(w)
+    warnings = list(d.warnings)
+    if not den > 0:
+        warnings.append("the main policy would have served none of the items the slice served: no estimate")
+    elif not 0.8 <= d.mean_weight <= 1.25:
+        warnings.append(f"mean weight {d.mean_weight:.3f} (about 1 expected): the main policy's slates would "
+                        "get another number of impressions than the slice's, and IPS is off by that ratio; "
+                        "SNIPS normalises it away")
+    return {
+        "main_ctr_observed": _est(observed),
+        "main_ctr_from_slice": snips_est,
+        "ips": ips_est,
+        "exact": True,
+        "slice_slates": n_slates,
+        "diagnostics": {"mean_weight": d.mean_weight, "ess": d.ess, "ess_share": d.ess_share,
+                        "largest_weights": list(d.largest_weights), "zero_weight_share": float((w == 0).mean())},
+        "method": "exact: each slice impression weighted by the main policy's probability of serving its item in "
+                  "that request over the slice's exact propensity; SNIPS = sum w r / sum w (clicks per "
+                  "impression), IPS = sum w r / slice impressions; percentile bootstrap over slates",
+        "warnings": warnings,
     }
 
 
 def main_ctr_from_slice(rows: np.ndarray, clicked: np.ndarray, slate: np.ndarray, in_slice: np.ndarray,
                         random_p: np.ndarray, *, confidence: float = 0.95, n_bootstrap: int = 400,
                         seed: int = 0) -> dict[str, Any]:
-    """The reverse validation: the main policy's click rate per impression estimated from the random slice.
+    """The reverse validation by item: the fallback for logs whose slice slates carry no main-policy
+    propensities (served before the request path logged them; :func:`main_ctr_from_slice_exact` otherwise).
 
-    The main policy's probability of serving an item in a *slice* request is not logged (the request path
-    computes it only for what it serves), so the estimate reweights **by item**: each main-policy
+    Without the main policy's probability of serving an item in a *slice* request, the estimate reweights
+    **by item**: each main-policy
     impression (the main policy's target distribution over the items it served, as it served them)
     gets the slice's click rate of its item, ``c(a) = sum r / q / sum 1 / q`` over the slice's impressions
     of a with the slice's exact propensities q (= need / eligible pool of the request; each request whose

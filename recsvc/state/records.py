@@ -158,6 +158,10 @@ class ServedSlate:
     random_slice: bool = False
     #: what the random slice gives each eligible item of this request: need / eligible pool (OPE validation)
     random_p: float | None = None
+    #: random-slice slates only, per served item: the probability that the main policy (the variant's
+    #: exploration and re-ranking, what the request would have got outside the slice) serves it in this
+    #: request (0 allowed); empty otherwise. The exact reverse direction of ``recsvc ope --validate``.
+    target_propensities: list[float] = field(default_factory=list)
 
     def feature_block(self) -> np.ndarray | None:
         """The logged features as float32 [k, F], or None when the slate was not ranked."""
@@ -205,6 +209,8 @@ def encode_served(s: ServedSlate, with_outcome: bool) -> dict[str, Any]:
         d["rs"] = True
     if s.random_p is not None:
         d["rp"] = s.random_p
+    if s.target_propensities:
+        d["tp"] = s.target_propensities
     if with_outcome:
         d["o"] = {str(k): int(v) for k, v in s.outcome.items()}
         d["c"] = {str(k): int(v) for k, v in s.counted.items()}
@@ -225,7 +231,7 @@ def decode(d: dict[str, Any]) -> LogRecord:
                            d.get("div"), d.get("nov"),
                            {int(k): int(v) for k, v in d.get("o", {}).items()},
                            {int(k): int(v) for k, v in d.get("c", {}).items()}, bool(d.get("rs", False)),
-                           d.get("rp"))
+                           d.get("rp"), [float(p) for p in d.get("tp", ())])
     if t == "upsert":
         return CatalogUpsert([_item_from_json(x) for x in d["items"]])
     if t == "delete":

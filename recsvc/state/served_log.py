@@ -44,6 +44,9 @@ class ServedImpressions:
     #: per row: served in the random-exposure slice; the slice's probability for it (nan: not logged)
     random_slice: np.ndarray | None = None
     random_p: np.ndarray | None = None
+    #: per row of a random-slice slate: the main policy's probability of serving the item in that request
+    #: (``ServedSlate.target_propensities``); nan elsewhere and for slates logged before it existed
+    target_p: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.clicked.shape[0])
@@ -84,7 +87,7 @@ def impressions_from_state(state: OnlineStateReader) -> ServedImpressions:
 
 def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the log") -> ServedImpressions:
     """One row per impressed item of served slates (those with logged features and some feedback)."""
-    feats, clicked, props, rows, slates, positions, in_slice, rand_p = [], [], [], [], [], [], [], []
+    feats, clicked, props, rows, slates, positions, in_slice, rand_p, target_p = [], [], [], [], [], [], [], [], []
     names: list[str] | None = None
     n_slates = 0
     for slate in served:
@@ -98,6 +101,7 @@ def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the lo
         elif fn != names:
             continue  # served by a build with other features: skip rather than misalign
         took = False
+        target = slate.target_propensities if len(slate.target_propensities) == len(slate.rows) else None
         for i, row in enumerate(slate.rows):
             state = int(outcome.get(row, 0))
             if state:
@@ -109,6 +113,7 @@ def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the lo
                 positions.append(i)
                 in_slice.append(bool(slate.random_slice))
                 rand_p.append(float("nan") if slate.random_p is None else float(slate.random_p))
+                target_p.append(float("nan") if target is None else float(target[i]))
                 took = True
         n_slates += took
     if not feats:
@@ -118,4 +123,5 @@ def impressions_from_slates(served: Iterable[ServedSlate], source: str = "the lo
     return ServedImpressions(np.stack(feats), np.asarray(clicked), np.asarray(props),
                              np.asarray(rows, np.int64), np.asarray(slates, np.int64),
                              np.asarray(positions, np.int64), tuple(names or ()),
-                             np.asarray(in_slice, bool), np.asarray(rand_p, np.float64))
+                             np.asarray(in_slice, bool), np.asarray(rand_p, np.float64),
+                             np.asarray(target_p, np.float64))

@@ -11,6 +11,8 @@ per-slate columns and k entries of per-item columns, in blocks of a few thousand
                 two int32 offsets
     per item    row int32, propensity float64 (exact: Monte-Carlo shares such as 44/129 are not float32 values),
                 state uint8 (outcome bits 0-1, counted bits 2-4)
+    random slice  per item, only for the slates that carry them (random-slice slates): the main policy's
+                propensity float64 (``target_propensities``), at the per-slate offset ``ta``
     features    per slate, in a byte column: columns constant over the slate once, 0/1 columns as bits, mostly
                 zero columns as a bitmap and their non-zero values, the rest as float16 (see
                 :func:`encode_features`)
@@ -49,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = ["ServedRing", "ServedCut", "encode_features", "decode_features"]
 
-_RANDOM_SLICE, _HAS_DIV, _HAS_NOV, _HAS_RP, _RAW_FEATURES, _DEAD, _OTHER_ID = 1, 2, 4, 8, 16, 32, 64
+_RANDOM_SLICE, _HAS_DIV, _HAS_NOV, _HAS_RP, _RAW_FEATURES, _DEAD, _OTHER_ID, _HAS_TARGET = 1, 2, 4, 8, 16, 32, 64, 128
 _OUTCOME_MASK, _COUNTED_SHIFT, _COUNTED_MASK = 0b11, 2, 0b11100
 _MAX_BLOCK = 4096
 
@@ -100,9 +102,10 @@ def _grown(arr: np.ndarray, need: int) -> np.ndarray:
 
 
 #: One record per slate: request id halves, served_at_ms, meta, diversity, novelty, random_p, and where its items
-#: (first, count) and feature bytes (first, count) are in the block's per-item and byte columns.
+#: (first, count) and feature bytes (first, count) are in the block's per-item and byte columns, and where its
+#: target propensities start in the block's ``tprops`` column (``k`` of them, when the slate has them).
 _RECORD = np.dtype([("lo", "<i8"), ("hi", "<i8"), ("ts", "<i8"), ("meta", "<i4"), ("div", "<f8"), ("nov", "<f8"),
-                    ("rp", "<f8"), ("a", "<i4"), ("k", "<i4"), ("fa", "<i4"), ("nf", "<i4")])
+                    ("rp", "<f8"), ("a", "<i4"), ("k", "<i4"), ("fa", "<i4"), ("nf", "<i4"), ("ta", "<i4")])
 _PER_ITEM = (("rows", "i", np.int32), ("props", "d", np.float64), ("state", "B", np.uint8))
 
 
@@ -112,7 +115,8 @@ class _Block:
     element write costs a hundred or more); when full it is sealed into a numpy record array and columns.
     ``record(i)`` reads one slate's record as a tuple either way (one call, not one per field)."""
 
-    __slots__ = ("size", "n", "recs", "rec", "flags", "user", "rows", "props", "state", "feat", "feat_end", "sealed")
+    __slots__ = ("size", "n", "recs", "rec", "flags", "user", "rows", "props", "state", "tprops", "feat", "feat_end",
+                 "sealed")
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -123,6 +127,7 @@ class _Block:
         self.user: list[str] = []  # references to the user id strings
         for name, code, _ in _PER_ITEM:
             setattr(self, name, array(code))
+        self.tprops = array("d")  # the random slice's slates only: the main policy's propensity per item
         self.feat = np.empty(0, np.uint8)  # grown by doubling, trimmed when sealed
         self.feat_end = 0
         self.sealed = False
@@ -136,6 +141,7 @@ class _Block:
         self.flags = np.array(self.flags, np.uint8)
         for name, _, dtype in _PER_ITEM:
             setattr(self, name, np.frombuffer(getattr(self, name), dtype).copy())
+        self.tprops = np.frombuffer(self.tprops, np.float64).copy()
         self.feat = self.feat[: self.feat_end].copy()
         self.recs = None
         self.sealed = True
@@ -145,7 +151,7 @@ class _Block:
         ``flags``; the block being filled copies its used part."""
         b = _Block.__new__(_Block)
         b.size, b.n, b.sealed, b.feat_end = self.size, self.n, True, self.feat_end
-        for name in ("recs", "rec", "user", "rows", "props", "flags", "state"):
+        for name in ("recs", "rec", "user", "rows", "props", "tprops", "flags", "state"):
             value = getattr(self, name)
             if value is not None and (not self.sealed or name in ("flags", "state")):
                 value = value.copy() if isinstance(value, np.ndarray) else value[:]
@@ -164,7 +170,7 @@ class _Block:
         total += np.asarray(self.flags).nbytes if self.sealed else 8 * len(self.flags)
         if self.recs is not None:
             total += sum(8 * len(r) + 24 * len(r) + 56 for r in self.recs)  # the tuples and their numbers, roughly
-        for name, _, _ in _PER_ITEM:
+        for name in [name for name, _, _ in _PER_ITEM] + ["tprops"]:
             value = getattr(self, name)
             total += value.nbytes if isinstance(value, np.ndarray) else value.itemsize * len(value)
         return total
@@ -221,7 +227,7 @@ class _Columns:
 
     def _slate(self, seq: int, features: bool = True, request_id: str | None = None) -> ServedSlate:
         b, i = self._at(seq)
-        lo, hi, ts, meta, div, nov, rp, a, k, fa, nf = b.record(i)
+        lo, hi, ts, meta, div, nov, rp, a, k, fa, nf, ta = b.record(i)
         z, fz = a + k, fa + nf
         rows = b.rows[a:z].tolist()
         state = b.state[a:z].tolist()
@@ -245,7 +251,8 @@ class _Columns:
         return ServedSlate(request_id or self._request_id(seq, lo, hi, flags), b.user[i], variant, list(arms), rows,
                            props, ts, feats, list(names), div if flags & _HAS_DIV else None,
                            nov if flags & _HAS_NOV else None, outcome, counted, bool(flags & _RANDOM_SLICE),
-                           rp if flags & _HAS_RP else None)
+                           rp if flags & _HAS_RP else None,
+                           b.tprops[ta:ta + k].tolist() if flags & _HAS_TARGET else [])
 
 
 class ServedCut(_Columns, Sequence[ServedSlate]):
@@ -461,6 +468,13 @@ class ServedRing(_Columns):
             flags |= _HAS_NOV
         if rp is not None:
             flags |= _HAS_RP
+        target = slate.target_propensities
+        ta = len(b.tprops)
+        if target:
+            if len(target) != k:
+                raise ValueError(f"slate {slate.request_id}: {len(target)} target propensities for {k} items")
+            flags |= _HAS_TARGET
+            b.tprops.extend(target)
         a = len(b.rows)
         b.rows.extend(rows)
         b.props.extend(slate.propensities)
@@ -499,7 +513,7 @@ class ServedRing(_Columns):
             pos, old = self._probe(*halves)
         b.recs.append((halves[0] if halves else 0, halves[1] if halves else 0, int(slate.served_at_ms), meta,
                        0.0 if div is None else float(div), 0.0 if nov is None else float(nov),
-                       0.0 if rp is None else float(rp), a, k, fa, n))
+                       0.0 if rp is None else float(rp), a, k, fa, n, ta))
         b.user.append(slate.user_id)
         b.flags.append(flags)
         b.feat_end = fa + n
