@@ -88,32 +88,28 @@ class RequestPath:
         self._stage_ewma_us = {"candidates": 2000.0, "ranking": 500.0, "reranking": 500.0}
 
     # -- per-thread randomness, cached policies ------------------------------------------------------
-    def _rng(self) -> np.random.Generator:
-        rng = getattr(self._local, "rng", None)
+    def _thread_rng(self, slot: str) -> np.random.Generator:
+        """This thread's generator in ``slot``, spawned from the seed sequence on its first use."""
+        rng = getattr(self._local, slot, None)
         if rng is None:
             with self._seed_lock:
                 child = self._seed_seq.spawn(1)[0]
-            rng = self._local.rng = np.random.default_rng(child)
+            rng = np.random.default_rng(child)
+            setattr(self._local, slot, rng)
         return rng
+
+    def _rng(self) -> np.random.Generator:
+        """The serving generator."""
+        return self._thread_rng("rng")
 
     def _propensity_rng(self) -> np.random.Generator:
         """A second per-thread generator, for Monte-Carlo propensity draws that must not move the serving one."""
-        rng = getattr(self._local, "prop_rng", None)
-        if rng is None:
-            with self._seed_lock:
-                child = self._seed_seq.spawn(1)[0]
-            rng = self._local.prop_rng = np.random.default_rng(child)
-        return rng
+        return self._thread_rng("prop_rng")
 
     def _target_rng(self) -> np.random.Generator:
         """A third per-thread generator, for the main policy's propensities on random-slice requests: they
         move neither the serving stream nor the slice's own draws (created on a thread's first slice request)."""
-        rng = getattr(self._local, "target_rng", None)
-        if rng is None:
-            with self._seed_lock:
-                child = self._seed_seq.spawn(1)[0]
-            rng = self._local.target_rng = np.random.default_rng(child)
-        return rng
+        return self._thread_rng("target_rng")
 
     def policy(self, cfg: Config) -> Any:
         from recsvc.exploration import make_policy
@@ -239,8 +235,8 @@ class RequestPath:
         t3 = time.perf_counter_ns()
 
         # -- stage 3: re-ranking
-        if (min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3
-                and rules.mmr_lambda > 0):
+        rerank_late = min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3
+        if rerank_late and rules.mmr_lambda > 0:
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
             degraded = True
             reasons.append("mmr_skipped")
@@ -248,15 +244,14 @@ class RequestPath:
         t4 = time.perf_counter_ns()
 
         # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
-        reserved = slate.sponsored | slate.pinned
-        organic_ci = order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+        organic_ci = _organic_candidates(slate, order)
         if random_slice and len(cands):
             # exact: each of the pool's eligible items fills one of the `need` organic slots with equal chance
             plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
             final_prop = np.zeros(len(cands))
             pool_size = int(plan.keep.sum())
             final_prop[plan.keep] = min(1.0, plan.need / pool_size) if pool_size else 1.0
-            if min(deadline_ns - t3, b.reranking_ms * 1e6) < 2 * self._stage_ewma_us["reranking"] * 1e3:
+            if rerank_late:
                 main_rules = main_rules.model_copy(update={"mmr_lambda": 0.0})  # as the main path would have
             target_prop = self._main_policy_propensities(policy, scores, alpha, beta, pulls, total_pulls, k_explore,
                                                          cands, n, main_rules, flt, now, cfg)
@@ -271,12 +266,11 @@ class RequestPath:
             # rounds still do: the same Beta draws in the same order, so the stream, and every later
             # slate, is what it was. Otherwise (and for epsilon-greedy) a generator of their own, so
             # estimating a propensity never changes what is served.
-            thompson = isinstance(policy, ThompsonPolicy)
-            draws = policy.n_propensity_draws if thompson else cfg.exploration.propensity_draws
-            serving_stream = thompson and k_explore < min(policy.top_m, len(cands))
+            serving_stream = isinstance(policy, ThompsonPolicy) and k_explore < min(policy.top_m, len(cands))
             final_prop = slate_propensities(
                 policy, scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore,
-                rng if serving_stream else self._propensity_rng(), explored, plan, organic_ci, draws)
+                rng if serving_stream else self._propensity_rng(), explored, plan, organic_ci,
+                _propensity_draws(policy, cfg))
         t4b = time.perf_counter_ns()
 
         # -- response and the served-slate record
@@ -451,7 +445,6 @@ class RequestPath:
         "served" round: ``(hits_i + [i in that round]) / (D + 1)`` averages D + 1 independent rounds, unbiased
         for the main policy's inclusion probability (0 possible); deterministic policies give 1 for the items of
         the slate they would serve and 0 for the rest."""
-        from recsvc.exploration import ThompsonPolicy
         from recsvc.slate_propensity import slate_propensities
 
         rng = self._target_rng()
@@ -459,15 +452,14 @@ class RequestPath:
         explored = policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
         slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now_ms, cfg)
-        reserved = slate.sponsored | slate.pinned
-        organic_ci = order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+        organic_ci = _organic_candidates(slate, order)
         if policy.deterministic:
             prop = np.zeros(len(cands))
             prop[organic_ci] = 1.0
             return prop
         plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
-        draws = policy.n_propensity_draws if isinstance(policy, ThompsonPolicy) else cfg.exploration.propensity_draws
-        return slate_propensities(policy, s, alpha, beta, pulls, total_pulls, k, rng, explored, plan, organic_ci, draws)
+        return slate_propensities(policy, s, alpha, beta, pulls, total_pulls, k, rng, explored, plan, organic_ci,
+                                  _propensity_draws(policy, cfg))
 
     def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
         """What the random slice would give each eligible item of this request: need / eligible pool
@@ -601,3 +593,17 @@ def _retrieval_order_scores(c: Candidates) -> np.ndarray:
     s = c.source_scores
     peak = np.maximum(s.max(axis=0), 1e-6)
     return (s / peak).max(axis=1).astype(np.float32)
+
+
+def _organic_candidates(slate, order: np.ndarray) -> np.ndarray:
+    """Candidate indices of a slate's organic items (not pinned, not sponsored, ranked); ``order`` maps the
+    re-ranked pool back to candidates."""
+    reserved = slate.sponsored | slate.pinned
+    return order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+
+
+def _propensity_draws(policy: Any, cfg: Config) -> int:
+    """Monte-Carlo rounds of a final-slate propensity estimate: Thompson's own setting, else the config's."""
+    from recsvc.exploration import ThompsonPolicy
+
+    return policy.n_propensity_draws if isinstance(policy, ThompsonPolicy) else cfg.exploration.propensity_draws
