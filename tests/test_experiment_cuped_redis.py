@@ -10,23 +10,9 @@ from recsvc.experiments.aggregates import DAY_MS
 
 from conftest import NOW_MS, FakeClock, small_config
 from redis_server import RedisServer
+from test_experiment_cuped import EXPERIMENTS_TOML as EXPERIMENTS
 
 pytest.importorskip("redis")
-
-EXPERIMENTS = """
-[[experiment]]
-name = "policy"
-salt = "policy-test"
-start = {start}
-
-  [[experiment.variant]]
-  name = "control"
-  weight = 1
-
-  [[experiment.variant]]
-  name = "treatment"
-  weight = 1
-"""
 
 
 @pytest.fixture(scope="module")
