@@ -164,10 +164,9 @@ class FeedbackPath:
 
     def _apply_feedback(self, batch: FeedbackBatch) -> None:
         pre_days = self._pre_days
-        for ev, arms in zip(batch.events, self.state.apply_feedback(batch.events)):
+        for ev, (arms, labels) in zip(batch.events, self.state.apply_feedback_counted(batch.events)):
             if arms:  # attributed to a slate in an experiment
                 # per (slate, item) at most one impression, click and conversion (records.count_for_experiment)
-                labels = self.state.count_for_experiment(ev.request_id, ev.row, ev.type)
                 for label in labels:
                     value = ev.value if label == ev.type.label else 0.0
                     self.aggregates.record_event(arms, ev.user_id, label, value, ev.ts_ms)

@@ -395,3 +395,39 @@ def test_request_ids_sharing_a_half_spread_over_the_lookup_table():
         lo, hi = b.record(i)[:2]
         longest = max(longest, (pos - _home(lo, hi, mask)) & mask)
     assert longest < 64, longest
+
+
+def test_a_slate_recorded_between_the_bandit_and_the_experiment_count_cannot_lose_the_count(tmp_path):
+    """Feedback and Recommend run side by side (the ingest and the served locks differ). A slate recorded while
+    a feedback batch is being applied may evict the slate the batch was attributed to; the experiment count
+    must be settled in the same look-up as the bandit's, not in a second one that finds the slate gone."""
+    from conftest import NOW_MS, FakeClock, small_config
+    from test_experiment_cuped import EXPERIMENTS_TOML
+
+    from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
+
+    path = tmp_path / "experiments.toml"
+    path.write_text(EXPERIMENTS_TOML.format(start=NOW_MS - 86_400_000))
+    cfg = small_config(tmp_path, experiments={"file": str(path)}, state={"served_log_size": 4})
+    eng = Engine.from_config(cfg, clock=FakeClock(NOW_MS))
+    try:
+        rec = eng.recommend(RecommendQuery(user_id="u1", n=3))
+        assert rec.variant
+        model = eng.feedback_path.state
+        rng = np.random.default_rng(0)
+        for name in ("apply_feedback", "apply_feedback_counted"):  # whichever the feedback path calls
+            if hasattr(model, name):
+                applied = getattr(model, name)
+
+                def then_serve_more(events, applied=applied):
+                    out = applied(events)
+                    for _ in range(5):  # recorded meanwhile: the attributed slate leaves the log
+                        model.remember_served(slate(rng, k=3))
+                    return out
+
+                setattr(model, name, then_serve_more)
+        eng.feedback([FeedbackEventIn("c1", "u1", rec.items[0].item_id, "click", request_id=rec.request_id)])
+        arm = eng.aggregates.arm_data(*rec.variant.split(":"))  # "policy:control"
+        assert arm.totals["clicks"] == 1 and arm.totals["impressions"] == 1
+    finally:
+        eng.close(snapshot=False)

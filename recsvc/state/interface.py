@@ -88,6 +88,12 @@ class OnlineStateWriter(Protocol):
         """Apply validated, de-duplicated events in order; returns, per event, the experiment arms of the slate it
         was attributed to (``()`` when that slate was in no experiment), or None when it was not attributed."""
 
+    def apply_feedback_counted(
+        self, events: Sequence[FeedbackEvent]
+    ) -> list[tuple[tuple[tuple[str, str], ...] | None, tuple[str, ...]]]:
+        """:meth:`apply_feedback`, with, per event, what the experiment aggregates count for it
+        (:meth:`count_for_experiment`, settled in the same look-up of its slate): (arms or None, labels)."""
+
     def remember_served(self, slate: ServedSlate) -> None:
         """Remember a served slate (with its outcome and counted flags); the oldest leave beyond the bound."""
 

@@ -220,10 +220,18 @@ class ReadModel:
         self._refresh_top(rows)
 
     def apply_feedback(self, events: Sequence[FeedbackEvent]) -> list[tuple[tuple[str, str], ...] | None]:
-        arms = [self._apply_event(ev) for ev in events]
+        return [arms for arms, _ in self._apply_events(events, count=False)]
+
+    def apply_feedback_counted(
+        self, events: Sequence[FeedbackEvent]
+    ) -> list[tuple[tuple[tuple[str, str], ...] | None, tuple[str, ...]]]:
+        return self._apply_events(events, count=True)
+
+    def _apply_events(self, events: Sequence[FeedbackEvent], count: bool):
+        out = [self._apply_event(ev, count) for ev in events]
         if events:
             self._refresh_top(np.fromiter((e.row for e in events), np.int32, len(events)))
-        return arms
+        return out
 
     def remember_served(self, slate: ServedSlate) -> None:
         with self.lock:
@@ -256,12 +264,17 @@ class ReadModel:
         return max((int(a.max()) for a in referenced if a.size), default=-1)
 
     # -- applying one event ----------------------------------------------------------------------------
-    def _apply_event(self, ev: FeedbackEvent) -> tuple[tuple[str, str], ...] | None:
+    def _apply_event(
+        self, ev: FeedbackEvent, count: bool = False
+    ) -> tuple[tuple[tuple[str, str], ...] | None, tuple[str, ...]]:
+        """(the arms of the slate the event is attributed to, or None; with ``count``, what the experiment
+        aggregates count for it — settled in the same look-up, so a slate recorded meanwhile (which may evict
+        this one) cannot come between the bandit's count and the experiment's)."""
         self._remember_event(ev.event_id)
         row = ev.row
         if row >= self._popularity.size:
             self.ensure_capacity(row + 1)
-        arms = None
+        arms, labels = None, ()
         if ev.request_id:
             with self.lock:  # (a served slate may be recorded meanwhile: it moves the columns)
                 served = self._served
@@ -269,9 +282,12 @@ class ReadModel:
                 if seq is not None:
                     served_at, slate_arms = served.served_at_and_arms(seq)
                     if attributed(served_at, ev.ts_ms, self._window_ms):
-                        outcome, ds, df, new_impression = settle(served.outcome_at(seq, row)[0], ev.type)
-                        served.set_outcome(seq, row, outcome=int(outcome))
+                        outcome, counted = served.outcome_at(seq, row)
+                        outcome, ds, df, new_impression = settle(outcome, ev.type)
                         arms = slate_arms
+                        if count and slate_arms:
+                            counted, labels = count_for_experiment(counted, ev.type)
+                        served.set_outcome(seq, row, outcome=int(outcome), counted=counted)
         if arms is not None:
             if ds or df:
                 update_evidence_row(self._successes, self._failures, row, ds, df, self._discount)
@@ -281,7 +297,7 @@ class ReadModel:
             self._rebase(ev.ts_ms)
             self._popularity[row] += 2.0 ** ((ev.ts_ms - self._pop_t0_ms) / self._half_life_ms)
             self._record_positive(ev.user_id, row, ev.ts_ms)
-        return arms
+        return arms, labels
 
     def _remember_event(self, event_id: str) -> None:
         self._seen_events[event_id] = None
