@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("recsvc.recovery")
 
-#: Catalog rows per seed_popularity call at start (see recover).
-SEED_BLOCK = 32_768
-
-
 # -- catalog and index ---------------------------------------------------------------------------------
 def demo_cache_dir(cfg: Config) -> Path:
     d, i = cfg.catalog.demo, cfg.index
@@ -121,11 +117,7 @@ def recover(catalog: Catalog, state: "OnlineState", journal: Journal, feedback: 
             writer: "CatalogWriter", now_ms: int) -> int:
     """Seed popularity; load the newest snapshot; replay the log after it. Returns the records replayed."""
     rows = catalog.alive_rows()
-    # In blocks: each call merges its rows into the current top list with np.union1d, whose hash-based
-    # unique (numpy 2.4) took ~2 s for a million rows at once, ~0.75 s in all in blocks of 32k.
-    for start in range(0, rows.size, SEED_BLOCK):
-        block = rows[start:start + SEED_BLOCK]
-        state.seed_popularity(block, catalog.base_popularity[block], now_ms)
+    state.seed_popularity(rows, catalog.base_popularity[rows], now_ms)
     snap_lsn, snap_dir = journal.latest_snapshot()
     if snap_dir is not None:
         state.read_snapshot(snap_dir)

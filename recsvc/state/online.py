@@ -312,9 +312,9 @@ class ReadModel:
             self._pop_t0_ms = float(now_ms)
 
     def _refresh_top(self, touched: np.ndarray, dead: np.ndarray | None = None) -> None:
-        cand = np.union1d(self._top_popular, touched.astype(np.int32))
+        cand = _sorted_union(self._top_popular, touched.astype(np.int32))
         if dead is not None and dead.size:
-            cand = np.setdiff1d(cand, dead)
+            cand = cand[~np.isin(cand, dead)]
         acc = self._popularity[cand]
         if cand.size > self._top_k:
             keep = np.argpartition(-acc, self._top_k - 1)[: self._top_k]
@@ -509,3 +509,12 @@ def _write_chunks(fh, items: Iterable, encode: Callable[[list], str], size: int 
         if text:
             fh.write(text if first else "," + text)
             first = False
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.union1d(a, b)`` (sorted, unique) by a sort: numpy 2.4's union1d goes through a hash-based unique
+    that costs ~0.6 µs a row (57 µs for a 1000-row top list and a feedback batch; 0.66 s for a million rows
+    at start, against 7 µs and 4 ms here)."""
+    c = np.concatenate([a, b])
+    c.sort()
+    return c[np.concatenate(([True], c[1:] != c[:-1]))] if c.size else c
