@@ -117,11 +117,13 @@ class FeedbackPath:
         duplicates = 0
         accepted: list[FeedbackEvent] = []
         batch_ids: set[str] = set()
-        remote: dict = {}
+        # each slate looked up (and decoded) once per batch, however many of its items the batch names
+        slates = {rid: self.state.served_slate(rid, features=False)
+                  for rid in {ev.request_id for ev in events if ev.request_id}}
         if self.journal.shared:  # slates served by another replica (or queued here), not applied here yet
-            unknown = {ev.request_id for ev in events
-                       if ev.request_id and self.state.served_slate(ev.request_id, features=False) is None}
-            remote = self.journal.fetch_served(unknown) if unknown else {}
+            unknown = {rid for rid, slate in slates.items() if slate is None}
+            if unknown:
+                slates.update(self.journal.fetch_served(unknown))
         for i, ev in enumerate(events):
             etype = EventType.parse(ev.type)
             ts = int(ev.timestamp_ms) or now
@@ -144,7 +146,7 @@ class FeedbackPath:
             elif not (math.isfinite(ev.value) and abs(ev.value) <= MAX_EVENT_VALUE):
                 reason = f"value must be finite and at most {MAX_EVENT_VALUE:g} in magnitude"
             elif ev.request_id:
-                slate = self.state.served_slate(ev.request_id, features=False) or remote.get(ev.request_id)
+                slate = slates.get(ev.request_id)
                 if slate is None:
                     reason = f"request_id {echo(ev.request_id)} is unknown or has expired"
                 elif row not in slate.rows:
