@@ -210,27 +210,27 @@ class RequestPath:
         t2 = time.perf_counter_ns()
 
         # -- exploration
+        from recsvc.exploration import Exploration, beta_prior, explore_with_prior
+
         # The ranker's click probability is each candidate's prior mean; the
         # item's own clicks and skips move it (see README, "Exploration").
         succ, fail = self.state.bandit_evidence(cands.rows)
-        p = np.clip(scores.astype(np.float64), 1e-4, 1.0 - 1e-4)
         kappa = cfg.exploration.prior_strength
-        alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
         policy = self.policy(cfg)
         rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
         main_rules, target_prop = rules, None  # outside the slice: what the request would have been served with
         if random_slice:
             # uniformly at random from the eligible candidates: random scores, and below only the hard
             # rules (filters, maturity, pinned and sponsored slots); a generator of its own
-            from recsvc.exploration import Exploration
-
             explored = Exploration(self._propensity_rng().random(len(cands)).astype(np.float32),
                                    np.zeros(len(cands)))
+            alpha, beta, pulls = beta_prior(scores, succ, fail, kappa)
             rules = rules.model_copy(update={"max_per_category": 0, "mmr_lambda": 0.0, "freshness_boost": 0.0,
                                              "long_tail_boost": 0.0})
         else:
-            explored = policy.explore(scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore, rng,
-                                      with_propensity=False)
+            # prior, draws and explored scores (Thompson: one compiled call)
+            explored, alpha, beta, pulls = explore_with_prior(policy, scores, succ, fail, kappa, total_pulls,
+                                                              k_explore, rng)
         order = np.argsort(-explored.scores, kind="stable")
         t3 = time.perf_counter_ns()
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsvc.exploration import EpsilonGreedyPolicy, Exploration, ExplorationPolicy, ScoreDraws
+from recsvc.exploration import EpsilonGreedyPolicy, Exploration, ExplorationPolicy, ScoreDraws, ThompsonPolicy
 from recsvc.reranking import SelectionPlan, slate_inclusion_counts
 
 __all__ = ["slate_propensities"]
@@ -87,7 +87,11 @@ def slate_propensities(
         q = hits / (n_draws + int(explored_round))
         prop[pool] = (1.0 - eps) * greedy + eps * q
         return prop
-    hits = hits_of(policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws))
+    if isinstance(policy, ThompsonPolicy):  # reuses the served round's top M (explore_with_prior's)
+        draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws, served=explored)
+    else:
+        draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws)
+    hits = hits_of(draws)
     hits += served_mask[pool]
     prop[pool] = hits / (n_draws + 1)
     return prop

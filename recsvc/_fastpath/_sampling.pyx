@@ -524,3 +524,140 @@ def thompson_score_draws(
     if status != OK:
         i = _first_bad_parameter(alpha, beta)
         _raise_bad_parameter(i, alpha[i], beta[i])
+
+
+# --------------------------------------------------------------------------
+# One request's Thompson round: the Beta prior, the top M, the served draw and the explored scores
+
+cdef enum ExploreStatus:
+    EXPLORE_OK = 0
+    EXPLORE_BAD_SCORE = 1                # a ranker score is NaN or infinite
+    EXPLORE_BAD_PARAMETER = 2            # some alpha/beta is <= 0, NaN or infinite
+
+
+cdef int _thompson_explore(
+    bitgen_t *rng,
+    const float32_t[::1] scores,         # IN  (n,) the ranker's scores
+    const float64_t[::1] succ,           # IN  (n,) clicks (evidence)
+    const float64_t[::1] fail,           # IN  (n,) skips (evidence)
+    float64_t kappa,                     # IN  prior strength
+    float64_t[::1] alpha,                # OUT (n,) kappa * clip(s) + succ
+    float64_t[::1] beta,                 # OUT (n,) kappa * (1 - clip(s)) + fail
+    float64_t[::1] pulls,                # OUT (n,) succ + fail
+    intp_t[::1] top,                     # OUT (m,) the top m by score (ties: lower index), in index order
+    float64_t[::1] theta,                # OUT (m,) the served round's draws for them
+    float32_t[::1] adjusted,             # OUT (n,) the explored scores
+    float64_t[::1] base,                 # OUT (n,) 0 on the top m; s - max(rest) - 1 on the rest
+    float64_t *hs,                       # SCRATCH (m,)
+    intp_t *hi,                          # SCRATCH (m,)
+    BetaPlan *plans,                     # SCRATCH (m,)
+) noexcept nogil:
+    """Each step is the numpy expression it replaces, operation for operation (see
+    ``recsvc._fastpath.twins.sampling.thompson_explore``), so the results are bit-identical."""
+    cdef intp_t i, j, h, n = scores.shape[0], m = top.shape[0], size = 0
+    cdef float64_t s, p, lo, rest_max = -INFINITY
+    cdef intp_t idx
+    # the prior: p = clip(s, 1e-4, 1 - 1e-4)
+    for i in range(n):
+        s = <float64_t> scores[i]
+        if not (s > -INFINITY and s < INFINITY):
+            return EXPLORE_BAD_SCORE
+        p = 1e-4 if s < 1e-4 else (1.0 - 1e-4 if s > 1.0 - 1e-4 else s)
+        alpha[i] = kappa * p + succ[i]
+        beta[i] = kappa * (1.0 - p) + fail[i]
+        pulls[i] = succ[i] + fail[i]
+        if not (_valid_param(alpha[i]) and _valid_param(beta[i])):
+            return EXPLORE_BAD_PARAMETER
+    # the top m: a min-heap on (score, index) rooted at its worst member
+    for i in range(n):
+        s = <float64_t> scores[i]
+        if size < m:
+            hs[size] = s
+            hi[size] = i
+            size += 1
+            if size == m:
+                for h in range(m // 2 - 1, -1, -1):
+                    _sift_down(hs, hi, m, h)
+        elif _worse(hs[0], hi[0], s, i):
+            hs[0] = s
+            hi[0] = i
+            _sift_down(hs, hi, m, 0)
+    # in index order (insertion sort: m is small)
+    for i in range(m):
+        idx = hi[i]
+        j = i
+        while j > 0 and top[j - 1] > idx:
+            top[j] = top[j - 1]
+            j -= 1
+        top[j] = idx
+    # the served round, in index order of the top m
+    lo = INFINITY
+    for j in range(m):
+        _plan_beta(&plans[j], alpha[top[j]], beta[top[j]])
+        theta[j] = _beta_draw(rng, &plans[j])
+        if theta[j] < lo:
+            lo = theta[j]
+    # the rest keep the ranker's order, ending 1 below the round's lowest top-m score
+    for i in range(n):
+        base[i] = -1.0                   # marks the rest until filled in below
+    for j in range(m):
+        base[top[j]] = 0.0
+    for i in range(n):
+        if base[i] != 0.0 and <float64_t> scores[i] > rest_max:
+            rest_max = <float64_t> scores[i]
+    for i in range(n):
+        if base[i] != 0.0:
+            s = <float64_t> scores[i] - rest_max
+            adjusted[i] = <float32_t> (s + (lo - 1.0))
+            base[i] = s - 1.0
+    for j in range(m):
+        adjusted[top[j]] = <float32_t> theta[j]
+    return EXPLORE_OK
+
+
+def thompson_explore(
+    gen,
+    const float32_t[::1] scores,         # IN  (n,)
+    const float64_t[::1] succ,           # IN  (n,)
+    const float64_t[::1] fail,           # IN  (n,)
+    float64_t kappa,                     # IN
+    float64_t[::1] alpha,                # OUT (n,)
+    float64_t[::1] beta,                 # OUT (n,)
+    float64_t[::1] pulls,                # OUT (n,)
+    intp_t[::1] top,                     # OUT (m,), 1 <= m <= n
+    float64_t[::1] theta,                # OUT (m,)
+    float32_t[::1] adjusted,             # OUT (n,)
+    float64_t[::1] base,                 # OUT (n,)
+):
+    """One Thompson round over the top m (unweighted), with its Beta prior, in one call: alpha, beta and
+    pulls from the ranker's scores and the evidence, the top m, their Beta draws (``theta``, drawn in index
+    order, as ``gen.beta(alpha[top], beta[top])``), the explored scores and the rest's base for further
+    draws. Raises ValueError (drawing nothing) for a non-finite score or an invalid Beta parameter."""
+    cdef intp_t n = scores.shape[0], m = top.shape[0]
+    cdef int status
+    cdef object bit_generator = _bit_generator_of(gen)
+    cdef bitgen_t *rng = _bitgen_of(bit_generator)
+    if not (succ.shape[0] == fail.shape[0] == alpha.shape[0] == beta.shape[0] == pulls.shape[0]
+            == adjusted.shape[0] == base.shape[0] == n) or theta.shape[0] != m or not 1 <= m <= n:
+        raise ValueError("thompson_explore: the arrays disagree in shape (or the top m is not 1..n)")
+    cdef float64_t *hs = <float64_t *> PyMem_Malloc(m * sizeof(float64_t))
+    cdef intp_t *hi = <intp_t *> PyMem_Malloc(m * sizeof(intp_t))
+    cdef BetaPlan *plans = <BetaPlan *> PyMem_Malloc(m * sizeof(BetaPlan))
+    if hs == NULL or hi == NULL or plans == NULL:
+        PyMem_Free(hs)
+        PyMem_Free(hi)
+        PyMem_Free(plans)
+        raise MemoryError()
+    try:
+        with bit_generator.lock, nogil:
+            status = _thompson_explore(rng, scores, succ, fail, kappa, alpha, beta, pulls, top, theta, adjusted,
+                                       base, hs, hi, plans)
+    finally:
+        PyMem_Free(hs)
+        PyMem_Free(hi)
+        PyMem_Free(plans)
+    if status == EXPLORE_BAD_SCORE:
+        raise ValueError("scores must be finite (the ranker returned NaN or an infinite score)")
+    if status == EXPLORE_BAD_PARAMETER:
+        i = _first_bad_parameter(alpha, beta)
+        _raise_bad_parameter(i, alpha[i], beta[i])
