@@ -273,35 +273,33 @@ class RequestPath:
                 _propensity_draws(policy, cfg))
         t4b = time.perf_counter_ns()
 
-        # -- response and the served-slate record
-        pool_of_row = order  # pool index -> candidate index
-        items: list[SlateItem] = []
-        rows_out, props_out, target_out = [], [], []
-        floor = cfg.exploration.min_propensity
+        # -- response and the served-slate record: each per-item column gathered once, then listed
         cat = self.catalog
-        for pos in range(slate.rows.size):
-            row = int(slate.rows[pos])
-            pi = int(slate.pool_index[pos])
-            ci = int(pool_of_row[pi]) if pi >= 0 else -1
-            if slate.sponsored[pos] or ci < 0:
+        floor = cfg.exploration.min_propensity
+        ranked = slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
+        cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
+        cand_of[ranked] = order[slate.pool_index[ranked]]
+        at = np.where(ranked, cand_of, 0) if len(cands) else cand_of[:0]  # (a valid index where there is none)
+        ci_l, rows_l, scores_l = cand_of.tolist(), slate.rows.tolist(), slate.scores.tolist()
+        sponsored_l, pinned_l = slate.sponsored.tolist(), slate.pinned.tolist()
+        category_l = cat.categories[slate.rows].tolist()
+        sources_l = cands.source_names_at(at)
+        prop_l = final_prop[at].tolist() if final_prop is not None else None
+        target_l = target_prop[at].tolist() if random_slice and target_prop is not None and len(cands) else None
+        items: list[SlateItem] = []
+        props_out, target_out = [], []
+        for pos, (row, ci) in enumerate(zip(rows_l, ci_l)):
+            if sponsored_l[pos] or ci < 0:
                 propensity, sources = 1.0, []
-            elif slate.pinned[pos] or final_prop is None:
+            elif pinned_l[pos] or prop_l is None:
                 # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
                 # deterministic given the request and the state, so the item is served for certain
-                propensity, sources = 1.0, cands.source_names(ci)
+                propensity, sources = 1.0, sources_l[pos]
             else:
-                propensity = max(float(final_prop[ci]), floor)
-                sources = cands.source_names(ci)
-            item = SlateItem(
-                item_id=cat.item_ids[row],
-                # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
-                score=float(slate.scores[pos]) if pi >= 0 else 0.0,
-                category=cat.category_names[cat.categories[row]],
-                sources=sources,
-                position=pos,
-                propensity=min(propensity, 1.0),
-                sponsored=bool(slate.sponsored[pos]),
-            )
+                propensity, sources = max(prop_l[pos], floor), sources_l[pos]
+            # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
+            item = SlateItem(cat.item_ids[row], scores_l[pos] if ci >= 0 else 0.0, cat.category_names[category_l[pos]],
+                             sources, pos, min(propensity, 1.0), sponsored_l[pos])
             if q.debug and ci >= 0:
                 item.debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
                               "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
@@ -309,18 +307,16 @@ class RequestPath:
                     if cands.sources[ci] >> s & 1:
                         item.debug[f"source_{name}"] = float(cands.source_scores[ci, s])
             items.append(item)
-            rows_out.append(row)
             props_out.append(item.propensity)
             if random_slice:  # the main policy places pinned and sponsored items by the same rules
-                reserved_slot = slate.sponsored[pos] or slate.pinned[pos] or ci < 0
-                target_out.append(1.0 if reserved_slot else min(float(target_prop[ci]), 1.0))
+                reserved_slot = sponsored_l[pos] or pinned_l[pos] or ci < 0
+                target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
         feat, feat_names = b"", []
         if features is not None and slate.rows.size:
-            idx = np.array([pool_of_row[p] if p >= 0 else -1 for p in slate.pool_index], np.int64)
-            block = np.zeros((idx.size, features.shape[1]), np.float32)
-            block[idx >= 0] = features[idx[idx >= 0]]
+            block = np.zeros((cand_of.size, features.shape[1]), np.float32)
+            block[ranked] = features[cand_of[ranked]]
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
-        served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
+        served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_l, props_out,
                              now, feat, feat_names, random_slice=random_slice,
                              random_p=self._random_p(cands.rows, slate, rules, flt), target_propensities=target_out)
         t5 = time.perf_counter_ns()
