@@ -101,6 +101,7 @@ __all__ = [
     "EpsilonGreedyPolicy",
     "Exploration",
     "ExplorationPolicy",
+    "RoundLayout",
     "ScoreDraws",
     "GreedyPolicy",
     "ThompsonPolicy",
@@ -391,10 +392,25 @@ class Exploration:
 
     scores: F32
     propensity: F64
-    #: Thompson's top M (index order) and the others' base scores, when :func:`explore_with_prior` drew the
-    #: round: ``ThompsonPolicy.draw_scores`` reuses them instead of selecting the top M again.
-    top: IntP | None = None
-    rest_base: F64 | None = None
+    #: what :func:`explore_with_prior`'s compiled call worked out beside the scores (None otherwise)
+    layout: RoundLayout | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundLayout:
+    """A Thompson round's layout, for the request's later steps (so none of them sorts or selects again).
+
+    top:        intp[M], the top M candidates (index order): ``ThompsonPolicy.draw_scores`` draws them
+    rest_base:  float64[n], 0 on the top M, ``s - max(rest) - 1`` on the others (``ScoreDraws.base``)
+    order:      intp[n], ``np.argsort(-scores, kind="stable")`` of the explored scores
+    rest_order: intp[n - M], the others by ``rest_base`` descending, ties to the lower index: the order the
+                final slate's propensity rounds walk them in (``slate_inclusion_counts``)
+    """
+
+    top: IntP
+    rest_base: F64
+    order: IntP
+    rest_order: IntP
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,12 +615,12 @@ class ThompsonPolicy(ExplorationPolicy):
         reused (the same ``scores``, so the same values)."""
         n = scores.shape[0]
         m = min(self.top_m, n)
-        if served is not None and served.top is not None and self.temperature is None:
+        if served is not None and served.layout is not None and self.temperature is None:
             ts = np.empty((n_draws, m), dtype=np.float32)
             shift = np.empty(n_draws, dtype=np.float64)
-            top = served.top
+            top = served.layout.top
             _sampling.thompson_score_draws(rng, alpha[top], beta[top], None, ts, shift)
-            return ScoreDraws(top, ts, served.rest_base, shift)
+            return ScoreDraws(top, ts, served.layout.rest_base, shift)
         top = np.sort(top_k_indices(scores, m))
         # in the order thompson_topk_propensities draws (row-major, one round per row), weighted
         ts = np.empty((n_draws, m), dtype=np.float32)
@@ -735,8 +751,8 @@ def explore_with_prior(
 
     Thompson without a temperature (the request path's) runs it all in one compiled call
     (``_sampling.thompson_explore``: prior, top M, the served draws, the explored scores, without the GIL) and
-    keeps the top M and the rest's base scores in ``explored`` for ``draw_scores``; the same values and the
-    same draws as the numpy steps (``use_native=False`` runs its twin)."""
+    keeps the round's :class:`RoundLayout` in ``explored`` (the top M, the rest's base, the ordering); the
+    same values and the same draws as the numpy steps (``use_native=False`` runs its twin)."""
     given = np.asarray(scores)
     s = _vector(given, "scores", np.float32)
     n = s.shape[0]
@@ -753,9 +769,11 @@ def explore_with_prior(
         m = min(policy.top_m, n)
         alpha, beta, pulls, base = (np.empty(n, np.float64) for _ in range(4))
         top, theta, adjusted = np.empty(m, np.intp), np.empty(m, np.float64), np.empty(n, np.float32)
+        order, rest_order = np.empty(n, np.intp), np.empty(n - m, np.intp)
         (_sampling if use_native else _twin).thompson_explore(rng, s, succ, fail, kappa, alpha, beta, pulls, top,
-                                                              theta, adjusted, base)
-        return Exploration(adjusted, np.zeros(n, np.float64), top, base), alpha, beta, pulls
+                                                              theta, adjusted, base, order, rest_order)
+        layout = RoundLayout(top, base, order, rest_order)
+        return Exploration(adjusted, np.zeros(n, np.float64), layout), alpha, beta, pulls
     alpha, beta, pulls = beta_prior(given, succ, fail, kappa)
     return policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False), alpha, beta, pulls
 

@@ -231,7 +231,7 @@ class RequestPath:
             # prior, draws and explored scores (Thompson: one compiled call)
             explored, alpha, beta, pulls = explore_with_prior(policy, scores, succ, fail, kappa, total_pulls,
                                                               k_explore, rng)
-        order = np.argsort(-explored.scores, kind="stable")
+        order = explored.layout.order if explored.layout is not None else np.argsort(-explored.scores, kind="stable")
         t3 = time.perf_counter_ns()
 
         # -- stage 3: re-ranking

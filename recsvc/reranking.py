@@ -497,6 +497,7 @@ def slate_inclusion_counts(
     shift: np.ndarray,
     plan: SelectionPlan,
     *,
+    fixed_order: np.ndarray | None = None,
     use_native: bool = True,
 ) -> np.ndarray:
     """float64[p]: for each organic pool item, in how many of D Monte-Carlo draws of the explored scores
@@ -506,6 +507,8 @@ def slate_inclusion_counts(
     Draw d's explored scores: ``top_scores[d, top_col[j]]`` (float32[D, M]) for pool item ``top_pool[j]``
     (the policy's random items), ``float32(base[i] + shift[d])`` for every other pool item i (base
     float64[p], shift float64[D]): their order is the same in every draw, so a quota walk only merges.
+    ``fixed_order``: those other pool items by ``base`` descending, ties to the lower index, when the caller
+    has it (:class:`recsvc.exploration.RoundLayout`); used only when no pool item has a boost.
     """
     p = plan.categories.shape[0]
     top_scores = np.ascontiguousarray(top_scores, dtype=np.float32)
@@ -518,15 +521,21 @@ def slate_inclusion_counts(
                          f"{top_scores.shape}, {shift.shape}, {base.shape}")
     if top_pool.shape != top_col.shape:
         raise ValueError("top_pool and top_col must have the same length")
-    fixed = np.ones(p, bool)
-    fixed[top_pool] = False
-    fixed_idx = np.flatnonzero(fixed)
-    fb = base[fixed_idx]
-    fboost = plan.boost[fixed_idx]
-    if fboost.any():
-        fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + fboost)))].astype(np.int32)
-    else:  # the same order (boost 0: adjusted = explored; a stable sort keeps ties in index order)
-        fixed_order = fixed_idx[np.argsort(-fb, kind="stable")].astype(np.int32)
+    if fixed_order is not None and not plan.boost.any():
+        fixed_order = _int_vector(fixed_order, np.int32, "fixed_order")
+        if fixed_order.size != p - top_pool.size:
+            raise ValueError(f"fixed_order has {fixed_order.size} items, expected {p - top_pool.size} "
+                             "(the pool items not in top_pool)")
+    else:
+        fixed = np.ones(p, bool)
+        fixed[top_pool] = False
+        fixed_idx = np.flatnonzero(fixed)
+        fb = base[fixed_idx]
+        fboost = plan.boost[fixed_idx]
+        if fboost.any():
+            fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + fboost)))].astype(np.int32)
+        else:  # the same order (boost 0: adjusted = explored; a stable sort keeps ties in index order)
+            fixed_order = fixed_idx[np.argsort(-fb, kind="stable")].astype(np.int32)
     hits = np.zeros(p, np.float64)
     # the kernel's per-draw buffers (each category's first max_per_category random items), when small
     C, maxpc = plan.counts0.size, int(plan.max_per_category)

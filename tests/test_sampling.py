@@ -377,8 +377,9 @@ def _explore_round(impl, gen, scores, succ, fail, kappa, m):
     n = scores.shape[0]
     out = {name: np.empty(n) for name in ("alpha", "beta", "pulls", "base")}
     out["top"], out["theta"], out["adjusted"] = np.empty(m, np.intp), np.empty(m), np.empty(n, np.float32)
+    out["order"], out["rest_order"] = np.empty(n, np.intp), np.empty(n - max(0, min(m, n)), np.intp)
     impl.thompson_explore(gen, scores, succ, fail, kappa, out["alpha"], out["beta"], out["pulls"], out["top"],
-                          out["theta"], out["adjusted"], out["base"])
+                          out["theta"], out["adjusted"], out["base"], out["order"], out["rest_order"])
     return out
 
 
@@ -406,6 +407,7 @@ def test_explore_with_prior_is_the_policy_round_on_the_numpy_prior(case):
     a, b = kappa * p + succ, kappa * (1.0 - p) + fail
     want = policy.explore(scores, a, b, succ + fail, 7.0, 3, ref, with_propensity=False)
     assert explored.scores.tobytes() == want.scores.tobytes()
+    np.testing.assert_array_equal(explored.layout.order, np.argsort(-want.scores, kind="stable"))
     assert alpha.tobytes() == a.tobytes() and beta.tobytes() == b.tobytes()
     assert pulls.tobytes() == (succ + fail).tobytes()
     # the draws for the final slate's propensities reuse the round's top M: the same draws as without it
@@ -423,7 +425,7 @@ def test_explore_with_prior_takes_the_numpy_steps_for_other_policies_and_dtypes(
                       (exploration.ThompsonPolicy(top_m=10, temperature=None), scores)]:  # float64 scores
         explored, alpha, beta, _ = exploration.explore_with_prior(policy, s, succ, fail, 10.0, 0.0, 5,
                                                                   np.random.default_rng(1))
-        assert explored.top is None
+        assert explored.layout is None
         p = np.clip(s.astype(np.float64), 1e-4, 1.0 - 1e-4)
         np.testing.assert_array_equal(alpha, 10.0 * p + succ)
         want = policy.explore(s, alpha, beta, succ + fail, 0.0, 5, np.random.default_rng(1), with_propensity=False)

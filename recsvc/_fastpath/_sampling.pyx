@@ -33,6 +33,7 @@
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport INFINITY, log, sqrt
+from libc.string cimport memcpy
 from numpy.random cimport bitgen_t
 
 from recsvc._fastpath._typedefs cimport float32_t, float64_t, intp_t, uint64_t
@@ -535,6 +536,57 @@ cdef enum ExploreStatus:
     EXPLORE_BAD_PARAMETER = 2            # some alpha/beta is <= 0, NaN or infinite
 
 
+cdef void _argsort_descending(
+    const float64_t *key,                # IN  (n,) no NaN
+    intp_t n,                            # IN
+    intp_t *order,                       # OUT (n,) positions by key descending, ties to the lower position
+    intp_t *order_tmp,                   # SCRATCH (n,)
+    uint64_t *bits,                      # SCRATCH (n,)
+    uint64_t *bits_tmp,                  # SCRATCH (n,)
+) noexcept nogil:
+    """``np.argsort(-key, kind="stable")``: an LSD radix sort (stable, so ties keep index order) on the keys'
+    bits mapped to unsigned integers that order like the keys, reversed; -0.0 counts as 0.0, as it
+    compares. A byte that every key shares costs one counting pass and no move."""
+    cdef intp_t i, b, shift
+    cdef intp_t counts[256]
+    cdef intp_t *swap_i
+    cdef uint64_t *swap_u
+    cdef uint64_t u
+    cdef float64_t x
+    cdef intp_t *out = order
+    for i in range(n):
+        x = key[i] + 0.0                 # -0.0 + 0.0 is +0.0
+        memcpy(&u, &x, sizeof(uint64_t))
+        # ascending order of doubles as unsigned: negative -> flip all bits, else flip the sign bit;
+        # then complemented, for descending
+        u = u ^ ((<uint64_t> 0xFFFFFFFFFFFFFFFF) if (u >> 63) else (<uint64_t> 1) << 63)
+        bits[i] = ~u
+        order[i] = i
+    for shift in range(0, 64, 8):
+        for b in range(256):
+            counts[b] = 0
+        for i in range(n):
+            counts[(bits[i] >> shift) & 255] += 1
+        if n == 0 or counts[(bits[0] >> shift) & 255] == n:
+            continue                     # every key has this byte: nothing moves
+        b = 0
+        for i in range(256):             # counts -> start of each bucket
+            b, counts[i] = b + counts[i], b
+        for i in range(n):
+            b = (bits[i] >> shift) & 255
+            bits_tmp[counts[b]] = bits[i]
+            order_tmp[counts[b]] = order[i]
+            counts[b] += 1
+        swap_u = bits
+        bits = bits_tmp
+        bits_tmp = swap_u
+        swap_i = order
+        order = order_tmp
+        order_tmp = swap_i
+    if order != out:                     # an odd number of moves: the result is in the scratch
+        memcpy(out, order, n * sizeof(intp_t))
+
+
 cdef int _thompson_explore(
     bitgen_t *rng,
     const float32_t[::1] scores,         # IN  (n,) the ranker's scores
@@ -548,9 +600,17 @@ cdef int _thompson_explore(
     float64_t[::1] theta,                # OUT (m,) the served round's draws for them
     float32_t[::1] adjusted,             # OUT (n,) the explored scores
     float64_t[::1] base,                 # OUT (n,) 0 on the top m; s - max(rest) - 1 on the rest
+    intp_t[::1] order,                   # OUT (n,) argsort(-adjusted, stable): the explored ordering
+    intp_t[::1] rest_order,              # OUT (n - m,) the rest by base descending, ties to the lower index
     float64_t *hs,                       # SCRATCH (m,)
     intp_t *hi,                          # SCRATCH (m,)
     BetaPlan *plans,                     # SCRATCH (m,)
+    float64_t *keys,                     # SCRATCH (n,)
+    intp_t *cand,                        # SCRATCH (n,)
+    intp_t *pos,                         # SCRATCH (n,)
+    intp_t *pos_tmp,                     # SCRATCH (n,)
+    uint64_t *bits,                      # SCRATCH (n,)
+    uint64_t *bits_tmp,                  # SCRATCH (n,)
 ) noexcept nogil:
     """Each step is the numpy expression it replaces, operation for operation (see
     ``recsvc._fastpath.twins.sampling.thompson_explore``), so the results are bit-identical."""
@@ -612,6 +672,21 @@ cdef int _thompson_explore(
             base[i] = s - 1.0
     for j in range(m):
         adjusted[top[j]] = <float32_t> theta[j]
+    # the explored ordering (float32 keys are exact as doubles: the same order and ties)
+    for i in range(n):
+        keys[i] = <float64_t> adjusted[i]
+    _argsort_descending(keys, n, &order[0], pos_tmp, bits, bits_tmp)
+    # the rest by base: what the final slate's propensity rounds walk (slate_inclusion_counts)
+    h = 0
+    for i in range(n):
+        if base[i] != 0.0:               # (the rest's base is <= -1, the top's 0)
+            keys[h] = base[i]
+            cand[h] = i
+            h += 1
+    if h:
+        _argsort_descending(keys, h, pos, pos_tmp, bits, bits_tmp)
+        for j in range(h):
+            rest_order[j] = cand[pos[j]]
     return EXPLORE_OK
 
 
@@ -628,34 +703,43 @@ def thompson_explore(
     float64_t[::1] theta,                # OUT (m,)
     float32_t[::1] adjusted,             # OUT (n,)
     float64_t[::1] base,                 # OUT (n,)
+    intp_t[::1] order,                   # OUT (n,)
+    intp_t[::1] rest_order,              # OUT (n - m,)
 ):
     """One Thompson round over the top m (unweighted), with its Beta prior, in one call: alpha, beta and
     pulls from the ranker's scores and the evidence, the top m, their Beta draws (``theta``, drawn in index
     order, as ``gen.beta(alpha[top], beta[top])``), the explored scores and the rest's base for further
-    draws. Raises ValueError (drawing nothing) for a non-finite score or an invalid Beta parameter."""
+    draws, the explored ordering (``np.argsort(-adjusted, kind="stable")``) and the rest by base
+    (descending, ties to the lower index). Raises ValueError (drawing nothing) for a non-finite score or an invalid Beta parameter."""
     cdef intp_t n = scores.shape[0], m = top.shape[0]
     cdef int status
     cdef object bit_generator = _bit_generator_of(gen)
     cdef bitgen_t *rng = _bitgen_of(bit_generator)
     if not (succ.shape[0] == fail.shape[0] == alpha.shape[0] == beta.shape[0] == pulls.shape[0]
-            == adjusted.shape[0] == base.shape[0] == n) or theta.shape[0] != m or not 1 <= m <= n:
+            == adjusted.shape[0] == base.shape[0] == order.shape[0] == n) or theta.shape[0] != m \
+            or rest_order.shape[0] != n - m or not 1 <= m <= n:
         raise ValueError("thompson_explore: the arrays disagree in shape (or the top m is not 1..n)")
-    cdef float64_t *hs = <float64_t *> PyMem_Malloc(m * sizeof(float64_t))
-    cdef intp_t *hi = <intp_t *> PyMem_Malloc(m * sizeof(intp_t))
-    cdef BetaPlan *plans = <BetaPlan *> PyMem_Malloc(m * sizeof(BetaPlan))
-    if hs == NULL or hi == NULL or plans == NULL:
-        PyMem_Free(hs)
-        PyMem_Free(hi)
-        PyMem_Free(plans)
+    # one block for every scratch array: m (score, index, plan) heap entries, n keys, 3 n positions, 2 n bits
+    cdef char *block = <char *> PyMem_Malloc(m * (sizeof(float64_t) + sizeof(intp_t) + sizeof(BetaPlan))
+                                             + n * (sizeof(float64_t) + 3 * sizeof(intp_t) + 2 * sizeof(uint64_t)))
+    if block == NULL:
         raise MemoryError()
+    cdef float64_t *hs = <float64_t *> block
+    cdef float64_t *keys = hs + m
+    cdef uint64_t *bits = <uint64_t *> (keys + n)
+    cdef uint64_t *bits_tmp = bits + n
+    cdef intp_t *hi = <intp_t *> (bits_tmp + n)
+    cdef intp_t *cand = hi + m
+    cdef intp_t *pos = cand + n
+    cdef intp_t *pos_tmp = pos + n
+    cdef BetaPlan *plans = <BetaPlan *> (pos_tmp + n)
     try:
         with bit_generator.lock, nogil:
             status = _thompson_explore(rng, scores, succ, fail, kappa, alpha, beta, pulls, top, theta, adjusted,
-                                       base, hs, hi, plans)
+                                       base, order, rest_order, hs, hi, plans, keys, cand, pos, pos_tmp, bits,
+                                       bits_tmp)
     finally:
-        PyMem_Free(hs)
-        PyMem_Free(hi)
-        PyMem_Free(plans)
+        PyMem_Free(block)
     if status == EXPLORE_BAD_SCORE:
         raise ValueError("scores must be finite (the ranker returned NaN or an infinite score)")
     if status == EXPLORE_BAD_PARAMETER:
