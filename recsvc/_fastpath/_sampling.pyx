@@ -33,7 +33,7 @@
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport INFINITY, log, sqrt
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from numpy.random cimport bitgen_t
 
 from recsvc._fastpath._typedefs cimport float32_t, float64_t, intp_t, uint64_t
@@ -546,37 +546,40 @@ cdef void _argsort_descending(
 ) noexcept nogil:
     """``np.argsort(-key, kind="stable")``: an LSD radix sort (stable, so ties keep index order) on the keys'
     bits mapped to unsigned integers that order like the keys, reversed; -0.0 counts as 0.0, as it
-    compares. A byte that every key shares costs one counting pass and no move."""
-    cdef intp_t i, b, shift
-    cdef intp_t counts[256]
+    compares. One pass counts all 8 bytes; a byte every key shares is skipped (float32 scores as doubles
+    share their low 3). About half numpy's stable argsort at n = 1000."""
+    cdef intp_t i, b, d, shift, start
+    cdef intp_t counts[8][256]
     cdef intp_t *swap_i
+    cdef intp_t *out = order
     cdef uint64_t *swap_u
     cdef uint64_t u
     cdef float64_t x
-    cdef intp_t *out = order
+    memset(&counts[0][0], 0, sizeof(counts))
     for i in range(n):
         x = key[i] + 0.0                 # -0.0 + 0.0 is +0.0
         memcpy(&u, &x, sizeof(uint64_t))
-        # ascending order of doubles as unsigned: negative -> flip all bits, else flip the sign bit;
-        # then complemented, for descending
-        u = u ^ ((<uint64_t> 0xFFFFFFFFFFFFFFFF) if (u >> 63) else (<uint64_t> 1) << 63)
-        bits[i] = ~u
+        # doubles order as unsigned once negatives flip every bit and the rest the sign bit; complemented
+        # for descending
+        u = ~(u ^ ((<uint64_t> 0xFFFFFFFFFFFFFFFF) if (u >> 63) else (<uint64_t> 1) << 63))
+        bits[i] = u
         order[i] = i
-    for shift in range(0, 64, 8):
-        for b in range(256):
-            counts[b] = 0
-        for i in range(n):
-            counts[(bits[i] >> shift) & 255] += 1
-        if n == 0 or counts[(bits[0] >> shift) & 255] == n:
+        for d in range(8):
+            counts[d][(u >> (8 * d)) & 255] += 1
+    if n == 0:
+        return
+    for d in range(8):
+        shift = 8 * d
+        if counts[d][(bits[0] >> shift) & 255] == n:
             continue                     # every key has this byte: nothing moves
-        b = 0
-        for i in range(256):             # counts -> start of each bucket
-            b, counts[i] = b + counts[i], b
+        start = 0
+        for b in range(256):             # counts -> where each bucket starts
+            start, counts[d][b] = start + counts[d][b], start
         for i in range(n):
             b = (bits[i] >> shift) & 255
-            bits_tmp[counts[b]] = bits[i]
-            order_tmp[counts[b]] = order[i]
-            counts[b] += 1
+            bits_tmp[counts[d][b]] = bits[i]
+            order_tmp[counts[d][b]] = order[i]
+            counts[d][b] += 1
         swap_u = bits
         bits = bits_tmp
         bits_tmp = swap_u
