@@ -485,7 +485,7 @@ class RequestPath:
             rows.astype(np.int32), n, rules, embeddings=embeddings, categories=categories, maturity=maturity,
             created_at_ms=created, now_ms=now_ms, popularity_percentile=pct, row_of=cat.row_of.get,
             eligible=eligible, max_maturity=flt.max_maturity,
-            freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+            freshness_half_life_days=cfg.ranking.freshness_half_life_days, distinct_rows=True,  # candidates
         )
 
     def _extended_inputs(self, cands: Candidates, history, cfg: Config):
@@ -534,6 +534,7 @@ class RequestPath:
             categories=categories, maturity=maturity, created_at_ms=created, now_ms=now_ms,
             popularity_percentile=pct, row_of=cat.row_of.get, eligible=eligible,
             max_maturity=flt.max_maturity, freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+            distinct_rows=True,  # candidates (in any order) hold each row once
         )
 
 

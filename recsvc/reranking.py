@@ -278,6 +278,7 @@ def rerank(
     max_maturity: int,
     freshness_half_life_days: float,
     use_native: bool = True,
+    distinct_rows: bool = False,
 ) -> Slate:
     """Apply the business rules (see the module docstring) and return the slate.
 
@@ -289,7 +290,8 @@ def rerank(
     ``row_of`` maps an item id to its row (None if unknown) and ``eligible``
     says whether a row passes the request's filters; both are called only for
     pinned and sponsored items (the pool is assumed filtered already, except for
-    maturity, which is enforced here again).
+    maturity, which is enforced here again). ``distinct_rows``: the caller knows ``rows`` holds no row
+    twice (retrieval's candidates), so the duplicate check (a sort) is skipped.
     """
     k = _check_k(k)
     rows = _int_vector(rows, np.int32, "rows")
@@ -324,7 +326,7 @@ def rerank(
     reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
 
     # organic pool: maturity, duplicates, reserved rows out
-    keep = _organic(rows, maturity, ceiling, reserved_rows)
+    keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
     if keep.all():  # the usual case: nothing to drop, no gathers
         pool, prow = np.arange(m, dtype=np.int32), rows
     else:
@@ -368,13 +370,15 @@ def rerank(
     return _assemble(k, slots, chosen, pool, rows, scores)
 
 
-def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows: np.ndarray) -> np.ndarray:
-    """bool[m]: which of ``rows`` make the organic pool (maturity, reserved rows out, first occurrence only)."""
+def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows: np.ndarray,
+             distinct: bool = False) -> np.ndarray:
+    """bool[m]: which of ``rows`` make the organic pool (maturity, reserved rows out, first occurrence only;
+    ``distinct``: rows known to hold no duplicate)."""
     m = rows.shape[0]
     keep = maturity[rows] <= ceiling
     if reserved_rows.size:
         keep &= ~np.isin(rows, reserved_rows)
-    if m > 1:
+    if m > 1 and not distinct:
         sorted_rows = np.sort(rows)
         if (sorted_rows[1:] == sorted_rows[:-1]).any():  # keep each row's first (best) occurrence
             first = np.zeros(m, bool)
@@ -459,6 +463,7 @@ def selection_plan(
     eligible: Callable[[int], bool],
     max_maturity: int,
     freshness_half_life_days: float,
+    distinct_rows: bool = False,
 ) -> SelectionPlan:
     """The order-independent part of :func:`rerank` for candidate ``rows`` (any order; arguments as
     rerank's): the organic pool, boosts, quota counts and, for MMR, the pool's pairwise similarities
@@ -471,7 +476,7 @@ def selection_plan(
     ceiling = min(int(rules.max_maturity), int(max_maturity))
     slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N) if k else {}
     reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
-    keep = _organic(rows, maturity, ceiling, reserved_rows)
+    keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
     prow = rows[keep]
     boost = np.zeros(prow.size, np.float32)
     _add_boosts(boost, prow, rules, created_at_ms, now_ms, float(freshness_half_life_days), popularity_percentile)
