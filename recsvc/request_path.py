@@ -193,6 +193,7 @@ class RequestPath:
         from recsvc.ranking import ALL_FEATURES, gather_features
 
         ranker = self.rankers.get(cfg.ranking.model_path)
+        succ, fail = self.state.bandit_evidence(cands.rows)  # (ranking's features and exploration's prior)
         features = None
         left = deadline_ns - t1
         if len(cands) == 0:
@@ -204,7 +205,7 @@ class RequestPath:
             reasons.append("ranking_skipped")
         else:
             inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg,
-                                         extended=ranker.uses_extended)
+                                         extended=ranker.uses_extended, evidence=(succ, fail))
             features = gather_features(inputs, cfg.ranking.freshness_half_life_days)
             scores = ranker.score_gathered(features)
         t2 = time.perf_counter_ns()
@@ -214,7 +215,6 @@ class RequestPath:
 
         # The ranker's click probability is each candidate's prior mean; the
         # item's own clicks and skips move it (see README, "Exploration").
-        succ, fail = self.state.bandit_evidence(cands.rows)
         kappa = cfg.exploration.prior_strength
         policy = self.policy(cfg)
         rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
@@ -379,7 +379,7 @@ class RequestPath:
         excl = [r for r in (row_of.get(i) for i in q.exclude_item_ids) if r is not None]
         if cfg.retrieval.exclude_consumed:
             excl.extend(r for r, _ in history)
-        return RowFilter(allowed, blocked, max_mat, np.unique(np.asarray(excl, np.int32)))
+        return RowFilter(allowed, blocked, max_mat, _sorted_distinct(excl))
 
     def _category_mask(self, names: Sequence[str]) -> np.ndarray | None:
         """bool[n_categories]: which codes the names denote (unknown names denote none); None for no names."""
@@ -395,9 +395,9 @@ class RequestPath:
 
     # -- ranking and re-ranking inputs ----------------------------------------------------------------------
     def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config,
-                       extended: bool = False):
+                       extended: bool = False, evidence: tuple[np.ndarray, np.ndarray] | None = None):
         """The ranking stage's inputs; ``extended``: with what the extended features need (a ranker
-        that uses them)."""
+        that uses them); ``evidence``: the candidates' ``state.bandit_evidence``, when the caller has it."""
         from recsvc.ranking import FeatureInputs
 
         cat = self.catalog
@@ -411,7 +411,7 @@ class RequestPath:
         # over a compact view (rows 0..n-1 of per-candidate arrays).
         rows = cands.rows
         e = cfg.exploration
-        succ, fail = self.state.bandit_evidence(rows)
+        succ, fail = self.state.bandit_evidence(rows) if evidence is None else evidence
         return FeatureInputs(
             user_vec=user_vec if user_vec is not None else np.zeros(cat.dim, np.float32),
             embeddings=np.take(cat.embeddings, rows, axis=0),  # (take: ~2x a fancy-index row gather)
@@ -583,6 +583,18 @@ def _zeros_f32(n: int) -> np.ndarray:
         z = _ZEROS[n] = np.zeros(n, np.float32)
         z.setflags(write=False)
     return z
+
+
+def _sorted_distinct(rows: list[int]) -> np.ndarray:
+    """``np.unique(np.asarray(rows, np.int32))`` for the few rows of one request, without its overhead."""
+    out = np.asarray(rows, np.int32)
+    out.sort()
+    if out.size > 1:
+        first = np.empty(out.size, bool)
+        first[0] = True
+        np.not_equal(out[1:], out[:-1], out=first[1:])
+        out = out[first]
+    return out
 
 
 def _retrieval_order_scores(c: Candidates) -> np.ndarray:
