@@ -475,3 +475,28 @@ def test_compiled_wrappers_report_inconsistent_inputs_as_errors() -> None:
     assert outs[1].tolist() == [0, 0, 0] and not outs[2].any()  # refused before writing anything
     with pytest.raises(ValueError, match=r"retrieval kernel: merge_sources rows must be catalog rows \(>= 0\)"):
         compiled.merge_sources(np.array([3, -1, -1], np.int32), src, m_scores, *_merge_outputs(3))
+
+
+def test_aggregate_neighbours_reads_any_buffer_as_it_reads_plain_arrays() -> None:
+    """The kernel reads an int32 / float64 C-contiguous ndarray's data pointer directly; other buffers (an
+    array.array, a big-endian copy) go through typed memoryviews, and give the same sums."""
+    import array
+
+    rs = np.random.default_rng(3)
+    rows = [rs.integers(0, 50, 12).astype(np.int32) for _ in range(4)]
+    scores = [rs.random(12) for _ in range(4)]
+    weights = np.array([1.0, 0.5, 0.25, 0.125])
+    alive, mat, cats = np.ones(50, np.uint8), np.zeros(50, np.int32), np.zeros(50, np.int32)
+    flt = (alive, mat, cats, 10, np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.empty(0, np.int32))
+
+    def run(r, s):
+        out_r, out_s = np.empty(48, np.int32), np.empty(48, np.float32)
+        n = compiled.aggregate_neighbours(r, s, weights, *flt, out_r, out_s)
+        return out_r[:n].tolist(), out_s[:n].tolist()
+
+    want = run(rows, scores)
+    assert run([array.array("i", r.tolist()) for r in rows], [array.array("d", s.tolist()) for s in scores]) == want
+    mixed_rows = [rows[0], array.array("i", rows[1].tolist()), rows[2], rows[3]]
+    assert run(mixed_rows, [scores[0], scores[1], scores[2].copy(), scores[3]]) == want
+    with pytest.raises(ValueError):  # a big-endian array is no native int32 buffer: refused, not misread
+        run([rows[0].astype(">i4")] + rows[1:], scores)

@@ -37,7 +37,10 @@ from libc.string cimport memset
 
 from recsvc._fastpath._typedefs cimport float32_t, float64_t, int8_t, int32_t, intp_t, uint8_t, uint32_t, uint64_t
 
+cimport numpy as cnp
 from numpy import ndarray as _ndarray
+
+cnp.import_array()
 
 
 # Kernels return a count (>= 0) or one of these.
@@ -281,6 +284,13 @@ cdef intp_t _aggregate_neighbours(
     return n_out
 
 
+cdef inline bint _plain_vector(object x, int typenum):
+    """x is an ndarray of exactly this dtype, 1-D, C-contiguous, aligned and in native byte order (its data
+    pointer can be read as is)."""
+    return (type(x) is _ndarray and cnp.PyArray_TYPE(<cnp.ndarray> x) == typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray> x) == 1 and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray> x))
+
+
 def aggregate_neighbours(list neighbour_rows, list neighbour_scores, const float64_t[::1] weights,
                          const uint8_t[::1] alive, const int32_t[::1] maturity,
                          const int32_t[::1] categories, int32_t max_maturity,
@@ -311,16 +321,26 @@ def aggregate_neighbours(list neighbour_rows, list neighbour_scores, const float
         return _check(NO_MEMORY)
     try:
         for j in range(n_lists):
-            nr = rows_held[j]
-            ns = scores_held[j]
-            lists[j].rows = &nr[0] if nr.shape[0] else NULL
-            lists[j].n_rows = nr.shape[0]
-            lists[j].scores = &ns[0] if ns.shape[0] else NULL
-            lists[j].n_scores = ns.shape[0]
-            if type(rows_held[j]) is not _ndarray:
-                buffers_held.append(nr)
-            if type(scores_held[j]) is not _ndarray:
-                buffers_held.append(ns)
+            # an int32 / float64 C-contiguous 1-D ndarray (the state's lists): its data pointer, without the
+            # cost of a typed memoryview per array (~1 us each, 40 per request)
+            if _plain_vector(rows_held[j], cnp.NPY_INT32):
+                lists[j].rows = <const int32_t*> cnp.PyArray_DATA(<cnp.ndarray> rows_held[j])
+                lists[j].n_rows = cnp.PyArray_DIM(<cnp.ndarray> rows_held[j], 0)
+            else:
+                nr = rows_held[j]
+                lists[j].rows = &nr[0] if nr.shape[0] else NULL
+                lists[j].n_rows = nr.shape[0]
+                if type(rows_held[j]) is not _ndarray:
+                    buffers_held.append(nr)
+            if _plain_vector(scores_held[j], cnp.NPY_FLOAT64):
+                lists[j].scores = <const float64_t*> cnp.PyArray_DATA(<cnp.ndarray> scores_held[j])
+                lists[j].n_scores = cnp.PyArray_DIM(<cnp.ndarray> scores_held[j], 0)
+            else:
+                ns = scores_held[j]
+                lists[j].scores = &ns[0] if ns.shape[0] else NULL
+                lists[j].n_scores = ns.shape[0]
+                if type(scores_held[j]) is not _ndarray:
+                    buffers_held.append(ns)
         with nogil:
             count = _aggregate_neighbours(lists, n_lists, weights, alive, maturity, categories, max_maturity,
                                           allowed, has_allowed, blocked, exclude, out_rows, out_scores)
