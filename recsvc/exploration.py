@@ -76,7 +76,9 @@ Compiled kernels
 :func:`thompson_topk_propensities` validate here and run in
 ``recsvc._fastpath._sampling`` without the GIL, drawing through the
 Generator's bit generator with numpy's own ``random_beta``: a seeded Generator
-yields exactly the draws ``rng.beta(alpha, beta)`` would.
+yields exactly the draws ``rng.beta(alpha, beta)`` would. The request path's
+round, :func:`explore_with_prior`, is one such call for Thompson: the Beta
+prior, the top M, the served draws, the explored scores and their ordering.
 """
 
 from __future__ import annotations
@@ -615,7 +617,8 @@ class ThompsonPolicy(ExplorationPolicy):
         reused (the same ``scores``, so the same values)."""
         n = scores.shape[0]
         m = min(self.top_m, n)
-        if served is not None and served.layout is not None and self.temperature is None:
+        if (served is not None and served.layout is not None and self.temperature is None
+                and served.layout.top.shape[0] == m):
             ts = np.empty((n_draws, m), dtype=np.float32)
             shift = np.empty(n_draws, dtype=np.float64)
             top = served.layout.top
