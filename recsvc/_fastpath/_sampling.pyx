@@ -300,6 +300,26 @@ cdef inline void _sift_down(
     hi[pos] = idx
 
 
+cdef inline intp_t _heap_offer(
+    float64_t *hs, intp_t *hi, intp_t size, intp_t cap, float64_t s, intp_t idx
+) noexcept nogil:
+    """Offer (s, idx) to a min-heap keeping the ``cap`` best pairs, rooted at its worst member, that holds
+    ``size``; returns its new size. Pairs are appended until it is full, then heapified at once."""
+    cdef intp_t h
+    if size < cap:
+        hs[size] = s
+        hi[size] = idx
+        size += 1
+        if size == cap:
+            for h in range(cap // 2 - 1, -1, -1):
+                _sift_down(hs, hi, cap, h)
+    elif _worse(hs[0], hi[0], s, idx):
+        hs[0] = s
+        hi[0] = idx
+        _sift_down(hs, hi, cap, 0)
+    return size
+
+
 cdef void _select_best(
     const float64_t *theta,              # IN  (m,) scores
     intp_t m,                            # IN
@@ -317,7 +337,7 @@ cdef void _select_best(
     -0.0 == 0.0), so the same min-heap serves both."""
     cdef float64_t sg = -1.0 if worst else 1.0
     cdef intp_t ig = -1 if worst else 1
-    cdef intp_t w, c, h, size = 0
+    cdef intp_t w, c, size = 0
     cdef uint64_t word
     cdef float64_t s
     cdef bint swap
@@ -330,22 +350,13 @@ cdef void _select_best(
             word &= word - 1
             s = sg * theta[c]
             c = ig * c
-            if size < j:
-                hs[size] = s
-                hi[size] = c
-                size += 1
-                if size == j:
-                    for h in range(j // 2 - 1, -1, -1):
-                        _sift_down(hs, hi, j, h)
-            elif j == 1:
-                # The common case, kept free of unpredictable branches.
+            if size < j or j != 1:
+                size = _heap_offer(hs, hi, size, j, s, c)
+            else:
+                # j == 1, filled: the common case, kept free of unpredictable branches.
                 swap = _better_nobranch(s, c, hs[0], hi[0])
                 hs[0] = s if swap else hs[0]
                 hi[0] = c if swap else hi[0]
-            elif _worse(hs[0], hi[0], s, c):
-                hs[0] = s
-                hi[0] = c
-                _sift_down(hs, hi, j, 0)
 
 
 cdef int _thompson_topk_counts(
@@ -633,18 +644,7 @@ cdef int _thompson_explore(
             return EXPLORE_BAD_PARAMETER
     # the top m: a min-heap on (score, index) rooted at its worst member
     for i in range(n):
-        s = <float64_t> scores[i]
-        if size < m:
-            hs[size] = s
-            hi[size] = i
-            size += 1
-            if size == m:
-                for h in range(m // 2 - 1, -1, -1):
-                    _sift_down(hs, hi, m, h)
-        elif _worse(hs[0], hi[0], s, i):
-            hs[0] = s
-            hi[0] = i
-            _sift_down(hs, hi, m, 0)
+        size = _heap_offer(hs, hi, size, m, <float64_t> scores[i], i)
     # in index order (insertion sort: m is small)
     for i in range(m):
         idx = hi[i]
