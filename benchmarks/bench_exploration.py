@@ -11,6 +11,8 @@ Groups (each report shows the ratio within a group):
                           posteriors (alpha = 100 p + s, beta = 100 (1 - p) + f), and the compiled
                           kernel at M=100 with 256 rounds.
   policy-explore          ``policy.explore`` for n=1000 ranked candidates, k=20, each policy.
+  thompson-round-1000     the request's exploration round with its Beta prior (``explore_with_prior``, the
+                          served Thompson policy, n=1000): one compiled call beside the numpy steps (its twin).
   slate-inclusion-*       the final slate's propensity rounds re-ranked (quota 3, or MMR 0.3), 1000 pool
                           items, 32 rounds: the compiled kernel beside its Python twin.
 
@@ -195,6 +197,37 @@ def test_inclusion_numpy_twin(benchmark, inclusion_inputs):
     assert hits.sum() == INCLUSION_DRAWS * K
 
 
+# --------------------------------------------------------------------------
+# thompson-round: the request's exploration round with its Beta prior (explore_with_prior), n = 1000
+
+
+@pytest.fixture(scope="module")
+def round_inputs():
+    rs = np.random.default_rng(5)
+    n = 1000
+    scores = rs.beta(2.0, 30.0, n).astype(np.float32)  # the ranker's click probabilities
+    shows = rs.integers(0, 40, n)
+    clicks = rs.binomial(shows, 0.05)
+    return scores, clicks.astype(np.float64), (shows - clicks).astype(np.float64)
+
+
+@pytest.mark.benchmark(group="thompson-round-1000")
+def test_thompson_round_compiled(benchmark, round_inputs, rng):
+    """``explore_with_prior`` for the served Thompson policy: one compiled call (prior, top M, the draws)."""
+    policy = exploration.ThompsonPolicy(top_m=M, n_propensity_draws=DRAWS, temperature=None)
+    scores, succ, fail = round_inputs
+    benchmark(exploration.explore_with_prior, policy, scores, succ, fail, _E.prior_strength, 0.0, K, rng)
+
+
+@pytest.mark.benchmark(group="thompson-round-1000")
+def test_thompson_round_numpy_twin(benchmark, round_inputs, rng):
+    """The same round by the numpy steps the kernel replaces (its twin)."""
+    policy = exploration.ThompsonPolicy(top_m=M, n_propensity_draws=DRAWS, temperature=None)
+    scores, succ, fail = round_inputs
+    benchmark(exploration.explore_with_prior, policy, scores, succ, fail, _E.prior_strength, 0.0, K, rng,
+              use_native=False)
+
+
 #: Compiled benchmark -> its numpy twin in the same group; the run fails if the compiled one is slower
 #: (benchmarks/conftest.py, "the gate").
 KERNEL_TWINS = [
@@ -202,4 +235,5 @@ KERNEL_TWINS = [
     (test_beta_public_wrapper, test_beta_numpy_generator),
     (test_propensities_compiled, test_propensities_numpy_twin),
     (test_inclusion_compiled, test_inclusion_numpy_twin),
+    (test_thompson_round_compiled, test_thompson_round_numpy_twin),
 ]

@@ -76,7 +76,9 @@ Compiled kernels
 :func:`thompson_topk_propensities` validate here and run in
 ``recsvc._fastpath._sampling`` without the GIL, drawing through the
 Generator's bit generator with numpy's own ``random_beta``: a seeded Generator
-yields exactly the draws ``rng.beta(alpha, beta)`` would.
+yields exactly the draws ``rng.beta(alpha, beta)`` would. The request path's
+round, :func:`explore_with_prior`, is one such call for Thompson: the Beta
+prior, the top M, the served draws, the explored scores and their ordering.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc._fastpath import _sampling
+from recsvc._fastpath.twins import sampling as _twin
 
 __all__ = [
     "DEFAULT_PROPENSITY_DRAWS",
@@ -100,10 +103,13 @@ __all__ = [
     "EpsilonGreedyPolicy",
     "Exploration",
     "ExplorationPolicy",
+    "RoundLayout",
     "ScoreDraws",
     "GreedyPolicy",
     "ThompsonPolicy",
     "UCB1Policy",
+    "beta_prior",
+    "explore_with_prior",
     "update_evidence",
     "update_evidence_row",
     "make_policy",
@@ -388,6 +394,25 @@ class Exploration:
 
     scores: F32
     propensity: F64
+    #: what :func:`explore_with_prior`'s compiled call worked out beside the scores (None otherwise)
+    layout: RoundLayout | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundLayout:
+    """A Thompson round's layout, for the request's later steps (so none of them sorts or selects again).
+
+    top:        intp[M], the top M candidates (index order): ``ThompsonPolicy.draw_scores`` draws them
+    rest_base:  float64[n], 0 on the top M, ``s - max(rest) - 1`` on the others (``ScoreDraws.base``)
+    order:      intp[n], ``np.argsort(-scores, kind="stable")`` of the explored scores
+    rest_order: intp[n - M], the others by ``rest_base`` descending, ties to the lower index: the order the
+                final slate's propensity rounds walk them in (``slate_inclusion_counts``)
+    """
+
+    top: IntP
+    rest_base: F64
+    order: IntP
+    rest_order: IntP
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,9 +611,19 @@ class ThompsonPolicy(ExplorationPolicy):
         propensity[top] = counts / (draws + 1)
         return Exploration(adjusted, propensity)
 
-    def draw_scores(self, scores, alpha, beta, pulls, total_pulls, k, rng, n_draws) -> ScoreDraws:
+    def draw_scores(self, scores, alpha, beta, pulls, total_pulls, k, rng, n_draws,
+                    served: Exploration | None = None) -> ScoreDraws:
+        """``served``: the request's own round from :func:`explore_with_prior`; its top M and base are
+        reused (the same ``scores``, so the same values)."""
         n = scores.shape[0]
         m = min(self.top_m, n)
+        if (served is not None and served.layout is not None and self.temperature is None
+                and served.layout.top.shape[0] == m):
+            ts = np.empty((n_draws, m), dtype=np.float32)
+            shift = np.empty(n_draws, dtype=np.float64)
+            top = served.layout.top
+            _sampling.thompson_score_draws(rng, alpha[top], beta[top], None, ts, shift)
+            return ScoreDraws(top, ts, served.layout.rest_base, shift)
         top = np.sort(top_k_indices(scores, m))
         # in the order thompson_topk_propensities draws (row-major, one round per row), weighted
         ts = np.empty((n_draws, m), dtype=np.float32)
@@ -690,6 +725,60 @@ class EpsilonGreedyPolicy(ExplorationPolicy):
         greedy = rng.random(n_draws) >= float(self.epsilon)
         draws.top_scores[greedy] = scores[draws.top]
         return draws
+
+
+def beta_prior(scores: F32, successes: F64, failures: F64, prior_strength: float) -> tuple[F64, F64, F64]:
+    """``(alpha, beta, pulls)``: the ranker's click probability ``p = clip(scores, 1e-4, 1 - 1e-4)`` as each
+    candidate's prior mean with ``prior_strength`` pseudo-counts, moved by the item's own clicks and skips."""
+    p = np.clip(scores.astype(np.float64), 1e-4, 1.0 - 1e-4)
+    return (prior_strength * p + successes, prior_strength * (1.0 - p) + failures, successes + failures)
+
+
+def explore_with_prior(
+    policy: ExplorationPolicy,
+    scores: npt.ArrayLike,
+    successes: npt.ArrayLike,
+    failures: npt.ArrayLike,
+    prior_strength: float,
+    total_pulls: float,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    use_native: bool = True,
+) -> tuple[Exploration, F64, F64, F64]:
+    """The request's exploration round with the ranker's click probability as each candidate's prior mean:
+    ``(explored, alpha, beta, pulls)`` with ``p = clip(scores, 1e-4, 1 - 1e-4)``,
+    ``alpha = prior_strength * p + successes``, ``beta = prior_strength * (1 - p) + failures``,
+    ``pulls = successes + failures``, and ``explored = policy.explore(scores, alpha, beta, pulls, total_pulls,
+    k, rng, with_propensity=False)``.
+
+    Thompson without a temperature (the request path's) runs it all in one compiled call
+    (``_sampling.thompson_explore``: prior, top M, the served draws, the explored scores, without the GIL) and
+    keeps the round's :class:`RoundLayout` in ``explored`` (the top M, the rest's base, the ordering); the
+    same values and the same draws as the numpy steps (``use_native=False`` runs its twin)."""
+    given = np.asarray(scores)
+    s = _vector(given, "scores", np.float32)
+    n = s.shape[0]
+    succ = _vector(successes, "successes", np.float64, n)
+    fail = _vector(failures, "failures", np.float64, n)
+    kappa = float(prior_strength)
+    # (the kernel takes the prior from float32 scores: other dtypes take the numpy steps)
+    if n and given.dtype == np.float32 and isinstance(policy, ThompsonPolicy) and policy.temperature is None:
+        rng = _check_rng(rng)
+        total = float(total_pulls)
+        if not 0.0 <= total < math.inf:
+            raise ValueError(f"total_pulls must be >= 0 and finite, got {total_pulls!r}")
+        _count(k, "k", 0)
+        m = min(policy.top_m, n)
+        alpha, beta, pulls, base = (np.empty(n, np.float64) for _ in range(4))
+        top, theta, adjusted = np.empty(m, np.intp), np.empty(m, np.float64), np.empty(n, np.float32)
+        order, rest_order = np.empty(n, np.intp), np.empty(n - m, np.intp)
+        (_sampling if use_native else _twin).thompson_explore(rng, s, succ, fail, kappa, alpha, beta, pulls, top,
+                                                              theta, adjusted, base, order, rest_order)
+        layout = RoundLayout(top, base, order, rest_order)
+        return Exploration(adjusted, np.zeros(n, np.float64), layout), alpha, beta, pulls
+    alpha, beta, pulls = beta_prior(given, succ, fail, kappa)
+    return policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False), alpha, beta, pulls
 
 
 POLICIES: dict[str, type[ExplorationPolicy]] = {

@@ -193,6 +193,7 @@ class RequestPath:
         from recsvc.ranking import ALL_FEATURES, gather_features
 
         ranker = self.rankers.get(cfg.ranking.model_path)
+        succ, fail = self.state.bandit_evidence(cands.rows)  # (ranking's features and exploration's prior)
         features = None
         left = deadline_ns - t1
         if len(cands) == 0:
@@ -204,34 +205,33 @@ class RequestPath:
             reasons.append("ranking_skipped")
         else:
             inputs = self.feature_inputs(user_vec, cands, history, q.context, now, cfg,
-                                         extended=ranker.uses_extended)
+                                         extended=ranker.uses_extended, evidence=(succ, fail))
             features = gather_features(inputs, cfg.ranking.freshness_half_life_days)
             scores = ranker.score_gathered(features)
         t2 = time.perf_counter_ns()
 
         # -- exploration
+        from recsvc.exploration import Exploration, beta_prior, explore_with_prior
+
         # The ranker's click probability is each candidate's prior mean; the
         # item's own clicks and skips move it (see README, "Exploration").
-        succ, fail = self.state.bandit_evidence(cands.rows)
-        p = np.clip(scores.astype(np.float64), 1e-4, 1.0 - 1e-4)
         kappa = cfg.exploration.prior_strength
-        alpha, beta, pulls = kappa * p + succ, kappa * (1.0 - p) + fail, succ + fail
         policy = self.policy(cfg)
         rng, total_pulls, k_explore = self._rng(), float(self.state.total_impressions()), min(n, len(cands))
         main_rules, target_prop = rules, None  # outside the slice: what the request would have been served with
         if random_slice:
             # uniformly at random from the eligible candidates: random scores, and below only the hard
             # rules (filters, maturity, pinned and sponsored slots); a generator of its own
-            from recsvc.exploration import Exploration
-
             explored = Exploration(self._propensity_rng().random(len(cands)).astype(np.float32),
                                    np.zeros(len(cands)))
+            alpha, beta, pulls = beta_prior(scores, succ, fail, kappa)
             rules = rules.model_copy(update={"max_per_category": 0, "mmr_lambda": 0.0, "freshness_boost": 0.0,
                                              "long_tail_boost": 0.0})
         else:
-            explored = policy.explore(scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore, rng,
-                                      with_propensity=False)
-        order = np.argsort(-explored.scores, kind="stable")
+            # prior, draws and explored scores (Thompson: one compiled call)
+            explored, alpha, beta, pulls = explore_with_prior(policy, scores, succ, fail, kappa, total_pulls,
+                                                              k_explore, rng)
+        order = explored.layout.order if explored.layout is not None else np.argsort(-explored.scores, kind="stable")
         t3 = time.perf_counter_ns()
 
         # -- stage 3: re-ranking
@@ -273,35 +273,33 @@ class RequestPath:
                 _propensity_draws(policy, cfg))
         t4b = time.perf_counter_ns()
 
-        # -- response and the served-slate record
-        pool_of_row = order  # pool index -> candidate index
-        items: list[SlateItem] = []
-        rows_out, props_out, target_out = [], [], []
-        floor = cfg.exploration.min_propensity
+        # -- response and the served-slate record: each per-item column gathered once, then listed
         cat = self.catalog
-        for pos in range(slate.rows.size):
-            row = int(slate.rows[pos])
-            pi = int(slate.pool_index[pos])
-            ci = int(pool_of_row[pi]) if pi >= 0 else -1
-            if slate.sponsored[pos] or ci < 0:
+        floor = cfg.exploration.min_propensity
+        ranked = slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
+        cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
+        cand_of[ranked] = order[slate.pool_index[ranked]]
+        at = np.where(ranked, cand_of, 0) if len(cands) else cand_of[:0]  # (a valid index where there is none)
+        ci_l, rows_l, scores_l = cand_of.tolist(), slate.rows.tolist(), slate.scores.tolist()
+        sponsored_l, pinned_l = slate.sponsored.tolist(), slate.pinned.tolist()
+        category_l = cat.categories[slate.rows].tolist()
+        sources_l = cands.source_names_at(at)
+        prop_l = final_prop[at].tolist() if final_prop is not None else None
+        target_l = target_prop[at].tolist() if random_slice and target_prop is not None and len(cands) else None
+        items: list[SlateItem] = []
+        props_out, target_out = [], []
+        for pos, (row, ci) in enumerate(zip(rows_l, ci_l)):
+            if sponsored_l[pos] or ci < 0:
                 propensity, sources = 1.0, []
-            elif slate.pinned[pos] or final_prop is None:
+            elif pinned_l[pos] or prop_l is None:
                 # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
                 # deterministic given the request and the state, so the item is served for certain
-                propensity, sources = 1.0, cands.source_names(ci)
+                propensity, sources = 1.0, sources_l[pos]
             else:
-                propensity = max(float(final_prop[ci]), floor)
-                sources = cands.source_names(ci)
-            item = SlateItem(
-                item_id=cat.item_ids[row],
-                # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
-                score=float(slate.scores[pos]) if pi >= 0 else 0.0,
-                category=cat.category_names[cat.categories[row]],
-                sources=sources,
-                position=pos,
-                propensity=min(propensity, 1.0),
-                sponsored=bool(slate.sponsored[pos]),
-            )
+                propensity, sources = max(prop_l[pos], floor), sources_l[pos]
+            # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
+            item = SlateItem(cat.item_ids[row], scores_l[pos] if ci >= 0 else 0.0, cat.category_names[category_l[pos]],
+                             sources, pos, min(propensity, 1.0), sponsored_l[pos])
             if q.debug and ci >= 0:
                 item.debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
                               "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
@@ -309,18 +307,16 @@ class RequestPath:
                     if cands.sources[ci] >> s & 1:
                         item.debug[f"source_{name}"] = float(cands.source_scores[ci, s])
             items.append(item)
-            rows_out.append(row)
             props_out.append(item.propensity)
             if random_slice:  # the main policy places pinned and sponsored items by the same rules
-                reserved_slot = slate.sponsored[pos] or slate.pinned[pos] or ci < 0
-                target_out.append(1.0 if reserved_slot else min(float(target_prop[ci]), 1.0))
+                reserved_slot = sponsored_l[pos] or pinned_l[pos] or ci < 0
+                target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
         feat, feat_names = b"", []
         if features is not None and slate.rows.size:
-            idx = np.array([pool_of_row[p] if p >= 0 else -1 for p in slate.pool_index], np.int64)
-            block = np.zeros((idx.size, features.shape[1]), np.float32)
-            block[idx >= 0] = features[idx[idx >= 0]]
+            block = np.zeros((cand_of.size, features.shape[1]), np.float32)
+            block[ranked] = features[cand_of[ranked]]
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
-        served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_out, props_out,
+        served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_l, props_out,
                              now, feat, feat_names, random_slice=random_slice,
                              random_p=self._random_p(cands.rows, slate, rules, flt), target_propensities=target_out)
         t5 = time.perf_counter_ns()
@@ -383,7 +379,7 @@ class RequestPath:
         excl = [r for r in (row_of.get(i) for i in q.exclude_item_ids) if r is not None]
         if cfg.retrieval.exclude_consumed:
             excl.extend(r for r, _ in history)
-        return RowFilter(allowed, blocked, max_mat, np.unique(np.asarray(excl, np.int32)))
+        return RowFilter(allowed, blocked, max_mat, _sorted_distinct(excl))
 
     def _category_mask(self, names: Sequence[str]) -> np.ndarray | None:
         """bool[n_categories]: which codes the names denote (unknown names denote none); None for no names."""
@@ -399,9 +395,9 @@ class RequestPath:
 
     # -- ranking and re-ranking inputs ----------------------------------------------------------------------
     def feature_inputs(self, user_vec, cands: Candidates, history, context, now_ms, cfg: Config,
-                       extended: bool = False):
+                       extended: bool = False, evidence: tuple[np.ndarray, np.ndarray] | None = None):
         """The ranking stage's inputs; ``extended``: with what the extended features need (a ranker
-        that uses them)."""
+        that uses them); ``evidence``: the candidates' ``state.bandit_evidence``, when the caller has it."""
         from recsvc.ranking import FeatureInputs
 
         cat = self.catalog
@@ -415,7 +411,7 @@ class RequestPath:
         # over a compact view (rows 0..n-1 of per-candidate arrays).
         rows = cands.rows
         e = cfg.exploration
-        succ, fail = self.state.bandit_evidence(rows)
+        succ, fail = self.state.bandit_evidence(rows) if evidence is None else evidence
         return FeatureInputs(
             user_vec=user_vec if user_vec is not None else np.zeros(cat.dim, np.float32),
             embeddings=np.take(cat.embeddings, rows, axis=0),  # (take: ~2x a fancy-index row gather)
@@ -489,7 +485,7 @@ class RequestPath:
             rows.astype(np.int32), n, rules, embeddings=embeddings, categories=categories, maturity=maturity,
             created_at_ms=created, now_ms=now_ms, popularity_percentile=pct, row_of=cat.row_of.get,
             eligible=eligible, max_maturity=flt.max_maturity,
-            freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+            freshness_half_life_days=cfg.ranking.freshness_half_life_days, distinct_rows=True,  # candidates
         )
 
     def _extended_inputs(self, cands: Candidates, history, cfg: Config):
@@ -538,6 +534,7 @@ class RequestPath:
             categories=categories, maturity=maturity, created_at_ms=created, now_ms=now_ms,
             popularity_percentile=pct, row_of=cat.row_of.get, eligible=eligible,
             max_maturity=flt.max_maturity, freshness_half_life_days=cfg.ranking.freshness_half_life_days,
+            distinct_rows=True,  # candidates (in any order) hold each row once
         )
 
 
@@ -586,6 +583,18 @@ def _zeros_f32(n: int) -> np.ndarray:
         z = _ZEROS[n] = np.zeros(n, np.float32)
         z.setflags(write=False)
     return z
+
+
+def _sorted_distinct(rows: list[int]) -> np.ndarray:
+    """``np.unique(np.asarray(rows, np.int32))`` for the few rows of one request, without its overhead."""
+    out = np.asarray(rows, np.int32)
+    out.sort()
+    if out.size > 1:
+        first = np.empty(out.size, bool)
+        first[0] = True
+        np.not_equal(out[1:], out[:-1], out=first[1:])
+        out = out[first]
+    return out
 
 
 def _retrieval_order_scores(c: Candidates) -> np.ndarray:

@@ -278,6 +278,7 @@ def rerank(
     max_maturity: int,
     freshness_half_life_days: float,
     use_native: bool = True,
+    distinct_rows: bool = False,
 ) -> Slate:
     """Apply the business rules (see the module docstring) and return the slate.
 
@@ -289,7 +290,8 @@ def rerank(
     ``row_of`` maps an item id to its row (None if unknown) and ``eligible``
     says whether a row passes the request's filters; both are called only for
     pinned and sponsored items (the pool is assumed filtered already, except for
-    maturity, which is enforced here again).
+    maturity, which is enforced here again). ``distinct_rows``: the caller knows ``rows`` holds no row
+    twice (retrieval's candidates), so the duplicate check (a sort) is skipped.
     """
     k = _check_k(k)
     rows = _int_vector(rows, np.int32, "rows")
@@ -324,7 +326,7 @@ def rerank(
     reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
 
     # organic pool: maturity, duplicates, reserved rows out
-    keep = _organic(rows, maturity, ceiling, reserved_rows)
+    keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
     if keep.all():  # the usual case: nothing to drop, no gathers
         pool, prow = np.arange(m, dtype=np.int32), rows
     else:
@@ -368,13 +370,15 @@ def rerank(
     return _assemble(k, slots, chosen, pool, rows, scores)
 
 
-def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows: np.ndarray) -> np.ndarray:
-    """bool[m]: which of ``rows`` make the organic pool (maturity, reserved rows out, first occurrence only)."""
+def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows: np.ndarray,
+             distinct: bool = False) -> np.ndarray:
+    """bool[m]: which of ``rows`` make the organic pool (maturity, reserved rows out, first occurrence only;
+    ``distinct``: rows known to hold no duplicate)."""
     m = rows.shape[0]
     keep = maturity[rows] <= ceiling
     if reserved_rows.size:
         keep &= ~np.isin(rows, reserved_rows)
-    if m > 1:
+    if m > 1 and not distinct:
         sorted_rows = np.sort(rows)
         if (sorted_rows[1:] == sorted_rows[:-1]).any():  # keep each row's first (best) occurrence
             first = np.zeros(m, bool)
@@ -408,7 +412,8 @@ def _pool_categories(categories: np.ndarray, prow: np.ndarray, reserved_rows: np
         pcat, rcat = inverse[: pcat.size].astype(np.int32), inverse[pcat.size :].astype(np.int32)
         C = int(max(pcat.max(), rcat.max() if rcat.size else -1)) + 1
     counts = np.zeros(max(C, 1), np.int32)
-    np.add.at(counts, rcat[rcat >= 0], 1)
+    if rcat.size:  # (np.add.at costs ~10 us even on nothing)
+        np.add.at(counts, rcat[rcat >= 0], 1)
     return pcat, counts
 
 
@@ -458,6 +463,7 @@ def selection_plan(
     eligible: Callable[[int], bool],
     max_maturity: int,
     freshness_half_life_days: float,
+    distinct_rows: bool = False,
 ) -> SelectionPlan:
     """The order-independent part of :func:`rerank` for candidate ``rows`` (any order; arguments as
     rerank's): the organic pool, boosts, quota counts and, for MMR, the pool's pairwise similarities
@@ -470,7 +476,7 @@ def selection_plan(
     ceiling = min(int(rules.max_maturity), int(max_maturity))
     slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N) if k else {}
     reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
-    keep = _organic(rows, maturity, ceiling, reserved_rows)
+    keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
     prow = rows[keep]
     boost = np.zeros(prow.size, np.float32)
     _add_boosts(boost, prow, rules, created_at_ms, now_ms, float(freshness_half_life_days), popularity_percentile)
@@ -496,6 +502,7 @@ def slate_inclusion_counts(
     shift: np.ndarray,
     plan: SelectionPlan,
     *,
+    fixed_order: np.ndarray | None = None,
     use_native: bool = True,
 ) -> np.ndarray:
     """float64[p]: for each organic pool item, in how many of D Monte-Carlo draws of the explored scores
@@ -505,6 +512,8 @@ def slate_inclusion_counts(
     Draw d's explored scores: ``top_scores[d, top_col[j]]`` (float32[D, M]) for pool item ``top_pool[j]``
     (the policy's random items), ``float32(base[i] + shift[d])`` for every other pool item i (base
     float64[p], shift float64[D]): their order is the same in every draw, so a quota walk only merges.
+    ``fixed_order``: those other pool items by ``base`` descending, ties to the lower index, when the caller
+    has it (:class:`recsvc.exploration.RoundLayout`); used only when no pool item has a boost.
     """
     p = plan.categories.shape[0]
     top_scores = np.ascontiguousarray(top_scores, dtype=np.float32)
@@ -517,15 +526,21 @@ def slate_inclusion_counts(
                          f"{top_scores.shape}, {shift.shape}, {base.shape}")
     if top_pool.shape != top_col.shape:
         raise ValueError("top_pool and top_col must have the same length")
-    fixed = np.ones(p, bool)
-    fixed[top_pool] = False
-    fixed_idx = np.flatnonzero(fixed)
-    fb = base[fixed_idx]
-    fboost = plan.boost[fixed_idx]
-    if fboost.any():
-        fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + fboost)))].astype(np.int32)
-    else:  # the same order (boost 0: adjusted = explored; a stable sort keeps ties in index order)
-        fixed_order = fixed_idx[np.argsort(-fb, kind="stable")].astype(np.int32)
+    if fixed_order is not None and not plan.boost.any():
+        fixed_order = _int_vector(fixed_order, np.int32, "fixed_order")
+        if fixed_order.size != p - top_pool.size:
+            raise ValueError(f"fixed_order has {fixed_order.size} items, expected {p - top_pool.size} "
+                             "(the pool items not in top_pool)")
+    else:
+        fixed = np.ones(p, bool)
+        fixed[top_pool] = False
+        fixed_idx = np.flatnonzero(fixed)
+        fb = base[fixed_idx]
+        fboost = plan.boost[fixed_idx]
+        if fboost.any():
+            fixed_order = fixed_idx[np.lexsort((fixed_idx, -fb, -(fb + fboost)))].astype(np.int32)
+        else:  # the same order (boost 0: adjusted = explored; a stable sort keeps ties in index order)
+            fixed_order = fixed_idx[np.argsort(-fb, kind="stable")].astype(np.int32)
     hits = np.zeros(p, np.float64)
     # the kernel's per-draw buffers (each category's first max_per_category random items), when small
     C, maxpc = plan.counts0.size, int(plan.max_per_category)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsvc.exploration import EpsilonGreedyPolicy, Exploration, ExplorationPolicy, ScoreDraws
+from recsvc.exploration import EpsilonGreedyPolicy, Exploration, ExplorationPolicy, ScoreDraws, ThompsonPolicy
 from recsvc.reranking import SelectionPlan, slate_inclusion_counts
 
 __all__ = ["slate_propensities"]
@@ -71,10 +71,11 @@ def slate_propensities(
     pool_of = np.full(n, -1, np.intp)  # candidate -> pool index
     pool_of[pool] = np.arange(pool.size)
 
-    def hits_of(draws: ScoreDraws) -> np.ndarray:
-        in_pool = pool_of[draws.top] >= 0
-        return slate_inclusion_counts(draws.top_scores, pool_of[draws.top][in_pool], np.flatnonzero(in_pool),
-                                      draws.base[pool], draws.shift, plan)
+    def hits_of(draws: ScoreDraws, fixed_order: np.ndarray | None = None) -> np.ndarray:
+        top_pool = pool_of[draws.top]
+        in_pool = top_pool >= 0
+        return slate_inclusion_counts(draws.top_scores, top_pool[in_pool], np.flatnonzero(in_pool),
+                                      draws.base[pool], draws.shift, plan, fixed_order=fixed_order)
 
     if isinstance(policy, EpsilonGreedyPolicy):
         eps = float(policy.epsilon)
@@ -87,7 +88,15 @@ def slate_propensities(
         q = hits / (n_draws + int(explored_round))
         prop[pool] = (1.0 - eps) * greedy + eps * q
         return prop
-    hits = hits_of(policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws))
+    fixed_order = None
+    if isinstance(policy, ThompsonPolicy):  # reuses the served round's layout (explore_with_prior's)
+        draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws, served=explored)
+        if explored.layout is not None and draws.top is explored.layout.top:
+            fixed_order = pool_of[explored.layout.rest_order]  # the others in order, as pool indices
+            fixed_order = fixed_order[fixed_order >= 0]
+    else:
+        draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws)
+    hits = hits_of(draws, fixed_order)
     hits += served_mask[pool]
     prop[pool] = hits / (n_draws + 1)
     return prop

@@ -308,6 +308,20 @@ def test_duplicate_pool_rows_are_served_once() -> None:
     assert slate.pool_index.tolist() == [0, 1, 3]
 
 
+@pytest.mark.parametrize("rules", [RerankingConfig(), RerankingConfig(max_per_category=1, pinned={"i5": 1}),
+                                   RerankingConfig(mmr_lambda=0.5)])
+def test_distinct_rows_skips_only_the_duplicate_check(rules) -> None:
+    """The request path's candidates never repeat a row: ``distinct_rows=True`` serves what the check would."""
+    cat = Catalog(3)
+    cat.maturity[:] = 0
+    cat.categories[:] = np.arange(cat.N) % 3
+    rows, scores = ranked([9, 4, 5, 2, 7, 1, 8])
+    want = rerank(rows, scores, 4, rules, **cat.kwargs())
+    got = rerank(rows, scores, 4, rules, **cat.kwargs(), distinct_rows=True)
+    for field in ("rows", "scores", "sponsored", "pool_index", "pinned"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
 def test_boosts_reorder() -> None:
     cat = Catalog(3)
     cat.maturity[:] = 0

@@ -475,3 +475,31 @@ def test_compiled_wrappers_report_inconsistent_inputs_as_errors() -> None:
     assert outs[1].tolist() == [0, 0, 0] and not outs[2].any()  # refused before writing anything
     with pytest.raises(ValueError, match=r"retrieval kernel: merge_sources rows must be catalog rows \(>= 0\)"):
         compiled.merge_sources(np.array([3, -1, -1], np.int32), src, m_scores, *_merge_outputs(3))
+
+
+def test_aggregate_neighbours_reads_any_buffer_as_it_reads_plain_arrays() -> None:
+    """The kernel reads an int32 / float64 C-contiguous ndarray's data pointer directly; other buffers (an
+    array.array, a strided view) are read through a contiguous copy and give the same sums; a list of another
+    dtype or byte order is refused, not misread."""
+    import array
+
+    rs = np.random.default_rng(3)
+    rows = [rs.integers(0, 50, 12).astype(np.int32) for _ in range(4)]
+    scores = [rs.random(12) for _ in range(4)]
+    weights = np.array([1.0, 0.5, 0.25, 0.125])
+    alive, mat, cats = np.ones(50, np.uint8), np.zeros(50, np.int32), np.zeros(50, np.int32)
+    flt = (alive, mat, cats, 10, np.empty(0, np.uint8), False, np.empty(0, np.uint8), np.empty(0, np.int32))
+
+    def run(r, s):
+        out_r, out_s = np.empty(48, np.int32), np.empty(48, np.float32)
+        n = compiled.aggregate_neighbours(r, s, weights, *flt, out_r, out_s)
+        return out_r[:n].tolist(), out_s[:n].tolist()
+
+    want = run(rows, scores)
+    assert run([array.array("i", r.tolist()) for r in rows], [array.array("d", s.tolist()) for s in scores]) == want
+    mixed_rows = [rows[0], array.array("i", rows[1].tolist()), rows[2], rows[3]]
+    strided = np.repeat(scores[2], 2)[::2]
+    assert run(mixed_rows, [scores[0], scores[1], strided, scores[3]]) == want
+    for bad in (rows[0].astype(">i4"), rows[0].astype(np.int64), rows[0].reshape(3, 4)):
+        with pytest.raises(ValueError, match="Buffer dtype mismatch: a neighbour list must be 1-D int32"):
+            run([bad] + rows[1:], scores)

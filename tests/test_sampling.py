@@ -343,3 +343,113 @@ def test_thompson_score_draws_are_generator_beta_rounds(weighted):
     np.testing.assert_array_equal(row_min, ts.min(axis=1))
     with pytest.raises(ValueError, match="positive and finite"):
         _sampling.thompson_score_draws(np.random.default_rng(8), np.r_[alpha[:-1], np.nan], beta, w, out, row_min)
+
+
+# --------------------------------------------------------------------------
+# The request's Thompson round in one call (thompson_explore)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def thompson_rounds(draw):
+    """Ranker scores (often tied, sometimes outside [0, 1] so the clip bites), evidence and a top M."""
+    n = draw(st.integers(1, 300))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rs = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["probabilities", "ties", "wide", "all equal"]))
+    if kind == "probabilities":
+        scores = rs.random(n)
+    elif kind == "ties":
+        scores = rs.choice([0.0, -0.0, 1e-5, 0.25, 0.5, 1.0], n)
+    elif kind == "wide":
+        scores = rs.normal(0.0, 3.0, n)
+    else:
+        scores = np.full(n, 0.3)
+    succ = rs.integers(0, 6, n) * draw(st.sampled_from([1.0, 0.37]))
+    fail = rs.integers(0, 40, n) * draw(st.sampled_from([1.0, 0.91]))
+    return (scores.astype(np.float32), succ.astype(np.float64), fail.astype(np.float64),
+            draw(st.sampled_from([0.5, 1.0, 10.0, 100.0])), draw(st.integers(1, n)), seed)
+
+
+def _explore_round(impl, gen, scores, succ, fail, kappa, m):
+    n = scores.shape[0]
+    out = {name: np.empty(n) for name in ("alpha", "beta", "pulls", "base")}
+    out["top"], out["theta"], out["adjusted"] = np.empty(m, np.intp), np.empty(m), np.empty(n, np.float32)
+    out["order"], out["rest_order"] = np.empty(n, np.intp), np.empty(n - max(0, min(m, n)), np.intp)
+    impl.thompson_explore(gen, scores, succ, fail, kappa, out["alpha"], out["beta"], out["pulls"], out["top"],
+                          out["theta"], out["adjusted"], out["base"], out["order"], out["rest_order"])
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=thompson_rounds())
+def test_thompson_explore_parity(case):
+    scores, succ, fail, kappa, m, seed = case
+    ours, ref = np.random.default_rng(seed), np.random.default_rng(seed)
+    got = _explore_round(_sampling, ours, scores, succ, fail, kappa, m)
+    want = _explore_round(twin, ref, scores, succ, fail, kappa, m)
+    for name in got:  # bit for bit (views, so -0.0 and NaN patterns count too)
+        assert got[name].tobytes() == want[name].tobytes(), name
+    assert ours.integers(2**63) == ref.integers(2**63)  # the same amount of the stream used
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=thompson_rounds())
+def test_explore_with_prior_is_the_policy_round_on_the_numpy_prior(case):
+    # what the request path did before the kernel: the prior in numpy, then ThompsonPolicy.explore
+    scores, succ, fail, kappa, m, seed = case
+    policy = exploration.ThompsonPolicy(top_m=m, temperature=None)
+    ours, ref = np.random.default_rng(seed), np.random.default_rng(seed)
+    explored, alpha, beta, pulls = exploration.explore_with_prior(policy, scores, succ, fail, kappa, 7.0, 3, ours)
+    p = np.clip(scores.astype(np.float64), 1e-4, 1.0 - 1e-4)
+    a, b = kappa * p + succ, kappa * (1.0 - p) + fail
+    want = policy.explore(scores, a, b, succ + fail, 7.0, 3, ref, with_propensity=False)
+    assert explored.scores.tobytes() == want.scores.tobytes()
+    np.testing.assert_array_equal(explored.layout.order, np.argsort(-want.scores, kind="stable"))
+    assert alpha.tobytes() == a.tobytes() and beta.tobytes() == b.tobytes()
+    assert pulls.tobytes() == (succ + fail).tobytes()
+    # the draws for the final slate's propensities reuse the round's top M: the same draws as without it
+    d_ours = policy.draw_scores(scores, alpha, beta, pulls, 7.0, 3, ours, 5, served=explored)
+    d_ref = policy.draw_scores(scores, a, b, succ + fail, 7.0, 3, ref, 5)
+    assert d_ours.dense().tobytes() == d_ref.dense().tobytes()
+    assert ours.random() == ref.random()
+
+
+def test_explore_with_prior_takes_the_numpy_steps_for_other_policies_and_dtypes():
+    scores = np.linspace(0.9, 0.1, 30)
+    succ, fail = np.zeros(30), np.ones(30)
+    for policy, s in [(exploration.GreedyPolicy(), scores.astype(np.float32)),
+                      (exploration.ThompsonPolicy(top_m=10, temperature=1.0), scores.astype(np.float32)),
+                      (exploration.ThompsonPolicy(top_m=10, temperature=None), scores)]:  # float64 scores
+        explored, alpha, beta, _ = exploration.explore_with_prior(policy, s, succ, fail, 10.0, 0.0, 5,
+                                                                  np.random.default_rng(1))
+        assert explored.layout is None
+        p = np.clip(s.astype(np.float64), 1e-4, 1.0 - 1e-4)
+        np.testing.assert_array_equal(alpha, 10.0 * p + succ)
+        want = policy.explore(s, alpha, beta, succ + fail, 0.0, 5, np.random.default_rng(1), with_propensity=False)
+        np.testing.assert_array_equal(explored.scores, want.scores)
+
+
+@pytest.mark.parametrize("impl", [_sampling, twin], ids=["compiled", "twin"])
+@pytest.mark.parametrize("bad, msg", [
+    ({"score": np.nan}, "scores must be finite"),
+    ({"score": np.inf}, "scores must be finite"),
+    ({"succ": -50.0}, r"Beta parameters must be positive and finite; got alpha\[3\]"),
+    ({"fail": np.inf}, r"Beta parameters must be positive and finite; got alpha\[3\]=.*, beta\[3\]=inf"),
+])
+def test_thompson_explore_refuses_bad_inputs_and_draws_nothing(impl, bad, msg):
+    scores, succ, fail = np.full(6, 0.5, np.float32), np.zeros(6), np.zeros(6)
+    scores[3] = bad.get("score", 0.5)
+    succ[3], fail[3] = bad.get("succ", 0.0), bad.get("fail", 0.0)
+    gen = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=msg):
+        _explore_round(impl, gen, scores, succ, fail, 10.0, 3)
+    assert gen.random() == np.random.default_rng(0).random()
+
+
+def test_thompson_explore_rejects_disagreeing_shapes():
+    with pytest.raises(ValueError, match="thompson_explore: the arrays disagree in shape"):
+        _explore_round(_sampling, np.random.default_rng(0), np.zeros(4, np.float32), np.zeros(4), np.zeros(4),
+                       1.0, 5)

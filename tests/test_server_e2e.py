@@ -81,6 +81,16 @@ def test_recommend_feedback_round_trip(stub):
     assert (again.accepted, again.duplicates) == (0, 1)
 
 
+def test_recommend_response_carries_every_item_field_and_debug_only_when_asked(stub):
+    plain = stub.Recommend(pb.RecommendRequest(user_id="dora", n=5), timeout=10)
+    assert [i.position for i in plain.items] == list(range(5))
+    assert all(i.item_id and i.category and i.sources and 0 < i.propensity <= 1 for i in plain.items)
+    assert not any(i.debug for i in plain.items)
+    debug = stub.Recommend(pb.RecommendRequest(user_id="dora", n=5, debug=True), timeout=10)
+    assert all({"ranker_score", "explored_score", "bandit_alpha", "bandit_beta"} <= set(i.debug)
+               for i in debug.items)
+
+
 def test_upsert_and_delete_items(stub):
     v = np.random.default_rng(5).standard_normal(16).astype(np.float32)
     up = stub.UpsertItems(pb.UpsertItemsRequest(items=[

@@ -346,3 +346,26 @@ def test_computing_the_main_policys_propensities_changes_no_served_slate(tmp_pat
     monkeypatch.setattr(RequestPath, "_main_policy_propensities",
                         lambda self, policy, scores, *a, **k: np.zeros(scores.shape[0]))
     assert serve("b") == with_target
+
+
+@pytest.mark.parametrize("boost", [0.0, 0.2])
+def test_inclusion_counts_take_the_callers_fixed_order_as_their_own(small_catalog, boost):
+    """``fixed_order`` (the round layout's rest order, as pool indices) gives the counts computed without it;
+    with a boost it is not used (the boosted order is another)."""
+    cat = small_catalog
+    rng = np.random.default_rng(9)
+    rows = rng.choice(len(cat.item_ids), 90, replace=False).astype(np.int32)
+    plan, _ = _plan(cat, rows, 8, RerankingConfig(max_per_category=2, freshness_boost=boost))
+    p = int(plan.keep.sum())
+    top_pool = np.sort(rng.choice(p, 25, replace=False)).astype(np.int32)
+    top_scores = rng.random((30, 25)).astype(np.float32)
+    base = np.zeros(p)
+    rest = np.setdiff1d(np.arange(p), top_pool)
+    base[rest] = -1.0 - np.round(rng.random(rest.size), 1)  # ties among the others
+    fixed_order = rest[np.argsort(-base[rest], kind="stable")]
+    args = (top_scores, top_pool, np.arange(25, dtype=np.int32), base, rng.random(30), plan)
+    np.testing.assert_array_equal(slate_inclusion_counts(*args, fixed_order=fixed_order),
+                                  slate_inclusion_counts(*args))
+    if not boost:
+        with pytest.raises(ValueError, match=rf"fixed_order has 3 items, expected {p - 25} \(the pool items"):
+            slate_inclusion_counts(*args, fixed_order=fixed_order[:3])

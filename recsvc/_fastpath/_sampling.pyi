@@ -53,3 +53,28 @@ def thompson_score_draws(
 ) -> None:
     """out[d, i] = float32(base_scores[i] * theta_di), row_min[d] = the round's lowest (float64); the
     draws are ``gen.beta(np.tile(alpha, D), np.tile(beta, D))``'s, bit for bit."""
+
+def thompson_explore(
+    gen: np.random.Generator,
+    scores: npt.NDArray[np.float32],
+    succ: _F64,
+    fail: _F64,
+    kappa: float,
+    alpha: _F64,
+    beta: _F64,
+    pulls: _F64,
+    top: npt.NDArray[np.intp],
+    theta: _F64,
+    adjusted: npt.NDArray[np.float32],
+    base: _F64,
+    order: npt.NDArray[np.intp],
+    rest_order: npt.NDArray[np.intp],
+) -> None:
+    """One request's Thompson round (unweighted) with its Beta prior: alpha = kappa * clip(s, 1e-4, 1 - 1e-4)
+    + succ, beta = kappa * (1 - clip(s)) + fail, pulls = succ + fail; ``top`` the m best scores (ties: lower
+    index) in index order; theta their draws (``gen.beta(alpha[top], beta[top])``'s, bit for bit);
+    ``adjusted`` the explored scores (float32(theta) on the top, the rest in the ranker's order ending 1
+    below min(theta)); ``base`` 0 on the top and s - max(rest) - 1 elsewhere; ``order`` =
+    ``np.argsort(-adjusted, kind="stable")``; ``rest_order`` the n - m others by ``base`` descending, ties to
+    the lower index (an LSD radix sort, stable). Raises ValueError (drawing
+    nothing) for a non-finite score or an invalid Beta parameter."""

@@ -33,6 +33,7 @@
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from libc.math cimport INFINITY, log, sqrt
+from libc.string cimport memcpy, memset
 from numpy.random cimport bitgen_t
 
 from recsvc._fastpath._typedefs cimport float32_t, float64_t, intp_t, uint64_t
@@ -299,6 +300,26 @@ cdef inline void _sift_down(
     hi[pos] = idx
 
 
+cdef inline intp_t _heap_offer(
+    float64_t *hs, intp_t *hi, intp_t size, intp_t cap, float64_t s, intp_t idx
+) noexcept nogil:
+    """Offer (s, idx) to a min-heap keeping the ``cap`` best pairs, rooted at its worst member, that holds
+    ``size``; returns its new size. Pairs are appended until it is full, then heapified at once."""
+    cdef intp_t h
+    if size < cap:
+        hs[size] = s
+        hi[size] = idx
+        size += 1
+        if size == cap:
+            for h in range(cap // 2 - 1, -1, -1):
+                _sift_down(hs, hi, cap, h)
+    elif _worse(hs[0], hi[0], s, idx):
+        hs[0] = s
+        hi[0] = idx
+        _sift_down(hs, hi, cap, 0)
+    return size
+
+
 cdef void _select_best(
     const float64_t *theta,              # IN  (m,) scores
     intp_t m,                            # IN
@@ -316,7 +337,7 @@ cdef void _select_best(
     -0.0 == 0.0), so the same min-heap serves both."""
     cdef float64_t sg = -1.0 if worst else 1.0
     cdef intp_t ig = -1 if worst else 1
-    cdef intp_t w, c, h, size = 0
+    cdef intp_t w, c, size = 0
     cdef uint64_t word
     cdef float64_t s
     cdef bint swap
@@ -329,22 +350,13 @@ cdef void _select_best(
             word &= word - 1
             s = sg * theta[c]
             c = ig * c
-            if size < j:
-                hs[size] = s
-                hi[size] = c
-                size += 1
-                if size == j:
-                    for h in range(j // 2 - 1, -1, -1):
-                        _sift_down(hs, hi, j, h)
-            elif j == 1:
-                # The common case, kept free of unpredictable branches.
+            if size < j or j != 1:
+                size = _heap_offer(hs, hi, size, j, s, c)
+            else:
+                # j == 1, filled: the common case, kept free of unpredictable branches.
                 swap = _better_nobranch(s, c, hs[0], hi[0])
                 hs[0] = s if swap else hs[0]
                 hi[0] = c if swap else hi[0]
-            elif _worse(hs[0], hi[0], s, c):
-                hs[0] = s
-                hi[0] = c
-                _sift_down(hs, hi, j, 0)
 
 
 cdef int _thompson_topk_counts(
@@ -522,5 +534,217 @@ def thompson_score_draws(
     finally:
         PyMem_Free(plans)
     if status != OK:
+        i = _first_bad_parameter(alpha, beta)
+        _raise_bad_parameter(i, alpha[i], beta[i])
+
+
+# --------------------------------------------------------------------------
+# One request's Thompson round: the Beta prior, the top M, the served draw and the explored scores
+
+cdef enum ExploreStatus:
+    EXPLORE_OK = 0
+    EXPLORE_BAD_SCORE = 1                # a ranker score is NaN or infinite
+    EXPLORE_BAD_PARAMETER = 2            # some alpha/beta is <= 0, NaN or infinite
+
+
+cdef void _argsort_descending(
+    const float64_t *key,                # IN  (n,) no NaN
+    intp_t n,                            # IN
+    intp_t *order,                       # OUT (n,) positions by key descending, ties to the lower position
+    intp_t *order_tmp,                   # SCRATCH (n,)
+    uint64_t *bits,                      # SCRATCH (n,)
+    uint64_t *bits_tmp,                  # SCRATCH (n,)
+) noexcept nogil:
+    """``np.argsort(-key, kind="stable")``: an LSD radix sort (stable, so ties keep index order) on the keys'
+    bits mapped to unsigned integers that order like the keys, reversed; -0.0 counts as 0.0, as it
+    compares. One pass counts all 8 bytes; a byte every key shares is skipped (float32 scores as doubles
+    share their low 3). About half numpy's stable argsort at n = 1000."""
+    cdef intp_t i, b, d, shift, start
+    cdef intp_t counts[8][256]
+    cdef intp_t *swap_i
+    cdef intp_t *out = order
+    cdef uint64_t *swap_u
+    cdef uint64_t u
+    cdef float64_t x
+    memset(&counts[0][0], 0, sizeof(counts))
+    for i in range(n):
+        x = key[i] + 0.0                 # -0.0 + 0.0 is +0.0
+        memcpy(&u, &x, sizeof(uint64_t))
+        # doubles order as unsigned once negatives flip every bit and the rest the sign bit; complemented
+        # for descending
+        u = ~(u ^ ((<uint64_t> 0xFFFFFFFFFFFFFFFF) if (u >> 63) else (<uint64_t> 1) << 63))
+        bits[i] = u
+        order[i] = i
+        for d in range(8):
+            counts[d][(u >> (8 * d)) & 255] += 1
+    if n == 0:
+        return
+    for d in range(8):
+        shift = 8 * d
+        if counts[d][(bits[0] >> shift) & 255] == n:
+            continue                     # every key has this byte: nothing moves
+        start = 0
+        for b in range(256):             # counts -> where each bucket starts
+            start, counts[d][b] = start + counts[d][b], start
+        for i in range(n):
+            b = (bits[i] >> shift) & 255
+            bits_tmp[counts[d][b]] = bits[i]
+            order_tmp[counts[d][b]] = order[i]
+            counts[d][b] += 1
+        swap_u = bits
+        bits = bits_tmp
+        bits_tmp = swap_u
+        swap_i = order
+        order = order_tmp
+        order_tmp = swap_i
+    if order != out:                     # an odd number of moves: the result is in the scratch
+        memcpy(out, order, n * sizeof(intp_t))
+
+
+cdef int _thompson_explore(
+    bitgen_t *rng,
+    const float32_t[::1] scores,         # IN  (n,) the ranker's scores
+    const float64_t[::1] succ,           # IN  (n,) clicks (evidence)
+    const float64_t[::1] fail,           # IN  (n,) skips (evidence)
+    float64_t kappa,                     # IN  prior strength
+    float64_t[::1] alpha,                # OUT (n,) kappa * clip(s) + succ
+    float64_t[::1] beta,                 # OUT (n,) kappa * (1 - clip(s)) + fail
+    float64_t[::1] pulls,                # OUT (n,) succ + fail
+    intp_t[::1] top,                     # OUT (m,) the top m by score (ties: lower index), in index order
+    float64_t[::1] theta,                # OUT (m,) the served round's draws for them
+    float32_t[::1] adjusted,             # OUT (n,) the explored scores
+    float64_t[::1] base,                 # OUT (n,) 0 on the top m; s - max(rest) - 1 on the rest
+    intp_t[::1] order,                   # OUT (n,) argsort(-adjusted, stable): the explored ordering
+    intp_t[::1] rest_order,              # OUT (n - m,) the rest by base descending, ties to the lower index
+    float64_t *hs,                       # SCRATCH (m,)
+    intp_t *hi,                          # SCRATCH (m,)
+    BetaPlan *plans,                     # SCRATCH (m,)
+    float64_t *keys,                     # SCRATCH (n,)
+    intp_t *cand,                        # SCRATCH (n,)
+    intp_t *pos,                         # SCRATCH (n,)
+    intp_t *pos_tmp,                     # SCRATCH (n,)
+    uint64_t *bits,                      # SCRATCH (n,)
+    uint64_t *bits_tmp,                  # SCRATCH (n,)
+) noexcept nogil:
+    """Each step is the numpy expression it replaces, operation for operation (see
+    ``recsvc._fastpath.twins.sampling.thompson_explore``), so the results are bit-identical."""
+    cdef intp_t i, j, h, n = scores.shape[0], m = top.shape[0], size = 0
+    cdef float64_t s, p, lo, rest_max = -INFINITY
+    cdef intp_t idx
+    # the prior: p = clip(s, 1e-4, 1 - 1e-4)
+    for i in range(n):
+        s = <float64_t> scores[i]
+        if not (s > -INFINITY and s < INFINITY):
+            return EXPLORE_BAD_SCORE
+        p = 1e-4 if s < 1e-4 else (1.0 - 1e-4 if s > 1.0 - 1e-4 else s)
+        alpha[i] = kappa * p + succ[i]
+        beta[i] = kappa * (1.0 - p) + fail[i]
+        pulls[i] = succ[i] + fail[i]
+        if not (_valid_param(alpha[i]) and _valid_param(beta[i])):
+            return EXPLORE_BAD_PARAMETER
+    # the top m: a min-heap on (score, index) rooted at its worst member
+    for i in range(n):
+        size = _heap_offer(hs, hi, size, m, <float64_t> scores[i], i)
+    # in index order (insertion sort: m is small)
+    for i in range(m):
+        idx = hi[i]
+        j = i
+        while j > 0 and top[j - 1] > idx:
+            top[j] = top[j - 1]
+            j -= 1
+        top[j] = idx
+    # the served round, in index order of the top m
+    lo = INFINITY
+    for j in range(m):
+        _plan_beta(&plans[j], alpha[top[j]], beta[top[j]])
+        theta[j] = _beta_draw(rng, &plans[j])
+        if theta[j] < lo:
+            lo = theta[j]
+    # the rest keep the ranker's order, ending 1 below the round's lowest top-m score
+    for i in range(n):
+        base[i] = -1.0                   # marks the rest until filled in below
+    for j in range(m):
+        base[top[j]] = 0.0
+    for i in range(n):
+        if base[i] != 0.0 and <float64_t> scores[i] > rest_max:
+            rest_max = <float64_t> scores[i]
+    for i in range(n):
+        if base[i] != 0.0:
+            s = <float64_t> scores[i] - rest_max
+            adjusted[i] = <float32_t> (s + (lo - 1.0))
+            base[i] = s - 1.0
+    for j in range(m):
+        adjusted[top[j]] = <float32_t> theta[j]
+    # the explored ordering (float32 keys are exact as doubles: the same order and ties)
+    for i in range(n):
+        keys[i] = <float64_t> adjusted[i]
+    _argsort_descending(keys, n, &order[0], pos_tmp, bits, bits_tmp)
+    # the rest by base: what the final slate's propensity rounds walk (slate_inclusion_counts)
+    h = 0
+    for i in range(n):
+        if base[i] != 0.0:               # (the rest's base is <= -1, the top's 0)
+            keys[h] = base[i]
+            cand[h] = i
+            h += 1
+    if h:
+        _argsort_descending(keys, h, pos, pos_tmp, bits, bits_tmp)
+        for j in range(h):
+            rest_order[j] = cand[pos[j]]
+    return EXPLORE_OK
+
+
+def thompson_explore(
+    gen,
+    const float32_t[::1] scores,         # IN  (n,)
+    const float64_t[::1] succ,           # IN  (n,)
+    const float64_t[::1] fail,           # IN  (n,)
+    float64_t kappa,                     # IN
+    float64_t[::1] alpha,                # OUT (n,)
+    float64_t[::1] beta,                 # OUT (n,)
+    float64_t[::1] pulls,                # OUT (n,)
+    intp_t[::1] top,                     # OUT (m,), 1 <= m <= n
+    float64_t[::1] theta,                # OUT (m,)
+    float32_t[::1] adjusted,             # OUT (n,)
+    float64_t[::1] base,                 # OUT (n,)
+    intp_t[::1] order,                   # OUT (n,)
+    intp_t[::1] rest_order,              # OUT (n - m,)
+):
+    """One Thompson round over the top m (unweighted), with its Beta prior, in one call: alpha, beta and
+    pulls from the ranker's scores and the evidence, the top m, their Beta draws (``theta``, drawn in index
+    order, as ``gen.beta(alpha[top], beta[top])``), the explored scores and the rest's base for further
+    draws, the explored ordering (``np.argsort(-adjusted, kind="stable")``) and the rest by base
+    (descending, ties to the lower index). Raises ValueError (drawing nothing) for a non-finite score or an invalid Beta parameter."""
+    cdef intp_t n = scores.shape[0], m = top.shape[0]
+    cdef int status
+    cdef object bit_generator = _bit_generator_of(gen)
+    cdef bitgen_t *rng = _bitgen_of(bit_generator)
+    if not (succ.shape[0] == fail.shape[0] == alpha.shape[0] == beta.shape[0] == pulls.shape[0]
+            == adjusted.shape[0] == base.shape[0] == order.shape[0] == n) or theta.shape[0] != m \
+            or rest_order.shape[0] != n - m or not 1 <= m <= n:
+        raise ValueError("thompson_explore: the arrays disagree in shape (or the top m is not 1..n)")
+    # one block for every scratch array: m (score, index, plan) heap entries, n keys, 3 n positions, 2 n bits
+    cdef char *block = <char *> PyMem_Malloc(m * (sizeof(float64_t) + sizeof(intp_t) + sizeof(BetaPlan))
+                                             + n * (sizeof(float64_t) + 3 * sizeof(intp_t) + 2 * sizeof(uint64_t)))
+    if block == NULL:
+        raise MemoryError()
+    cdef float64_t *hs = <float64_t *> block
+    cdef float64_t *keys = hs + m
+    cdef uint64_t *bits = <uint64_t *> (keys + n)
+    cdef uint64_t *bits_tmp = bits + n
+    cdef intp_t *hi = <intp_t *> (bits_tmp + n)
+    cdef intp_t *cand = hi + m
+    cdef intp_t *pos = cand + n
+    cdef intp_t *pos_tmp = pos + n
+    cdef BetaPlan *plans = <BetaPlan *> (pos_tmp + n)
+    try:
+        with bit_generator.lock, nogil:
+            status = _thompson_explore(rng, scores, succ, fail, kappa, alpha, beta, pulls, top, theta, adjusted,
+                                       base, order, rest_order, hs, hi, plans, keys, cand, pos, pos_tmp, bits,
+                                       bits_tmp)
+    finally:
+        PyMem_Free(block)
+    if status == EXPLORE_BAD_SCORE:
+        raise ValueError("scores must be finite (the ranker returned NaN or an infinite score)")
+    if status == EXPLORE_BAD_PARAMETER:
         i = _first_bad_parameter(alpha, beta)
         _raise_bad_parameter(i, alpha[i], beta[i])

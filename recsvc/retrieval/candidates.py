@@ -39,6 +39,10 @@ class Candidates:
     def source_names(self, i: int) -> list[str]:
         return list(_NAMES_OF_MASK[int(self.sources[i])])
 
+    def source_names_at(self, idx: np.ndarray) -> list[list[str]]:
+        """``[source_names(i) for i in idx]`` in one gather."""
+        return [list(_NAMES_OF_MASK[mask]) for mask in self.sources[idx].tolist()]
+
 
 #: source bit mask -> the names of its sources, in SOURCE_NAMES order (one lookup per served item)
 _NAMES_OF_MASK = tuple(tuple(name for b, name in enumerate(SOURCE_NAMES) if mask >> b & 1)

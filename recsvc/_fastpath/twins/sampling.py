@@ -63,3 +63,54 @@ def thompson_topk_propensities(
         theta *= base_scores
     top = np.argpartition(-theta, k - 1, axis=1)[:, :k]
     out[:] = np.bincount(top.ravel(), minlength=m) / n_draws
+
+
+def thompson_explore(
+    gen: np.random.Generator,
+    scores: npt.NDArray[np.float32],
+    succ: _F64,
+    fail: _F64,
+    kappa: float,
+    alpha: _F64,
+    beta: _F64,
+    pulls: _F64,
+    top: npt.NDArray[np.intp],
+    theta: _F64,
+    adjusted: npt.NDArray[np.float32],
+    base: _F64,
+    order: npt.NDArray[np.intp],
+    rest_order: npt.NDArray[np.intp],
+) -> None:
+    """The numpy steps the kernel fuses: the request path's Beta prior, then ``ThompsonPolicy``'s top M,
+    served round and explored scores (``_rank_top_m``), ``draw_scores``' base for the rest, the request's
+    ordering of the explored scores and ``slate_inclusion_counts``' order of the rest."""
+    from recsvc.exploration import top_k_indices
+
+    n, m = scores.shape[0], top.shape[0]
+    if not (succ.shape[0] == fail.shape[0] == alpha.shape[0] == beta.shape[0] == pulls.shape[0]
+            == adjusted.shape[0] == base.shape[0] == order.shape[0] == n) or theta.shape[0] != m \
+            or rest_order.shape[0] != n - m or not 1 <= m <= n:
+        raise ValueError("thompson_explore: the arrays disagree in shape (or the top m is not 1..n)")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite (the ranker returned NaN or an infinite score)")
+    p = np.clip(scores.astype(np.float64), 1e-4, 1.0 - 1e-4)
+    alpha[:] = kappa * p + succ
+    beta[:] = kappa * (1.0 - p) + fail
+    pulls[:] = succ + fail
+    _check_parameters(alpha, beta)
+    top[:] = np.sort(top_k_indices(scores, m))
+    theta[:] = gen.beta(alpha[top], beta[top])
+    out = np.empty(n, np.float64)
+    out[top] = theta
+    base[:] = 0.0
+    if m < n:
+        rest = np.ones(n, dtype=bool)
+        rest[top] = False
+        s_rest = scores[rest].astype(np.float64)
+        out[rest] = s_rest - s_rest.max() + (theta.min() - 1.0)
+        base[rest] = s_rest - s_rest.max() - 1.0
+    adjusted[:] = out.astype(np.float32)
+    order[:] = np.argsort(-adjusted, kind="stable")
+    if m < n:
+        rest_idx = np.flatnonzero(rest)
+        rest_order[:] = rest_idx[np.argsort(-base[rest_idx], kind="stable")]
