@@ -89,6 +89,15 @@ def inputs(catalog) -> FeatureInputs:
 
 
 @pytest.fixture(scope="module")
+def inputs_by_candidate(inputs) -> FeatureInputs:
+    """The same request in the request path's layout: popularity and bandit evidence read for the candidates
+    (in candidate order), the catalog's columns read at the candidates' rows."""
+    rows = inputs.rows
+    return replace(inputs, log_popularity=inputs.log_popularity[rows], bandit_alpha=inputs.bandit_alpha[rows],
+                   bandit_beta=inputs.bandit_beta[rows], by_candidate=True)
+
+
+@pytest.fixture(scope="module")
 def logistic() -> Ranker:
     return Ranker.default()
 
@@ -251,14 +260,22 @@ def loop_rerank(rows, scores, k, rules, catalog) -> list[int]:
 # ranking: gather + model over 1000 candidates
 
 
-@pytest.mark.benchmark(group="ranking-logistic-1000")
-def test_rank_logistic_compiled(benchmark, logistic, inputs):
-    benchmark(logistic.score, inputs, HALF_LIFE)
+#: the catalog's arrays by row, or the request path's layout (popularity and evidence by candidate)
+LAYOUTS = ["by_row", "by_candidate"]
 
 
 @pytest.mark.benchmark(group="ranking-logistic-1000")
-def test_rank_logistic_numpy_twin(benchmark, logistic, inputs):
-    benchmark(lambda: logistic.score(inputs, HALF_LIFE, use_native=False))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rank_logistic_compiled(benchmark, logistic, inputs, inputs_by_candidate, layout):
+    inp = inputs_by_candidate if layout == "by_candidate" else inputs
+    benchmark(logistic.score, inp, HALF_LIFE)
+
+
+@pytest.mark.benchmark(group="ranking-logistic-1000")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rank_logistic_numpy_twin(benchmark, logistic, inputs, inputs_by_candidate, layout):
+    inp = inputs_by_candidate if layout == "by_candidate" else inputs
+    benchmark(lambda: logistic.score(inp, HALF_LIFE, use_native=False))
 
 
 @pytest.mark.benchmark(group="ranking-logistic-1000")

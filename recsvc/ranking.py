@@ -145,19 +145,22 @@ class FeatureInputs:
     user_vec:          float32[d]     unit-norm user embedding; zeros when unknown
     embeddings:        float32[N, d]  catalog embeddings (unit-norm rows for a cosine index)
     rows:              int32[n]       candidate rows
-    log_popularity:    float32[N]     log1p(decayed popularity)
+    log_popularity:    float32[N]     log1p(decayed popularity); float32[n] when ``by_candidate``
     created_at_ms:     int64[N]       item creation times (epoch ms)
     now_ms:            int            the request's clock (epoch ms)
     categories:        int32[N]       category of each item (negative: none)
     category_affinity: float32[C]     user's share of history per category; zeros when unknown
-    bandit_alpha:      float64[N]     Beta posterior alpha
-    bandit_beta:       float64[N]     Beta posterior beta
+    bandit_alpha:      float64[N]     Beta posterior alpha; float64[n] when ``by_candidate``
+    bandit_beta:       float64[N]     Beta posterior beta; float64[n] when ``by_candidate``
     source_scores:     float32[n, S]  per-source retrieval scores, S = len(SOURCE_NAMES)
     context:           Mapping[str, str]  request context (``device``, ``hour``); bad values → zeros
     sources:           uint8[n] | None    retrieval bitmask (``Candidates.sources``); when None
                                           a source counts as present where its score is non-zero
     extended:          ExtendedInputs | None  what the extended features need; when given,
                                           the gather returns ALL_FEATURES, else FEATURE_NAMES
+    by_candidate:      bool           log_popularity, bandit_alpha and bandit_beta hold the candidates'
+                                          values in candidate order (what the request path reads from
+                                          the online state), the other arrays stay the catalog's
     """
 
     user_vec: np.ndarray
@@ -174,6 +177,7 @@ class FeatureInputs:
     context: Mapping[str, str] = field(default_factory=dict)
     sources: np.ndarray | None = None
     extended: "ExtendedInputs | None" = None
+    by_candidate: bool = False
 
 
 @dataclass(frozen=True)
@@ -312,14 +316,17 @@ def _prepare_gather(inputs: FeatureInputs, freshness_half_life_days: float) -> t
     categories = _int_array(inputs.categories, np.int32, "categories")
     alpha = _array(inputs.bandit_alpha, np.float64, "bandit_alpha", 1)
     beta = _array(inputs.bandit_beta, np.float64, "bandit_beta", 1)
-    for name, arr in (
-        ("log_popularity", log_pop),
-        ("created_at_ms", created),
-        ("categories", categories),
-        ("bandit_alpha", alpha),
-        ("bandit_beta", beta),
+    by_candidate = bool(inputs.by_candidate)
+    for name, arr, per_candidate in (
+        ("log_popularity", log_pop, by_candidate),
+        ("created_at_ms", created, False),
+        ("categories", categories, False),
+        ("bandit_alpha", alpha, by_candidate),
+        ("bandit_beta", beta, by_candidate),
     ):
-        if arr.shape[0] != N:
+        if per_candidate and arr.shape[0] != n:
+            raise ValueError(f"{name} has {arr.shape[0]} entries but there are {n} candidates (by_candidate)")
+        if not per_candidate and arr.shape[0] != N:
             raise ValueError(f"{name} has {arr.shape[0]} entries but the catalog has {N} rows")
     affinity = _array(inputs.category_affinity, np.float32, "category_affinity", 1)
     S = len(SOURCE_NAMES)
@@ -344,7 +351,7 @@ def _prepare_gather(inputs: FeatureInputs, freshness_half_life_days: float) -> t
     ctx = context_features(inputs.context)
     return (
         user_vec, emb, rows, log_pop, created, now_ms, half_life, categories,
-        affinity, alpha, beta, source_scores, mask, ctx,
+        affinity, alpha, beta, source_scores, mask, ctx, by_candidate,
     )  # fmt: skip
 
 

@@ -406,20 +406,21 @@ class RequestPath:
             codes = cat.categories[np.fromiter((r for r, _ in history), np.int64, len(history))]
             affinity[: cat.n_categories] = np.bincount(codes, minlength=cat.n_categories)[: cat.n_categories]
             affinity /= affinity.sum()
-        # Popularity and bandit evidence change with time and feedback, so
-        # they are read for the candidate rows only; the kernel then gathers
-        # over a compact view (rows 0..n-1 of per-candidate arrays).
+        # Popularity and bandit evidence change with time and feedback, so they are read for the candidate
+        # rows only and passed in candidate order (by_candidate); the kernel reads the catalog's columns
+        # (embeddings, creation times, categories) at the candidates' rows, no copy of them per request.
         rows = cands.rows
         e = cfg.exploration
         succ, fail = self.state.bandit_evidence(rows) if evidence is None else evidence
+        embeddings, categories, _, created = cat.columns()  # one consistent set of arrays
         return FeatureInputs(
             user_vec=user_vec if user_vec is not None else np.zeros(cat.dim, np.float32),
-            embeddings=np.take(cat.embeddings, rows, axis=0),  # (take: ~2x a fancy-index row gather)
-            rows=np.arange(rows.size, dtype=np.int32),
+            embeddings=embeddings,
+            rows=rows,
             log_popularity=self.state.log_popularity(rows, now_ms),
-            created_at_ms=cat.created_at_ms[rows],
+            created_at_ms=created,
             now_ms=now_ms,
-            categories=cat.categories[rows],
+            categories=categories,
             category_affinity=affinity,
             bandit_alpha=e.prior_alpha + succ,
             bandit_beta=e.prior_beta + fail,
@@ -427,6 +428,7 @@ class RequestPath:
             context=dict(context),
             sources=cands.sources,
             extended=self._extended_inputs(cands, history, cfg) if extended else None,
+            by_candidate=True,
         )
 
     def _main_policy_propensities(self, policy, scores, alpha, beta, pulls, total_pulls: float, k: int,

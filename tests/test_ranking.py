@@ -171,6 +171,32 @@ def test_gather_parity(seed: int, with_mask: bool) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def by_candidate(inputs: FeatureInputs) -> FeatureInputs:
+    """The same inputs with popularity and bandit evidence read for the candidates, in candidate order."""
+    rows = inputs.rows
+    return replace(inputs, log_popularity=inputs.log_popularity[rows], bandit_alpha=inputs.bandit_alpha[rows],
+                   bandit_beta=inputs.bandit_beta[rows], by_candidate=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(0, 60), d=st.sampled_from([1, 7, 24, 64]),
+       use_native=st.booleans(), with_mask=st.booleans())
+def test_gather_by_candidate_matches_by_row(seed: int, n: int, d: int, use_native: bool, with_mask: bool) -> None:
+    # the request path passes its per-candidate reads in candidate order and the catalog's columns as they are
+    inputs = random_inputs(seed, d=d, n=n)
+    if with_mask:
+        inputs = replace(inputs, sources=np.random.default_rng(seed).integers(0, 16, n).astype(np.uint8))
+    np.testing.assert_array_equal(gather_features(by_candidate(inputs), 14.0, use_native=use_native),
+                                  gather_features(inputs, 14.0, use_native=use_native))
+
+
+@pytest.mark.parametrize("name", ["log_popularity", "bandit_alpha", "bandit_beta"])
+def test_gather_by_candidate_wants_one_entry_per_candidate(name: str) -> None:
+    inputs = by_candidate(random_inputs(0))
+    with pytest.raises(ValueError, match=f"{name} has 300 entries but there are 120 candidates"):
+        gather_features(replace(inputs, **{name: getattr(random_inputs(0), name)}), 14.0)
+
+
 @pytest.mark.parametrize(
     "make",
     [lambda s: logistic_ranker(s), lambda s: mlp_ranker(s, (32,)), lambda s: mlp_ranker(s, (32, 32)), lambda s: mlp_ranker(s, (13, 5))],

@@ -24,7 +24,7 @@ from recsvc.ranking import (
 )
 from recsvc.retrieval.candidates import SOURCE_NAMES
 
-from test_ranking import DAY_MS, NOW_MS, random_inputs
+from test_ranking import DAY_MS, NOW_MS, by_candidate, random_inputs
 
 B = len(FEATURE_NAMES)
 COL = {name: i for i, name in enumerate(ALL_FEATURES)}
@@ -56,6 +56,14 @@ def extended_inputs(seed: int, n: int = 120, N: int = 300, d: int = 24, W: int =
         profile=rng.normal(size=d).astype(np.float32),
     )
     return replace(base, extended=replace(ext, **over))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(0, 60), use_native=st.booleans())
+def test_extended_gather_by_candidate_matches_by_row(seed: int, n: int, use_native: bool) -> None:
+    inputs = extended_inputs(seed, n=n)
+    np.testing.assert_array_equal(gather_features(by_candidate(inputs), 14.0, use_native=use_native),
+                                  gather_features(inputs, 14.0, use_native=use_native))
 
 
 # -- the forest kernel -------------------------------------------------------------------------------

@@ -29,12 +29,15 @@ def gather_features(
     source_scores: _F32,
     source_mask: _U8,
     context: _F32,
+    by_candidate: bool,
     X: _F32,
 ) -> None:
     """Fill X (n, 5 + 2S + Fc): similarity, log_popularity, freshness,
     category_affinity, bandit_mean, S source scores, S presence flags (from
     ``source_mask`` bits, or score != 0 when ``source_mask`` is empty), then
-    ``context`` copied to every row."""
+    ``context`` copied to every row. ``by_candidate``: ``log_popularity``,
+    ``bandit_alpha`` and ``bandit_beta`` hold the candidates' values (n,) in
+    candidate order rather than the catalog's (N,)."""
 
 def logistic_score(X: _F32, w: _F32, bias: float, out: _F32) -> None:
     """out = sigmoid(X @ w + bias)."""
@@ -71,6 +74,7 @@ def gather_extended_features(
     source_scores: _F32,
     source_mask: _U8,
     context: _F32,
+    by_candidate: bool,
     item_rows: _I32,
     item_counts: _F32,
     nb_rows: _I32,

@@ -8,7 +8,8 @@
 #
 # Feature matrix layout (one row per candidate; names in recsvc.ranking):
 #   0  similarity         user_vec . embeddings[row]
-#   1  log_popularity     log_popularity[row]
+#   1  log_popularity     log_popularity[row]  (by_candidate: log_popularity[i], likewise
+#                         bandit_alpha and bandit_beta: the request's own per-candidate reads)
 #   2  freshness          exp(-ln2 * age_days / half_life_days), age clamped at 0
 #   3  category_affinity  category_affinity[categories[row]] (0 if out of range)
 #   4  bandit_mean        alpha / (alpha + beta) (0 if alpha + beta <= 0 or NaN)
@@ -267,35 +268,38 @@ cdef inline bint _shapes_ok(
     const float32_t[::1] user_vec, const float32_t[:, ::1] embeddings, const int32_t[::1] rows,
     const float32_t[::1] log_popularity, const int64_t[::1] created_at_ms, const int32_t[::1] categories,
     const float64_t[::1] bandit_alpha, const float64_t[::1] bandit_beta,
-    const float32_t[:, ::1] source_scores, const uint8_t[::1] source_mask,
+    const float32_t[:, ::1] source_scores, const uint8_t[::1] source_mask, bint by_candidate,
 ) noexcept nogil:
     cdef intp_t n = rows.shape[0], N = embeddings.shape[0]
+    cdef intp_t E = n if by_candidate else N  # entries of log_popularity, bandit_alpha, bandit_beta
     return not (user_vec.shape[0] != embeddings.shape[1] or source_scores.shape[0] != n
                 or (source_mask.shape[0] != 0 and source_mask.shape[0] != n)
-                or log_popularity.shape[0] != N or created_at_ms.shape[0] != N
-                or categories.shape[0] != N or bandit_alpha.shape[0] != N
-                or bandit_beta.shape[0] != N)
+                or log_popularity.shape[0] != E or created_at_ms.shape[0] != N
+                or categories.shape[0] != N or bandit_alpha.shape[0] != E
+                or bandit_beta.shape[0] != E)
 
 
 cdef inline void _prefetch_row(
     int32_t r, intp_t N, intp_t d, const float32_t[:, ::1] embeddings,
     const float32_t[::1] log_popularity, const int64_t[::1] created_at_ms, const int32_t[::1] categories,
-    const float64_t[::1] bandit_alpha, const float64_t[::1] bandit_beta,
+    const float64_t[::1] bandit_alpha, const float64_t[::1] bandit_beta, bint by_candidate,
 ) noexcept nogil:
     cdef intp_t t
     if 0 <= r < N:
         for t in range(0, d, 16):      # one 64-byte line per 16 floats
             RECSVC_PREFETCH(&embeddings[r, t])
-        RECSVC_PREFETCH(&log_popularity[r])
         RECSVC_PREFETCH(&created_at_ms[r])
         RECSVC_PREFETCH(&categories[r])
-        RECSVC_PREFETCH(&bandit_alpha[r])
-        RECSVC_PREFETCH(&bandit_beta[r])
+        if not by_candidate:           # (by candidate: read in order)
+            RECSVC_PREFETCH(&log_popularity[r])
+            RECSVC_PREFETCH(&bandit_alpha[r])
+            RECSVC_PREFETCH(&bandit_beta[r])
 
 
 cdef inline void _base_row(
     float32_t* x,                            # OUT (5 + 2S + Fc,) one row of X
     intp_t i, int32_t r,                     # IN  candidate index, its (checked) row
+    intp_t e,                                # IN  where its log_popularity and bandit evidence are (i or r)
     const float32_t[::1] user_vec,
     const float32_t[:, ::1] embeddings,
     const float32_t[::1] log_popularity,
@@ -317,15 +321,15 @@ cdef inline void _base_row(
     cdef int32_t c
     cdef double a, b
     x[0] = recsvc_dot(&user_vec[0], &embeddings[r, 0], d) if d > 0 else 0
-    x[1] = log_popularity[r]
+    x[1] = log_popularity[e]
     age_ms = now_ms - created_at_ms[r]
     if age_ms < 0:
         age_ms = 0
     x[2] = <float32_t> exp(<double> age_ms * decay_per_ms)
     c = categories[r]
     x[3] = category_affinity[c] if 0 <= c < C else 0
-    a = bandit_alpha[r]
-    b = bandit_beta[r]
+    a = bandit_alpha[e]
+    b = bandit_beta[e]
     x[4] = <float32_t> (a / (a + b)) if a + b > 0 else 0
     for s in range(S):
         x[N_BASE + s] = source_scores[i, s]
@@ -341,17 +345,18 @@ cdef int _gather_features(
     const float32_t[::1] user_vec,           # IN  (d,)
     const float32_t[:, ::1] embeddings,      # IN  (N, d)
     const int32_t[::1] rows,                 # IN  (n,)
-    const float32_t[::1] log_popularity,     # IN  (N,)
+    const float32_t[::1] log_popularity,     # IN  (N,), or (n,) by_candidate
     const int64_t[::1] created_at_ms,        # IN  (N,)
     int64_t now_ms,                          # IN
     double half_life_days,                   # IN  > 0
     const int32_t[::1] categories,           # IN  (N,)
     const float32_t[::1] category_affinity,  # IN  (C,)
-    const float64_t[::1] bandit_alpha,       # IN  (N,)
-    const float64_t[::1] bandit_beta,        # IN  (N,)
+    const float64_t[::1] bandit_alpha,       # IN  (N,), or (n,) by_candidate
+    const float64_t[::1] bandit_beta,        # IN  (N,), or (n,) by_candidate
     const float32_t[:, ::1] source_scores,   # IN  (n, S)
     const uint8_t[::1] source_mask,          # IN  (n,) bitmask, or (0,): flag = score != 0
     const float32_t[::1] context,            # IN  (Fc,)
+    bint by_candidate,                       # IN  log_popularity, bandit_*: (n,) by candidate, not (N,)
     float32_t[:, ::1] X,                     # OUT (n, 5 + 2S + Fc)
 ) noexcept nogil:
     cdef intp_t n = rows.shape[0], N = embeddings.shape[0], d = embeddings.shape[1]
@@ -362,7 +367,7 @@ cdef int _gather_features(
 
     if (X.shape[0] != n or X.shape[1] != N_BASE + 2 * S + Fc
             or not _shapes_ok(user_vec, embeddings, rows, log_popularity, created_at_ms, categories,
-                              bandit_alpha, bandit_beta, source_scores, source_mask)):
+                              bandit_alpha, bandit_beta, source_scores, source_mask, by_candidate)):
         return BAD_SHAPE
 
     for i in range(n):
@@ -371,9 +376,9 @@ cdef int _gather_features(
             return ROW_OUT_OF_RANGE
         if i + PREFETCH_AHEAD < n:
             _prefetch_row(rows[i + PREFETCH_AHEAD], N, d, embeddings, log_popularity, created_at_ms,
-                          categories, bandit_alpha, bandit_beta)
-        _base_row(&X[i, 0], i, r, user_vec, embeddings, log_popularity, created_at_ms, now_ms,
-                  decay_per_ms, categories, category_affinity, bandit_alpha, bandit_beta,
+                          categories, bandit_alpha, bandit_beta, by_candidate)
+        _base_row(&X[i, 0], i, r, i if by_candidate else r, user_vec, embeddings, log_popularity,
+                  created_at_ms, now_ms, decay_per_ms, categories, category_affinity, bandit_alpha, bandit_beta,
                   source_scores, source_mask, context)
     return OK
 
@@ -393,6 +398,7 @@ def gather_features(
     const float32_t[:, ::1] source_scores,
     const uint8_t[::1] source_mask,
     const float32_t[::1] context,
+    bint by_candidate,
     float32_t[:, ::1] X,
 ):
     """Fill X (n, 5 + 2S + Fc) with the candidates' features; see the module
@@ -402,7 +408,7 @@ def gather_features(
         status = _gather_features(
             user_vec, embeddings, rows, log_popularity, created_at_ms, now_ms,
             half_life_days, categories, category_affinity, bandit_alpha,
-            bandit_beta, source_scores, source_mask, context, X,
+            bandit_beta, source_scores, source_mask, context, by_candidate, X,
         )
     _check(status)
 
@@ -421,17 +427,18 @@ cdef int _gather_extended(
     const float32_t[::1] user_vec,           # IN  (d,)
     const float32_t[:, ::1] embeddings,      # IN  (N, d)
     const int32_t[::1] rows,                 # IN  (n,)
-    const float32_t[::1] log_popularity,     # IN  (N,)
+    const float32_t[::1] log_popularity,     # IN  (N,), or (n,) by_candidate
     const int64_t[::1] created_at_ms,        # IN  (N,)
     int64_t now_ms,                          # IN
     double half_life_days,                   # IN  > 0
     const int32_t[::1] categories,           # IN  (N,)
     const float32_t[::1] category_affinity,  # IN  (C,)
-    const float64_t[::1] bandit_alpha,       # IN  (N,)
-    const float64_t[::1] bandit_beta,        # IN  (N,)
+    const float64_t[::1] bandit_alpha,       # IN  (N,), or (n,) by_candidate
+    const float64_t[::1] bandit_beta,        # IN  (N,), or (n,) by_candidate
     const float32_t[:, ::1] source_scores,   # IN  (n, S)
     const uint8_t[::1] source_mask,          # IN  (n,) bitmask, or (0,): flag = score != 0
     const float32_t[::1] context,            # IN  (Fc,)
+    bint by_candidate,                       # IN  log_popularity, bandit_*: (n,) by candidate, not (N,)
     const int32_t[::1] item_rows,            # IN  (n,) catalog row of each candidate, distinct
     const float32_t[::1] item_counts,        # IN  (n,) n_j: positive interactions of each candidate
     const int32_t[::1] nb_rows,              # IN  (M,) co-occurrence neighbours (catalog rows)
@@ -465,7 +472,7 @@ cdef int _gather_extended(
 
     if (X.shape[0] != n or X.shape[1] != B + N_EXT_FIXED + S + 1
             or not _shapes_ok(user_vec, embeddings, rows, log_popularity, created_at_ms, categories,
-                              bandit_alpha, bandit_beta, source_scores, source_mask)
+                              bandit_alpha, bandit_beta, source_scores, source_mask, by_candidate)
             or item_rows.shape[0] != n or item_counts.shape[0] != n
             or nb_counts.shape[0] != M or nb_owner.shape[0] != M or recent_counts.shape[0] != W
             or (R > 0 and recent_emb.shape[1] != d) or keys.shape[0] != n or profile.shape[0] != d):
@@ -496,10 +503,10 @@ cdef int _gather_extended(
             return ROW_OUT_OF_RANGE
         if i + PREFETCH_AHEAD < n:
             _prefetch_row(rows[i + PREFETCH_AHEAD], N, d, embeddings, log_popularity, created_at_ms,
-                          categories, bandit_alpha, bandit_beta)
+                          categories, bandit_alpha, bandit_beta, by_candidate)
         x = &X[i, 0]
-        _base_row(x, i, r, user_vec, embeddings, log_popularity, created_at_ms, now_ms,
-                  decay_per_ms, categories, category_affinity, bandit_alpha, bandit_beta,
+        _base_row(x, i, r, i if by_candidate else r, user_vec, embeddings, log_popularity,
+                  created_at_ms, now_ms, decay_per_ms, categories, category_affinity, bandit_alpha, bandit_beta,
                   source_scores, source_mask, context)
         x += B
         norm = sqrt(recsvc_dot(&embeddings[r, 0], &embeddings[r, 0], d)) if d > 0 else 0.0
@@ -575,6 +582,7 @@ def gather_extended_features(
     const float32_t[:, ::1] source_scores,
     const uint8_t[::1] source_mask,
     const float32_t[::1] context,
+    bint by_candidate,
     const int32_t[::1] item_rows,
     const float32_t[::1] item_counts,
     const int32_t[::1] nb_rows,
@@ -596,7 +604,7 @@ def gather_extended_features(
         status = _gather_extended(
             user_vec, embeddings, rows, log_popularity, created_at_ms, now_ms,
             half_life_days, categories, category_affinity, bandit_alpha,
-            bandit_beta, source_scores, source_mask, context, item_rows,
+            bandit_beta, source_scores, source_mask, context, by_candidate, item_rows,
             item_counts, nb_rows, nb_counts, nb_owner, recent_weights, recent_counts,
             recent_emb, profile, user_interactions, keys, slots, X,
         )

@@ -30,28 +30,32 @@ def gather_features(
     source_scores: np.ndarray,
     source_mask: np.ndarray,
     context: np.ndarray,
+    by_candidate: bool,
     X: np.ndarray,
 ) -> None:
     n, d = rows.shape[0], embeddings.shape[1]
     N, S, Fc = embeddings.shape[0], source_scores.shape[1], context.shape[0]
+    E = n if by_candidate else N  # entries of log_popularity and the bandit evidence
     if (
         X.shape != (n, N_BASE + 2 * S + Fc)
         or user_vec.shape[0] != d
         or source_scores.shape[0] != n
         or (source_mask.shape[0] not in (0, n))
-        or any(a.shape[0] != N for a in (log_popularity, created_at_ms, categories, bandit_alpha, bandit_beta))
+        or any(a.shape[0] != N for a in (created_at_ms, categories))
+        or any(a.shape[0] != E for a in (log_popularity, bandit_alpha, bandit_beta))
     ):
         raise ValueError("ranking kernel: array shapes disagree (call it through recsvc.ranking)")
     if n and (rows.min() < 0 or rows.max() >= N):
         raise IndexError("ranking kernel: a candidate row is outside the catalog")
     X[:, 0] = embeddings[rows] @ user_vec
-    X[:, 1] = log_popularity[rows]
+    at = slice(None) if by_candidate else rows  # where the per-candidate reads are
+    X[:, 1] = log_popularity[at]
     age_ms = np.maximum(now_ms - created_at_ms[rows], 0).astype(np.float64)
     X[:, 2] = np.exp(age_ms * (-math.log(2.0) / (half_life_days * _MS_PER_DAY)))
     cat = categories[rows]
     ok = (cat >= 0) & (cat < category_affinity.shape[0])
     X[:, 3] = np.where(ok, category_affinity[np.where(ok, cat, 0)] if category_affinity.size else 0.0, 0.0)
-    a, b = bandit_alpha[rows], bandit_beta[rows]
+    a, b = bandit_alpha[at], bandit_beta[at]
     total = a + b
     with np.errstate(divide="ignore", invalid="ignore"):
         X[:, 4] = np.where(total > 0, a / np.where(total > 0, total, 1.0), 0.0)
@@ -128,6 +132,7 @@ def gather_extended_features(
     source_scores: np.ndarray,
     source_mask: np.ndarray,
     context: np.ndarray,
+    by_candidate: bool,
     item_rows: np.ndarray,
     item_counts: np.ndarray,
     nb_rows: np.ndarray,
@@ -159,7 +164,8 @@ def gather_extended_features(
     if n > 1 and (np.diff(item_rows[by_item_row]) == 0).any():
         raise ValueError("ranking kernel: extended.item_rows must be distinct (one entry per candidate)")
     gather_features(user_vec, embeddings, rows, log_popularity, created_at_ms, now_ms, half_life_days, categories,
-                    category_affinity, bandit_alpha, bandit_beta, source_scores, source_mask, context, X[:, :B])
+                    category_affinity, bandit_alpha, bandit_beta, source_scores, source_mask, context, by_candidate,
+                    X[:, :B])
     E = X[:, B:]
     emb = embeddings[rows].astype(np.float64)
     norm = np.sqrt((emb * emb).sum(axis=1))
