@@ -61,6 +61,16 @@ def small_catalog():
     return demo_catalog(DemoCatalogConfig(n_items=3000, dim=16, n_categories=20, n_topics=6, seed=7))
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server per test module (skips without one outside CI: see redis_server.py)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def engine(cfg, clock):
     from recsvc.engine import Engine

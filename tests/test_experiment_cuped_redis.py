@@ -9,17 +9,9 @@ from recsvc.engine import Engine, FeedbackEventIn, RecommendQuery
 from recsvc.experiments.aggregates import DAY_MS
 
 from conftest import NOW_MS, FakeClock, small_config
-from redis_server import RedisServer
 from test_experiment_cuped import EXPERIMENTS_TOML as EXPERIMENTS
 
 pytest.importorskip("redis")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 def _pre(engine):

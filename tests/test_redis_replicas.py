@@ -11,16 +11,8 @@ from recsvc.engine import Engine, FeedbackEventIn, ItemIn, RecommendQuery
 from recsvc.errors import Unavailable
 
 from conftest import small_config
-from redis_server import RedisServer
 
 pytest.importorskip("redis")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
