@@ -26,23 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-_DISCOUNT = 1.0 / np.log2(np.arange(2, 12))
-
-
 def _runs(user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     return starts, np.r_[starts[1:], user.size]
 
 
 def ndcg_at_10(score: np.ndarray, log, n_relevant: np.ndarray) -> float:
-    """Mean NDCG@10 over every user of the window of the candidates ordered by ``score``."""
-    total = 0.0
+    """Mean NDCG@10 (:func:`recsvc.evaluation.metrics.ndcg_at_k`) over every user of the window, of the
+    candidates ordered by ``score``; a user with no logged candidate scores 0."""
+    from recsvc.evaluation.metrics import ndcg_at_k
+
+    hits = np.zeros((n_relevant.size, 10))
     for s, e in zip(*_runs(log.user)):
         top = log.y[s:e][np.argsort(-score[s:e], kind="stable")[:10]]
-        ideal = _DISCOUNT[: min(int(n_relevant[log.user[s]]), 10)].sum()
-        if ideal > 0:
-            total += float((top * _DISCOUNT[: top.size]).sum() / ideal)
-    return total / n_relevant.size
+        hits[log.user[s], : top.size] = top
+    return float(np.nan_to_num(ndcg_at_k(hits, n_relevant, 10)).mean())
 
 
 def _extra_features(world, log) -> np.ndarray:

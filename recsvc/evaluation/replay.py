@@ -1010,11 +1010,12 @@ def choose_long_tail_boost(
         return float(min(shares))
 
     boosts = sorted(tried)
+    near = {b: nearest(tried[b]) for b in boosts}
     both = [b for b in boosts if tried[b]["coverage"] >= need_cov and tried[b]["ndcg"] >= need_ndcg]
     if both:
         boost, rule = max(both, key=lambda b: (tried[b]["ndcg"], -b)), "best NDCG among those passing both bars"
     else:
-        boost = max(boosts, key=lambda b: (nearest(tried[b]), tried[b]["ndcg"], -b))
+        boost = max(boosts, key=lambda b: (near[b], tried[b]["ndcg"], -b))
         rule = ("none passes both bars: the boost nearest to both (the largest min(NDCG / NDCG bar, "
                 "coverage / coverage bar))")
     ref_cov, ref_ndcg = reference.get("coverage", 0.0), reference.get("ndcg", 0.0)
@@ -1025,7 +1026,7 @@ def choose_long_tail_boost(
         "validation": {str(b): {"ndcg": round(r["ndcg"], 5), "coverage": round(r["coverage"], 4),
                                 "ndcg_ratio": round(r["ndcg"] / ref_ndcg, 4) if ref_ndcg else None,
                                 "coverage_ratio": round(r["coverage"] / ref_cov, 4) if ref_cov else None,
-                                "nearest": round(nearest(r), 4) if np.isfinite(nearest(r)) else None}
+                                "nearest": round(near[b], 4) if np.isfinite(near[b]) else None}
                        for b, r in sorted(tried.items())},
     }
 
