@@ -28,6 +28,7 @@ from recsvc.errors import ECHO_CHARS, FailedPrecondition, InvalidArgument, echo
 from recsvc.messages import RecommendQuery, Recommendation, SlateItem
 from recsvc.retrieval.ann import AnnIndex
 from recsvc.retrieval.candidates import SOURCE_NAMES, Candidates
+from recsvc.retrieval.kernels import sorted_distinct
 from recsvc.retrieval.sources import Retriever, RowFilter
 from recsvc.state.interface import OnlineStateReader
 from recsvc.state.records import ServedSlate
@@ -379,7 +380,7 @@ class RequestPath:
         excl = [r for r in (row_of.get(i) for i in q.exclude_item_ids) if r is not None]
         if cfg.retrieval.exclude_consumed:
             excl.extend(r for r, _ in history)
-        return RowFilter(allowed, blocked, max_mat, _sorted_distinct(excl))
+        return RowFilter(allowed, blocked, max_mat, sorted_distinct(np.asarray(excl, np.int32)))
 
     def _category_mask(self, names: Sequence[str]) -> np.ndarray | None:
         """bool[n_categories]: which codes the names denote (unknown names denote none); None for no names."""
@@ -585,18 +586,6 @@ def _zeros_f32(n: int) -> np.ndarray:
         z = _ZEROS[n] = np.zeros(n, np.float32)
         z.setflags(write=False)
     return z
-
-
-def _sorted_distinct(rows: list[int]) -> np.ndarray:
-    """``np.unique(np.asarray(rows, np.int32))`` for the few rows of one request, without its overhead."""
-    out = np.asarray(rows, np.int32)
-    out.sort()
-    if out.size > 1:
-        first = np.empty(out.size, bool)
-        first[0] = True
-        np.not_equal(out[1:], out[:-1], out=first[1:])
-        out = out[first]
-    return out
 
 
 def _retrieval_order_scores(c: Candidates) -> np.ndarray:

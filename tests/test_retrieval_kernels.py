@@ -503,3 +503,12 @@ def test_aggregate_neighbours_reads_any_buffer_as_it_reads_plain_arrays() -> Non
     for bad in (rows[0].astype(">i4"), rows[0].astype(np.int64), rows[0].reshape(3, 4)):
         with pytest.raises(ValueError, match="Buffer dtype mismatch: a neighbour list must be 1-D int32"):
             run([bad] + rows[1:], scores)
+
+
+@given(st.lists(st.integers(-5, 40), max_size=60), st.sampled_from([np.int32, np.int64]))
+def test_sorted_distinct_is_np_unique(values, dtype):
+    a = np.asarray(values, dtype)
+    out = kernels.sorted_distinct(a)
+    np.testing.assert_array_equal(out, np.unique(a))
+    assert out.dtype == a.dtype
+    np.testing.assert_array_equal(a, np.asarray(values, dtype))  # the input is not sorted in place

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`python setup.py build_ext --inplace` (or `pip install -e .`)"
     ) from exc
 
-__all__ = ["MAX_SOURCES", "aggregate_neighbours", "eligible_mask", "merge_sources"]
+__all__ = ["MAX_SOURCES", "aggregate_neighbours", "eligible_mask", "merge_sources", "sorted_distinct"]
 
 #: Sources :func:`merge_sources` can tell apart (its bitmask is a uint8).
 MAX_SOURCES = 8
@@ -186,6 +186,20 @@ def merge_sources(
 # --------------------------------------------------------------------------
 # Preparation. Each helper returns an array already in the kernel's dtype and
 # C order as it is (checked without copying); anything else goes the slow way.
+
+
+def sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` (sorted, each value once, same dtype) by a sort: numpy 2.4's unique goes through a
+    hash table that costs ~0.6 µs a value (57 µs for a 1000-row list, 0.66 s for a million rows, against 7 µs
+    and 4 ms here), and even a few values pay its fixed overhead. Used for the filters' ``exclude`` rows and
+    the state's top-popular list."""
+    out = np.sort(values)
+    if out.size > 1:
+        keep = np.empty(out.size, bool)
+        keep[0] = True
+        np.not_equal(out[1:], out[:-1], out=keep[1:])
+        out = out[keep]
+    return out
 
 
 def _filter(
