@@ -11,6 +11,11 @@
 #                         row, the bitmask of the sources that proposed it and
 #                         each source's score (its largest, should it propose
 #                         the row twice); returns the number of distinct rows.
+#   assemble_candidates   everything after the graph search in one call: the
+#                         ANN answer, the top-popular list and the fresh index
+#                         filtered, the shares (unused share flowing on), and
+#                         the merge with the ranked co-occurrence rows; returns
+#                         the number of candidates (or asks for more input).
 #
 # recsvc.retrieval.kernels validates and prepares every argument (dtypes,
 # contiguity, lengths, output sizes, source indices); its caller,
@@ -35,7 +40,8 @@
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from recsvc._fastpath._typedefs cimport float32_t, float64_t, int8_t, int32_t, intp_t, uint8_t, uint32_t, uint64_t
+from recsvc._fastpath._typedefs cimport (float32_t, float64_t, int8_t, int32_t, int64_t, intp_t, uint8_t, uint32_t,
+                                         uint64_t)
 
 cimport numpy as cnp
 from numpy import ascontiguousarray as _ascontiguousarray
@@ -65,6 +71,12 @@ cdef enum Status:
     NO_MEMORY = -3          # the hash table could not be allocated
     UNSORTED_EXCLUDE = -4   # exclude is not sorted: the binary search would miss rows
     NEGATIVE_ROW = -5       # merge_sources: a row < 0 (-1 marks an empty hash slot)
+    # assemble_candidates only: not errors, requests for more input (the wrapper returns them)
+    ANN_SHORT = -6          # too few of the ANN answer are eligible: fetch twice as many and call again
+    POPULAR_SHORT = -7      # the popular scores cover too short a prefix of the top list: score all of it
+
+ANN_SHORT_STATUS = ANN_SHORT
+POPULAR_SHORT_STATUS = POPULAR_SHORT
 
 
 cdef inline int _table_bits(intp_t n) noexcept nogil:
@@ -444,3 +456,287 @@ cdef intp_t _check(intp_t count) except -100:
     if count == NEGATIVE_ROW:
         raise ValueError("retrieval kernel: merge_sources rows must be catalog rows (>= 0)")
     return count
+
+
+# --------------------------------------------------------------------------
+# The candidates after the graph search, in one call
+
+cdef enum:
+    N_SOURCES = 4            # ann, cooccurrence, popular, fresh (recsvc.retrieval.candidates.SOURCE_NAMES)
+    POPULAR_MIN_PREFIX = 64  # the popular source filters a prefix of max(2 * want, 64) rows first
+    FRESH_MIN_CHUNK = 256    # the fresh source filters chunks of max(4 * want, 256) rows
+
+
+cdef struct SourceInputs:
+    const uint64_t* ann_labels           # (n_ann,) the graph search's labels (catalog rows), best first
+    const float32_t* ann_values          # (n_ann,) its distances (score = 1 - d) or, with ann_exact, similarities
+    intp_t n_ann
+    bint ann_exact                       # the values are similarities already (an exact scan, not a search)
+    intp_t ann_want                      # the ANN source's share
+    intp_t ann_k                         # the fetch it asked for; 0: never ask for more
+    const int32_t* cooc_rows             # (n_cooc,) ranked co-occurrence rows (already filtered), best first
+    const float32_t* cooc_scores         # (n_cooc,)
+    intp_t n_cooc
+    const int32_t* popular               # (n_popular,) the top-popular list, most popular first
+    intp_t n_popular
+    const float32_t* popular_scores      # (n_popular_scores,) the score of each row of a prefix of that list
+    intp_t n_popular_scores
+    intp_t popular_want                  # the popular source's share (>= 1)
+    const int32_t* fresh_rows            # (n_fresh,) the fresh index: rows newest first
+    const int64_t* fresh_neg_created     # (n_fresh,) their negated creation times (ascending)
+    intp_t n_fresh
+    int64_t now_ms
+    int64_t fresh_window_ms              # int(window_days * DAY_MS)
+    float64_t fresh_window_days
+    intp_t fresh_want                    # the fresh source's share (>= 1)
+
+
+cdef inline intp_t _search_int64(const int64_t* a, intp_t n, int64_t key, bint right) noexcept nogil:
+    """``np.searchsorted(a, key, side="right" if right else "left")`` on an ascending array."""
+    cdef intp_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < key or (right and a[mid] == key):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline void _merge_one(HashTable* t, int32_t row, int s, float32_t score, int32_t* out_rows,
+                            uint8_t* out_sources, float32_t* out_scores, intp_t* n_out) noexcept nogil:
+    """One entry of ``_merge_sources``'s loop (out_scores rows are N_SOURCES wide)."""
+    cdef intp_t h = _slot(t.keys, t.bits, row), at
+    if t.keys[h] == -1:
+        t.keys[h] = row
+        at = n_out[0]
+        t.where[h] = <int32_t>at
+        out_rows[at] = row
+        out_sources[at] = <uint8_t>(1 << s)
+        out_scores[at * N_SOURCES + s] = score
+        n_out[0] = at + 1
+    else:
+        at = t.where[h]
+        if out_sources[at] & (1 << s):
+            if score > out_scores[at * N_SOURCES + s]:
+                out_scores[at * N_SOURCES + s] = score
+        else:
+            out_sources[at] |= <uint8_t>(1 << s)
+            out_scores[at * N_SOURCES + s] = score
+
+
+cdef intp_t _assemble_candidates(
+    const SourceInputs* s,               # IN  the sources' raw inputs (see SourceInputs)
+    const RowFilter* f,                  # IN  the request's filter
+    const intp_t* want,                  # IN  (N_SOURCES,) each source's share of the candidates
+    intp_t total,                        # IN  candidates wanted in all
+    int32_t* out_rows,                   # OUT (cap,) distinct rows, first seen first
+    uint8_t* out_sources,                # OUT (cap,) bitmask of the sources that proposed each row
+    float32_t* out_scores,               # OUT (cap, N_SOURCES), comes in zeroed: each source's score
+    intp_t cap,                          # IN  room in the outputs: >= max(total, sum of want)
+) noexcept nogil:
+    cdef intp_t i, k, lo, hi, stop, chunk, need, take, spare, extra, n_in = 0, n_out = 0
+    cdef intp_t size[N_SOURCES]
+    cdef intp_t taken[N_SOURCES]
+    cdef int32_t* scratch
+    cdef int32_t* ann_at
+    cdef int32_t* pop_at
+    cdef int32_t* fresh_at
+    cdef intp_t n_ann_ok = 0, n_pop_ok = 0, n_fresh_ok = 0
+    cdef HashTable t
+    cdef float32_t one = 1.0
+    cdef int32_t row
+    for i in range(s.n_cooc):
+        if s.cooc_rows[i] < 0:
+            return NEGATIVE_ROW
+    scratch = <int32_t*>malloc((s.n_ann + s.n_popular + s.n_fresh + 1) * sizeof(int32_t))
+    if scratch == NULL:
+        return NO_MEMORY
+    ann_at, pop_at = scratch, scratch + s.n_ann
+    fresh_at = pop_at + s.n_popular
+
+    # ANN: every eligible row of the answer (Retriever.ann_source)
+    for i in range(s.n_ann):
+        if i + PREFETCH_AHEAD < s.n_ann:
+            _prefetch_filter_row(f, <int32_t>s.ann_labels[i + PREFETCH_AHEAD])
+        if _eligible(f, <int32_t>s.ann_labels[i]):
+            ann_at[n_ann_ok] = <int32_t>i
+            n_ann_ok += 1
+    if (s.ann_k > 0 and n_ann_ok < s.ann_want and s.n_ann >= s.ann_k and s.ann_k < 16 * s.ann_want):
+        free(scratch)
+        return ANN_SHORT
+
+    # popular: the eligible rows of a prefix, or of the whole list when the prefix has too few
+    # (Retriever.popular_source)
+    if s.n_popular:
+        take = max(2 * s.popular_want, <intp_t>POPULAR_MIN_PREFIX)
+        stop = min(take, s.n_popular)
+        for i in range(stop):
+            if i + PREFETCH_AHEAD < stop:
+                _prefetch_filter_row(f, s.popular[i + PREFETCH_AHEAD])
+            if _eligible(f, s.popular[i]):
+                pop_at[n_pop_ok] = <int32_t>i
+                n_pop_ok += 1
+        if n_pop_ok < s.popular_want and s.n_popular > take:
+            for i in range(stop, s.n_popular):
+                if _eligible(f, s.popular[i]):
+                    pop_at[n_pop_ok] = <int32_t>i
+                    n_pop_ok += 1
+            stop = s.n_popular
+        if stop > s.n_popular_scores:
+            free(scratch)
+            return POPULAR_SHORT
+
+    # fresh: created in (now - window, now], newest first, filtered chunk by chunk until twice the share
+    # (Retriever.fresh_source)
+    lo = _search_int64(s.fresh_neg_created, s.n_fresh, -s.now_ms, False)
+    hi = _search_int64(s.fresh_neg_created, s.n_fresh, -(s.now_ms - s.fresh_window_ms), True)
+    need = 2 * s.fresh_want
+    chunk = max(need * 2, <intp_t>FRESH_MIN_CHUNK)
+    while lo < hi and n_fresh_ok < need:
+        stop = min(lo + chunk, hi)
+        for i in range(lo, stop):
+            if i + PREFETCH_AHEAD < stop:
+                _prefetch_filter_row(f, s.fresh_rows[i + PREFETCH_AHEAD])
+            if _eligible(f, s.fresh_rows[i]):
+                fresh_at[n_fresh_ok] = <int32_t>i
+                n_fresh_ok += 1
+        lo = stop
+
+    # the shares: each source's want, then unused share flows to the sources that have more (Retriever._merge)
+    size[0], size[1], size[2], size[3] = n_ann_ok, s.n_cooc, n_pop_ok, n_fresh_ok
+    spare = total
+    for k in range(N_SOURCES):
+        taken[k] = min(want[k], size[k])
+        spare -= taken[k]
+    for k in range(N_SOURCES):
+        if spare <= 0:
+            break
+        extra = min(spare, size[k] - taken[k])
+        if extra > 0:
+            taken[k] += extra
+            spare -= extra
+    for k in range(N_SOURCES):
+        if taken[k] > 0:
+            n_in += taken[k]
+    if n_in > cap:
+        free(scratch)
+        return BAD_SHAPE
+    if not _table_init(&t, n_in):
+        free(scratch)
+        return NO_MEMORY
+
+    # the merge, sources in priority order (merge_sources)
+    for i in range(taken[0]):
+        k = ann_at[i]
+        _merge_one(&t, <int32_t>s.ann_labels[k], 0,
+                   s.ann_values[k] if s.ann_exact else one - s.ann_values[k],
+                   out_rows, out_sources, out_scores, &n_out)
+    for i in range(taken[1]):
+        _merge_one(&t, s.cooc_rows[i], 1, s.cooc_scores[i], out_rows, out_sources, out_scores, &n_out)
+    for i in range(taken[2]):
+        k = pop_at[i]
+        _merge_one(&t, s.popular[k], 2, s.popular_scores[k], out_rows, out_sources, out_scores, &n_out)
+    for i in range(taken[3]):
+        k = fresh_at[i]
+        # (1 - age_days / window_days) in float64, then float32, as numpy computes it
+        _merge_one(&t, s.fresh_rows[k], 3,
+                   <float32_t>(1.0 - (<float64_t>(s.now_ms + s.fresh_neg_created[k]) / 86400000.0)
+                               / s.fresh_window_days),
+                   out_rows, out_sources, out_scores, &n_out)
+    _table_free(&t)
+    free(scratch)
+    return n_out
+
+
+cdef const void* _array_data(object x, int typenum, intp_t* n, str name, bint writable=False) except? NULL:
+    """The data pointer of a C-contiguous 1-D ndarray of this dtype (its length in ``n``); anything else is
+    refused (recsvc.retrieval.kernels coerces). No typed memoryview: ~1 us each."""
+    if not (type(x) is _ndarray and cnp.PyArray_TYPE(<cnp.ndarray> x) == typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray> x) == 1
+            and (cnp.PyArray_ISCARRAY(<cnp.ndarray> x) if writable else cnp.PyArray_ISCARRAY_RO(<cnp.ndarray> x))):
+        raise ValueError(f"{name} must be a {'writable, ' if writable else ''}C-contiguous 1-D "
+                         f"{_dtype_of_num(typenum)} array (call it through recsvc.retrieval.kernels)")
+    n[0] = cnp.PyArray_DIM(<cnp.ndarray> x, 0)
+    return cnp.PyArray_DATA(<cnp.ndarray> x) if n[0] else NULL
+
+
+def assemble_candidates(ann_labels, ann_values, bint ann_exact, intp_t ann_want, intp_t ann_k,
+                        cooc_rows, cooc_scores,
+                        popular, popular_scores, intp_t popular_want,
+                        fresh_rows, fresh_neg_created, int64_t now_ms, int64_t fresh_window_ms,
+                        float64_t fresh_window_days, intp_t fresh_want,
+                        intp_t want_ann, intp_t want_cooccurrence, intp_t want_popular, intp_t want_fresh,
+                        intp_t total,
+                        alive, maturity, categories, int32_t max_maturity,
+                        allowed, bint has_allowed, blocked, exclude,
+                        out_rows, out_sources, out_scores) -> int:
+    """The merged candidates of one request from its sources' raw inputs; see
+    recsvc.retrieval.kernels.assemble_candidates. Returns the number of candidates, or ANN_SHORT_STATUS /
+    POPULAR_SHORT_STATUS (call again with more input)."""
+    cdef SourceInputs s
+    cdef RowFilter f
+    cdef intp_t n, n_alive, n_mat, n_cat, n_allowed, n_blocked, n_exclude, cap, n_src_rows, n_scores, count
+    cdef intp_t want[N_SOURCES]
+    cdef const uint8_t* alive_p
+    cdef const int32_t* maturity_p
+    cdef const int32_t* categories_p
+    cdef const uint8_t* allowed_p
+    cdef const uint8_t* blocked_p
+    cdef const int32_t* exclude_p
+    cdef int32_t* rows_out
+    cdef uint8_t* sources_out
+    cdef float32_t* scores_out
+    cdef intp_t i
+    s.ann_labels = <const uint64_t*>_array_data(ann_labels, cnp.NPY_UINT64, &s.n_ann, "ann_labels")
+    s.ann_values = <const float32_t*>_array_data(ann_values, cnp.NPY_FLOAT32, &n, "ann_values")
+    if n != s.n_ann:
+        return _check(BAD_SHAPE)
+    s.ann_exact, s.ann_want, s.ann_k = ann_exact, ann_want, ann_k
+    s.cooc_rows = <const int32_t*>_array_data(cooc_rows, cnp.NPY_INT32, &s.n_cooc, "cooc_rows")
+    s.cooc_scores = <const float32_t*>_array_data(cooc_scores, cnp.NPY_FLOAT32, &n, "cooc_scores")
+    if n != s.n_cooc:
+        return _check(BAD_SHAPE)
+    s.popular = <const int32_t*>_array_data(popular, cnp.NPY_INT32, &s.n_popular, "popular")
+    s.popular_scores = <const float32_t*>_array_data(popular_scores, cnp.NPY_FLOAT32, &s.n_popular_scores,
+                                                     "popular_scores")
+    s.popular_want = popular_want
+    s.fresh_rows = <const int32_t*>_array_data(fresh_rows, cnp.NPY_INT32, &s.n_fresh, "fresh_rows")
+    s.fresh_neg_created = <const int64_t*>_array_data(fresh_neg_created, cnp.NPY_INT64, &n, "fresh_neg_created")
+    if n != s.n_fresh:
+        return _check(BAD_SHAPE)
+    s.now_ms, s.fresh_window_ms, s.fresh_window_days, s.fresh_want = (now_ms, fresh_window_ms,
+                                                                      fresh_window_days, fresh_want)
+    want[0], want[1], want[2], want[3] = want_ann, want_cooccurrence, want_popular, want_fresh
+    alive_p = <const uint8_t*>_array_data(alive, cnp.NPY_UINT8, &n_alive, "alive")
+    maturity_p = <const int32_t*>_array_data(maturity, cnp.NPY_INT32, &n_mat, "maturity")
+    categories_p = <const int32_t*>_array_data(categories, cnp.NPY_INT32, &n_cat, "categories")
+    allowed_p = <const uint8_t*>_array_data(allowed, cnp.NPY_UINT8, &n_allowed, "allowed")
+    blocked_p = <const uint8_t*>_array_data(blocked, cnp.NPY_UINT8, &n_blocked, "blocked")
+    exclude_p = <const int32_t*>_array_data(exclude, cnp.NPY_INT32, &n_exclude, "exclude")
+    rows_out = <int32_t*>_array_data(out_rows, cnp.NPY_INT32, &cap, "out_rows", True)
+    sources_out = <uint8_t*>_array_data(out_sources, cnp.NPY_UINT8, &n, "out_sources", True)
+    if n < cap:
+        cap = n
+    if not (type(out_scores) is _ndarray and cnp.PyArray_TYPE(<cnp.ndarray> out_scores) == cnp.NPY_FLOAT32
+            and cnp.PyArray_NDIM(<cnp.ndarray> out_scores) == 2 and cnp.PyArray_ISCARRAY(<cnp.ndarray> out_scores)
+            and cnp.PyArray_DIM(<cnp.ndarray> out_scores, 1) == N_SOURCES):
+        raise ValueError(f"out_scores must be a writable, C-contiguous float32 array of shape (rows, {N_SOURCES})")
+    if cnp.PyArray_DIM(<cnp.ndarray> out_scores, 0) < cap:
+        cap = cnp.PyArray_DIM(<cnp.ndarray> out_scores, 0)
+    scores_out = <float32_t*>cnp.PyArray_DATA(<cnp.ndarray> out_scores)
+    if n_mat < n_alive or n_cat < n_alive:
+        return _check(BAD_SHAPE)
+    for i in range(1, n_exclude):
+        if exclude_p[i] < exclude_p[i - 1]:
+            return _check(UNSORTED_EXCLUDE)
+    f.alive, f.n_rows, f.maturity, f.categories, f.max_maturity = (alive_p, n_alive, maturity_p, categories_p,
+                                                                   max_maturity)
+    f.allowed, f.n_allowed, f.has_allowed = allowed_p, n_allowed, has_allowed
+    f.blocked, f.n_blocked, f.exclude, f.n_exclude = blocked_p, n_blocked, exclude_p, n_exclude
+    # The kernel reads these without the GIL: the locals above hold every array meanwhile.
+    with nogil:
+        count = _assemble_candidates(&s, &f, want, total, rows_out, sources_out, scores_out, cap)
+    if count == ANN_SHORT or count == POPULAR_SHORT:
+        return count
+    return _check(count)

@@ -223,24 +223,32 @@ class Retriever:
         return int(math.ceil(want * overfetch / rate)) + min(int(flt.exclude_rows.size), 4 * want)
 
     # -- sources -----------------------------------------------------------------
+    def _exact_ann(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray] | None:
+        """An allowed-categories filter that leaves few items: exact scores over them (best first) beat a
+        starved ANN. None when the filter leaves many (or allows every category)."""
+        if flt.allowed_categories is None:
+            return None
+        by_cat = self._category_rows()
+        codes = np.flatnonzero(flt.allowed_categories[: len(by_cat)])
+        pool = sum(by_cat[c].size for c in codes)
+        if pool > max(20 * want, 20_000):
+            return None
+        rows = np.concatenate([by_cat[c] for c in codes]) if codes.size else _EMPTY_ROWS
+        rows = rows[flt.eligible(self.catalog, rows)]
+        sims = self.catalog.embeddings[rows] @ user_vec
+        if rows.size > want:
+            top = np.argpartition(-sims, want - 1)[:want]
+            rows, sims = rows[top], sims[top]
+        order = np.argsort(-sims, kind="stable")
+        return rows[order], sims[order].astype(np.float32)
+
     def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter, overfetch: float
                    ) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        if flt.allowed_categories is not None:
-            by_cat = self._category_rows()
-            codes = np.flatnonzero(flt.allowed_categories[: len(by_cat)])
-            pool = sum(by_cat[c].size for c in codes)
-            if pool <= max(20 * want, 20_000):
-                # Few allowed items: exact scores over them beat a starved ANN.
-                rows = np.concatenate([by_cat[c] for c in codes]) if codes.size else _EMPTY_ROWS
-                rows = rows[flt.eligible(self.catalog, rows)]
-                sims = self.catalog.embeddings[rows] @ user_vec
-                if rows.size > want:
-                    top = np.argpartition(-sims, want - 1)[:want]
-                    rows, sims = rows[top], sims[top]
-                order = np.argsort(-sims, kind="stable")
-                return rows[order], sims[order].astype(np.float32)
+        scanned = self._exact_ann(user_vec, want, flt)
+        if scanned is not None:
+            return scanned
         k = self.ann_fetch(want, flt, overfetch)
         while True:
             rows, sims = self.ann.query(user_vec, k)
@@ -306,20 +314,10 @@ class Retriever:
         return np.concatenate(out_rows), np.concatenate(out_scores)
 
     # -- the merge ------------------------------------------------------------------
-    def candidates(
-        self,
-        user_vec: np.ndarray | None,
-        recent_rows: list[int],
-        recent_weights: list[float],
-        flt: RowFilter,
-        now_ms: int,
-        n_min: int,
-        cfg: RetrievalConfig,
-        n_candidates: int | None = None,
-    ) -> Candidates:
-        """The merged candidates of one request, with the request's (variant's) retrieval settings;
-        ``n_candidates`` overrides ``cfg.n_candidates`` (a degraded request asks for fewer)."""
-        shares = dict(cfg.shares)
+    def _shares(self, user_vec: np.ndarray | None, recent_rows: list[int], n_min: int, cfg: RetrievalConfig,
+                n_candidates: int | None) -> tuple[dict[str, int], int]:
+        """Each source's share of the candidates, and the total."""
+        shares = cfg.shares
         total = max(n_candidates or cfg.n_candidates, n_min)
         # Scale shares to the total; a source that cannot run (no user vector,
         # no history) gives its share away in the merge.
@@ -337,6 +335,86 @@ class Retriever:
             extra_pop = lost // 2 if base == 0 else int(round(lost * want["popular"] / base))
             want["popular"] += extra_pop
             want["fresh"] += lost - extra_pop
+        return want, total
+
+    def candidates(
+        self,
+        user_vec: np.ndarray | None,
+        recent_rows: list[int],
+        recent_weights: list[float],
+        flt: RowFilter,
+        now_ms: int,
+        n_min: int,
+        cfg: RetrievalConfig,
+        n_candidates: int | None = None,
+    ) -> Candidates:
+        """The merged candidates of one request, with the request's (variant's) retrieval settings;
+        ``n_candidates`` overrides ``cfg.n_candidates`` (a degraded request asks for fewer).
+
+        The graph search and the co-occurrence aggregation run first; everything after them (the ANN,
+        popular and fresh sources' filtering, the shares and the merge) is one compiled call
+        (``kernels.assemble_candidates``), with the same result as the sources one by one
+        (:meth:`candidates_by_source`).
+        """
+        want, total = self._shares(user_vec, recent_rows, n_min, cfg, n_candidates)
+        fargs = flt.kernel_args(self.catalog)
+        # ANN: the graph search's raw answer (filtered in the kernel), or an exact scan's
+        ann_want, ann_k = want["ann"], 0
+        labels, values, exact = _NO_LABELS, _EMPTY_SCORES, True
+        if user_vec is not None and ann_want > 0:
+            scanned = self._exact_ann(user_vec, ann_want, flt)
+            if scanned is not None:
+                labels, values = scanned[0].astype(np.uint64), scanned[1]
+            else:
+                exact, ann_k = False, self.ann_fetch(ann_want, flt, cfg.overfetch)
+                labels, values = self.ann.query_labels(user_vec, ann_k)
+        cooc_rows, cooc_scores = self.cooccurrence_source(recent_rows, recent_weights, want["cooccurrence"], flt)
+        pop_want, fresh_want = max(want["popular"], 1), max(want["fresh"], 1)
+        top = self.state.top_popular()
+        top_scores = self.state.log_popularity(top[:max(2 * pop_want, 64)], now_ms) if top.size else _EMPTY_SCORES
+        window_ms = int(cfg.fresh_window_days * DAY_MS)
+        fresh_rows, fresh_neg = self._fresh_index(now_ms, window_ms)
+        cap = max(total, sum(want.values()))
+        out_rows, out_src = np.empty(cap, np.int32), np.empty(cap, np.uint8)
+        out_scores = np.zeros((cap, len(SOURCE_NAMES)), np.float32)
+        while True:
+            n = _retrieval.assemble_candidates(
+                labels, values, exact, ann_want, ann_k, cooc_rows, cooc_scores, top, top_scores, pop_want,
+                fresh_rows, fresh_neg, now_ms, window_ms, cfg.fresh_window_days, fresh_want,
+                (want["ann"], want["cooccurrence"], want["popular"], want["fresh"]), total, *fargs,
+                out_rows, out_src, out_scores)
+            if n == _retrieval.ANN_SHORT:
+                ann_k *= 2
+                labels, values = self.ann.query_labels(user_vec, ann_k)
+            elif n == _retrieval.POPULAR_SHORT:
+                top_scores = self.state.log_popularity(top, now_ms)
+            else:
+                break
+        cands = Candidates(out_rows[:n], out_src[:n], out_scores[:n])
+        if n < n_min:
+            extra = self._fallback(cands.rows, n_min - n, flt, now_ms)
+            if extra.size:  # rows none of the sources proposed: appended as the merge would
+                scores = np.zeros((extra.size, len(SOURCE_NAMES)), np.float32)
+                scores[:, _POPULAR] = self.state.log_popularity(extra, now_ms)
+                cands = Candidates(np.concatenate([cands.rows, extra.astype(np.int32, copy=False)]),
+                                   np.concatenate([cands.sources, np.full(extra.size, 1 << _POPULAR, np.uint8)]),
+                                   np.concatenate([cands.source_scores, scores]))
+        return cands
+
+    def candidates_by_source(
+        self,
+        user_vec: np.ndarray | None,
+        recent_rows: list[int],
+        recent_weights: list[float],
+        flt: RowFilter,
+        now_ms: int,
+        n_min: int,
+        cfg: RetrievalConfig,
+        n_candidates: int | None = None,
+    ) -> Candidates:
+        """:meth:`candidates` source by source (each source's ranked rows, then the merge): the numpy
+        path the compiled call replaced, kept as its reference."""
+        want, total = self._shares(user_vec, recent_rows, n_min, cfg, n_candidates)
         ranked: dict[str, tuple[np.ndarray, np.ndarray]] = {
             "ann": (self.ann_source(user_vec, want["ann"], flt, cfg.overfetch) if user_vec is not None
                     else (_EMPTY_ROWS, _EMPTY_SCORES)),
@@ -410,6 +488,8 @@ def _merge_parts(parts_rows: list[np.ndarray], parts_src: list[np.ndarray],
 
 
 _EMPTY_ROWS = np.empty(0, np.int32)
+_NO_LABELS = np.empty(0, np.uint64)
+_POPULAR = SOURCE_NAMES.index("popular")
 _EMPTY_SCORES = np.empty(0, np.float32)
 _NO_MASK = np.empty(0, np.uint8)
 _INT32_MAX = 2 ** 31 - 1

@@ -68,3 +68,75 @@ def merge_sources(rows, src, scores, out_rows, out_sources, out_scores):
     out_sources[:n] = sources
     out_scores[:n] = np.where(np.isneginf(best), 0.0, best)
     return n
+
+
+ANN_SHORT, POPULAR_SHORT = -6, -7  # as recsvc.retrieval.kernels
+
+
+def assemble_candidates(ann_labels, ann_values, ann_exact, ann_want, ann_k, cooc_rows, cooc_scores,
+                        popular, popular_scores, popular_want, fresh_rows, fresh_neg_created, now_ms,
+                        fresh_window_ms, fresh_window_days, fresh_want, want, total,
+                        alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude,
+                        out_rows, out_sources, out_scores):
+    """The numpy path the kernel replaced (``Retriever``'s ann, popular and fresh sources and its merge)."""
+    flt = (alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude)
+
+    def eligible(rows):
+        out = np.zeros(rows.size, np.uint8)
+        eligible_mask(rows, *flt, out)
+        return out.astype(bool)
+
+    # ann
+    rows = np.asarray(ann_labels).astype(np.int32)
+    vals = np.asarray(ann_values, np.float32)
+    sims = vals if ann_exact else (1.0 - vals).astype(np.float32)
+    keep = eligible(rows)
+    if ann_k > 0 and not (keep.sum() >= ann_want or rows.size < ann_k or ann_k >= 16 * ann_want):
+        return ANN_SHORT
+    ranked = [(rows[keep], sims[keep]), (np.asarray(cooc_rows, np.int32), np.asarray(cooc_scores, np.float32))]
+    # popular
+    popular = np.asarray(popular, np.int32)
+    if popular.size == 0:
+        ranked.append((np.empty(0, np.int32), np.empty(0, np.float32)))
+    else:
+        take = max(2 * popular_want, 64)
+        at = np.flatnonzero(eligible(popular[:take]))
+        if at.size < popular_want and popular.size > take:
+            at = np.flatnonzero(eligible(popular))
+            if popular.size > np.asarray(popular_scores).size:
+                return POPULAR_SHORT
+        elif min(take, popular.size) > np.asarray(popular_scores).size:
+            return POPULAR_SHORT
+        ranked.append((popular[at], np.asarray(popular_scores, np.float32)[at]))
+    # fresh
+    fresh_rows = np.asarray(fresh_rows, np.int32)
+    neg = np.asarray(fresh_neg_created, np.int64)
+    n_fresh = int(np.searchsorted(neg, np.int64(-(now_ms - fresh_window_ms)), side="right"))
+    n_future = int(np.searchsorted(neg, np.int64(-now_ms), side="left"))
+    fr, neg = fresh_rows[n_future:n_fresh], neg[n_future:n_fresh]
+    out_r, out_s, start, have, need = [np.empty(0, np.int32)], [np.empty(0, np.float32)], 0, 0, 2 * fresh_want
+    while start < fr.size and have < need:
+        sl = slice(start, start + max(need * 2, 256))
+        k = eligible(fr[sl])
+        out_r.append(fr[sl][k])
+        have += out_r[-1].size
+        age_days = (now_ms + neg[sl][k]) / 86_400_000.0
+        out_s.append((1.0 - age_days / fresh_window_days).astype(np.float32))
+        start = sl.stop
+    ranked.append((np.concatenate(out_r), np.concatenate(out_s)))
+    # shares and merge
+    taken = [min(w, r.size) for w, (r, _) in zip(want, ranked)]
+    spare = total - sum(taken)
+    for s in range(4):
+        if spare <= 0:
+            break
+        extra = min(spare, ranked[s][0].size - taken[s])
+        if extra > 0:
+            taken[s] += extra
+            spare -= extra
+    parts = [(r[:k], np.full(k, s, np.int8), v[:k]) for s, ((r, v), k) in enumerate(zip(ranked, taken)) if k > 0]
+    if not parts:
+        return 0
+    rows = np.concatenate([p[0] for p in parts])
+    return merge_sources(rows, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
+                         out_rows, out_sources, out_scores)
