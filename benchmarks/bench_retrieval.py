@@ -283,7 +283,7 @@ def kernel_inputs(world):
         retr.candidates(q, recent, weights, flt, NOW_MS, 20, cfg)
     finally:
         sources._retrieval.assemble_candidates = assemble
-    cap = max(cfg.n_candidates, sum(seen[-1][16]))
+    cap = 2 * cfg.n_candidates  # >= max(total, sum of the shares)
     return {
         "eligible_mask": ((ann_rows, *fargs), lambda: (np.empty(ann_rows.size, np.uint8),)),
         "aggregate_neighbours": ((lists, list_scores, np.asarray(list_weights, np.float64), *fargs),

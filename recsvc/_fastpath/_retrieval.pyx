@@ -74,9 +74,12 @@ cdef enum Status:
     # assemble_candidates only: not errors, requests for more input (the wrapper returns them)
     ANN_SHORT = -6          # too few of the ANN answer are eligible: fetch twice as many and call again
     POPULAR_SHORT = -7      # the popular scores cover too short a prefix of the top list: score all of it
+    COOC_TIES = -8          # the co-occurrence top list has ties numpy's argpartition orders its own way:
+                            # rank it with numpy and pass it ranked
 
 ANN_SHORT_STATUS = ANN_SHORT
 POPULAR_SHORT_STATUS = POPULAR_SHORT
+COOC_TIES_STATUS = COOC_TIES
 
 
 cdef inline int _table_bits(intp_t n) noexcept nogil:
@@ -279,12 +282,7 @@ cdef intp_t _aggregate_neighbours(
     float32_t[::1] out_scores,           # OUT (>= sum of n_rows,) their weighted score sums
 ) noexcept nogil:
     cdef RowFilter f
-    cdef HashTable t
-    cdef intp_t j, i, h, n_total = 0, n_out = 0
-    cdef const int32_t* nr
-    cdef const float64_t* ns
-    cdef int32_t row
-    cdef double w
+    cdef intp_t j, n_total = 0
     cdef int status = _row_filter(&f, alive, maturity, categories, max_maturity, allowed, has_allowed,
                                   blocked, exclude)
     if status < 0:
@@ -297,6 +295,26 @@ cdef intp_t _aggregate_neighbours(
         n_total += lists[j].n_rows
     if out_rows.shape[0] < n_total or out_scores.shape[0] < n_total:
         return BAD_SHAPE
+    return _aggregate(lists, n_lists, &weights[0] if n_lists else NULL, &f, n_total,
+                      &out_rows[0] if n_total else NULL, &out_scores[0] if n_total else NULL)
+
+
+cdef intp_t _aggregate(
+    const NeighbourList* lists,          # IN  (n_lists,) checked: n_scores == n_rows each
+    intp_t n_lists,                      # IN
+    const float64_t* weights,            # IN  (n_lists,)
+    const RowFilter* f,                  # IN
+    intp_t n_total,                      # IN  sum of n_rows
+    int32_t* out_rows,                   # OUT (n_total,) distinct eligible rows, first seen first
+    float32_t* out_scores,               # OUT (n_total,) their weighted score sums
+) noexcept nogil:
+    """The aggregation of ``_aggregate_neighbours`` on checked inputs; returns the rows written."""
+    cdef HashTable t
+    cdef intp_t j, i, h, n_out = 0
+    cdef const int32_t* nr
+    cdef const float64_t* ns
+    cdef int32_t row
+    cdef double w
     if not _table_init(&t, n_total):
         return NO_MEMORY
     for j in range(n_lists):
@@ -308,7 +326,7 @@ cdef intp_t _aggregate_neighbours(
             h = _slot(t.keys, t.bits, row)
             if t.keys[h] == -1:
                 t.keys[h] = row
-                if _eligible(&f, row):
+                if _eligible(f, row):
                     t.where[h] = <int32_t>n_out
                     out_rows[n_out] = row
                     out_scores[n_out] = <float32_t>(w * ns[i])
@@ -474,6 +492,11 @@ cdef struct SourceInputs:
     bint ann_exact                       # the values are similarities already (an exact scan, not a search)
     intp_t ann_want                      # the ANN source's share
     intp_t ann_k                         # the fetch it asked for; 0: never ask for more
+    const NeighbourList* lists           # (n_lists,) the recent items' neighbour rows and scores, checked
+    intp_t n_lists
+    const float64_t* weights             # (n_lists,) weight of each list
+    intp_t cooc_want                     # the co-occurrence source's share
+    bint cooc_ranked                     # the lists are not used: cooc_rows / cooc_scores are the source's rows
     const int32_t* cooc_rows             # (n_cooc,) ranked co-occurrence rows (already filtered), best first
     const float32_t* cooc_scores         # (n_cooc,)
     intp_t n_cooc
@@ -525,6 +548,100 @@ cdef inline void _merge_one(HashTable* t, int32_t row, int s, float32_t score, i
             out_scores[at * N_SOURCES + s] = score
 
 
+cdef struct Ranked:
+    float32_t value
+    int32_t at                           # position in the aggregation (first seen first)
+
+
+cdef inline bint _before(const Ranked* a, const Ranked* b) noexcept nogil:
+    """Higher value first, then earlier: ``np.argsort(-values, kind="stable")``'s order."""
+    return a.value > b.value or (a.value == b.value and a.at < b.at)
+
+
+cdef void _sort_ranked(Ranked* a, Ranked* tmp, intp_t n) noexcept nogil:
+    """Merge sort by ``_before`` (a total order: the result is unique)."""
+    cdef intp_t width = 1, lo, mid, hi, i, j, k
+    cdef Ranked* src = a
+    cdef Ranked* dst = tmp
+    cdef Ranked* swap
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if _before(&src[j], &src[i]):
+                    dst[k] = src[j]
+                    j += 1
+                else:
+                    dst[k] = src[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                dst[k] = src[i]
+                i += 1
+                k += 1
+            while j < hi:
+                dst[k] = src[j]
+                j += 1
+                k += 1
+            lo = hi
+        swap = src
+        src = dst
+        dst = swap
+        width *= 2
+    if src != a:
+        for i in range(n):
+            a[i] = src[i]
+
+
+cdef intp_t _rank_cooccurrence(
+    const SourceInputs* s,               # IN  the neighbour lists, their weights and the share
+    const RowFilter* f,                  # IN
+    int32_t* rows,                       # OUT (sum of list lengths,) the ranked rows, best first
+    float32_t* scores,                   # OUT (sum of list lengths,) their scores
+) noexcept nogil:
+    """Retriever.cooccurrence_source after its lists: the aggregation, then the best ``2 * want`` by score
+    (ties: first seen first). Returns how many, or COOC_TIES where numpy's argpartition would pick or order
+    tied rows its own way (more rows than that, and a tie among the best or at the cut)."""
+    cdef intp_t j, i, n, n_total = 0, take = 2 * s.cooc_want
+    cdef Ranked* ranked
+    cdef int32_t* agg_rows
+    cdef float32_t* agg_scores
+    for j in range(s.n_lists):
+        n_total += s.lists[j].n_rows
+    if n_total == 0 or s.cooc_want <= 0:
+        return 0
+    ranked = <Ranked*>malloc(2 * n_total * sizeof(Ranked) + n_total * (sizeof(int32_t) + sizeof(float32_t)))
+    if ranked == NULL:
+        return NO_MEMORY
+    agg_rows = <int32_t*>(ranked + 2 * n_total)
+    agg_scores = <float32_t*>(agg_rows + n_total)
+    n = _aggregate(s.lists, s.n_lists, s.weights, f, n_total, agg_rows, agg_scores)
+    if n < 0:
+        free(ranked)
+        return n
+    for i in range(n):
+        if agg_scores[i] != agg_scores[i]:  # NaN: numpy sorts it its own way
+            free(ranked)
+            return COOC_TIES
+        ranked[i].value = agg_scores[i]
+        ranked[i].at = <int32_t>i
+    _sort_ranked(ranked, ranked + n_total, n)
+    if n > take:
+        for i in range(take):
+            if ranked[i].value == ranked[i + 1].value:
+                free(ranked)
+                return COOC_TIES
+        n = take
+    for i in range(n):
+        rows[i] = agg_rows[ranked[i].at]
+        scores[i] = ranked[i].value
+    free(ranked)
+    return n
+
+
 cdef intp_t _assemble_candidates(
     const SourceInputs* s,               # IN  the sources' raw inputs (see SourceInputs)
     const RowFilter* f,                  # IN  the request's filter
@@ -545,15 +662,34 @@ cdef intp_t _assemble_candidates(
     cdef intp_t n_ann_ok = 0, n_pop_ok = 0, n_fresh_ok = 0
     cdef HashTable t
     cdef float32_t one = 1.0
-    cdef int32_t row
-    for i in range(s.n_cooc):
-        if s.cooc_rows[i] < 0:
-            return NEGATIVE_ROW
-    scratch = <int32_t*>malloc((s.n_ann + s.n_popular + s.n_fresh + 1) * sizeof(int32_t))
+    cdef intp_t n_lists_rows = 0, n_cooc = s.n_cooc
+    cdef const int32_t* cooc_rows = s.cooc_rows
+    cdef const float32_t* cooc_scores = s.cooc_scores
+    cdef int32_t* cooc_ranked_rows
+    cdef float32_t* cooc_ranked_scores
+    if not s.cooc_ranked:
+        for i in range(s.n_lists):
+            n_lists_rows += s.lists[i].n_rows
+    scratch = <int32_t*>malloc((s.n_ann + s.n_popular + s.n_fresh + 2 * n_lists_rows + 1) * sizeof(int32_t))
     if scratch == NULL:
         return NO_MEMORY
     ann_at, pop_at = scratch, scratch + s.n_ann
     fresh_at = pop_at + s.n_popular
+    cooc_ranked_rows = fresh_at + s.n_fresh
+    cooc_ranked_scores = <float32_t*>(cooc_ranked_rows + n_lists_rows)
+
+    # co-occurrence: ranked here (Retriever.cooccurrence_source), or by the caller
+    if s.cooc_ranked:
+        for i in range(s.n_cooc):
+            if s.cooc_rows[i] < 0:
+                free(scratch)
+                return NEGATIVE_ROW
+    else:
+        n_cooc = _rank_cooccurrence(s, f, cooc_ranked_rows, cooc_ranked_scores)
+        if n_cooc < 0:
+            free(scratch)
+            return n_cooc
+        cooc_rows, cooc_scores = cooc_ranked_rows, cooc_ranked_scores
 
     # ANN: every eligible row of the answer (Retriever.ann_source)
     for i in range(s.n_ann):
@@ -604,7 +740,7 @@ cdef intp_t _assemble_candidates(
         lo = stop
 
     # the shares: each source's want, then unused share flows to the sources that have more (Retriever._merge)
-    size[0], size[1], size[2], size[3] = n_ann_ok, s.n_cooc, n_pop_ok, n_fresh_ok
+    size[0], size[1], size[2], size[3] = n_ann_ok, n_cooc, n_pop_ok, n_fresh_ok
     spare = total
     for k in range(N_SOURCES):
         taken[k] = min(want[k], size[k])
@@ -633,7 +769,7 @@ cdef intp_t _assemble_candidates(
                    s.ann_values[k] if s.ann_exact else one - s.ann_values[k],
                    out_rows, out_sources, out_scores, &n_out)
     for i in range(taken[1]):
-        _merge_one(&t, s.cooc_rows[i], 1, s.cooc_scores[i], out_rows, out_sources, out_scores, &n_out)
+        _merge_one(&t, cooc_rows[i], 1, cooc_scores[i], out_rows, out_sources, out_scores, &n_out)
     for i in range(taken[2]):
         k = pop_at[i]
         _merge_one(&t, s.popular[k], 2, s.popular_scores[k], out_rows, out_sources, out_scores, &n_out)
@@ -662,7 +798,8 @@ cdef const void* _array_data(object x, int typenum, intp_t* n, str name, bint wr
 
 
 def assemble_candidates(ann_labels, ann_values, bint ann_exact, intp_t ann_want, intp_t ann_k,
-                        cooc_rows, cooc_scores,
+                        list neighbour_rows, list neighbour_scores, neighbour_weights, intp_t cooc_want,
+                        bint cooc_ranked, cooc_rows, cooc_scores,
                         popular, popular_scores, intp_t popular_want,
                         fresh_rows, fresh_neg_created, int64_t now_ms, int64_t fresh_window_ms,
                         float64_t fresh_window_days, intp_t fresh_want,
@@ -673,8 +810,12 @@ def assemble_candidates(ann_labels, ann_values, bint ann_exact, intp_t ann_want,
                         out_rows, out_sources, out_scores) -> int:
     """The merged candidates of one request from its sources' raw inputs; see
     recsvc.retrieval.kernels.assemble_candidates. Returns the number of candidates, or ANN_SHORT_STATUS /
-    POPULAR_SHORT_STATUS (call again with more input)."""
+    POPULAR_SHORT_STATUS / COOC_TIES_STATUS (call again with more input)."""
     cdef SourceInputs s
+    cdef NeighbourList* lists = NULL
+    cdef tuple rows_held, scores_held
+    cdef list buffers_held = []
+    cdef intp_t j
     cdef RowFilter f
     cdef intp_t n, n_alive, n_mat, n_cat, n_allowed, n_blocked, n_exclude, cap, n_src_rows, n_scores, count
     cdef intp_t want[N_SOURCES]
@@ -693,6 +834,13 @@ def assemble_candidates(ann_labels, ann_values, bint ann_exact, intp_t ann_want,
     if n != s.n_ann:
         return _check(BAD_SHAPE)
     s.ann_exact, s.ann_want, s.ann_k = ann_exact, ann_want, ann_k
+    s.cooc_want, s.cooc_ranked = cooc_want, cooc_ranked
+    s.weights = <const float64_t*>_array_data(neighbour_weights, cnp.NPY_FLOAT64, &n, "neighbour_weights")
+    # held (a snapshot, should the caller's lists change) while the kernel reads them without the GIL
+    rows_held, scores_held = tuple(neighbour_rows), tuple(neighbour_scores)
+    s.n_lists = 0 if cooc_ranked else len(rows_held)
+    if s.n_lists and (len(scores_held) != s.n_lists or n < s.n_lists):
+        return _check(BAD_SHAPE)
     s.cooc_rows = <const int32_t*>_array_data(cooc_rows, cnp.NPY_INT32, &s.n_cooc, "cooc_rows")
     s.cooc_scores = <const float32_t*>_array_data(cooc_scores, cnp.NPY_FLOAT32, &n, "cooc_scores")
     if n != s.n_cooc:
@@ -734,9 +882,23 @@ def assemble_candidates(ann_labels, ann_values, bint ann_exact, intp_t ann_want,
                                                                    max_maturity)
     f.allowed, f.n_allowed, f.has_allowed = allowed_p, n_allowed, has_allowed
     f.blocked, f.n_blocked, f.exclude, f.n_exclude = blocked_p, n_blocked, exclude_p, n_exclude
-    # The kernel reads these without the GIL: the locals above hold every array meanwhile.
-    with nogil:
-        count = _assemble_candidates(&s, &f, want, total, rows_out, sources_out, scores_out, cap)
-    if count == ANN_SHORT or count == POPULAR_SHORT:
+    lists = <NeighbourList*>malloc((s.n_lists if s.n_lists else 1) * sizeof(NeighbourList))
+    if lists == NULL:
+        return _check(NO_MEMORY)
+    try:
+        for j in range(s.n_lists):
+            lists[j].rows = <const int32_t*> _vector_data(rows_held[j], cnp.NPY_INT32, &lists[j].n_rows,
+                                                          buffers_held)
+            lists[j].scores = <const float64_t*> _vector_data(scores_held[j], cnp.NPY_FLOAT64,
+                                                              &lists[j].n_scores, buffers_held)
+            if lists[j].n_scores != lists[j].n_rows:
+                return _check(BAD_SHAPE)
+        s.lists = lists
+        # The kernel reads these without the GIL: the locals above hold every array meanwhile.
+        with nogil:
+            count = _assemble_candidates(&s, &f, want, total, rows_out, sources_out, scores_out, cap)
+    finally:
+        free(lists)
+    if count == ANN_SHORT or count == POPULAR_SHORT or count == COOC_TIES:
         return count
     return _check(count)

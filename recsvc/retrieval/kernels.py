@@ -43,16 +43,17 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`python setup.py build_ext --inplace` (or `pip install -e .`)"
     ) from exc
 
-__all__ = ["ANN_SHORT", "MAX_SOURCES", "POPULAR_SHORT", "aggregate_neighbours", "assemble_candidates",
+__all__ = ["ANN_SHORT", "COOC_TIES", "MAX_SOURCES", "POPULAR_SHORT", "aggregate_neighbours", "assemble_candidates",
            "eligible_mask", "merge_sources", "sorted_distinct"]
 
 #: Sources :func:`merge_sources` can tell apart (its bitmask is a uint8).
 MAX_SOURCES = 8
 
-#: :func:`assemble_candidates`' answers that ask for more input: fetch twice as many ANN neighbours, or
-#: score the whole top-popular list; then call it again.
+#: :func:`assemble_candidates`' answers that ask for more input: fetch twice as many ANN neighbours,
+#: score the whole top-popular list, or rank the co-occurrence rows with numpy; then call it again.
 ANN_SHORT = _native.ANN_SHORT_STATUS
 POPULAR_SHORT = _native.POPULAR_SHORT_STATUS
+COOC_TIES = _native.COOC_TIES_STATUS
 #: Sources :func:`assemble_candidates` merges: ann, cooccurrence, popular, fresh (``SOURCE_NAMES``).
 ASSEMBLED_SOURCES = 4
 
@@ -67,6 +68,8 @@ _BOOL = np.dtype(np.bool_)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _ndarray = np.ndarray
 _asc = np.ascontiguousarray
+_NO_ROWS = np.empty(0, np.int32)
+_NO_SCORES = np.empty(0, np.float32)
 
 
 def eligible_mask(
@@ -199,6 +202,10 @@ def assemble_candidates(
     ann_exact: bool,
     ann_want: int,
     ann_k: int,
+    neighbour_rows: Sequence[Any],
+    neighbour_scores: Sequence[Any],
+    neighbour_weights: Any,
+    cooc_want: int,
     cooc_rows: Any,
     cooc_scores: Any,
     popular: Any,
@@ -231,8 +238,12 @@ def assemble_candidates(
     ann_values:        float32[a]   its distances (score = 1 - distance, in float32), or with ``ann_exact``
                                     the scores themselves (an exact scan)
     ann_want, ann_k:   int          the ANN share and the fetch asked for (0: never ask for more)
-    cooc_rows:         int32[c]     the co-occurrence source's rows, eligible and ranked, best first
-    cooc_scores:       float32[c]
+    neighbour_rows, neighbour_scores, neighbour_weights: the recent items' neighbour lists, int32 and
+                                    float64 1-D arrays (another dtype is refused: this call does not convert
+                                    them one by one as ``aggregate_neighbours`` does), and a weight per list
+    cooc_want:         int          the co-occurrence share: its best ``2 * cooc_want`` rows are ranked
+    cooc_rows:         int32[c]     or None; else the co-occurrence source's rows, eligible and ranked (best
+    cooc_scores:       float32[c]   first), used instead of the lists
     popular:           int32[p]     the top-popular list
     popular_scores:    float32[q]   scores of its first q rows (``state.log_popularity``)
     popular_want:      int >= 1     the popular source's share
@@ -246,16 +257,27 @@ def assemble_candidates(
     out_scores:        float32[>= m, 4], zeroed: each source's score
 
     Returns the number of candidates, or :data:`ANN_SHORT` (too few of the ANN answer are eligible: fetch
-    ``2 * ann_k`` and call again) or :data:`POPULAR_SHORT` (the filters reach past the scored prefix of the
-    top-popular list: score all of it and call again). The filter arguments are described in the module
-    docstring.
+    ``2 * ann_k`` and call again), :data:`POPULAR_SHORT` (the filters reach past the scored prefix of the
+    top-popular list: score all of it and call again) or :data:`COOC_TIES` (more than ``2 * cooc_want``
+    co-occurrence rows with a tie among the best or at the cut, which numpy's ``argpartition`` resolves its
+    own way: rank them as ``Retriever.cooccurrence_source`` does and pass them as ``cooc_rows``). The filter
+    arguments are described in the module docstring.
     """
     if len(want) != ASSEMBLED_SOURCES:
         raise ValueError(f"want must hold one share per source ({ASSEMBLED_SOURCES}), got {len(want)}")
+    ranked = cooc_rows is not None
+    rows_list, scores_list = list(neighbour_rows), list(neighbour_scores)
+    weights = _float64(neighbour_weights, "neighbour_weights")
+    if not ranked:
+        if len(scores_list) != len(rows_list) or weights.shape[0] < len(rows_list):
+            raise ValueError(f"one score array and one weight per neighbour array: got {len(rows_list)} neighbour "
+                             f"arrays, {len(scores_list)} score arrays and {weights.shape[0]} weights")
+        cooc_rows, cooc_scores = _NO_ROWS, _NO_SCORES
     flt = _filter(alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude)
     return _native.assemble_candidates(
         _uint64(ann_labels, "ann_labels"), _float32(ann_values, "ann_values"), bool(ann_exact),
-        int(ann_want), int(ann_k), _int32(cooc_rows, "cooc_rows"), _float32(cooc_scores, "cooc_scores"),
+        int(ann_want), int(ann_k), rows_list, scores_list, weights, int(cooc_want), ranked,
+        _int32(cooc_rows, "cooc_rows"), _float32(cooc_scores, "cooc_scores"),
         _int32(popular, "popular"), _float32(popular_scores, "popular_scores"), int(popular_want),
         _int32(fresh_rows, "fresh_rows"), _int64(fresh_neg_created, "fresh_neg_created"), int(now_ms),
         int(fresh_window_ms), float(fresh_window_days), int(fresh_want), *map(int, want), int(total), *flt,

@@ -262,6 +262,11 @@ class Retriever:
         if want <= 0 or not recent_rows:
             return _EMPTY_ROWS, _EMPTY_SCORES
         lists, list_scores, list_weights = self.state.neighbour_lists(recent_rows, weights)
+        return self._rank_cooccurrence(lists, list_scores, list_weights, want, flt)
+
+    def _rank_cooccurrence(self, lists: list[np.ndarray], list_scores: list[np.ndarray], list_weights,
+                           want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbours' weighted sums, the best ``2 * want`` of them, best first."""
         if not lists:
             return _EMPTY_ROWS, _EMPTY_SCORES
         size = sum(a.size for a in lists)
@@ -351,8 +356,8 @@ class Retriever:
         """The merged candidates of one request, with the request's (variant's) retrieval settings;
         ``n_candidates`` overrides ``cfg.n_candidates`` (a degraded request asks for fewer).
 
-        The graph search and the co-occurrence aggregation run first; everything after them (the ANN,
-        popular and fresh sources' filtering, the shares and the merge) is one compiled call
+        The graph search runs first; everything after it (the co-occurrence aggregation and ranking, the
+        ANN, popular and fresh sources' filtering, the shares and the merge) is one compiled call
         (``kernels.assemble_candidates``), with the same result as the sources one by one
         (:meth:`candidates_by_source`).
         """
@@ -368,7 +373,12 @@ class Retriever:
             else:
                 exact, ann_k = False, self.ann_fetch(ann_want, flt, cfg.overfetch)
                 labels, values = self.ann.query_labels(user_vec, ann_k)
-        cooc_rows, cooc_scores = self.cooccurrence_source(recent_rows, recent_weights, want["cooccurrence"], flt)
+        # co-occurrence: the neighbour lists, aggregated and ranked in the kernel
+        cooc_want = want["cooccurrence"]
+        lists, list_scores, list_weights = ([], [], []) if cooc_want <= 0 or not recent_rows else \
+            self.state.neighbour_lists(recent_rows, recent_weights)
+        list_weights = np.asarray(list_weights, np.float64)
+        cooc_rows = cooc_scores = None
         pop_want, fresh_want = max(want["popular"], 1), max(want["fresh"], 1)
         top = self.state.top_popular()
         top_scores = self.state.log_popularity(top[:max(2 * pop_want, 64)], now_ms) if top.size else _EMPTY_SCORES
@@ -379,7 +389,8 @@ class Retriever:
         out_scores = np.zeros((cap, len(SOURCE_NAMES)), np.float32)
         while True:
             n = _retrieval.assemble_candidates(
-                labels, values, exact, ann_want, ann_k, cooc_rows, cooc_scores, top, top_scores, pop_want,
+                labels, values, exact, ann_want, ann_k, lists, list_scores, list_weights, cooc_want,
+                cooc_rows, cooc_scores, top, top_scores, pop_want,
                 fresh_rows, fresh_neg, now_ms, window_ms, cfg.fresh_window_days, fresh_want,
                 (want["ann"], want["cooccurrence"], want["popular"], want["fresh"]), total, *fargs,
                 out_rows, out_src, out_scores)
@@ -388,6 +399,8 @@ class Retriever:
                 labels, values = self.ann.query_labels(user_vec, ann_k)
             elif n == _retrieval.POPULAR_SHORT:
                 top_scores = self.state.log_popularity(top, now_ms)
+            elif n == _retrieval.COOC_TIES:
+                cooc_rows, cooc_scores = self._rank_cooccurrence(lists, list_scores, list_weights, cooc_want, flt)
             else:
                 break
         cands = Candidates(out_rows[:n], out_src[:n], out_scores[:n])

@@ -70,11 +70,25 @@ def merge_sources(rows, src, scores, out_rows, out_sources, out_scores):
     return n
 
 
-ANN_SHORT, POPULAR_SHORT = -6, -7  # as recsvc.retrieval.kernels
+ANN_SHORT, POPULAR_SHORT, COOC_TIES = -6, -7, -8  # as recsvc.retrieval.kernels
 
 
-def assemble_candidates(ann_labels, ann_values, ann_exact, ann_want, ann_k, cooc_rows, cooc_scores,
-                        popular, popular_scores, popular_want, fresh_rows, fresh_neg_created, now_ms,
+def _aggregate_in_float32(neighbour_rows, neighbour_scores, weights, eligible):
+    """``aggregate_neighbours`` rounded as the kernel rounds: each weighted score is added in float64 to the
+    row's float32 sum, which is rounded back to float32 (``np.add.at`` adds in list order)."""
+    rows = np.concatenate(neighbour_rows).astype(np.int32)
+    scores = np.concatenate([np.asarray(s, np.float64) * w for s, w in zip(neighbour_scores, weights)])
+    if rows.size == 0:
+        return rows, np.empty(0, np.float32)
+    uniq, inv = _first_seen_unique(rows)
+    sums = np.zeros(uniq.size, np.float32)
+    np.add.at(sums, inv, scores)
+    keep = eligible(uniq)
+    return uniq[keep], sums[keep]
+
+
+def assemble_candidates(ann_labels, ann_values, ann_exact, ann_want, ann_k, neighbour_rows, neighbour_scores,
+                        neighbour_weights, cooc_want, cooc_rows, cooc_scores, popular, popular_scores, popular_want, fresh_rows, fresh_neg_created, now_ms,
                         fresh_window_ms, fresh_window_days, fresh_want, want, total,
                         alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude,
                         out_rows, out_sources, out_scores):
@@ -86,6 +100,23 @@ def assemble_candidates(ann_labels, ann_values, ann_exact, ann_want, ann_k, cooc
         eligible_mask(rows, *flt, out)
         return out.astype(bool)
 
+    # co-occurrence (Retriever.cooccurrence_source after its lists), unless ranked already
+    if cooc_rows is None:
+        cooc_rows, cooc_scores = np.empty(0, np.int32), np.empty(0, np.float32)
+        size = sum(len(r) for r in neighbour_rows)
+        if neighbour_rows and size and cooc_want > 0:
+            agg_rows, vals = _aggregate_in_float32(neighbour_rows, neighbour_scores, neighbour_weights, eligible)
+            n = agg_rows.size
+            if np.isnan(vals).any():
+                return COOC_TIES
+            order = np.argsort(-vals, kind="stable")
+            take = 2 * cooc_want
+            if n > take:
+                best = vals[order[: take + 1]]
+                if (best[:-1] == best[1:]).any():  # argpartition picks and orders tied rows its own way
+                    return COOC_TIES
+                order = order[:take]
+            cooc_rows, cooc_scores = agg_rows[:n][order], vals[order]
     # ann
     rows = np.asarray(ann_labels).astype(np.int32)
     vals = np.asarray(ann_values, np.float32)
