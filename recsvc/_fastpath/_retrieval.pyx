@@ -308,7 +308,8 @@ cdef intp_t _aggregate(
     int32_t* out_rows,                   # OUT (n_total,) distinct eligible rows, first seen first
     float32_t* out_scores,               # OUT (n_total,) their weighted score sums
 ) noexcept nogil:
-    """The aggregation of ``_aggregate_neighbours`` on checked inputs; returns the rows written."""
+    """The aggregation of ``_aggregate_neighbours`` on checked inputs; returns the rows written. Without a
+    filter (``f`` NULL) every row is kept: the sums of the eligible ones are the same."""
     cdef HashTable t
     cdef intp_t j, i, h, n_out = 0
     cdef const int32_t* nr
@@ -326,7 +327,7 @@ cdef intp_t _aggregate(
             h = _slot(t.keys, t.bits, row)
             if t.keys[h] == -1:
                 t.keys[h] = row
-                if _eligible(f, row):
+                if f == NULL or _eligible(f, row):
                     t.where[h] = <int32_t>n_out
                     out_rows[n_out] = row
                     out_scores[n_out] = <float32_t>(w * ns[i])
@@ -602,13 +603,20 @@ cdef intp_t _rank_cooccurrence(
     int32_t* rows,                       # OUT (sum of list lengths,) the ranked rows, best first
     float32_t* scores,                   # OUT (sum of list lengths,) their scores
 ) noexcept nogil:
-    """Retriever.cooccurrence_source after its lists: the aggregation, then the best ``2 * want`` by score
-    (ties: first seen first). Returns how many, or COOC_TIES where numpy's argpartition would pick or order
-    tied rows its own way (more rows than that, and a tie among the best or at the cut)."""
-    cdef intp_t j, i, n, n_total = 0, take = 2 * s.cooc_want
+    """Retriever.cooccurrence_source after its lists: the aggregation, then the best ``2 * want`` eligible
+    rows by score (ties: first seen first). Returns how many, or COOC_TIES where numpy's argpartition
+    would pick or order tied rows its own way (more eligible rows than that, and a tie among the best or
+    at the cut), or when a sum is NaN.
+
+    Every row is summed and ranked first, and the filter is asked only along the ranking until
+    ``2 * want + 1`` rows passed: the rows it never reaches are never loaded (cache misses are most of
+    this stage's cost). Filtering keeps the first-seen order, so the eligible rows come out in the order
+    the aggregation over eligible rows only would rank them."""
+    cdef intp_t j, i, n, n_total = 0, take = 2 * s.cooc_want, found = 0
     cdef Ranked* ranked
     cdef int32_t* agg_rows
     cdef float32_t* agg_scores
+    cdef int32_t row
     for j in range(s.n_lists):
         n_total += s.lists[j].n_rows
     if n_total == 0 or s.cooc_want <= 0:
@@ -618,7 +626,7 @@ cdef intp_t _rank_cooccurrence(
         return NO_MEMORY
     agg_rows = <int32_t*>(ranked + 2 * n_total)
     agg_scores = <float32_t*>(agg_rows + n_total)
-    n = _aggregate(s.lists, s.n_lists, s.weights, f, n_total, agg_rows, agg_scores)
+    n = _aggregate(s.lists, s.n_lists, s.weights, NULL, n_total, agg_rows, agg_scores)
     if n < 0:
         free(ranked)
         return n
@@ -629,17 +637,77 @@ cdef intp_t _rank_cooccurrence(
         ranked[i].value = agg_scores[i]
         ranked[i].at = <int32_t>i
     _sort_ranked(ranked, ranked + n_total, n)
-    if n > take:
+    # the eligible ones along the ranking, up to one past the cut (kept in place at the front)
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            _prefetch_filter_row(f, agg_rows[ranked[i + PREFETCH_AHEAD].at])
+        if _eligible(f, agg_rows[ranked[i].at]):
+            ranked[found] = ranked[i]
+            found += 1
+            if found > take:
+                break
+    if found > take:
         for i in range(take):
             if ranked[i].value == ranked[i + 1].value:
                 free(ranked)
                 return COOC_TIES
-        n = take
-    for i in range(n):
+        found = take
+    for i in range(found):
         rows[i] = agg_rows[ranked[i].at]
         scores[i] = ranked[i].value
     free(ranked)
-    return n
+    return found
+
+
+cdef struct Lazy:
+    # One source's rows filtered on demand: only as far as the shares need (each row's columns are a
+    # cache miss or three; the rows no share reaches are never loaded).
+    const int32_t* rows                  # the source's rows (NULL: read ``labels`` instead)
+    const uint64_t* labels               # the graph search's labels
+    int32_t* at                          # OUT positions of the eligible rows found so far
+    intp_t n_ok                          # eligible rows found so far
+    intp_t scanned                       # rows looked at
+    intp_t end                           # rows it may look at for now
+    intp_t limit                         # rows there are
+    # popular: past the prefix only when it holds fewer than ``want``; fresh: chunk after chunk while the
+    # rows found are fewer than ``want``
+    intp_t chunk                         # 0: no chunks (ann); > 0: the next end is end + chunk
+    intp_t want
+    bint whole_after_prefix              # popular: one extension to the whole list
+
+
+cdef inline int32_t _lazy_row(const Lazy* z, intp_t i) noexcept nogil:
+    return z.rows[i] if z.rows != NULL else <int32_t>z.labels[i]
+
+
+cdef bint _lazy_extend(Lazy* z) noexcept nogil:
+    """The source's rule for looking past ``end`` (it has been reached); False: the list is complete."""
+    if z.whole_after_prefix:
+        if z.n_ok < z.want and z.limit > z.end:
+            z.end = z.limit
+            z.whole_after_prefix = False
+            return True
+        return False
+    if z.chunk > 0 and z.n_ok < z.want and z.end < z.limit:
+        z.end = min(z.end + z.chunk, z.limit)
+        return True
+    return False
+
+
+cdef intp_t _lazy_fill(Lazy* z, const RowFilter* f, intp_t k) noexcept nogil:
+    """Filter until ``k`` eligible rows are found or the list is complete; returns the rows found."""
+    cdef intp_t i
+    while z.n_ok < k:
+        if z.scanned >= z.end and not _lazy_extend(z):
+            break
+        i = z.scanned
+        if i + PREFETCH_AHEAD < z.end:
+            _prefetch_filter_row(f, _lazy_row(z, i + PREFETCH_AHEAD))
+        if _eligible(f, _lazy_row(z, i)):
+            z.at[z.n_ok] = <int32_t>i
+            z.n_ok += 1
+        z.scanned = i + 1
+    return z.n_ok
 
 
 cdef intp_t _assemble_candidates(
@@ -652,14 +720,11 @@ cdef intp_t _assemble_candidates(
     float32_t* out_scores,               # OUT (cap, N_SOURCES), comes in zeroed: each source's score
     intp_t cap,                          # IN  room in the outputs: >= max(total, sum of want)
 ) noexcept nogil:
-    cdef intp_t i, k, lo, hi, stop, chunk, need, take, spare, extra, n_in = 0, n_out = 0
-    cdef intp_t size[N_SOURCES]
+    cdef intp_t i, k, lo, hi, take, spare, extra, n_in = 0, n_out = 0
     cdef intp_t taken[N_SOURCES]
     cdef int32_t* scratch
-    cdef int32_t* ann_at
-    cdef int32_t* pop_at
-    cdef int32_t* fresh_at
-    cdef intp_t n_ann_ok = 0, n_pop_ok = 0, n_fresh_ok = 0
+    cdef Lazy ann, pop, fresh
+    cdef Lazy* lazy[N_SOURCES]
     cdef HashTable t
     cdef float32_t one = 1.0
     cdef intp_t n_lists_rows = 0, n_cooc = s.n_cooc
@@ -673,9 +738,7 @@ cdef intp_t _assemble_candidates(
     scratch = <int32_t*>malloc((s.n_ann + s.n_popular + s.n_fresh + 2 * n_lists_rows + 1) * sizeof(int32_t))
     if scratch == NULL:
         return NO_MEMORY
-    ann_at, pop_at = scratch, scratch + s.n_ann
-    fresh_at = pop_at + s.n_popular
-    cooc_ranked_rows = fresh_at + s.n_fresh
+    cooc_ranked_rows = scratch + s.n_ann + s.n_popular + s.n_fresh
     cooc_ranked_scores = <float32_t*>(cooc_ranked_rows + n_lists_rows)
 
     # co-occurrence: ranked here (Retriever.cooccurrence_source), or by the caller
@@ -691,64 +754,49 @@ cdef intp_t _assemble_candidates(
             return n_cooc
         cooc_rows, cooc_scores = cooc_ranked_rows, cooc_ranked_scores
 
-    # ANN: every eligible row of the answer (Retriever.ann_source)
-    for i in range(s.n_ann):
-        if i + PREFETCH_AHEAD < s.n_ann:
-            _prefetch_filter_row(f, <int32_t>s.ann_labels[i + PREFETCH_AHEAD])
-        if _eligible(f, <int32_t>s.ann_labels[i]):
-            ann_at[n_ann_ok] = <int32_t>i
-            n_ann_ok += 1
-    if (s.ann_k > 0 and n_ann_ok < s.ann_want and s.n_ann >= s.ann_k and s.ann_k < 16 * s.ann_want):
+    # ANN: the eligible rows of the answer (Retriever.ann_source); short of the share, a larger fetch
+    ann.rows, ann.labels, ann.at = NULL, s.ann_labels, scratch
+    ann.n_ok, ann.scanned, ann.end, ann.limit = 0, 0, s.n_ann, s.n_ann
+    ann.chunk, ann.want, ann.whole_after_prefix = 0, s.ann_want, False
+    if (s.ann_k > 0 and _lazy_fill(&ann, f, s.ann_want) < s.ann_want and s.n_ann >= s.ann_k
+            and s.ann_k < 16 * s.ann_want):
         free(scratch)
         return ANN_SHORT
 
-    # popular: the eligible rows of a prefix, or of the whole list when the prefix has too few
+    # popular: the eligible rows of a prefix, or of the whole list when the prefix has fewer than the share
     # (Retriever.popular_source)
-    if s.n_popular:
-        take = max(2 * s.popular_want, <intp_t>POPULAR_MIN_PREFIX)
-        stop = min(take, s.n_popular)
-        for i in range(stop):
-            if i + PREFETCH_AHEAD < stop:
-                _prefetch_filter_row(f, s.popular[i + PREFETCH_AHEAD])
-            if _eligible(f, s.popular[i]):
-                pop_at[n_pop_ok] = <int32_t>i
-                n_pop_ok += 1
-        if n_pop_ok < s.popular_want and s.n_popular > take:
-            for i in range(stop, s.n_popular):
-                if _eligible(f, s.popular[i]):
-                    pop_at[n_pop_ok] = <int32_t>i
-                    n_pop_ok += 1
-            stop = s.n_popular
-        if stop > s.n_popular_scores:
-            free(scratch)
-            return POPULAR_SHORT
+    take = max(2 * s.popular_want, <intp_t>POPULAR_MIN_PREFIX)
+    pop.rows, pop.labels, pop.at = s.popular, NULL, scratch + s.n_ann
+    pop.n_ok, pop.scanned, pop.end, pop.limit = 0, 0, min(take, s.n_popular), s.n_popular
+    pop.chunk, pop.want, pop.whole_after_prefix = 0, s.popular_want, True
+    if pop.end > s.n_popular_scores:
+        free(scratch)
+        return POPULAR_SHORT
+    _lazy_fill(&pop, f, s.popular_want)  # (decides whether the whole list is looked at)
+    if pop.end > s.n_popular_scores:
+        free(scratch)
+        return POPULAR_SHORT
 
     # fresh: created in (now - window, now], newest first, filtered chunk by chunk until twice the share
     # (Retriever.fresh_source)
     lo = _search_int64(s.fresh_neg_created, s.n_fresh, -s.now_ms, False)
     hi = _search_int64(s.fresh_neg_created, s.n_fresh, -(s.now_ms - s.fresh_window_ms), True)
-    need = 2 * s.fresh_want
-    chunk = max(need * 2, <intp_t>FRESH_MIN_CHUNK)
-    while lo < hi and n_fresh_ok < need:
-        stop = min(lo + chunk, hi)
-        for i in range(lo, stop):
-            if i + PREFETCH_AHEAD < stop:
-                _prefetch_filter_row(f, s.fresh_rows[i + PREFETCH_AHEAD])
-            if _eligible(f, s.fresh_rows[i]):
-                fresh_at[n_fresh_ok] = <int32_t>i
-                n_fresh_ok += 1
-        lo = stop
+    fresh.rows, fresh.labels, fresh.at = s.fresh_rows, NULL, scratch + s.n_ann + s.n_popular
+    fresh.n_ok, fresh.scanned, fresh.limit = 0, lo, max(hi, lo)
+    fresh.chunk = max(4 * s.fresh_want, <intp_t>FRESH_MIN_CHUNK)
+    fresh.end = min(lo + fresh.chunk, fresh.limit)
+    fresh.want, fresh.whole_after_prefix = 2 * s.fresh_want, False
 
     # the shares: each source's want, then unused share flows to the sources that have more (Retriever._merge)
-    size[0], size[1], size[2], size[3] = n_ann_ok, n_cooc, n_pop_ok, n_fresh_ok
+    lazy[0], lazy[1], lazy[2], lazy[3] = &ann, NULL, &pop, &fresh
     spare = total
     for k in range(N_SOURCES):
-        taken[k] = min(want[k], size[k])
+        taken[k] = min(want[k], n_cooc if k == 1 else _lazy_fill(lazy[k], f, want[k]))
         spare -= taken[k]
     for k in range(N_SOURCES):
         if spare <= 0:
             break
-        extra = min(spare, size[k] - taken[k])
+        extra = min(spare, (n_cooc if k == 1 else _lazy_fill(lazy[k], f, taken[k] + spare)) - taken[k])
         if extra > 0:
             taken[k] += extra
             spare -= extra
@@ -764,17 +812,17 @@ cdef intp_t _assemble_candidates(
 
     # the merge, sources in priority order (merge_sources)
     for i in range(taken[0]):
-        k = ann_at[i]
+        k = ann.at[i]
         _merge_one(&t, <int32_t>s.ann_labels[k], 0,
                    s.ann_values[k] if s.ann_exact else one - s.ann_values[k],
                    out_rows, out_sources, out_scores, &n_out)
     for i in range(taken[1]):
         _merge_one(&t, cooc_rows[i], 1, cooc_scores[i], out_rows, out_sources, out_scores, &n_out)
     for i in range(taken[2]):
-        k = pop_at[i]
+        k = pop.at[i]
         _merge_one(&t, s.popular[k], 2, s.popular_scores[k], out_rows, out_sources, out_scores, &n_out)
     for i in range(taken[3]):
-        k = fresh_at[i]
+        k = fresh.at[i]
         # (1 - age_days / window_days) in float64, then float32, as numpy computes it
         _merge_one(&t, s.fresh_rows[k], 3,
                    <float32_t>(1.0 - (<float64_t>(s.now_ms + s.fresh_neg_created[k]) / 86400000.0)

@@ -73,9 +73,10 @@ def merge_sources(rows, src, scores, out_rows, out_sources, out_scores):
 ANN_SHORT, POPULAR_SHORT, COOC_TIES = -6, -7, -8  # as recsvc.retrieval.kernels
 
 
-def _aggregate_in_float32(neighbour_rows, neighbour_scores, weights, eligible):
-    """``aggregate_neighbours`` rounded as the kernel rounds: each weighted score is added in float64 to the
-    row's float32 sum, which is rounded back to float32 (``np.add.at`` adds in list order)."""
+def _aggregate_in_float32(neighbour_rows, neighbour_scores, weights):
+    """Every distinct row's sum (first seen first), rounded as the kernel rounds: each weighted score is
+    added in float64 to the row's float32 sum, which is rounded back to float32 (``np.add.at`` adds in
+    list order)."""
     rows = np.concatenate(neighbour_rows).astype(np.int32)
     scores = np.concatenate([np.asarray(s, np.float64) * w for s, w in zip(neighbour_scores, weights)])
     if rows.size == 0:
@@ -83,8 +84,7 @@ def _aggregate_in_float32(neighbour_rows, neighbour_scores, weights, eligible):
     uniq, inv = _first_seen_unique(rows)
     sums = np.zeros(uniq.size, np.float32)
     np.add.at(sums, inv, scores)
-    keep = eligible(uniq)
-    return uniq[keep], sums[keep]
+    return uniq, sums
 
 
 def assemble_candidates(ann_labels, ann_values, ann_exact, ann_want, ann_k, neighbour_rows, neighbour_scores,
@@ -105,10 +105,12 @@ def assemble_candidates(ann_labels, ann_values, ann_exact, ann_want, ann_k, neig
         cooc_rows, cooc_scores = np.empty(0, np.int32), np.empty(0, np.float32)
         size = sum(len(r) for r in neighbour_rows)
         if neighbour_rows and size and cooc_want > 0:
-            agg_rows, vals = _aggregate_in_float32(neighbour_rows, neighbour_scores, neighbour_weights, eligible)
-            n = agg_rows.size
-            if np.isnan(vals).any():
+            agg_rows, vals = _aggregate_in_float32(neighbour_rows, neighbour_scores, neighbour_weights)
+            if np.isnan(vals).any():  # (any row's: the kernel ranks every row before it filters)
                 return COOC_TIES
+            keep = eligible(agg_rows)
+            agg_rows, vals = agg_rows[keep], vals[keep]
+            n = agg_rows.size
             order = np.argsort(-vals, kind="stable")
             take = 2 * cooc_want
             if n > take:
