@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from recsvc._fastpath.twins import retrieval as twin
 from recsvc.engine import FeedbackEventIn, RecommendQuery
 from recsvc.retrieval import kernels, sources
+from recsvc.retrieval.sources import RowFilter
 
 N_ROWS = 80
 DAY = 86_400_000
@@ -265,3 +266,19 @@ def test_candidates_are_those_of_the_sources_one_by_one(engine, clock, monkeypat
     assert kernels.ANN_SHORT in answers and kernels.POPULAR_SHORT in answers and kernels.COOC_TIES in answers
     # fewer than 40 asked for, and the sets of 2500 or more every time completed by the catalog scan
     assert min(n for n in answers if n >= 0) < 40 and max(answers) < 2500
+
+
+def test_maturity_pass_rate_follows_catalog_changes(engine) -> None:
+    """pass_rate keeps the last maturity-only rate; a catalog change (new statistics) computes it again."""
+    from recsvc.messages import ItemIn
+
+    cat, r = engine.catalog, engine.requests.retriever
+    flt = RowFilter(None, None, 0, np.empty(0, np.int32))
+    before = r.pass_rate(flt)
+    assert r.pass_rate(flt) == before  # (kept)
+    assert before == pytest.approx((cat.maturity[: cat.n_rows] <= 0).mean())
+    # a thousand items above the ceiling: the share that passes falls
+    engine.upsert_items([ItemIn(f"mature-{i}", np.ones(cat.dim), cat.category_names[0], 18, 0) for i in range(1000)])
+    n = cat.n_rows
+    assert r.pass_rate(flt) == pytest.approx((cat.maturity[:n] <= 0).sum() / n) != before
+    assert r.pass_rate(RowFilter(None, None, 18, np.empty(0, np.int32))) == 1.0

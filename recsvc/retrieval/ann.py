@@ -50,17 +50,25 @@ class ReadWriteLock:
 
     @contextmanager
     def read(self) -> Iterator[None]:
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    def acquire_read(self) -> None:
+        """``read()`` without the context manager (a generator and its frames per query): pair it with
+        ``release_read`` in a ``finally``."""
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -282,7 +290,9 @@ class AnnIndex:
     def query_labels(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """hnswlib's answer as it gives it: labels (uint64 catalog rows) and distances (float32), nearest
         first, at most ``k`` (fewer when the index holds fewer)."""
-        with self._lock.read():
+        lock = self._lock
+        lock.acquire_read()
+        try:
             k = min(k, self._live_count)
             if k <= 0:
                 return _NO_LABELS, _NO_DISTANCES
@@ -294,6 +304,8 @@ class AnnIndex:
                     if k <= 1:
                         raise
                     k = k * 3 // 4
+        finally:
+            lock.release_read()
         return labels[0], dist[0]
 
     # -- live changes --------------------------------------------------------------

@@ -84,6 +84,8 @@ class Retriever:
         self._by_category: tuple[int, list[np.ndarray]] = (-1, [])
         self._filter_stats: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, _EMPTY_SCORES, _EMPTY_ROWS,
                                                                               _EMPTY_SCORES)
+        # pass_rate of the last request that filtered by maturity only: (the statistics it used, max_maturity, rate)
+        self._maturity_rate: tuple[np.ndarray | None, int, float] = (None, 0, 1.0)
         self.catalog_changes = 0  # bumped by catalog_changed()
         self._rebuild_lock = threading.Lock()
         self.ann_ef = ann.tune_for(usual_ann_fetch)
@@ -194,8 +196,13 @@ class Retriever:
         are counted separately (``ann_fetch``).
         """
         per_cat, levels, cum = self._filter_statistics()
+        by_maturity = flt.allowed_categories is None and flt.blocked_categories is None
+        if by_maturity:  # the usual request: the service's maturity ceiling only, the same rate every time
+            last = self._maturity_rate
+            if last[0] is cum and last[1] == flt.max_maturity:
+                return last[2]
         rate = 1.0
-        if flt.allowed_categories is not None or flt.blocked_categories is not None:
+        if not by_maturity:
             passes = np.ones(per_cat.size, bool)
             if flt.allowed_categories is not None:
                 m = flt.allowed_categories[: per_cat.size]
@@ -207,7 +214,10 @@ class Retriever:
             rate = float(per_cat[passes].sum())
         at = int(np.searchsorted(levels, flt.max_maturity, side="right"))
         rate *= float(cum[at - 1]) if at else 0.0
-        return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
+        rate = min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
+        if by_maturity:
+            self._maturity_rate = (cum, flt.max_maturity, rate)  # (replaced whole: requests run side by side)
+        return rate
 
     def ann_fetch(self, want: int, flt: RowFilter, overfetch: float) -> int:
         """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually).
