@@ -1,12 +1,15 @@
 """The candidate-generation kernels, validated: the request filter, the
-co-occurrence aggregation and the merge of the sources.
+co-occurrence aggregation, the merge of the sources, and all of these after
+the graph search in one call (:func:`assemble_candidates`).
 
 Each function checks and prepares its arguments (dtypes, contiguity, lengths,
 output sizes, ranges), raising ValueError that names the offending argument,
 then runs the compiled kernel (``recsvc._fastpath._retrieval``) without the GIL.
 Signatures and return values are those of the compiled module, so
 ``from recsvc.retrieval import kernels as _retrieval`` replaces
-``from recsvc._fastpath import _retrieval`` with no other change.
+``from recsvc._fastpath import _retrieval`` with no other change (except for
+:func:`assemble_candidates`, which takes the shares as one sequence, and the
+caller's ranked co-occurrence rows as ``cooc_rows`` or None).
 
 Filter arguments, shared by :func:`eligible_mask` and :func:`aggregate_neighbours`:
 

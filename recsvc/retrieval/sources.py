@@ -17,6 +17,14 @@ for every row the bitmask of sources that proposed it and each source's score.
 When the catalog holds at least ``n_min`` eligible items, the result holds at
 least ``n_min`` rows (a popularity scan over the whole catalog is the last
 resort).
+
+On the request path (``Retriever.candidates``) only the graph search and the
+state's reads run in Python: the filtering of every source, the co-occurrence
+aggregation and ranking, the shares and the merge are one compiled call
+(``kernels.assemble_candidates``), which filters each source only as far as
+the shares reach. The per-source methods below are the same rules one source at
+a time (``Retriever.candidates_by_source``, the reference the call is tested
+against, bit for bit).
 """
 
 from __future__ import annotations
