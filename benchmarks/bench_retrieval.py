@@ -14,8 +14,10 @@ ANN recall@500 at that fetch size against brute force, and the index build/load 
 Groups ``retrieval-kernels-<size>``: each compiled candidate kernel (through its validating wrapper,
 ``recsvc.retrieval.kernels``, as the request path calls it) beside its numpy twin
 (``recsvc._fastpath.twins.retrieval``), on one request's real inputs: the request filter over the ANN
-fetch, the co-occurrence aggregation of the user's recent items' neighbour lists, and the merge of the
-four sources. The compiled side must not be slower (``KERNEL_TWINS``, checked by the conftest's gate).
+fetch, the co-occurrence aggregation of the user's recent items' neighbour lists, the merge of the
+four sources, and everything after the graph search in one call (``assemble_candidates``: the ANN answer,
+the popular list and the fresh index filtered, the shares and the merge, as ``Retriever.candidates``
+calls it). The compiled side must not be slower (``KERNEL_TWINS``, checked by the conftest's gate).
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def test_ann_uniform_random_worst_case(benchmark):
 # --------------------------------------------------------------------------
 # retrieval-kernels: compiled kernel vs numpy twin on one request's inputs
 
-KERNELS = ["eligible_mask", "aggregate_neighbours", "merge_sources"]
+KERNELS = ["eligible_mask", "aggregate_neighbours", "merge_sources", "assemble_candidates"]
 
 
 @pytest.fixture(scope="module")
@@ -271,12 +273,25 @@ def kernel_inputs(world):
                           for i, ((r, _), s) in enumerate(zip(ranked, SOURCE_NAMES))])
     scores = np.concatenate([v[:want[s]] for (_, v), s in zip(ranked, SOURCE_NAMES)]).astype(np.float32)
     n, S = rows.size, len(SOURCE_NAMES)
+    # everything after the graph search in one call, with the arguments Retriever.candidates passes
+    from recsvc.retrieval import sources
+
+    seen = []
+    assemble = sources._retrieval.assemble_candidates
+    sources._retrieval.assemble_candidates = lambda *a: seen.append(a[:-3]) or assemble(*a)
+    try:
+        retr.candidates(q, recent, weights, flt, NOW_MS, 20, cfg)
+    finally:
+        sources._retrieval.assemble_candidates = assemble
+    cap = 2 * cfg.n_candidates  # >= max(total, sum of the shares)
     return {
         "eligible_mask": ((ann_rows, *fargs), lambda: (np.empty(ann_rows.size, np.uint8),)),
         "aggregate_neighbours": ((lists, list_scores, np.asarray(list_weights, np.float64), *fargs),
                                  lambda: (np.empty(size, np.int32), np.empty(size, np.float32))),
         "merge_sources": ((rows, src, scores),
                           lambda: (np.empty(n, np.int32), np.empty(n, np.uint8), np.zeros((n, S), np.float32))),
+        "assemble_candidates": (seen[-1], lambda: (np.empty(cap, np.int32), np.empty(cap, np.uint8),
+                                                   np.zeros((cap, S), np.float32))),
     }
 
 

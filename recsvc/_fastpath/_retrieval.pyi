@@ -41,3 +41,26 @@ def aggregate_neighbours(
 def merge_sources(rows: _I32, src: _I8, scores: _F32, out_rows: _I32, out_sources: _U8, out_scores: _F32) -> int:
     """De-duplicate the concatenated sources: per row, the source bitmask and each source's score
     (``out_scores`` comes in zeroed, shape (>= n, n_sources <= 8))."""
+
+#: assemble_candidates' answers that ask for more input (not errors): fetch twice as many ANN neighbours,
+#: score the whole top-popular list, or rank the co-occurrence rows with numpy and pass them ranked.
+ANN_SHORT_STATUS: int
+POPULAR_SHORT_STATUS: int
+COOC_TIES_STATUS: int
+
+def assemble_candidates(
+    ann_labels: npt.NDArray[np.uint64], ann_values: _F32, ann_exact: bool, ann_want: int, ann_k: int,
+    neighbour_rows: list[_I32], neighbour_scores: list[_F64], neighbour_weights: _F64, cooc_want: int,
+    cooc_ranked: bool, cooc_rows: _I32, cooc_scores: _F32,
+    popular: _I32, popular_scores: _F32, popular_want: int,
+    fresh_rows: _I32, fresh_neg_created: npt.NDArray[np.int64], now_ms: int, fresh_window_ms: int,
+    fresh_window_days: float, fresh_want: int,
+    want_ann: int, want_cooccurrence: int, want_popular: int, want_fresh: int, total: int,
+    alive: _U8, maturity: _I32, categories: _I32, max_maturity: int,
+    allowed: _U8, has_allowed: bool, blocked: _U8, exclude: _I32,
+    out_rows: _I32, out_sources: _U8, out_scores: _F32,
+) -> int:
+    """A request's candidates after the graph search (see recsvc.retrieval.kernels.assemble_candidates,
+    which takes the shares as one sequence and ranked co-occurrence rows as ``cooc_rows`` or None instead
+    of ``cooc_ranked``): the number written, or one of the *_STATUS values above (call again with more
+    input)."""

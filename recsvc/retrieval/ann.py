@@ -50,17 +50,25 @@ class ReadWriteLock:
 
     @contextmanager
     def read(self) -> Iterator[None]:
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    def acquire_read(self) -> None:
+        """``read()`` without the context manager (a generator and its frames per query): pair it with
+        ``release_read`` in a ``finally``."""
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -276,10 +284,18 @@ class AnnIndex:
 
     def query(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by similarity (descending); similarity = 1 - distance."""
-        with self._lock.read():
+        labels, dist = self.query_labels(vector, k)
+        return labels.astype(np.int32), (1.0 - dist).astype(np.float32)
+
+    def query_labels(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """hnswlib's answer as it gives it: labels (uint64 catalog rows) and distances (float32), nearest
+        first, at most ``k`` (fewer when the index holds fewer)."""
+        lock = self._lock
+        lock.acquire_read()
+        try:
             k = min(k, self._live_count)
             if k <= 0:
-                return np.empty(0, np.int32), np.empty(0, np.float32)
+                return _NO_LABELS, _NO_DISTANCES
             while True:
                 try:
                     labels, dist = self._index.knn_query(vector, k=k, num_threads=1)
@@ -288,7 +304,9 @@ class AnnIndex:
                     if k <= 1:
                         raise
                     k = k * 3 // 4
-        return labels[0].astype(np.int32), (1.0 - dist[0]).astype(np.float32)
+        finally:
+            lock.release_read()
+        return labels[0], dist[0]
 
     # -- live changes --------------------------------------------------------------
     def _ensure_rows(self, max_row: int) -> None:
@@ -333,6 +351,10 @@ class AnnIndex:
                     self._in_index[row] = False
                     self._deleted_slots += 1
                     self._live_count -= 1
+
+
+_NO_LABELS = np.empty(0, np.uint64)
+_NO_DISTANCES = np.empty(0, np.float32)
 
 
 def _write_meta(directory: Path, meta: dict) -> None:

@@ -1,12 +1,15 @@
 """The candidate-generation kernels, validated: the request filter, the
-co-occurrence aggregation and the merge of the sources.
+co-occurrence aggregation, the merge of the sources, and all of these after
+the graph search in one call (:func:`assemble_candidates`).
 
 Each function checks and prepares its arguments (dtypes, contiguity, lengths,
 output sizes, ranges), raising ValueError that names the offending argument,
 then runs the compiled kernel (``recsvc._fastpath._retrieval``) without the GIL.
 Signatures and return values are those of the compiled module, so
 ``from recsvc.retrieval import kernels as _retrieval`` replaces
-``from recsvc._fastpath import _retrieval`` with no other change.
+``from recsvc._fastpath import _retrieval`` with no other change (except for
+:func:`assemble_candidates`, which takes the shares as one sequence, and the
+caller's ranked co-occurrence rows as ``cooc_rows`` or None).
 
 Filter arguments, shared by :func:`eligible_mask` and :func:`aggregate_neighbours`:
 
@@ -43,12 +46,23 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`python setup.py build_ext --inplace` (or `pip install -e .`)"
     ) from exc
 
-__all__ = ["MAX_SOURCES", "aggregate_neighbours", "eligible_mask", "merge_sources", "sorted_distinct"]
+__all__ = ["ANN_SHORT", "COOC_TIES", "MAX_SOURCES", "POPULAR_SHORT", "aggregate_neighbours", "assemble_candidates",
+           "eligible_mask", "merge_sources", "sorted_distinct"]
 
 #: Sources :func:`merge_sources` can tell apart (its bitmask is a uint8).
 MAX_SOURCES = 8
 
+#: :func:`assemble_candidates`' answers that ask for more input: fetch twice as many ANN neighbours,
+#: score the whole top-popular list, or rank the co-occurrence rows with numpy; then call it again.
+ANN_SHORT = _native.ANN_SHORT_STATUS
+POPULAR_SHORT = _native.POPULAR_SHORT_STATUS
+COOC_TIES = _native.COOC_TIES_STATUS
+#: Sources :func:`assemble_candidates` merges: ann, cooccurrence, popular, fresh (``SOURCE_NAMES``).
+ASSEMBLED_SOURCES = 4
+
 _I8 = np.dtype(np.int8)
+_I64 = np.dtype(np.int64)
+_U64 = np.dtype(np.uint64)
 _I32 = np.dtype(np.int32)
 _U8 = np.dtype(np.uint8)
 _F32 = np.dtype(np.float32)
@@ -57,6 +71,8 @@ _BOOL = np.dtype(np.bool_)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _ndarray = np.ndarray
 _asc = np.ascontiguousarray
+_NO_ROWS = np.empty(0, np.int32)
+_NO_SCORES = np.empty(0, np.float32)
 
 
 def eligible_mask(
@@ -183,6 +199,94 @@ def merge_sources(
         ) from None
 
 
+def assemble_candidates(
+    ann_labels: Any,
+    ann_values: Any,
+    ann_exact: bool,
+    ann_want: int,
+    ann_k: int,
+    neighbour_rows: Sequence[Any],
+    neighbour_scores: Sequence[Any],
+    neighbour_weights: Any,
+    cooc_want: int,
+    cooc_rows: Any,
+    cooc_scores: Any,
+    popular: Any,
+    popular_scores: Any,
+    popular_want: int,
+    fresh_rows: Any,
+    fresh_neg_created: Any,
+    now_ms: int,
+    fresh_window_ms: int,
+    fresh_window_days: float,
+    fresh_want: int,
+    want: Sequence[int],
+    total: int,
+    alive: Any,
+    maturity: Any,
+    categories: Any,
+    max_maturity: int,
+    allowed: Any,
+    has_allowed: bool,
+    blocked: Any,
+    exclude: Any,
+    out_rows: np.ndarray,
+    out_sources: np.ndarray,
+    out_scores: np.ndarray,
+) -> int:
+    """A request's candidates from its sources' raw inputs, in one call: what ``Retriever``'s ANN, popular
+    and fresh sources and its merge do after the graph search (``recsvc.retrieval.sources``).
+
+    ann_labels:        uint64[a]    the graph search's labels, best first (``knn_query``'s row)
+    ann_values:        float32[a]   its distances (score = 1 - distance, in float32), or with ``ann_exact``
+                                    the scores themselves (an exact scan)
+    ann_want, ann_k:   int          the ANN share and the fetch asked for (0: never ask for more)
+    neighbour_rows, neighbour_scores, neighbour_weights: the recent items' neighbour lists, int32 and
+                                    float64 1-D arrays (another dtype is refused: this call does not convert
+                                    them one by one as ``aggregate_neighbours`` does), and a weight per list
+    cooc_want:         int          the co-occurrence share: its best ``2 * cooc_want`` rows are ranked
+    cooc_rows:         int32[c]     or None; else the co-occurrence source's rows, eligible and ranked (best
+    cooc_scores:       float32[c]   first), used instead of the lists
+    popular:           int32[p]     the top-popular list
+    popular_scores:    float32[q]   scores of its first q rows (``state.log_popularity``)
+    popular_want:      int >= 1     the popular source's share
+    fresh_rows:        int32[f]     the fresh index, newest first
+    fresh_neg_created: int64[f]     their negated creation times, ascending
+    now_ms, fresh_window_ms (``int(window_days * DAY_MS)``), fresh_window_days, fresh_want (>= 1)
+    want:              4 ints       each source's share in the merge (ann, cooccurrence, popular, fresh)
+    total:             int          candidates wanted
+    out_rows:          int32[>= m]  m = max(total, sum(want)): the candidates, first seen first
+    out_sources:       uint8[>= m]  bitmask of the sources that proposed each
+    out_scores:        float32[>= m, 4], zeroed: each source's score
+
+    Returns the number of candidates, or :data:`ANN_SHORT` (too few of the ANN answer are eligible: fetch
+    ``2 * ann_k`` and call again), :data:`POPULAR_SHORT` (the filters reach past the scored prefix of the
+    top-popular list: score all of it and call again) or :data:`COOC_TIES` (more than ``2 * cooc_want``
+    co-occurrence rows with a tie among the best or at the cut, which numpy's ``argpartition`` resolves its
+    own way: rank them as ``Retriever.cooccurrence_source`` does and pass them as ``cooc_rows``). The filter
+    arguments are described in the module docstring.
+    """
+    if len(want) != ASSEMBLED_SOURCES:
+        raise ValueError(f"want must hold one share per source ({ASSEMBLED_SOURCES}), got {len(want)}")
+    ranked = cooc_rows is not None
+    rows_list, scores_list = list(neighbour_rows), list(neighbour_scores)
+    weights = _float64(neighbour_weights, "neighbour_weights")
+    if not ranked:
+        if len(scores_list) != len(rows_list) or weights.shape[0] < len(rows_list):
+            raise ValueError(f"one score array and one weight per neighbour array: got {len(rows_list)} neighbour "
+                             f"arrays, {len(scores_list)} score arrays and {weights.shape[0]} weights")
+        cooc_rows, cooc_scores = _NO_ROWS, _NO_SCORES
+    flt = _filter(alive, maturity, categories, max_maturity, allowed, has_allowed, blocked, exclude)
+    return _native.assemble_candidates(
+        _uint64(ann_labels, "ann_labels"), _float32(ann_values, "ann_values"), bool(ann_exact),
+        int(ann_want), int(ann_k), rows_list, scores_list, weights, int(cooc_want), ranked,
+        _int32(cooc_rows, "cooc_rows"), _float32(cooc_scores, "cooc_scores"),
+        _int32(popular, "popular"), _float32(popular_scores, "popular_scores"), int(popular_want),
+        _int32(fresh_rows, "fresh_rows"), _int64(fresh_neg_created, "fresh_neg_created"), int(now_ms),
+        int(fresh_window_ms), float(fresh_window_days), int(fresh_want), *map(int, want), int(total), *flt,
+        out_rows, out_sources, out_scores)
+
+
 # --------------------------------------------------------------------------
 # Preparation. Each helper returns an array already in the kernel's dtype and
 # C order as it is (checked without copying); anything else goes the slow way.
@@ -255,6 +359,32 @@ def _int32(x: Any, name: str) -> np.ndarray:
         if lo < _INT32_MIN or hi > _INT32_MAX:
             raise ValueError(f"{name} must fit int32, got values in [{lo}, {hi}]")
     return np.ascontiguousarray(a, dtype=_I32)
+
+
+def _uint64(x: Any, name: str) -> np.ndarray:
+    """A C-contiguous uint64 vector (hnswlib's labels); other non-negative integers are converted."""
+    if type(x) is _ndarray and x.dtype is _U64 and x.ndim == 1:
+        return _asc(x)
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and a.dtype != _U64:
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+        if int(a.min()) < 0:
+            raise ValueError(f"{name} must be catalog rows (>= 0), got {int(a.min())}")
+    return np.ascontiguousarray(a, dtype=_U64)
+
+
+def _int64(x: Any, name: str) -> np.ndarray:
+    if type(x) is _ndarray and x.dtype is _I64 and x.ndim == 1:
+        return _asc(x)
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=_I64)
 
 
 def _float64(x: Any, name: str) -> np.ndarray:

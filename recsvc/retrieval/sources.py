@@ -17,6 +17,14 @@ for every row the bitmask of sources that proposed it and each source's score.
 When the catalog holds at least ``n_min`` eligible items, the result holds at
 least ``n_min`` rows (a popularity scan over the whole catalog is the last
 resort).
+
+On the request path (``Retriever.candidates``) only the graph search and the
+state's reads run in Python: the filtering of every source, the co-occurrence
+aggregation and ranking, the shares and the merge are one compiled call
+(``kernels.assemble_candidates``), which filters each source only as far as
+the shares reach. The per-source methods below are the same rules one source at
+a time (``Retriever.candidates_by_source``, the reference the call is tested
+against, bit for bit).
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ class Retriever:
         self._by_category: tuple[int, list[np.ndarray]] = (-1, [])
         self._filter_stats: tuple[int, np.ndarray, np.ndarray, np.ndarray] = (-1, _EMPTY_SCORES, _EMPTY_ROWS,
                                                                               _EMPTY_SCORES)
+        # pass_rate of the last request that filtered by maturity only: (the statistics it used, max_maturity, rate)
+        self._maturity_rate: tuple[np.ndarray | None, int, float] = (None, 0, 1.0)
         self.catalog_changes = 0  # bumped by catalog_changed()
         self._rebuild_lock = threading.Lock()
         self.ann_ef = ann.tune_for(usual_ann_fetch)
@@ -194,8 +204,13 @@ class Retriever:
         are counted separately (``ann_fetch``).
         """
         per_cat, levels, cum = self._filter_statistics()
+        by_maturity = flt.allowed_categories is None and flt.blocked_categories is None
+        if by_maturity:  # the usual request: the service's maturity ceiling only, the same rate every time
+            last = self._maturity_rate
+            if last[0] is cum and last[1] == flt.max_maturity:
+                return last[2]
         rate = 1.0
-        if flt.allowed_categories is not None or flt.blocked_categories is not None:
+        if not by_maturity:
             passes = np.ones(per_cat.size, bool)
             if flt.allowed_categories is not None:
                 m = flt.allowed_categories[: per_cat.size]
@@ -207,7 +222,10 @@ class Retriever:
             rate = float(per_cat[passes].sum())
         at = int(np.searchsorted(levels, flt.max_maturity, side="right"))
         rate *= float(cum[at - 1]) if at else 0.0
-        return min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
+        rate = min(max(rate, 0.0), 1.0) if rate > 1e-9 else 0.0  # (sums of fractions round)
+        if by_maturity:
+            self._maturity_rate = (cum, flt.max_maturity, rate)  # (replaced whole: requests run side by side)
+        return rate
 
     def ann_fetch(self, want: int, flt: RowFilter, overfetch: float) -> int:
         """ANN neighbours to fetch so that ``want`` survive the filters in one query (usually).
@@ -223,24 +241,32 @@ class Retriever:
         return int(math.ceil(want * overfetch / rate)) + min(int(flt.exclude_rows.size), 4 * want)
 
     # -- sources -----------------------------------------------------------------
+    def _exact_ann(self, user_vec: np.ndarray, want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray] | None:
+        """An allowed-categories filter that leaves few items: exact scores over them (best first) beat a
+        starved ANN. None when the filter leaves many (or allows every category)."""
+        if flt.allowed_categories is None:
+            return None
+        by_cat = self._category_rows()
+        codes = np.flatnonzero(flt.allowed_categories[: len(by_cat)])
+        pool = sum(by_cat[c].size for c in codes)
+        if pool > max(20 * want, 20_000):
+            return None
+        rows = np.concatenate([by_cat[c] for c in codes]) if codes.size else _EMPTY_ROWS
+        rows = rows[flt.eligible(self.catalog, rows)]
+        sims = self.catalog.embeddings[rows] @ user_vec
+        if rows.size > want:
+            top = np.argpartition(-sims, want - 1)[:want]
+            rows, sims = rows[top], sims[top]
+        order = np.argsort(-sims, kind="stable")
+        return rows[order], sims[order].astype(np.float32)
+
     def ann_source(self, user_vec: np.ndarray, want: int, flt: RowFilter, overfetch: float
                    ) -> tuple[np.ndarray, np.ndarray]:
         if want <= 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        if flt.allowed_categories is not None:
-            by_cat = self._category_rows()
-            codes = np.flatnonzero(flt.allowed_categories[: len(by_cat)])
-            pool = sum(by_cat[c].size for c in codes)
-            if pool <= max(20 * want, 20_000):
-                # Few allowed items: exact scores over them beat a starved ANN.
-                rows = np.concatenate([by_cat[c] for c in codes]) if codes.size else _EMPTY_ROWS
-                rows = rows[flt.eligible(self.catalog, rows)]
-                sims = self.catalog.embeddings[rows] @ user_vec
-                if rows.size > want:
-                    top = np.argpartition(-sims, want - 1)[:want]
-                    rows, sims = rows[top], sims[top]
-                order = np.argsort(-sims, kind="stable")
-                return rows[order], sims[order].astype(np.float32)
+        scanned = self._exact_ann(user_vec, want, flt)
+        if scanned is not None:
+            return scanned
         k = self.ann_fetch(want, flt, overfetch)
         while True:
             rows, sims = self.ann.query(user_vec, k)
@@ -254,6 +280,11 @@ class Retriever:
         if want <= 0 or not recent_rows:
             return _EMPTY_ROWS, _EMPTY_SCORES
         lists, list_scores, list_weights = self.state.neighbour_lists(recent_rows, weights)
+        return self._rank_cooccurrence(lists, list_scores, list_weights, want, flt)
+
+    def _rank_cooccurrence(self, lists: list[np.ndarray], list_scores: list[np.ndarray], list_weights,
+                           want: int, flt: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbours' weighted sums, the best ``2 * want`` of them, best first."""
         if not lists:
             return _EMPTY_ROWS, _EMPTY_SCORES
         size = sum(a.size for a in lists)
@@ -306,20 +337,10 @@ class Retriever:
         return np.concatenate(out_rows), np.concatenate(out_scores)
 
     # -- the merge ------------------------------------------------------------------
-    def candidates(
-        self,
-        user_vec: np.ndarray | None,
-        recent_rows: list[int],
-        recent_weights: list[float],
-        flt: RowFilter,
-        now_ms: int,
-        n_min: int,
-        cfg: RetrievalConfig,
-        n_candidates: int | None = None,
-    ) -> Candidates:
-        """The merged candidates of one request, with the request's (variant's) retrieval settings;
-        ``n_candidates`` overrides ``cfg.n_candidates`` (a degraded request asks for fewer)."""
-        shares = dict(cfg.shares)
+    def _shares(self, user_vec: np.ndarray | None, recent_rows: list[int], n_min: int, cfg: RetrievalConfig,
+                n_candidates: int | None) -> tuple[dict[str, int], int]:
+        """Each source's share of the candidates, and the total."""
+        shares = cfg.shares
         total = max(n_candidates or cfg.n_candidates, n_min)
         # Scale shares to the total; a source that cannot run (no user vector,
         # no history) gives its share away in the merge.
@@ -337,6 +358,94 @@ class Retriever:
             extra_pop = lost // 2 if base == 0 else int(round(lost * want["popular"] / base))
             want["popular"] += extra_pop
             want["fresh"] += lost - extra_pop
+        return want, total
+
+    def candidates(
+        self,
+        user_vec: np.ndarray | None,
+        recent_rows: list[int],
+        recent_weights: list[float],
+        flt: RowFilter,
+        now_ms: int,
+        n_min: int,
+        cfg: RetrievalConfig,
+        n_candidates: int | None = None,
+    ) -> Candidates:
+        """The merged candidates of one request, with the request's (variant's) retrieval settings;
+        ``n_candidates`` overrides ``cfg.n_candidates`` (a degraded request asks for fewer).
+
+        The graph search runs first; everything after it (the co-occurrence aggregation and ranking, the
+        ANN, popular and fresh sources' filtering, the shares and the merge) is one compiled call
+        (``kernels.assemble_candidates``), with the same result as the sources one by one
+        (:meth:`candidates_by_source`).
+        """
+        want, total = self._shares(user_vec, recent_rows, n_min, cfg, n_candidates)
+        fargs = flt.kernel_args(self.catalog)
+        # ANN: the graph search's raw answer (filtered in the kernel), or an exact scan's
+        ann_want, ann_k = want["ann"], 0
+        labels, values, exact = _NO_LABELS, _EMPTY_SCORES, True
+        if user_vec is not None and ann_want > 0:
+            scanned = self._exact_ann(user_vec, ann_want, flt)
+            if scanned is not None:
+                labels, values = scanned[0].astype(np.uint64), scanned[1]
+            else:
+                exact, ann_k = False, self.ann_fetch(ann_want, flt, cfg.overfetch)
+                labels, values = self.ann.query_labels(user_vec, ann_k)
+        # co-occurrence: the neighbour lists, aggregated and ranked in the kernel
+        cooc_want = want["cooccurrence"]
+        lists, list_scores, list_weights = ([], [], []) if cooc_want <= 0 or not recent_rows else \
+            self.state.neighbour_lists(recent_rows, recent_weights)
+        list_weights = np.asarray(list_weights, np.float64)
+        cooc_rows = cooc_scores = None
+        pop_want, fresh_want = max(want["popular"], 1), max(want["fresh"], 1)
+        top = self.state.top_popular()
+        top_scores = self.state.log_popularity(top[:max(2 * pop_want, 64)], now_ms) if top.size else _EMPTY_SCORES
+        window_ms = int(cfg.fresh_window_days * DAY_MS)
+        fresh_rows, fresh_neg = self._fresh_index(now_ms, window_ms)
+        cap = max(total, sum(want.values()))
+        out_rows, out_src = np.empty(cap, np.int32), np.empty(cap, np.uint8)
+        out_scores = np.zeros((cap, len(SOURCE_NAMES)), np.float32)
+        while True:
+            n = _retrieval.assemble_candidates(
+                labels, values, exact, ann_want, ann_k, lists, list_scores, list_weights, cooc_want,
+                cooc_rows, cooc_scores, top, top_scores, pop_want,
+                fresh_rows, fresh_neg, now_ms, window_ms, cfg.fresh_window_days, fresh_want,
+                (want["ann"], want["cooccurrence"], want["popular"], want["fresh"]), total, *fargs,
+                out_rows, out_src, out_scores)
+            if n == _retrieval.ANN_SHORT:
+                ann_k *= 2
+                labels, values = self.ann.query_labels(user_vec, ann_k)
+            elif n == _retrieval.POPULAR_SHORT:
+                top_scores = self.state.log_popularity(top, now_ms)
+            elif n == _retrieval.COOC_TIES:
+                cooc_rows, cooc_scores = self._rank_cooccurrence(lists, list_scores, list_weights, cooc_want, flt)
+            else:
+                break
+        cands = Candidates(out_rows[:n], out_src[:n], out_scores[:n])
+        if n < n_min:
+            extra = self._fallback(cands.rows, n_min - n, flt, now_ms)
+            if extra.size:  # rows none of the sources proposed: appended as the merge would
+                scores = np.zeros((extra.size, len(SOURCE_NAMES)), np.float32)
+                scores[:, _POPULAR] = self.state.log_popularity(extra, now_ms)
+                cands = Candidates(np.concatenate([cands.rows, extra.astype(np.int32, copy=False)]),
+                                   np.concatenate([cands.sources, np.full(extra.size, 1 << _POPULAR, np.uint8)]),
+                                   np.concatenate([cands.source_scores, scores]))
+        return cands
+
+    def candidates_by_source(
+        self,
+        user_vec: np.ndarray | None,
+        recent_rows: list[int],
+        recent_weights: list[float],
+        flt: RowFilter,
+        now_ms: int,
+        n_min: int,
+        cfg: RetrievalConfig,
+        n_candidates: int | None = None,
+    ) -> Candidates:
+        """:meth:`candidates` source by source (each source's ranked rows, then the merge): the numpy
+        path the compiled call replaced, kept as its reference."""
+        want, total = self._shares(user_vec, recent_rows, n_min, cfg, n_candidates)
         ranked: dict[str, tuple[np.ndarray, np.ndarray]] = {
             "ann": (self.ann_source(user_vec, want["ann"], flt, cfg.overfetch) if user_vec is not None
                     else (_EMPTY_ROWS, _EMPTY_SCORES)),
@@ -410,6 +519,8 @@ def _merge_parts(parts_rows: list[np.ndarray], parts_src: list[np.ndarray],
 
 
 _EMPTY_ROWS = np.empty(0, np.int32)
+_NO_LABELS = np.empty(0, np.uint64)
+_POPULAR = SOURCE_NAMES.index("popular")
 _EMPTY_SCORES = np.empty(0, np.float32)
 _NO_MASK = np.empty(0, np.uint8)
 _INT32_MAX = 2 ** 31 - 1

@@ -140,8 +140,9 @@ class ReadModel:
     def neighbour_lists(self, recent_rows: list[int], weights: list[float]
                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
         rows, scores, ws = [], [], []
+        cached = self._neigh_cache.get  # (the usual case without a method call per row)
         for row, w in zip(recent_rows, weights):
-            entry = self._neighbours(row)
+            entry = cached(row) or self._neighbours(row)
             if entry is not None:
                 rows.append(entry[0])
                 scores.append(entry[1])
