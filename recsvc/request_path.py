@@ -241,14 +241,16 @@ class RequestPath:
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
             degraded = True
             reasons.append("mmr_skipped")
-        slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
+        # one plan of the candidates (organic pool, reserved slots, boosts, categories) for the served round's
+        # re-ranking, the propensity rounds and the random slice's p
+        plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg) if len(cands) else None
+        slate = self._rerank_in_order(plan, cands.rows, explored.scores, order, n, rules, flt, now, cfg)
         t4 = time.perf_counter_ns()
 
         # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
         organic_ci = _organic_candidates(slate, order)
         if random_slice and len(cands):
             # exact: each of the pool's eligible items fills one of the `need` organic slots with equal chance
-            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
             final_prop = np.zeros(len(cands))
             pool_size = int(plan.keep.sum())
             final_prop[plan.keep] = min(1.0, plan.need / pool_size) if pool_size else 1.0
@@ -262,7 +264,6 @@ class RequestPath:
             from recsvc.exploration import ThompsonPolicy
             from recsvc.slate_propensity import slate_propensities
 
-            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
             # Where Thompson's top-k estimate drew from the serving generator (k < M), its Monte-Carlo
             # rounds still do: the same Beta draws in the same order, so the stream, and every later
             # slate, is what it was. Otherwise (and for epsilon-greedy) a generator of their own, so
@@ -319,7 +320,7 @@ class RequestPath:
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_l, props_out,
                              now, feat, feat_names, random_slice=random_slice,
-                             random_p=self._random_p(cands.rows, slate, rules, flt), target_propensities=target_out)
+                             random_p=_random_p(slate, plan), target_propensities=target_out)
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -450,28 +451,15 @@ class RequestPath:
         s = scores.astype(np.float32)
         explored = policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
-        slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now_ms, cfg)
+        plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
+        slate = self._rerank_in_order(plan, cands.rows, explored.scores, order, n, rules, flt, now_ms, cfg)
         organic_ci = _organic_candidates(slate, order)
         if policy.deterministic:
             prop = np.zeros(len(cands))
             prop[organic_ci] = 1.0
             return prop
-        plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
         return slate_propensities(policy, s, alpha, beta, pulls, total_pulls, k, rng, explored, plan, organic_ci,
                                   _propensity_draws(policy, cfg))
-
-    def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
-        """What the random slice would give each eligible item of this request: need / eligible pool
-        (the organic pool of the slate's re-ranking: candidates within the maturity ceiling, reserved out)."""
-        if rows.size == 0:
-            return None
-        reserved = slate.sponsored | slate.pinned
-        ceiling = min(int(rules.max_maturity), int(flt.max_maturity))
-        keep = self.catalog.maturity[rows] <= ceiling
-        if reserved.any():
-            keep &= ~np.isin(rows, slate.rows[reserved])
-        pool, need = int(keep.sum()), int((~reserved).sum())
-        return min(1.0, need / pool) if pool else None
 
     def _selection_plan(self, rows, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import selection_plan
@@ -520,6 +508,15 @@ class RequestPath:
         rows = np.fromiter((r for r, _ in history), np.int64, len(history))
         w = 0.5 ** (np.arange(rows.size)[::-1] / cfg.retrieval.history_half_life)
         return (w[:, None] * self.catalog.embeddings[rows]).sum(axis=0)
+
+    def _rerank_in_order(self, plan, rows, scores, order, n, rules, flt: RowFilter, now_ms, cfg: Config):
+        """The slate of the candidates ``rows`` with explored ``scores`` (candidate order) taken in ``order``:
+        from ``plan`` (their selection plan under ``rules``) when it re-ranks by quotas, else :meth:`_rerank`."""
+        if plan is not None and plan.lam == 0:
+            from recsvc.reranking import rerank_planned
+
+            return rerank_planned(plan, rows[order], scores[order], order)
+        return self._rerank(rows[order], scores[order], n, rules, flt, now_ms, cfg)
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import rerank
@@ -600,6 +597,17 @@ def _organic_candidates(slate, order: np.ndarray) -> np.ndarray:
     re-ranked pool back to candidates."""
     reserved = slate.sponsored | slate.pinned
     return order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
+
+
+def _random_p(slate, plan) -> float | None:
+    """What the random slice would give each eligible item of this request: need / eligible pool (the organic
+    pool of the slate's re-ranking — candidates within the maturity ceiling, reserved out — which is ``plan``'s,
+    the selection plan the slate was re-ranked with); None without candidates."""
+    if plan is None:
+        return None
+    reserved = slate.sponsored | slate.pinned
+    pool, need = int(plan.keep.sum()), int((~reserved).sum())
+    return min(1.0, need / pool) if pool else None
 
 
 def _propensity_draws(policy: Any, cfg: Config) -> int:

@@ -68,8 +68,10 @@ def slate_propensities(
     p = np.ascontiguousarray(pulls, np.float64)
     served_mask = np.zeros(n, bool)
     served_mask[served] = True
-    pool_of = np.full(n, -1, np.intp)  # candidate -> pool index
-    pool_of[pool] = np.arange(pool.size)
+    pool_of = plan.pool_of  # candidate -> pool index
+    if pool_of is None:
+        pool_of = np.full(n, -1, np.intp)
+        pool_of[pool] = np.arange(pool.size)
 
     def hits_of(draws: ScoreDraws, fixed_order: np.ndarray | None = None) -> np.ndarray:
         top_pool = pool_of[draws.top]
