@@ -270,7 +270,7 @@ class RequestPath:
             # estimating a propensity never changes what is served.
             serving_stream = isinstance(policy, ThompsonPolicy) and k_explore < min(policy.top_m, len(cands))
             final_prop = slate_propensities(
-                policy, scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore,
+                policy, scores, alpha, beta, pulls, total_pulls, k_explore,
                 rng if serving_stream else self._propensity_rng(), explored, plan, organic_ci,
                 _propensity_draws(policy, cfg))
         t4b = time.perf_counter_ns()

@@ -424,7 +424,7 @@ def _boost_parts(prow, rules, created_at_ms, now_ms, half_life, popularity_perce
 def _pool_categories(categories: np.ndarray, prow: np.ndarray, reserved_rows: np.ndarray):
     """(pool categories int32, per-category counts of the reserved items int32), sparse ids compacted."""
     pcat = np.ascontiguousarray(categories[prow], dtype=np.int32)
-    rcat = categories[reserved_rows].astype(np.int32)
+    rcat = categories[reserved_rows].astype(np.int32) if reserved_rows.size else reserved_rows
     C = max(int(pcat.max()) if pcat.size else -1, int(rcat.max()) if rcat.size else -1) + 1
     if C > 65_536:  # sparse category ids: count over the ids actually present
         ids, inverse = np.unique(np.concatenate([pcat, rcat]), return_inverse=True)
@@ -646,6 +646,8 @@ def _reserve_slots(
 ) -> dict[int, tuple[int, bool]]:
     """position -> (row, sponsored) for the pinned and sponsored items that can be served."""
     slots: dict[int, tuple[int, bool]] = {}
+    if not rules.pinned and not (rules.sponsored_items and rules.sponsored_positions):
+        return slots  # the usual request: nothing reserved
     placed: set[int] = set()
 
     def servable(item_id: str) -> int | None:
