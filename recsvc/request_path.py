@@ -279,9 +279,13 @@ class RequestPath:
         cat = self.catalog
         floor = cfg.exploration.min_propensity
         ranked = slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
-        cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
-        cand_of[ranked] = order[slate.pool_index[ranked]]
-        at = np.where(ranked, cand_of, 0) if len(cands) else cand_of[:0]  # (a valid index where there is none)
+        all_ranked = bool(ranked.all())  # (the usual slate: every item a candidate)
+        if all_ranked:
+            cand_of = at = order[slate.pool_index]  # slate position -> candidate index
+        else:
+            cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
+            cand_of[ranked] = order[slate.pool_index[ranked]]
+            at = np.where(ranked, cand_of, 0) if len(cands) else cand_of[:0]  # (a valid index where there is none)
         ci_l, rows_l, scores_l = cand_of.tolist(), slate.rows.tolist(), slate.scores.tolist()
         sponsored_l, pinned_l = slate.sponsored.tolist(), slate.pinned.tolist()
         category_l = cat.categories[slate.rows].tolist()
@@ -315,8 +319,11 @@ class RequestPath:
                 target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
         feat, feat_names = b"", []
         if features is not None and slate.rows.size:
-            block = np.zeros((cand_of.size, features.shape[1]), np.float32)
-            block[ranked] = features[cand_of[ranked]]
+            if all_ranked:
+                block = features[cand_of]
+            else:
+                block = np.zeros((cand_of.size, features.shape[1]), np.float32)
+                block[ranked] = features[cand_of[ranked]]
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_l, props_out,
                              now, feat, feat_names, random_slice=random_slice,
@@ -605,8 +612,8 @@ def _random_p(slate, plan) -> float | None:
     the selection plan the slate was re-ranked with); None without candidates."""
     if plan is None:
         return None
-    reserved = slate.sponsored | slate.pinned
-    pool, need = int(plan.keep.sum()), int((~reserved).sum())
+    pool = plan.categories.shape[0]  # (the plan's pool items, one per kept candidate)
+    need = len(slate) - int(np.count_nonzero(slate.sponsored | slate.pinned))
     return min(1.0, need / pool) if pool else None
 
 
