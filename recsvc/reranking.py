@@ -323,7 +323,7 @@ def rerank(
 
     # 1-2. reserved slots: position -> (row, sponsored)
     slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N)
-    reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
+    reserved_rows = _slot_rows(slots)
 
     # organic pool: maturity, duplicates, reserved rows out
     keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
@@ -502,11 +502,14 @@ def selection_plan(
         raise ValueError(f"rows must be catalog rows in [0, {N})")
     ceiling = min(int(rules.max_maturity), int(max_maturity))
     slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N) if k else {}
-    reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
+    reserved_rows = _slot_rows(slots)
     keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
-    prow = rows[keep]
-    pool_of = np.full(rows.size, -1, np.intp)
-    pool_of[keep] = np.arange(prow.size)
+    if np.count_nonzero(keep) == rows.size:  # the usual case: every candidate is in the pool
+        prow, pool_of = rows, np.arange(rows.size, dtype=np.intp)
+    else:
+        prow = rows[keep]
+        pool_of = np.full(rows.size, -1, np.intp)
+        pool_of[keep] = np.arange(prow.size)
     boost = np.zeros(prow.size, np.float32)
     parts = _boost_parts(prow, rules, created_at_ms, now_ms, float(freshness_half_life_days), popularity_percentile)
     for part in parts:
@@ -633,6 +636,17 @@ def _unit_rows(emb: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))
     norms[norms == 0] = 1.0
     return emb / norms[:, None]
+
+
+_NO_ROWS = np.empty(0, np.int32)
+_NO_ROWS.setflags(write=False)
+
+
+def _slot_rows(slots: dict[int, tuple[int, bool]]) -> np.ndarray:
+    """int32: the reserved slots' rows (a shared empty array when there are none)."""
+    if not slots:
+        return _NO_ROWS
+    return np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
 
 
 def _reserve_slots(
