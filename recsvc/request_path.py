@@ -242,8 +242,12 @@ class RequestPath:
             degraded = True
             reasons.append("mmr_skipped")
         # one plan of the candidates (organic pool, reserved slots, boosts, categories) for the served round's
-        # re-ranking, the propensity rounds and the random slice's p
-        plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg) if len(cands) else None
+        # re-ranking, the propensity rounds and the random slice's p; not for a deterministic policy's MMR
+        # slate, which re-ranks with rerank and has no propensity rounds (the plan's pairwise similarities
+        # would be work for nothing)
+        plan = None
+        if len(cands) and (rules.mmr_lambda == 0 or random_slice or not policy.deterministic):
+            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
         slate = self._rerank_in_order(plan, cands.rows, explored.scores, order, n, rules, flt, now, cfg)
         t4 = time.perf_counter_ns()
 
@@ -327,7 +331,8 @@ class RequestPath:
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_l, props_out,
                              now, feat, feat_names, random_slice=random_slice,
-                             random_p=_random_p(slate, plan), target_propensities=target_out)
+                             random_p=self._random_p(cands.rows, slate, rules, flt, plan),
+                             target_propensities=target_out)
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -458,7 +463,9 @@ class RequestPath:
         s = scores.astype(np.float32)
         explored = policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
-        plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
+        plan = None  # (as recommend: no plan for a deterministic policy's MMR slate)
+        if rules.mmr_lambda == 0 or not policy.deterministic:
+            plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
         slate = self._rerank_in_order(plan, cands.rows, explored.scores, order, n, rules, flt, now_ms, cfg)
         organic_ci = _organic_candidates(slate, order)
         if policy.deterministic:
@@ -467,6 +474,24 @@ class RequestPath:
             return prop
         return slate_propensities(policy, s, alpha, beta, pulls, total_pulls, k, rng, explored, plan, organic_ci,
                                   _propensity_draws(policy, cfg))
+
+    def _random_p(self, rows, slate, rules, flt: RowFilter, plan) -> float | None:
+        """What the random slice would give each eligible item of this request: need / eligible pool (the organic
+        pool of the slate's re-ranking: candidates within the maturity ceiling, reserved out — ``plan``'s pool,
+        when the slate was re-ranked with one)."""
+        if rows.size == 0:
+            return None
+        reserved = slate.sponsored | slate.pinned
+        if plan is not None:
+            pool = plan.categories.shape[0]  # (one pool item per kept candidate)
+        else:
+            ceiling = min(int(rules.max_maturity), int(flt.max_maturity))
+            keep = self.catalog.maturity[rows] <= ceiling
+            if reserved.any():
+                keep &= ~np.isin(rows, slate.rows[reserved])
+            pool = int(keep.sum())
+        need = len(slate) - int(np.count_nonzero(reserved))
+        return min(1.0, need / pool) if pool else None
 
     def _selection_plan(self, rows, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import selection_plan
@@ -604,17 +629,6 @@ def _organic_candidates(slate, order: np.ndarray) -> np.ndarray:
     re-ranked pool back to candidates."""
     reserved = slate.sponsored | slate.pinned
     return order[slate.pool_index[(~reserved) & (slate.pool_index >= 0)]]
-
-
-def _random_p(slate, plan) -> float | None:
-    """What the random slice would give each eligible item of this request: need / eligible pool (the organic
-    pool of the slate's re-ranking — candidates within the maturity ceiling, reserved out — which is ``plan``'s,
-    the selection plan the slate was re-ranked with); None without candidates."""
-    if plan is None:
-        return None
-    pool = plan.categories.shape[0]  # (the plan's pool items, one per kept candidate)
-    need = len(slate) - int(np.count_nonzero(slate.sponsored | slate.pinned))
-    return min(1.0, need / pool) if pool else None
 
 
 def _propensity_draws(policy: Any, cfg: Config) -> int:

@@ -85,3 +85,27 @@ def test_served_record_logs_each_items_candidate_features_and_the_slices_p(engin
     pool = sum(1 for r in cand_rows.tolist() if engine.catalog.maturity[r] <= ceiling and r not in reserved)
     need = k - sum(1 for r in served.rows if r in reserved)
     assert served.random_p == min(1.0, need / pool)
+
+
+def test_a_deterministic_policys_mmr_slate_builds_no_selection_plan(tmp_path, monkeypatch):
+    """Greedy (or UCB) with MMR re-ranks with rerank and has no propensity rounds: no selection plan, whose
+    pairwise similarities of the whole pool (p x p) would be work for nothing; the slate and its random_p
+    are what they are with one."""
+    import recsvc.reranking
+
+    cfg = small_config(tmp_path, exploration={"policy": "greedy"},
+                       budgets={"total_ms": 1e6, "candidates_ms": 1e6, "ranking_ms": 1e6, "reranking_ms": 1e6})
+    eng = Engine.from_config(cfg, clock=lambda: NOW_MS)
+    try:
+        q = RecommendQuery(user_id="glue-user", n=10, rerank={"mmr_lambda": 0.3})
+        a = eng.experiments.assign(q.user_id, NOW_MS)
+        calls = []
+        plan = recsvc.reranking.selection_plan
+        monkeypatch.setattr(recsvc.reranking, "selection_plan", lambda *a, **k: calls.append(1) or plan(*a, **k))
+        rec, served = eng.requests.recommend(q, a.config, a.variant, a.arms, NOW_MS)
+        assert calls == []
+        assert len(rec.items) == 10 and all(it.propensity == 1.0 for it in rec.items)
+        cands = eng.candidates(q)
+        assert served.random_p == min(1.0, 10 / len(cands))  # every candidate is in the pool, nothing reserved
+    finally:
+        eng.close(snapshot=False)
