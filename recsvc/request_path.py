@@ -252,7 +252,9 @@ class RequestPath:
         t4 = time.perf_counter_ns()
 
         # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
-        organic_ci = _organic_candidates(slate, order)
+        # (no pinned or sponsored item: every slate item is an organic, ranked candidate)
+        no_reserved = not rules.pinned and not rules.sponsored_items
+        organic_ci = order[slate.pool_index] if no_reserved else _organic_candidates(slate, order)
         if random_slice and len(cands):
             # exact: each of the pool's eligible items fills one of the `need` organic slots with equal chance
             final_prop = np.zeros(len(cands))
@@ -282,10 +284,10 @@ class RequestPath:
         # -- response and the served-slate record: each per-item column gathered once, then listed
         cat = self.catalog
         floor = cfg.exploration.min_propensity
-        ranked = slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
-        all_ranked = bool(ranked.all())  # (the usual slate: every item a candidate)
-        if all_ranked:
-            cand_of = at = order[slate.pool_index]  # slate position -> candidate index
+        ranked = None if no_reserved else slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
+        all_ranked = no_reserved or bool(ranked.all())  # (the usual slate: every item a candidate)
+        if all_ranked:  # slate position -> candidate index
+            cand_of = at = organic_ci if no_reserved else order[slate.pool_index]
         else:
             cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
             cand_of[ranked] = order[slate.pool_index[ranked]]
