@@ -298,31 +298,39 @@ class RequestPath:
         sources_l = cands.source_names_at(at)
         prop_l = final_prop[at].tolist() if final_prop is not None else None
         target_l = target_prop[at].tolist() if random_slice and target_prop is not None and len(cands) else None
-        items: list[SlateItem] = []
-        props_out, target_out = [], []
-        for pos, (row, ci) in enumerate(zip(rows_l, ci_l)):
-            if sponsored_l[pos] or ci < 0:
-                propensity, sources = 1.0, []
-            elif pinned_l[pos] or prop_l is None:
-                # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
-                # deterministic given the request and the state, so the item is served for certain
-                propensity, sources = 1.0, sources_l[pos]
-            else:
-                propensity, sources = max(prop_l[pos], floor), sources_l[pos]
-            # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
-            item = SlateItem(cat.item_ids[row], scores_l[pos] if ci >= 0 else 0.0, cat.category_names[category_l[pos]],
-                             sources, pos, min(propensity, 1.0), sponsored_l[pos])
-            if q.debug and ci >= 0:
-                item.debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
-                              "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
-                for s, name in enumerate(SOURCE_NAMES):
-                    if cands.sources[ci] >> s & 1:
-                        item.debug[f"source_{name}"] = float(cands.source_scores[ci, s])
-            items.append(item)
-            props_out.append(item.propensity)
-            if random_slice:  # the main policy places pinned and sponsored items by the same rules
-                reserved_slot = sponsored_l[pos] or pinned_l[pos] or ci < 0
-                target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
+        if no_reserved:  # every item an organic candidate, ranked: its floored estimate (1: a deterministic policy)
+            props_out = ([min(max(p, floor), 1.0) for p in prop_l] if prop_l is not None
+                         else [1.0] * len(rows_l))
+            ids, names = cat.item_ids, cat.category_names
+            items = [SlateItem(ids[row], score, names[c], sources, pos, p, False) for pos, (row, score, c, sources, p)
+                     in enumerate(zip(rows_l, scores_l, category_l, sources_l, props_out))]
+            target_out = [min(t, 1.0) for t in target_l] if target_l is not None else []
+            if q.debug:
+                for item, ci in zip(items, ci_l):
+                    item.debug = self._debug(ci, scores, explored, alpha, beta, cands)
+        else:
+            items: list[SlateItem] = []
+            props_out, target_out = [], []
+            for pos, (row, ci) in enumerate(zip(rows_l, ci_l)):
+                if sponsored_l[pos] or ci < 0:
+                    propensity, sources = 1.0, []
+                elif pinned_l[pos] or prop_l is None:
+                    # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
+                    # deterministic given the request and the state, so the item is served for certain
+                    propensity, sources = 1.0, sources_l[pos]
+                else:
+                    propensity, sources = max(prop_l[pos], floor), sources_l[pos]
+                # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
+                item = SlateItem(cat.item_ids[row], scores_l[pos] if ci >= 0 else 0.0,
+                                 cat.category_names[category_l[pos]], sources, pos, min(propensity, 1.0),
+                                 sponsored_l[pos])
+                if q.debug and ci >= 0:
+                    item.debug = self._debug(ci, scores, explored, alpha, beta, cands)
+                items.append(item)
+                props_out.append(item.propensity)
+                if random_slice:  # the main policy places pinned and sponsored items by the same rules
+                    reserved_slot = sponsored_l[pos] or pinned_l[pos] or ci < 0
+                    target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
         feat, feat_names = b"", []
         if features is not None and slate.rows.size:
             if all_ranked:
@@ -345,6 +353,16 @@ class RequestPath:
                    "exploration_us": (t3 - t2 + t4b - t4) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
         return Recommendation(request_id, items, variant, timings, degraded, reasons, random_slice), served
+
+    @staticmethod
+    def _debug(ci: int, scores, explored, alpha, beta, cands: Candidates) -> dict[str, float]:
+        """A ranked item's debug fields (``RecommendQuery.debug``): its scores, bandit prior and source scores."""
+        debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
+                 "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
+        for s, name in enumerate(SOURCE_NAMES):
+            if cands.sources[ci] >> s & 1:
+                debug[f"source_{name}"] = float(cands.source_scores[ci, s])
+        return debug
 
     def _observe(self, stage: str, ns: int) -> None:
         old = self._stage_ewma_us[stage]
