@@ -534,7 +534,8 @@ def rerank_planned(plan: SelectionPlan, rows: Any, scores: Any, order: Any, *, u
     candidate index of each — the same slate, bit for bit, as ``rerank(rows, scores, plan's k, plan's rules,
     ...)`` with the plan's catalog arrays. The organic pool, reserved slots, boosts and categories come from
     the plan (an item's do not depend on the order), so one plan serves the request's re-ranking and its
-    propensity rounds. MMR (``plan.lam > 0``) re-ranks with :func:`rerank`."""
+    propensity rounds. MMR (``plan.lam > 0``) re-ranks with :func:`rerank`. The candidates must hold each row
+    once (a plan drops a repeated row's later occurrences in candidate order, rerank in the explored order)."""
     if plan.lam > 0:
         raise ValueError("rerank_planned re-ranks by quotas; MMR (lam > 0) re-ranks with rerank")
     if plan.k < 0 or plan.pool_of is None:
