@@ -241,14 +241,22 @@ class RequestPath:
             rules = rules.model_copy(update={"mmr_lambda": 0.0})
             degraded = True
             reasons.append("mmr_skipped")
-        slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now, cfg)
+        # one plan of the candidates (organic pool, reserved slots, boosts, categories) for the served round's
+        # re-ranking, the propensity rounds and the random slice's p; not for a deterministic policy's MMR
+        # slate, which re-ranks with rerank and has no propensity rounds (the plan's pairwise similarities
+        # would be work for nothing)
+        plan = None
+        if len(cands) and (rules.mmr_lambda == 0 or random_slice or not policy.deterministic):
+            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
+        slate = self._rerank_in_order(plan, cands.rows, explored.scores, order, n, rules, flt, now, cfg)
         t4 = time.perf_counter_ns()
 
         # -- propensities of the final slate (exploration and re-ranking together; see slate_propensity)
-        organic_ci = _organic_candidates(slate, order)
+        # (no pinned or sponsored item: every slate item is an organic, ranked candidate)
+        no_reserved = not rules.pinned and not rules.sponsored_items
+        organic_ci = order[slate.pool_index] if no_reserved else _organic_candidates(slate, order)
         if random_slice and len(cands):
             # exact: each of the pool's eligible items fills one of the `need` organic slots with equal chance
-            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
             final_prop = np.zeros(len(cands))
             pool_size = int(plan.keep.sum())
             final_prop[plan.keep] = min(1.0, plan.need / pool_size) if pool_size else 1.0
@@ -262,14 +270,13 @@ class RequestPath:
             from recsvc.exploration import ThompsonPolicy
             from recsvc.slate_propensity import slate_propensities
 
-            plan = self._selection_plan(cands.rows, n, rules, flt, now, cfg)
             # Where Thompson's top-k estimate drew from the serving generator (k < M), its Monte-Carlo
             # rounds still do: the same Beta draws in the same order, so the stream, and every later
             # slate, is what it was. Otherwise (and for epsilon-greedy) a generator of their own, so
             # estimating a propensity never changes what is served.
             serving_stream = isinstance(policy, ThompsonPolicy) and k_explore < min(policy.top_m, len(cands))
             final_prop = slate_propensities(
-                policy, scores.astype(np.float32), alpha, beta, pulls, total_pulls, k_explore,
+                policy, scores, alpha, beta, pulls, total_pulls, k_explore,
                 rng if serving_stream else self._propensity_rng(), explored, plan, organic_ci,
                 _propensity_draws(policy, cfg))
         t4b = time.perf_counter_ns()
@@ -277,49 +284,65 @@ class RequestPath:
         # -- response and the served-slate record: each per-item column gathered once, then listed
         cat = self.catalog
         floor = cfg.exploration.min_propensity
-        ranked = slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
-        cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
-        cand_of[ranked] = order[slate.pool_index[ranked]]
-        at = np.where(ranked, cand_of, 0) if len(cands) else cand_of[:0]  # (a valid index where there is none)
+        ranked = None if no_reserved else slate.pool_index >= 0  # a pinned or sponsored item may not be a candidate
+        all_ranked = no_reserved or bool(ranked.all())  # (the usual slate: every item a candidate)
+        if all_ranked:  # slate position -> candidate index
+            cand_of = at = organic_ci if no_reserved else order[slate.pool_index]
+        else:
+            cand_of = np.full(slate.rows.size, -1, np.intp)  # slate position -> candidate index (-1: none)
+            cand_of[ranked] = order[slate.pool_index[ranked]]
+            at = np.where(ranked, cand_of, 0) if len(cands) else cand_of[:0]  # (a valid index where there is none)
         ci_l, rows_l, scores_l = cand_of.tolist(), slate.rows.tolist(), slate.scores.tolist()
         sponsored_l, pinned_l = slate.sponsored.tolist(), slate.pinned.tolist()
         category_l = cat.categories[slate.rows].tolist()
         sources_l = cands.source_names_at(at)
         prop_l = final_prop[at].tolist() if final_prop is not None else None
         target_l = target_prop[at].tolist() if random_slice and target_prop is not None and len(cands) else None
-        items: list[SlateItem] = []
-        props_out, target_out = [], []
-        for pos, (row, ci) in enumerate(zip(rows_l, ci_l)):
-            if sponsored_l[pos] or ci < 0:
-                propensity, sources = 1.0, []
-            elif pinned_l[pos] or prop_l is None:
-                # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
-                # deterministic given the request and the state, so the item is served for certain
-                propensity, sources = 1.0, sources_l[pos]
-            else:
-                propensity, sources = max(prop_l[pos], floor), sources_l[pos]
-            # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
-            item = SlateItem(cat.item_ids[row], scores_l[pos] if ci >= 0 else 0.0, cat.category_names[category_l[pos]],
-                             sources, pos, min(propensity, 1.0), sponsored_l[pos])
-            if q.debug and ci >= 0:
-                item.debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
-                              "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
-                for s, name in enumerate(SOURCE_NAMES):
-                    if cands.sources[ci] >> s & 1:
-                        item.debug[f"source_{name}"] = float(cands.source_scores[ci, s])
-            items.append(item)
-            props_out.append(item.propensity)
-            if random_slice:  # the main policy places pinned and sponsored items by the same rules
-                reserved_slot = sponsored_l[pos] or pinned_l[pos] or ci < 0
-                target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
+        if no_reserved:  # every item an organic candidate, ranked: its floored estimate (1: a deterministic policy)
+            props_out = ([min(max(p, floor), 1.0) for p in prop_l] if prop_l is not None
+                         else [1.0] * len(rows_l))
+            ids, names = cat.item_ids, cat.category_names
+            items = [SlateItem(ids[row], score, names[c], sources, pos, p, False) for pos, (row, score, c, sources, p)
+                     in enumerate(zip(rows_l, scores_l, category_l, sources_l, props_out))]
+            target_out = [min(t, 1.0) for t in target_l] if target_l is not None else []
+            if q.debug:
+                for item, ci in zip(items, ci_l):
+                    item.debug = self._debug(ci, scores, explored, alpha, beta, cands)
+        else:
+            items: list[SlateItem] = []
+            props_out, target_out = [], []
+            for pos, (row, ci) in enumerate(zip(rows_l, ci_l)):
+                if sponsored_l[pos] or ci < 0:
+                    propensity, sources = 1.0, []
+                elif pinned_l[pos] or prop_l is None:
+                    # a pinned slot, or a deterministic policy: retrieval, ranking and re-ranking are
+                    # deterministic given the request and the state, so the item is served for certain
+                    propensity, sources = 1.0, sources_l[pos]
+                else:
+                    propensity, sources = max(prop_l[pos], floor), sources_l[pos]
+                # a pinned or sponsored item that was not a candidate was placed, not ranked: score 0
+                item = SlateItem(cat.item_ids[row], scores_l[pos] if ci >= 0 else 0.0,
+                                 cat.category_names[category_l[pos]], sources, pos, min(propensity, 1.0),
+                                 sponsored_l[pos])
+                if q.debug and ci >= 0:
+                    item.debug = self._debug(ci, scores, explored, alpha, beta, cands)
+                items.append(item)
+                props_out.append(item.propensity)
+                if random_slice:  # the main policy places pinned and sponsored items by the same rules
+                    reserved_slot = sponsored_l[pos] or pinned_l[pos] or ci < 0
+                    target_out.append(1.0 if reserved_slot else min(target_l[pos], 1.0))
         feat, feat_names = b"", []
         if features is not None and slate.rows.size:
-            block = np.zeros((cand_of.size, features.shape[1]), np.float32)
-            block[ranked] = features[cand_of[ranked]]
+            if all_ranked:
+                block = features[cand_of]
+            else:
+                block = np.zeros((cand_of.size, features.shape[1]), np.float32)
+                block[ranked] = features[cand_of[ranked]]
             feat, feat_names = block.tobytes(), list(ALL_FEATURES[: features.shape[1]])
         served = ServedSlate(request_id, user_id, variant, [tuple(a) for a in arms], rows_l, props_out,
                              now, feat, feat_names, random_slice=random_slice,
-                             random_p=self._random_p(cands.rows, slate, rules, flt), target_propensities=target_out)
+                             random_p=self._random_p(cands.rows, slate, rules, flt, plan),
+                             target_propensities=target_out)
         t5 = time.perf_counter_ns()
 
         self._observe("candidates", t1 - t0)
@@ -330,6 +353,16 @@ class RequestPath:
                    "exploration_us": (t3 - t2 + t4b - t4) // 1000, "reranking_us": (t4 - t3) // 1000,
                    "total_us": (t5 - t_start) // 1000}
         return Recommendation(request_id, items, variant, timings, degraded, reasons, random_slice), served
+
+    @staticmethod
+    def _debug(ci: int, scores, explored, alpha, beta, cands: Candidates) -> dict[str, float]:
+        """A ranked item's debug fields (``RecommendQuery.debug``): its scores, bandit prior and source scores."""
+        debug = {"ranker_score": float(scores[ci]), "explored_score": float(explored.scores[ci]),
+                 "bandit_alpha": float(alpha[ci]), "bandit_beta": float(beta[ci])}
+        for s, name in enumerate(SOURCE_NAMES):
+            if cands.sources[ci] >> s & 1:
+                debug[f"source_{name}"] = float(cands.source_scores[ci, s])
+        return debug
 
     def _observe(self, stage: str, ns: int) -> None:
         old = self._stage_ewma_us[stage]
@@ -450,27 +483,34 @@ class RequestPath:
         s = scores.astype(np.float32)
         explored = policy.explore(s, alpha, beta, pulls, total_pulls, k, rng, with_propensity=False)
         order = np.argsort(-explored.scores, kind="stable")
-        slate = self._rerank(cands.rows[order], explored.scores[order], n, rules, flt, now_ms, cfg)
+        plan = None  # (as recommend: no plan for a deterministic policy's MMR slate)
+        if rules.mmr_lambda == 0 or not policy.deterministic:
+            plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
+        slate = self._rerank_in_order(plan, cands.rows, explored.scores, order, n, rules, flt, now_ms, cfg)
         organic_ci = _organic_candidates(slate, order)
         if policy.deterministic:
             prop = np.zeros(len(cands))
             prop[organic_ci] = 1.0
             return prop
-        plan = self._selection_plan(cands.rows, n, rules, flt, now_ms, cfg)
         return slate_propensities(policy, s, alpha, beta, pulls, total_pulls, k, rng, explored, plan, organic_ci,
                                   _propensity_draws(policy, cfg))
 
-    def _random_p(self, rows, slate, rules, flt: RowFilter) -> float | None:
-        """What the random slice would give each eligible item of this request: need / eligible pool
-        (the organic pool of the slate's re-ranking: candidates within the maturity ceiling, reserved out)."""
+    def _random_p(self, rows, slate, rules, flt: RowFilter, plan) -> float | None:
+        """What the random slice would give each eligible item of this request: need / eligible pool (the organic
+        pool of the slate's re-ranking: candidates within the maturity ceiling, reserved out — ``plan``'s pool,
+        when the slate was re-ranked with one)."""
         if rows.size == 0:
             return None
         reserved = slate.sponsored | slate.pinned
-        ceiling = min(int(rules.max_maturity), int(flt.max_maturity))
-        keep = self.catalog.maturity[rows] <= ceiling
-        if reserved.any():
-            keep &= ~np.isin(rows, slate.rows[reserved])
-        pool, need = int(keep.sum()), int((~reserved).sum())
+        if plan is not None:
+            pool = plan.categories.shape[0]  # (one pool item per kept candidate)
+        else:
+            ceiling = min(int(rules.max_maturity), int(flt.max_maturity))
+            keep = self.catalog.maturity[rows] <= ceiling
+            if reserved.any():
+                keep &= ~np.isin(rows, slate.rows[reserved])
+            pool = int(keep.sum())
+        need = len(slate) - int(np.count_nonzero(reserved))
         return min(1.0, need / pool) if pool else None
 
     def _selection_plan(self, rows, n, rules, flt: RowFilter, now_ms, cfg: Config):
@@ -520,6 +560,15 @@ class RequestPath:
         rows = np.fromiter((r for r, _ in history), np.int64, len(history))
         w = 0.5 ** (np.arange(rows.size)[::-1] / cfg.retrieval.history_half_life)
         return (w[:, None] * self.catalog.embeddings[rows]).sum(axis=0)
+
+    def _rerank_in_order(self, plan, rows, scores, order, n, rules, flt: RowFilter, now_ms, cfg: Config):
+        """The slate of the candidates ``rows`` with explored ``scores`` (candidate order) taken in ``order``:
+        from ``plan`` (their selection plan under ``rules``) when it re-ranks by quotas, else :meth:`_rerank`."""
+        if plan is not None and plan.lam == 0:
+            from recsvc.reranking import rerank_planned
+
+            return rerank_planned(plan, rows[order], scores[order], order)
+        return self._rerank(rows[order], scores[order], n, rules, flt, now_ms, cfg)
 
     def _rerank(self, rows, scores, n, rules, flt: RowFilter, now_ms, cfg: Config):
         from recsvc.reranking import rerank

@@ -48,8 +48,8 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`python setup.py build_ext --inplace` (or `pip install -e .`)"
     ) from exc
 
-__all__ = ["SelectionPlan", "Slate", "mmr_select", "rerank", "select_with_quotas", "selection_plan",
-           "slate_inclusion_counts"]
+__all__ = ["SelectionPlan", "Slate", "mmr_select", "rerank", "rerank_planned", "select_with_quotas",
+           "selection_plan", "slate_inclusion_counts"]
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ def rerank(
 
     # 1-2. reserved slots: position -> (row, sponsored)
     slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N)
-    reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
+    reserved_rows = _slot_rows(slots)
 
     # organic pool: maturity, duplicates, reserved rows out
     keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
@@ -353,21 +353,32 @@ def rerank(
                 adj, emb, prow, _check_lambda(rules.mmr_lambda), need, pcat, maxpc, counts, max_sim, out, use_native
             )
         else:
-            if pool.size < 2 or bool((adj[1:] <= adj[:-1]).all()):
-                order = np.arange(pool.size, dtype=np.int32)
-            else:
-                order = np.argsort(-adj, kind="stable").astype(np.int32)
-            count = (_native if use_native else _twin).select_with_quotas(order, pcat, maxpc, need, counts, out)
-        chosen = out[:count]
-        if count < need and count < pool.size:
-            # The quota cannot be met: fill the rest in score order, ignoring it.
-            rest = np.ones(pool.size, bool)
-            rest[chosen] = False
-            rest_idx = np.flatnonzero(rest)
-            rest_idx = rest_idx[np.argsort(-adj[rest_idx], kind="stable")][: need - count]
-            chosen = np.concatenate([chosen, rest_idx.astype(np.int32)])
+            count = _quota_select(adj, pcat, maxpc, need, counts, out, use_native)
+        chosen = _fill_ignoring_quota(adj, out[:count], need)
 
     return _assemble(k, slots, chosen, pool, rows, scores)
+
+
+def _quota_select(adj: np.ndarray, pcat: np.ndarray, maxpc: int, need: int, counts: np.ndarray, out: np.ndarray,
+                  use_native: bool) -> int:
+    """Greedy selection of the pool by ``adj`` (descending, ties to the lower index) under the quota."""
+    if adj.size < 2 or bool((adj[1:] <= adj[:-1]).all()):
+        order = np.arange(adj.size, dtype=np.int32)
+    else:
+        order = np.argsort(-adj, kind="stable").astype(np.int32)
+    return int((_native if use_native else _twin).select_with_quotas(order, pcat, maxpc, need, counts, out))
+
+
+def _fill_ignoring_quota(adj: np.ndarray, chosen: np.ndarray, need: int) -> np.ndarray:
+    """``chosen``, and when the quota could not be met the rest in score order, ignoring it."""
+    count = chosen.size
+    if count < need and count < adj.size:
+        rest = np.ones(adj.size, bool)
+        rest[chosen] = False
+        rest_idx = np.flatnonzero(rest)
+        rest_idx = rest_idx[np.argsort(-adj[rest_idx], kind="stable")][: need - count]
+        chosen = np.concatenate([chosen, rest_idx.astype(np.int32)])
+    return chosen
 
 
 def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows: np.ndarray,
@@ -389,22 +400,31 @@ def _organic(rows: np.ndarray, maturity: np.ndarray, ceiling: int, reserved_rows
 
 def _add_boosts(adj, prow, rules, created_at_ms, now_ms, half_life, popularity_percentile) -> None:
     """adj (float32, the pool's scores) += freshness and long-tail boosts, in place."""
+    for part in _boost_parts(prow, rules, created_at_ms, now_ms, half_life, popularity_percentile):
+        adj += part
+
+
+def _boost_parts(prow, rules, created_at_ms, now_ms, half_life, popularity_percentile) -> tuple[np.ndarray, ...]:
+    """The pool's boosts, float32 per item of ``prow``, in the order they are added (freshness, long tail),
+    each only when its rule is on: adding them one after the other is what :func:`rerank` does."""
+    parts = []
     if rules.freshness_boost > 0 and prow.size:
         fresh = freshness(created_at_ms[prow], now_ms, half_life)
         fresh *= np.float32(rules.freshness_boost)
-        adj += fresh
+        parts.append(fresh)
     if rules.long_tail_boost > 0 and prow.size:
         tail = popularity_percentile[prow].astype(np.float32)
         np.clip(tail, 0.0, 1.0, out=tail)
         np.subtract(np.float32(1.0), tail, out=tail)
         tail *= np.float32(rules.long_tail_boost)
-        adj += tail
+        parts.append(tail)
+    return tuple(parts)
 
 
 def _pool_categories(categories: np.ndarray, prow: np.ndarray, reserved_rows: np.ndarray):
     """(pool categories int32, per-category counts of the reserved items int32), sparse ids compacted."""
     pcat = np.ascontiguousarray(categories[prow], dtype=np.int32)
-    rcat = categories[reserved_rows].astype(np.int32)
+    rcat = categories[reserved_rows].astype(np.int32) if reserved_rows.size else reserved_rows
     C = max(int(pcat.max()) if pcat.size else -1, int(rcat.max()) if rcat.size else -1) + 1
     if C > 65_536:  # sparse category ids: count over the ids actually present
         ids, inverse = np.unique(np.concatenate([pcat, rcat]), return_inverse=True)
@@ -434,6 +454,10 @@ class SelectionPlan:
     need:     organic positions to fill (k minus the reserved slots)
     boost, categories, counts0, max_sim0: per pool item (``keep`` rows, in the given order);
     sim:      float32[p, p] cosine similarities of the pool when ``lam > 0`` (else (0, 0))
+    k:        the slate size (-1: not given)
+    boost_parts: the boosts that make ``boost``, one array per rule that is on, in the order rerank adds them
+    pool_of:  intp[m] each given row's index in the pool (-1: not in it); None: not given
+    (:func:`selection_plan` gives the last three, which :func:`rerank_planned` needs)
     """
 
     keep: np.ndarray
@@ -446,6 +470,9 @@ class SelectionPlan:
     lam: float
     sim: np.ndarray
     max_sim0: np.ndarray
+    k: int = -1
+    boost_parts: tuple[np.ndarray, ...] = ()
+    pool_of: np.ndarray | None = None
 
 
 def selection_plan(
@@ -475,11 +502,18 @@ def selection_plan(
         raise ValueError(f"rows must be catalog rows in [0, {N})")
     ceiling = min(int(rules.max_maturity), int(max_maturity))
     slots = _reserve_slots(rules, k, row_of, eligible, maturity, ceiling, N) if k else {}
-    reserved_rows = np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
+    reserved_rows = _slot_rows(slots)
     keep = _organic(rows, maturity, ceiling, reserved_rows, distinct_rows)
-    prow = rows[keep]
+    if np.count_nonzero(keep) == rows.size:  # the usual case: every candidate is in the pool
+        prow, pool_of = rows, np.arange(rows.size, dtype=np.intp)
+    else:
+        prow = rows[keep]
+        pool_of = np.full(rows.size, -1, np.intp)
+        pool_of[keep] = np.arange(prow.size)
     boost = np.zeros(prow.size, np.float32)
-    _add_boosts(boost, prow, rules, created_at_ms, now_ms, float(freshness_half_life_days), popularity_percentile)
+    parts = _boost_parts(prow, rules, created_at_ms, now_ms, float(freshness_half_life_days), popularity_percentile)
+    for part in parts:
+        boost += part
     pcat, counts0 = _pool_categories(categories, prow, reserved_rows)
     lam = float(rules.mmr_lambda)
     if lam > 0 and prow.size:
@@ -491,7 +525,47 @@ def selection_plan(
         sim = np.zeros((0, 0), np.float32)
         max_sim0 = np.full(prow.size, -np.inf, np.float32)
     return SelectionPlan(keep, slots, max(0, k - len(slots)), boost, pcat, counts0,
-                         int(rules.max_per_category), lam, sim, max_sim0)
+                         int(rules.max_per_category), lam, sim, max_sim0, k, parts, pool_of)
+
+
+def rerank_planned(plan: SelectionPlan, rows: Any, scores: Any, order: Any, *, use_native: bool = True) -> Slate:
+    """:func:`rerank` from a :func:`selection_plan` without MMR: the slate of the plan's candidates taken in
+    ``order`` — ``rows`` = the plan's rows[order], ``scores`` their explored scores (float32), ``order`` the
+    candidate index of each — the same slate, bit for bit, as ``rerank(rows, scores, plan's k, plan's rules,
+    ...)`` with the plan's catalog arrays. The organic pool, reserved slots, boosts and categories come from
+    the plan (an item's do not depend on the order), so one plan serves the request's re-ranking and its
+    propensity rounds. MMR (``plan.lam > 0``) re-ranks with :func:`rerank`. The candidates must hold each row
+    once (a plan drops a repeated row's later occurrences in candidate order, rerank in the explored order)."""
+    if plan.lam > 0:
+        raise ValueError("rerank_planned re-ranks by quotas; MMR (lam > 0) re-ranks with rerank")
+    if plan.k < 0 or plan.pool_of is None:
+        raise ValueError("rerank_planned needs a plan from selection_plan (its k and pool_of)")
+    rows = _int_vector(rows, np.int32, "rows")
+    scores = _float_vector(scores, "scores")
+    order = _int_vector(order, np.intp, "order")
+    m = plan.keep.shape[0]
+    if rows.shape[0] != m or scores.shape[0] != m or order.shape[0] != m:
+        raise ValueError(f"rows, scores and order must have the plan's {m} entries, got "
+                         f"{rows.shape[0]}, {scores.shape[0]} and {order.shape[0]}")
+    if plan.k == 0:
+        return Slate.empty()
+    p = plan.categories.shape[0]
+    if p == m:  # the usual case: every candidate is in the pool
+        pool, perm, adj = np.arange(m, dtype=np.int32), order, scores.copy()
+    else:
+        pool = np.flatnonzero(plan.keep[order]).astype(np.int32)
+        perm = plan.pool_of[order[pool]]
+        adj = scores[pool]
+    for part in plan.boost_parts:
+        adj += part[perm]
+    need = plan.need
+    chosen = np.empty(0, np.int32)
+    if need and p:
+        out = np.empty(need, np.int32)
+        count = _quota_select(adj, plan.categories[perm], plan.max_per_category, need, plan.counts0.copy(), out,
+                              use_native)
+        chosen = _fill_ignoring_quota(adj, out[:count], need)
+    return _assemble(plan.k, plan.reserved, chosen, pool, rows, scores)
 
 
 def slate_inclusion_counts(
@@ -565,6 +639,17 @@ def _unit_rows(emb: np.ndarray) -> np.ndarray:
     return emb / norms[:, None]
 
 
+_NO_ROWS = np.empty(0, np.int32)
+_NO_ROWS.setflags(write=False)
+
+
+def _slot_rows(slots: dict[int, tuple[int, bool]]) -> np.ndarray:
+    """int32: the reserved slots' rows (a shared empty array when there are none)."""
+    if not slots:
+        return _NO_ROWS
+    return np.fromiter((r for r, _ in slots.values()), np.int32, len(slots))
+
+
 def _reserve_slots(
     rules: RerankingConfig,
     k: int,
@@ -576,6 +661,8 @@ def _reserve_slots(
 ) -> dict[int, tuple[int, bool]]:
     """position -> (row, sponsored) for the pinned and sponsored items that can be served."""
     slots: dict[int, tuple[int, bool]] = {}
+    if not rules.pinned and not (rules.sponsored_items and rules.sponsored_positions):
+        return slots  # the usual request: nothing reserved
     placed: set[int] = set()
 
     def servable(item_id: str) -> int | None:

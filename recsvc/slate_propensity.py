@@ -58,20 +58,27 @@ def slate_propensities(
     if getattr(policy, "deterministic", False) or n == 0:
         prop[served] = 1.0
         return prop
-    pool = np.flatnonzero(plan.keep)
-    if plan.need >= pool.size:  # every organic candidate is served, whatever the draw
-        prop[pool] = 1.0
+    p_size = plan.categories.shape[0]
+    whole = p_size == n  # the usual case: every candidate is in the organic pool (pool index = candidate)
+    if plan.need >= p_size:  # every organic candidate is served, whatever the draw
+        prop[plan.keep] = 1.0
         return prop
+    pool = None if whole else np.flatnonzero(plan.keep)
     s = np.ascontiguousarray(scores, np.float32)
     a = np.ascontiguousarray(alpha, np.float64)
     b = np.ascontiguousarray(beta, np.float64)
     p = np.ascontiguousarray(pulls, np.float64)
     served_mask = np.zeros(n, bool)
     served_mask[served] = True
-    pool_of = np.full(n, -1, np.intp)  # candidate -> pool index
-    pool_of[pool] = np.arange(pool.size)
+    pool_of = plan.pool_of  # candidate -> pool index
+    if pool_of is None and not whole:
+        pool_of = np.full(n, -1, np.intp)
+        pool_of[pool] = np.arange(pool.size)
 
     def hits_of(draws: ScoreDraws, fixed_order: np.ndarray | None = None) -> np.ndarray:
+        if whole:
+            return slate_inclusion_counts(draws.top_scores, draws.top, np.arange(draws.top.size), draws.base,
+                                          draws.shift, plan, fixed_order=fixed_order)
         top_pool = pool_of[draws.top]
         in_pool = top_pool >= 0
         return slate_inclusion_counts(draws.top_scores, top_pool[in_pool], np.flatnonzero(in_pool),
@@ -84,19 +91,25 @@ def slate_propensities(
         explored_round = not np.array_equal(explored.scores, s)
         hits = hits_of(policy.draw_explore_scores(s, k, rng, n_draws))
         if explored_round:
-            hits += served_mask[pool]
+            hits += served_mask if whole else served_mask[pool]
         q = hits / (n_draws + int(explored_round))
-        prop[pool] = (1.0 - eps) * greedy + eps * q
+        prop[plan.keep] = (1.0 - eps) * greedy + eps * q
         return prop
     fixed_order = None
     if isinstance(policy, ThompsonPolicy):  # reuses the served round's layout (explore_with_prior's)
         draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws, served=explored)
         if explored.layout is not None and draws.top is explored.layout.top:
-            fixed_order = pool_of[explored.layout.rest_order]  # the others in order, as pool indices
-            fixed_order = fixed_order[fixed_order >= 0]
+            if whole:
+                fixed_order = explored.layout.rest_order  # the others in order (pool index = candidate)
+            else:
+                fixed_order = pool_of[explored.layout.rest_order]  # the others in order, as pool indices
+                fixed_order = fixed_order[fixed_order >= 0]
     else:
         draws = policy.draw_scores(s, a, b, p, float(total_pulls), k, rng, n_draws)
     hits = hits_of(draws, fixed_order)
+    if whole:
+        hits += served_mask
+        return np.divide(hits, n_draws + 1, out=hits)
     hits += served_mask[pool]
     prop[pool] = hits / (n_draws + 1)
     return prop

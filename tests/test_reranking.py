@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recsvc.config import RerankingConfig
-from recsvc.reranking import Slate, mmr_select, rerank, select_with_quotas
+from recsvc.reranking import Slate, mmr_select, rerank, rerank_planned, select_with_quotas, selection_plan
 
 NOW_MS = 1_750_000_000_000
 DAY_MS = 86_400_000
@@ -469,6 +469,46 @@ def test_rerank_properties(scenario) -> None:
     # the compiled and the numpy paths agree on the slate
     assert slates[0].rows.tolist() == slates[1].rows.tolist()
     assert slates[0].sponsored.tolist() == slates[1].sponsored.tolist()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.booleans(), st.booleans())
+def test_rerank_planned_serves_reranks_slate_bit_for_bit(scenario, ties, shuffled) -> None:
+    """One selection plan per request: the served round re-ranked from the candidates' plan (candidate order)
+    is rerank's slate of the explored order, every field and every bit, boosts and reserved slots included."""
+    cat, _, _, rules, k, max_maturity = scenario
+    rules = rules.model_copy(update={"mmr_lambda": 0.0})  # MMR re-ranks with rerank itself
+    rng = np.random.default_rng(k * 7919 + len(rules.pinned))
+    m = int(rng.integers(0, cat.N + 1))
+    rows = rng.choice(cat.N, m, replace=False).astype(np.int32)  # candidates: each row once
+    scores = rng.random(m).astype(np.float32)
+    if ties:
+        scores = np.round(scores * 4).astype(np.float32) / 4
+    order = rng.permutation(m) if shuffled else np.argsort(-scores, kind="stable")
+    kw = cat.kwargs(max_maturity)
+    plan = selection_plan(rows, k, rules, **kw, distinct_rows=True)
+    for use_native in (True, False):
+        want = rerank(rows[order], scores[order], k, rules, **kw, distinct_rows=True, use_native=use_native)
+        got = rerank_planned(plan, rows[order], scores[order], order, use_native=use_native)
+        for field in ("rows", "scores", "sponsored", "pool_index", "pinned"):
+            a, b = getattr(want, field), getattr(got, field)
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), field
+
+
+def test_rerank_planned_refuses_mmr_and_hand_made_plans() -> None:
+    cat = Catalog(1)
+    rows, scores = ranked([5, 3, 9, 1])
+    order = np.arange(4)
+    plan = selection_plan(rows, 3, RerankingConfig(mmr_lambda=0.5), **cat.kwargs())
+    with pytest.raises(ValueError, match="MMR"):
+        rerank_planned(plan, rows, scores, order)
+    plan = selection_plan(rows, 3, RerankingConfig(), **cat.kwargs())
+    with pytest.raises(ValueError, match="the plan's 4 entries"):
+        rerank_planned(plan, rows[:3], scores[:3], order[:3])
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="needs a plan from selection_plan"):
+        rerank_planned(replace(plan, k=-1), rows, scores, order)
 
 
 @pytest.mark.parametrize("impl", ["native", "twin"])

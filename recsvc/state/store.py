@@ -116,8 +116,13 @@ class MemoryStateStore:
         return None
 
 
+#: ``json.dumps(rec, separators=(",", ":"), ensure_ascii=False)``'s encoder, made once (it holds no state
+#: between calls): the same bytes without building an encoder per record.
+_RECORD_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_record(rec: Record) -> bytes:
-    body = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode()
+    body = _RECORD_JSON.encode(rec).encode()
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
