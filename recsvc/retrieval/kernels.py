@@ -363,28 +363,26 @@ def _int32(x: Any, name: str) -> np.ndarray:
 
 def _uint64(x: Any, name: str) -> np.ndarray:
     """A C-contiguous uint64 vector (hnswlib's labels); other non-negative integers are converted."""
-    if type(x) is _ndarray and x.dtype is _U64 and x.ndim == 1:
-        return _asc(x)
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.size and a.dtype != _U64:
-        if a.dtype.kind not in "iu":
-            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
-        if int(a.min()) < 0:
-            raise ValueError(f"{name} must be catalog rows (>= 0), got {int(a.min())}")
-    return np.ascontiguousarray(a, dtype=_U64)
+    return _integers(x, _U64, name)
 
 
 def _int64(x: Any, name: str) -> np.ndarray:
-    if type(x) is _ndarray and x.dtype is _I64 and x.ndim == 1:
+    return _integers(x, _I64, name)
+
+
+def _integers(x: Any, dtype: np.dtype, name: str) -> np.ndarray:
+    """A C-contiguous 1-D vector of ``dtype`` (int64 or uint64) from any integers (>= 0 for uint64)."""
+    if type(x) is _ndarray and x.dtype is dtype and x.ndim == 1:
         return _asc(x)
     a = np.asarray(x)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.size and a.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=_I64)
+    if a.size and a.dtype != dtype:
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+        if dtype.kind == "u" and int(a.min()) < 0:
+            raise ValueError(f"{name} must be catalog rows (>= 0), got {int(a.min())}")
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def _float64(x: Any, name: str) -> np.ndarray:
