@@ -13,7 +13,9 @@ Variants: the shipped features and trees (``recsvc.training.GBDT_PARAMS``, 60 ro
 settings; and features a production ranker does not have, computed here in numpy from each window's train
 positives, to see how much signal is left: the full-history item-item cosine (co-occurrence over whole
 histories, not the service's recent-window counts), EASE's own score (lambda 100), and the cosine of the
-user's genre profile with the item's genres. Each variant is the mean over two tree seeds.
+user's genre profile with the item's genres; and the popularity as of each request's clock (the train positives
+before it, decayed with a half-life of 90 or 365 days), which the replay's state does not give (its
+popularity is the train counts, one "now" for every user). Each variant is the mean over two tree seeds.
 
 It takes about 10-15 minutes on 2 cores. The December 2026 numbers are in the issue 15 notes, not in the
 README: they guide work, they are not a claim about the product.
@@ -43,8 +45,34 @@ def ndcg_at_10(score: np.ndarray, log, n_relevant: np.ndarray) -> float:
     return float(np.nan_to_num(ndcg_at_k(hits, n_relevant, 10)).mean())
 
 
+#: half-lives (days) of the popularity as of the request's clock
+CLOCK_POPULARITY_HALF_LIVES = (90.0, 365.0)
+
+
+def _clock_popularity(world, log) -> np.ndarray:
+    """float32[m, 2] per logged candidate: log(1 + its train positives before the request's clock, each weighted
+    2^(-age / half-life)), for each of :data:`CLOCK_POPULARITY_HALF_LIVES`."""
+    from recsvc.evaluation.replay import request_clocks
+
+    pos = world.train_positive
+    order = np.argsort(pos.timestamp, kind="stable")
+    seconds = np.asarray(pos.timestamp, np.float64)[order]
+    rows = np.searchsorted(world.item_ids, pos.item_id)[order]
+    clocks = request_clocks(world, log.users) / 1000.0
+    out = np.zeros((log.y.size, len(CLOCK_POPULARITY_HALF_LIVES)), np.float32)
+    for s, e in zip(*_runs(log.user)):
+        t = clocks[log.user[s]]
+        before = int(np.searchsorted(seconds, t))
+        for j, days in enumerate(CLOCK_POPULARITY_HALF_LIVES):
+            weight = np.exp2(-(t - seconds[:before]) / (days * 86_400.0))
+            out[s:e, j] = np.log1p(np.bincount(rows[:before], weights=weight, minlength=world.catalog.n_rows)
+                                   [log.rows[s:e]])
+    return out
+
+
 def _extra_features(world, log) -> np.ndarray:
-    """float32[m, 3] per logged candidate: full-history cosine, EASE score, genre-profile cosine."""
+    """float32[m, 5] per logged candidate: full-history cosine, EASE score, genre-profile cosine, and the
+    popularity as of the request's clock (:func:`_clock_popularity`)."""
     from recsvc.evaluation.baselines import ease_item_weights, train_matrix
     from recsvc.evaluation.replay import _genre_vectors
 
@@ -71,7 +99,7 @@ def _extra_features(world, log) -> np.ndarray:
         out[s:e, 0] = cosine[liked][:, rows].sum(0)
         out[s:e, 1] = X[a] @ ease[:, rows]
         out[s:e, 2] = genres[rows] @ profile[a]
-    return out
+    return np.hstack([out, _clock_popularity(world, log)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         ("+ EASE's own score", base + [shipped + 1], None, 60),
         ("+ genre-profile cosine", base + [shipped + 2], None, 60),
         ("+ all three", base + [shipped, shipped + 1, shipped + 2], None, 60),
+        ("+ popularity at the clock, 90 d", base + [shipped + 3], None, 60),
+        ("+ popularity at the clock, 365 d", base + [shipped + 4], None, 60),
+        ("+ both half-lives", base + [shipped + 3, shipped + 4], None, 60),
     ]
     for label, columns, params, rounds in variants:
         value = score(columns, params, rounds)
