@@ -101,6 +101,22 @@ def _warm_engine(cfg, catalog, ann, state_dir):
     return engine
 
 
+def ann_fetches(engine, n_users: int = 300) -> dict[str, int]:
+    """The k of each warm user's ANN fetch (``u0`` ... ``u<n-1>``, 20 clicks each from :func:`_warm_engine`):
+    the ANN share of the candidates, over-fetched as the user's filter (their consumed items) requires."""
+    from recsvc.engine import RecommendQuery
+
+    path, rcfg = engine.requests, engine.cfg.retrieval
+    want = int(round(rcfg.n_candidates * rcfg.shares["ann"] / sum(rcfg.shares.values())))
+    k_of = {}
+    for u in range(n_users):
+        history = engine.state.history(f"u{u}")
+        assert len(history) == 20
+        flt = path.row_filter(RecommendQuery(user_id=f"u{u}"), history, engine.cfg)
+        k_of[f"u{u}"] = path.retriever.ann_fetch(want, flt, rcfg.overfetch)
+    return k_of
+
+
 class Textbook:
     """The lesson's recommender, as usually first written: numpy for the scores, Python for the rest."""
 
@@ -179,16 +195,9 @@ def floor(request, tmp_path_factory):
 
     # k and ef as the ANN source sets them for each request: the fetch follows the user's filter (20 clicks
     # each, so up to 20 consumed items excluded), the beam is the one the engine tuned the index to
-    path, rcfg = thompson.requests, thompson.cfg.retrieval
-    want = int(round(rcfg.n_candidates * rcfg.shares["ann"] / sum(rcfg.shares.values())))
-    k_of = {}
-    for u in range(300):
-        history = thompson.state.history(f"u{u}")
-        assert len(history) == 20
-        flt = path.row_filter(RecommendQuery(user_id=f"u{u}"), history, thompson.cfg)
-        k_of[f"u{u}"] = path.retriever.ann_fetch(want, flt, rcfg.overfetch)
+    k_of = ann_fetches(thompson)
     k = max(k_of.values())
-    ef = path.retriever.ann_ef
+    ef = thompson.requests.retriever.ann_ef
     index = ann._index  # the hnswlib.Index itself: no lock, no conversions
     assert index.ef == ef
     textbook = Textbook(thompson)

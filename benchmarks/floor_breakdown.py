@@ -134,7 +134,7 @@ def main() -> None:
 
     timers = Timers()
     install(timers)
-    from bench_floor import _warm_engine  # noqa: E402 (after the kernels are wrapped)
+    from bench_floor import _warm_engine, ann_fetches  # noqa: E402 (after the kernels are wrapped)
     from conftest import coherent_users, demo_config, timed_load
     from recsvc.engine import RecommendQuery
 
@@ -148,12 +148,7 @@ def main() -> None:
     if args.functions:
         wrap_functions(timers)
     users = coherent_users(catalog, 64)
-    path, rcfg = engine.requests, engine.cfg.retrieval
-    want = int(round(rcfg.n_candidates * rcfg.shares["ann"] / sum(rcfg.shares.values())))
-    k_of = {}
-    for u in range(300):
-        flt = path.row_filter(RecommendQuery(user_id=f"u{u}"), engine.state.history(f"u{u}"), engine.cfg)
-        k_of[u] = path.retriever.ann_fetch(want, flt, rcfg.overfetch)
+    k_of = ann_fetches(engine)  # user id -> the k of their ANN fetch
 
     def request(r: int) -> None:
         rec = engine.recommend(RecommendQuery(user_id=f"u{r % 300}", n=20, user_embedding=users[r % 64]))
@@ -161,7 +156,7 @@ def main() -> None:
 
     for r in range(128):  # warm-up
         request(r)
-        bare.knn_query(users[(r + 16) % 64], k=k_of[(r + 16) % 300], num_threads=1)
+        bare.knn_query(users[(r + 16) % 64], k=k_of[f"u{(r + 16) % 300}"], num_threads=1)
 
     total, query = [], []
     per_kernel: dict[str, list[int]] = defaultdict(list)
@@ -184,7 +179,7 @@ def main() -> None:
         time.sleep(args.pause_ms / 1e3)
         u = r + 16  # another user's vector: no graph region warmed by the request's own walk
         t = clock()
-        bare.knn_query(users[u % 64], k=k_of[u % 300], num_threads=1)
+        bare.knn_query(users[u % 64], k=k_of[f"u{u % 300}"], num_threads=1)
         query.append(clock() - t)
     engine.close(snapshot=False)
 

@@ -9,8 +9,8 @@ traceback is logged, never sent to the caller).
 from __future__ import annotations
 
 import logging
-import threading
 import os
+import threading
 import time
 
 import grpc
